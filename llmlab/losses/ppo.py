@@ -1,0 +1,126 @@
+"""PPO pieces for RLHF, all on per-token tensors (B, T) with a response mask.
+
+PPO clipped objective: Schulman et al. 2017. GAE: Schulman et al. 2016. KL-penalised reward and the
+adaptive KL coefficient: Ziegler et al. 2019 (as used in InstructGPT). The mask is 1 on the response
+tokens of each row (a contiguous prefix) and 0 on padding after it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over positions where mask is set (0 when the mask is empty). Masked-out entries
+    are dropped with ``where``, so non-finite padding cannot turn the mean into NaN."""
+    mask = mask.to(x.dtype)
+    x = torch.where(mask != 0, x * mask, 0.0)
+    if dim is None:
+        return x.sum() / mask.sum().clamp_min(1e-8)
+    return x.sum(dim) / mask.sum(dim).clamp_min(1e-8)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked entries (Bessel-corrected if ``unbiased`` and there are >1 of them)."""
+    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    if unbiased:
+        n = mask.sum().to(x.dtype)
+        var = var * torch.where(n > 1, n / (n - 1), 1.0)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise to unit variance over the masked entries (and zero mean if ``shift_mean``)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+@torch.no_grad()
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), run backwards over tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
+    with V and A taken as 0 after the last valid token, so padding cannot leak into the response.
+    Returns (advantages, returns = advantages + values), both (B, T) and without gradient: they are
+    targets. Advantages are 0 on padding.
+    """
+    valid = mask != 0  # (B, T)
+    r, v = torch.where(valid, rewards, 0.0), torch.where(valid, values, 0.0)  # padding -> 0
+    B, T = rewards.shape
+    advantages = torch.zeros_like(v)  # (B, T)
+    next_value = next_adv = v.new_zeros(B)  # (B,)
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_value - v[:, t]  # (B,)
+        next_adv = torch.where(valid[:, t], delta + gamma * lam * next_adv, 0.0)
+        next_value = v[:, t]
+        advantages[:, t] = next_adv
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    clip_range: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: max(-A r, -A clip(r, 1-c, 1+c)).
+
+    Returns (loss, clip_fraction, approx_kl). approx_kl uses the k3 estimator (r - 1) - log r of
+    KL(old || new) (Schulman, "Approximating KL Divergence", 2020): unbiased and never negative.
+    """
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio  # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                   clip_range_value: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), as in
+    OpenAI baselines' PPO2: the value head may not move further than c from its rollout estimate.
+    Returns (loss, value_clip_fraction)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)  # (B, T)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped_err > unclipped_err).float(), mask)
+    return loss, clip_fraction
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, sec. 2.2): nudges beta so the observed KL tracks
+    ``target``; the error is clipped to +-20% and scaled by n_steps / horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class FixedKLController:
+    """Constant KL coefficient with the AdaptiveKLController interface."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+def kl_penalized_rewards(score: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                         kl_coef: float) -> tuple[Tensor, Tensor]:
+    """Per-token RLHF reward (Ziegler et al. 2019): -kl_coef * (log pi - log ref) on every response
+    token, plus the reward model's sequence ``score`` (B,) on the last valid token of each row.
+    Returns (rewards, kl), both (B, T) and 0 on padding."""
+    kl = torch.where(mask != 0, logprobs - ref_logprobs, 0.0)  # (B, T)
+    rewards = -kl_coef * kl
+    n_valid = mask.sum(-1).long()  # (B,)
+    last = (n_valid - 1).clamp_min(0)  # (B,) index of the last response token
+    bonus = score.to(rewards.dtype) * (n_valid > 0)  # (B,) rows with no response get no score
+    rewards = rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
+    return rewards, kl
