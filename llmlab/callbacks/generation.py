@@ -1,0 +1,42 @@
+"""SampleGeneration: greedy continuations of fixed prompts, logged when training ends."""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> list[str]:
+    """Left-padded batch generation; returns only the new text of each prompt."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    was_training = model.training
+    model.eval()
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+    model.train(was_training)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class SampleGeneration(L.Callback):
+    def __init__(self, prompts: list[str], max_new_tokens: int = 32):
+        self.prompts, self.max_new_tokens = list(prompts or []), max_new_tokens
+        self.samples: list[dict] = []
+
+    def on_fit_end(self, trainer, pl_module):
+        if not self.prompts:
+            return
+        texts = generate_text(pl_module.model, pl_module.tokenizer, self.prompts, self.max_new_tokens,
+                              do_sample=False)
+        self.samples = [{"prompt": p, "generated": t} for p, t in zip(self.prompts, texts)]
+        if trainer.is_global_zero:
+            for s in self.samples:
+                log.info("sample | %r -> %r", s["prompt"], s["generated"])

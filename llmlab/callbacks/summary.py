@@ -1,0 +1,113 @@
+"""RunSummary: one machine-readable summary.json per run, plus loss.png.
+
+Records every logged train/val scalar as a (step, value) history, training throughput (tokens/s,
+validation time excluded), peak RSS and wall time. Validation runs once before the first step
+(`trainer.num_sanity_val_steps=-1` over the whole validation set), so `*_first` values describe the
+model as it started and `*_last` as it ended. Rank 0 writes; metrics are already reduced across ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from llmlab.stages.common import count_tokens
+
+
+def _scalar(v) -> float | None:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float()
+        if v.numel() != 1:
+            return None
+        v = v.item()
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class RunSummary(L.Callback):
+    def __init__(self, run_dir: str, info: dict | None = None, filename: str = "summary.json"):
+        self.run_dir, self.info, self.filename = Path(run_dir), dict(info or {}), filename
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.extra: dict = {}  # stages and run.py add keys here (e.g. parameter counts)
+        self.train_tokens, self.train_seconds, self._t_last = 0, 0.0, None
+        self._t_start = time.perf_counter()
+
+    def _record(self, trainer, prefix: str):
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and (v := _scalar(value)) is not None:
+                self.history.setdefault(key, []).append((trainer.global_step, v))
+
+    # --- throughput: time between consecutive train batch ends, validation excluded ---
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.train_seconds += now - self._t_last
+            self.train_tokens += count_tokens(batch) * trainer.world_size
+        self._t_last = now
+        self._record(trainer, "train/")
+
+    def on_validation_start(self, trainer, pl_module):
+        self._t_val = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._t_last is not None:
+            self._t_last += time.perf_counter() - self._t_val
+        self._record(trainer, "val/")
+
+    def summary(self, trainer) -> dict:
+        out = {
+            **self.info,
+            "status": "finished",
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "tokens_per_sec": round(self.train_tokens / self.train_seconds, 2) if self.train_seconds else None,
+            "train_tokens_timed": self.train_tokens,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "wall_seconds": round(time.perf_counter() - self._t_start, 2),
+            "run_dir": str(self.run_dir),
+        }
+        for key, points in sorted(self.history.items()):
+            name = key.replace("/", "_")
+            out[f"{name}_first"], out[f"{name}_last"] = points[0][1], points[-1][1]
+        out.update(self.extra)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.write(trainer)
+
+    def write(self, trainer) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        summary = self.summary(trainer)
+        (self.run_dir / self.filename).write_text(json.dumps(summary, indent=2) + "\n")
+        (self.run_dir / "history.json").write_text(json.dumps(self.history) + "\n")
+        plot_losses(self.history, self.run_dir / "loss.png")
+        return summary
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if history.get(key):
+            steps, values = zip(*history[key])
+            ax.plot(steps, values, style, label=key, alpha=0.8 if key == "train/loss" else 1.0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

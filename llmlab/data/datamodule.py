@@ -1,0 +1,108 @@
+"""The one LightningDataModule: a source (data group) x a format (chosen by the stage)."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from llmlab.data.formats import FORMATS
+from llmlab.data.sources import DataError, load_split
+
+
+class ResumableSampler(Sampler[int]):
+    """Deterministic, rank-sharded, endless order that can start mid-stream.
+
+    Global sample position p (counted over all ranks) maps to index perm_e[p % n] with
+    e = p // n and perm_e a permutation seeded by (seed, e). Rank r takes positions r, r+W, r+2W, ...
+    Resuming sets `start` to the number of samples already consumed globally, derived from the
+    restored global step, so training continues exactly where it stopped.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 start: int = 0, length: int | None = None):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.length = length if length is not None else math.ceil(n / world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch-based runs: each epoch continues the global order (Lightning calls this)."""
+        self.epoch = epoch
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+
+    def __iter__(self):
+        p = self.start + self.epoch * self.length * self.world_size + self.rank
+        epoch, order = -1, None
+        for _ in range(self.length):
+            if p // self.n != epoch:
+                epoch = p // self.n
+                order = self._order(epoch)
+            yield int(order[p % self.n])
+            p += self.world_size
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class LLMDataModule(L.LightningDataModule):
+    def __init__(self, data_cfg, data_format: str, tokenizer, seed: int = 0, format_kwargs: dict | None = None):
+        super().__init__()
+        self.cfg, self.data_format, self.tokenizer, self.seed = data_cfg, data_format, tokenizer, seed
+        fmt_args = {k: v for k, v in data_cfg.items() if k.endswith("_field") or k in ("block_size",)}
+        fmt_args.update(format_kwargs or {})
+        self.format = FORMATS[data_format](tokenizer=tokenizer, **fmt_args)
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is None:
+            self.train_set = self.format.build(load_split(self.cfg, self.data_format, "train", self.seed), "train")
+            self.val_set = self.format.build(load_split(self.cfg, self.data_format, "validation", self.seed),
+                                             "validation")
+            if not isinstance(self.train_set, IterableDataset) and len(self.train_set) == 0:
+                raise DataError("the training split is empty: check data.train_files / data.n_train")
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def consumed_samples(self) -> int:
+        """Samples consumed globally before this fit started (non-zero when resuming)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        _, world = self._rank_world()
+        return trainer.global_step * trainer.accumulate_grad_batches * self.cfg.batch_size * world
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        if isinstance(self.train_set, IterableDataset):
+            self.train_set.rank, self.train_set.world_size = rank, world
+            self.train_set.skip = self.consumed_samples() // world
+            return DataLoader(self.train_set, batch_size=self.cfg.batch_size, collate_fn=self.format.collate,
+                              num_workers=self.cfg.num_workers)
+        trainer = self.trainer
+        max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
+        length = None
+        if max_steps:  # one long "epoch" covering the whole run: step counts stay simple across resumes
+            accumulate = trainer.accumulate_grad_batches
+            length = (max_steps - trainer.global_step) * accumulate * self.cfg.batch_size
+        sampler = ResumableSampler(len(self.train_set), self.seed, shuffle=True, rank=rank, world_size=world,
+                                   start=self.consumed_samples(), length=length)
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler,
+                          collate_fn=self.format.collate, num_workers=self.cfg.num_workers, drop_last=True)
+
+    def val_dataloader(self):
+        rank, world = self._rank_world()
+        if isinstance(self.val_set, IterableDataset):
+            self.val_set.rank, self.val_set.world_size = rank, world
+            return DataLoader(self.val_set, batch_size=self.cfg.val_batch_size, collate_fn=self.format.collate)
+        # each rank takes a disjoint strided shard; metrics are reduced across ranks (no duplicates)
+        shard = list(range(rank, len(self.val_set), world))
+        return DataLoader(torch.utils.data.Subset(self.val_set, shard), batch_size=self.cfg.val_batch_size,
+                          collate_fn=self.format.collate, num_workers=self.cfg.num_workers)

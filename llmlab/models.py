@@ -1,0 +1,105 @@
+"""Build tokenizers and models from a `model` config node.
+
+One builder for every size: the tiny test model and OPT-1.3B differ only in their config numbers
+(`conf/model/*.yaml`). `init: scratch` builds random weights from `config:` (architecture as data);
+`init: pretrained` calls `from_pretrained` on `pretrained:` (a hub name or a local directory).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+HEADS = ("causal_lm", "sequence_classification")
+
+
+def _plain(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def build_tokenizer(model_cfg):
+    """`tokenizer: builtin` -> the byte-level tokenizer; a name/path -> AutoTokenizer; null -> `pretrained`."""
+    from llmlab.data.tokenizer import builtin_tokenizer
+
+    source = model_cfg.get("tokenizer") or model_cfg.get("pretrained")
+    if source == "builtin":
+        return builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        source,
+        revision=model_cfg.get("revision"),
+        trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+    )
+    if tok.pad_token is None:  # GPT-2/Llama ship without one; padding is masked everywhere, so EOS is safe
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def architecture_config(model_cfg, tokenizer=None, head: str = "causal_lm"):
+    """The transformers config for `init: scratch` (vocab from the tokenizer unless given)."""
+    from transformers import AutoConfig
+
+    kwargs = _plain(model_cfg.config)
+    model_type = kwargs.pop("model_type")
+    if "vocab_size" not in kwargs and tokenizer is not None:
+        kwargs["vocab_size"] = len(tokenizer)
+    if tokenizer is not None:
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            kwargs.setdefault(key, getattr(tokenizer, key))
+    if head == "sequence_classification":
+        kwargs["num_labels"] = 1
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def torch_dtype(name: str | None):
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization_config=None):
+    """A causal LM (`head=causal_lm`) or a one-output reward model (`head=sequence_classification`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    assert head in HEADS, head
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    dtype = torch_dtype(model_cfg.get("dtype"))
+    if model_cfg.init == "scratch":
+        config = architecture_config(model_cfg, tokenizer, head)
+        if quantization_config is not None:
+            raise ValueError("quantization needs init=pretrained weights to quantize")
+        model = auto.from_config(config, dtype=dtype) if dtype else auto.from_config(config)
+    else:
+        extra = {"num_labels": 1} if head == "sequence_classification" else {}
+        model = auto.from_pretrained(
+            model_cfg.pretrained,
+            revision=model_cfg.get("revision"),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            dtype=dtype,
+            quantization_config=quantization_config,
+            **extra,
+        )
+    if head == "sequence_classification" and tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # needed to find each row's last token
+    return model
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable). 4-bit weights count as their logical size (bitsandbytes packs 2 per byte)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def max_positions(config) -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,44 @@
+"""`python -m llmlab.run [overrides]`: compose a run from config groups and train it.
+
+Only Hydra is imported at module level so `--help` and `--cfg job` answer fast; the recipe itself
+lives in llmlab/train.py.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger("llmlab")
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from llmlab.train import USER_ERRORS, record_failure, train
+
+    try:
+        return train(cfg)
+    except Exception as err:  # noqa: BLE001 - every failure is reported once, in one place
+        user_error = isinstance(err, USER_ERRORS)
+        if _is_multirun():  # a failed sweep job must not stop the sweep: record it and go on
+            record_failure(cfg, err)
+            log.error("job failed: %s: %s", type(err).__name__, err, exc_info=not user_error)
+            return math.nan
+        if user_error:
+            print(f"llmlab: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Functions every stage shares: the masked forward, optimizers, token counting."""
+from __future__ import annotations
+
+import torch
+
+from llmlab.data.packing import block_causal_mask
+from llmlab.optim import param_groups
+
+
+def embedding_dtype(model) -> torch.dtype:
+    emb = model.get_input_embeddings()
+    return emb.weight.dtype if emb is not None and emb.weight.dtype.is_floating_point else torch.float32
+
+
+def forward_logits(model, batch: dict, packing: str = "document") -> torch.Tensor:
+    """Logits (B, T, V) for a batch from the collators.
+
+    Batches with `segment_ids` (packed blocks, packed SFT, padded rows where padding has id -1) get a
+    block-diagonal causal mask and per-document positions, unless packing is "concat".
+    """
+    kwargs = {}
+    if "segment_ids" in batch and packing == "document":
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
+        kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"], dtype)
+        kwargs["position_ids"] = batch["position_ids"]
+    elif "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+
+
+def configure_optimizers(module, optimizer_factory, scheduler_factory):
+    """AdamW-style groups (no decay on 1-D params) + a per-step LR schedule over the whole run."""
+    weight_decay = getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+    optimizer = optimizer_factory(param_groups(module, weight_decay))
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer, total_steps=module.trainer.estimated_stepping_batches)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in a batch: what tokens/s counts."""
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] >= 0).sum())
+    if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())

@@ -1,0 +1,38 @@
+"""Stage `pretrain`: causal-LM next-token prediction on packed blocks."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from llmlab.losses import IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum
+from llmlab.stages.common import configure_optimizers, forward_logits
+
+
+class PretrainModule(L.LightningModule):
+    data_format = "lm"
+
+    def __init__(self, model, tokenizer, optimizer, scheduler=None, packing: str = "document"):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
+        self.val_loss = MeanMetric()  # token-weighted, so the mean is exact across batches and ranks
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+
+    def training_step(self, batch, batch_idx):
+        logits = forward_logits(self.model, batch, self.packing)  # (B, T, V)
+        loss = causal_lm_loss(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = forward_logits(self.model, batch, self.packing)
+        loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
+        self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
+        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)

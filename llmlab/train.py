@@ -1,0 +1,108 @@
+"""The recipe behind `python -m llmlab.run`: check -> data -> model -> stage -> trainer -> fit -> summary."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmlab.data.sources import DataError
+from llmlab.errors import ConfigError
+
+log = logging.getLogger("llmlab")
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """A failed job leaves summary.json with status=failed and its error (read by llmlab.report)."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"stage": cfg.stage.name, "status": "failed", "error": f"{type(err).__name__}: {err}",
+               "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+        return str(cfg.ckpt_path)
+    if cfg.resume == "auto":
+        last = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if cfg.resume not in (None, "none"):
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file>")
+    return None
+
+
+def _instantiate_dict(node) -> list:
+    from hydra.utils import instantiate
+
+    return [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+
+
+def train(cfg: DictConfig) -> float | None:
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from llmlab import checks
+    from llmlab.callbacks.summary import RunSummary
+    from llmlab.data.datamodule import LLMDataModule
+    from llmlab.models import build_tokenizer, count_params
+    from llmlab.builder import build_stage, stage_class
+
+    checks.check_config(cfg)  # every cross-group rule, before any weights load
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    tokenizer = build_tokenizer(cfg.model)
+    stage_cls = stage_class(cfg.stage)
+    datamodule = None
+    if not cfg.dry_run:  # data errors (missing file/field, empty split) surface before weights load
+        datamodule = LLMDataModule(cfg.data, stage_cls.data_format, tokenizer, seed=cfg.seed)
+        datamodule.setup("fit")
+    module = build_stage(cfg, tokenizer)
+    total, trainable = count_params(module.model)
+    info = {
+        "stage": cfg.stage.name,
+        "model": cfg.model.name,
+        "peft": cfg.peft.method,
+        "precision": cfg.trainer.precision,
+        "strategy": cfg.strategy.name,
+        "total_params": total,
+        "trainable_params": trainable,
+    }
+    log.info("model %s: %s params, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
+    if cfg.dry_run:
+        return checks.dry_run_report(cfg, module, info, run_dir)
+
+    summary = RunSummary(run_dir, info)
+    callbacks = [summary, *_instantiate_dict(cfg.callbacks)]
+    loggers = _instantiate_dict(cfg.logger)
+    strategy = instantiate(cfg.strategy)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=strategy)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+
+    if not trainer.is_global_zero:
+        return None
+    result = json.loads((run_dir / "summary.json").read_text())
+    for cb in callbacks:  # generated samples go into the summary too
+        if getattr(cb, "samples", None):
+            result["samples"] = cb.samples
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("summary: %s", {k: v for k, v in result.items() if k != "samples"})
+    metric = result.get(cfg.optimized_metric) if cfg.optimized_metric else None
+    return float(metric) if isinstance(metric, (int, float)) and math.isfinite(metric) else None
