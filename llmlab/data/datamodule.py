@@ -54,7 +54,8 @@ class LLMDataModule(L.LightningDataModule):
     def __init__(self, data_cfg, data_format: str, tokenizer, seed: int = 0, format_kwargs: dict | None = None):
         super().__init__()
         self.cfg, self.data_format, self.tokenizer, self.seed = data_cfg, data_format, tokenizer, seed
-        fmt_args = {k: v for k, v in data_cfg.items() if k.endswith("_field") or k in ("block_size",)}
+        keys = ("block_size", "prompt_template", "record_format", "pack_examples")
+        fmt_args = {k: v for k, v in data_cfg.items() if k.endswith("_field") or k in keys}
         fmt_args.update(format_kwargs or {})
         self.format = FORMATS[data_format](tokenizer=tokenizer, **fmt_args)
         self.train_set = self.val_set = None

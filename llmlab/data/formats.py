@@ -70,3 +70,187 @@ class LMFormat:
 
 
 FORMATS = {"lm": LMFormat}
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt/response formats (SFT, reward modeling, DPO, PPO)
+# --------------------------------------------------------------------------------------------------
+from llmlab.data.templates import PromptRenderer  # noqa: E402
+from llmlab.losses import IGNORE_INDEX  # noqa: E402
+
+
+def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict | None:
+    """prompt + response + EOS -> input_ids and labels with the prompt masked (IGNORE_INDEX).
+
+    EOS is a target, so the model learns to stop. The prompt keeps the tokenizer's own special tokens
+    (e.g. Llama's BOS). Too long: the prompt is cut from the left; None if no response token fits.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    overflow = len(prompt_ids) + len(response_ids) - max_length
+    if overflow > 0:
+        if overflow >= len(prompt_ids):
+            return None
+        prompt_ids = prompt_ids[overflow:]
+    return {"input_ids": prompt_ids + response_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+            "prompt_length": len(prompt_ids)}
+
+
+def pad_rows(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad token rows into (B, T) tensors; padding gets segment id -1 and label IGNORE_INDEX."""
+    T = max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": []}
+    for r in rows:
+        n, pad = len(r["input_ids"]), T - len(r["input_ids"])
+        out["input_ids"].append(r["input_ids"] + [pad_id] * pad)
+        out["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
+        out["segment_ids"].append(r.get("segment_ids", [0] * n) + [-1] * pad)
+        out["position_ids"].append(r.get("position_ids", list(range(n))) + [0] * pad)
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts for generation: left-padded ids (B, T) and attention mask (B, T)."""
+    T = max(len(t) for t in token_lists)
+    ids = torch.tensor([[pad_id] * (T - len(t)) + t for t in token_lists])
+    mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in token_lists])
+    return ids, mask
+
+
+def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
+    """Greedy packing of tokenized examples into rows of at most block_size tokens.
+
+    Each example keeps its own segment id and positions from 0; with `packing: document` the stage
+    masks attention across examples, so a packed example sees exactly what it would see alone.
+    """
+    rows, cur = [], None
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if cur is None or len(cur["input_ids"]) + n > block_size:
+            cur = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": [], "_n": 0}
+            rows.append(cur)
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += ex["labels"]
+        cur["segment_ids"] += [cur["_n"]] * n
+        cur["position_ids"] += list(range(n))
+        cur["_n"] += 1
+    for r in rows:
+        del r["_n"]
+    return rows
+
+
+def _records(records) -> list[dict]:
+    if isinstance(records, IterableDataset) or type(records).__name__ == "IterableDataset":
+        raise DataError("data.streaming=true is supported for pretraining (stage=pretrain) only; "
+                        "set data.streaming=false for prompt/response data")
+    return [dict(r) for r in records]
+
+
+class SFTFormat:
+    """Instruction tuning: prompt masked, response + EOS learned; optional packing of examples.
+
+    Validation batches also carry left-padded prompts and the reference answers, so the stage can
+    score greedy generations by exact match.
+    """
+
+    def __init__(self, tokenizer, block_size: int, pack_examples: bool = False, **fields):
+        self.tokenizer, self.block_size, self.pack = tokenizer, block_size, pack_examples
+        self.renderer = PromptRenderer(tokenizer, **{k: v for k, v in fields.items() if v is not None})
+
+    def build(self, records, split: str):
+        examples = []
+        for r in _records(records):
+            prompt, response = self.renderer.prompt(r), self.renderer.response(r)
+            ex = tokenize_example(self.tokenizer, prompt, response, self.block_size)
+            if ex is not None:
+                ex["answer"] = response
+                examples.append(ex)
+        if not examples:
+            raise DataError(f"the {split} split has no usable example (empty, or every example is longer "
+                            f"than data.block_size={self.block_size})")
+        if self.pack and split == "train":
+            return pack_examples(examples, self.block_size)
+        return examples
+
+    def collate(self, examples: list[dict]) -> dict:
+        batch = pad_rows(examples, self.tokenizer.pad_token_id)
+        if "prompt_length" in examples[0]:
+            prompts = [e["input_ids"][: e["prompt_length"]] for e in examples]
+            batch["prompt_ids"], batch["prompt_mask"] = left_pad(prompts, self.tokenizer.pad_token_id)
+            batch["answers"] = [e["answer"] for e in examples]
+        return batch
+
+
+class PreferenceFormat:
+    """Preference pairs for reward modeling and DPO.
+
+    A batch of B pairs is one (2B, T) tensor: rows [0, B) are the chosen answers, rows [B, 2B) the
+    rejected ones, so a single forward scores both. Records without a prompt field (e.g. hh-rlhf,
+    whose chosen/rejected are whole conversations) use their longest common prefix as the prompt.
+    """
+
+    def __init__(self, tokenizer, block_size: int, chosen_field: str = "chosen",
+                 rejected_field: str = "rejected", **fields):
+        self.tokenizer, self.block_size = tokenizer, block_size
+        self.chosen_field, self.rejected_field = chosen_field, rejected_field
+        self.renderer = PromptRenderer(tokenizer, **{k: v for k, v in fields.items() if v is not None})
+
+    def _split_prompt(self, r: dict) -> tuple[str, str, str]:
+        for key, field in (("chosen", self.chosen_field), ("rejected", self.rejected_field)):
+            if field not in r:
+                raise DataError(f"preference data needs data.{key}_field={field!r} in every record (fields: "
+                                f"{sorted(r)}); set data.chosen_field / data.rejected_field")
+        chosen, rejected = str(r[self.chosen_field]), str(r[self.rejected_field])
+        if self.renderer.f["prompt"] in r:
+            return self.renderer.prompt(r), chosen, rejected
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+
+    def build(self, records, split: str):
+        pairs = []
+        for r in _records(records):
+            prompt, chosen, rejected = self._split_prompt(r)
+            c = tokenize_example(self.tokenizer, prompt, chosen, self.block_size)
+            j = tokenize_example(self.tokenizer, prompt, rejected, self.block_size)
+            if c is not None and j is not None:
+                pairs.append({"chosen": c, "rejected": j, "answer": chosen})
+        if not pairs:
+            raise DataError(f"the {split} split has no usable preference pair")
+        return pairs
+
+    def collate(self, pairs: list[dict]) -> dict:
+        batch = pad_rows([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], self.tokenizer.pad_token_id)
+        prompts = [p["chosen"]["input_ids"][: p["chosen"]["prompt_length"]] for p in pairs]
+        batch["prompt_ids"], batch["prompt_mask"] = left_pad(prompts, self.tokenizer.pad_token_id)
+        batch["answers"] = [p["answer"] for p in pairs]
+        return batch
+
+
+class PromptFormat:
+    """PPO prompts: left-padded prompt ids for generation, plus reference answers when the data has
+    them (`data.answer_field`, used by rule rewards)."""
+
+    def __init__(self, tokenizer, block_size: int, answer_field: str = "answer", **fields):
+        self.tokenizer, self.block_size, self.answer_field = tokenizer, block_size, answer_field
+        self.renderer = PromptRenderer(tokenizer, **{k: v for k, v in fields.items() if v is not None})
+
+    def build(self, records, split: str):
+        out = []
+        for r in _records(records):
+            text = self.renderer.prompt(r)
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"][-self.block_size:]
+            out.append({"prompt": text, "prompt_ids": ids, "answer": r.get(self.answer_field)})
+        if not out:
+            raise DataError(f"the {split} split has no prompt")
+        return out
+
+    def collate(self, rows: list[dict]) -> dict:
+        ids, mask = left_pad([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id)
+        return {"prompt_ids": ids, "prompt_mask": mask, "prompts": [r["prompt"] for r in rows],
+                "answers": [r["answer"] for r in rows]}
+
+
+FORMATS.update({"sft": SFTFormat, "preference": PreferenceFormat, "prompt": PromptFormat})
