@@ -10,7 +10,7 @@ import math
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("llmlab")
 
@@ -20,6 +20,15 @@ def _is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _base_resolver(name: str) -> str:
+    from llmlab.bases import ensure_base
+
+    return ensure_base(name)
+
+
+OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
