@@ -113,6 +113,9 @@ SlurmctldHost=${HOST}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may not start again before the previous run's credential expires
+# (default 120 s). A short lifetime makes requeue/preemption round trips fast here.
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
