@@ -38,8 +38,17 @@ pid_alive() {  # pid_alive <pidfile>
   [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
-# pid of a daemon by exact executable name (ours are started with absolute paths)
-find_pid() { pgrep -x "$1" 2>/dev/null | head -n1 || true; }
+# pid of a daemon by exact process name (pgrep if there is one: slim images lack procps)
+find_pid() {
+  if command -v pgrep >/dev/null; then
+    pgrep -x "$1" 2>/dev/null | head -n1 || true
+    return 0
+  fi
+  local d
+  for d in /proc/[0-9]*; do
+    if [ "$(cat "$d/comm" 2>/dev/null)" = "$1" ]; then echo "${d#/proc/}"; return 0; fi
+  done
+}
 
 install_packages() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
