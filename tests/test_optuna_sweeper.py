@@ -280,3 +280,24 @@ def test_sweeper_config_is_registered(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "hydra_plugins.llmlab_optuna.sweeper.LlmlabOptunaSweeper" in r.stdout
     assert "n_trials: 20" in r.stdout
+
+
+def test_second_sweeper_on_same_study_is_refused(tmp_path):
+    events = tmp_path / "events.jsonl"
+    args = ("hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "sleep=2", f"events={events}")
+    first = subprocess.Popen(_cmd(*args), env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not _events(events) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _events(events), "first sweep did not start a job"
+        r = _run(tmp_path, *args)
+        assert r.returncode != 0
+        assert "another sweeper process is running" in r.stderr
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert _states(_study(tmp_path)) == {"COMPLETE": 2}
