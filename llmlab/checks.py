@@ -10,27 +10,23 @@ STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
 
 
 def _model_positions(model_cfg) -> int | None:
-    """Max positions of the configured architecture, from config values (no weights loaded)."""
+    """Max positions of the configured architecture, without loading weights or touching the network.
+
+    The `config:` values in the model file describe the architecture for hub models too; a local
+    directory's config.json is read when there are none.
+    """
     from llmlab.models import max_positions
 
-    if model_cfg.init == "scratch":
-        arch = dict(model_cfg.config)
-        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-            if isinstance(arch.get(key), int):
-                return arch[key]
-        return None
-    from transformers import AutoConfig
+    arch = dict(model_cfg.get("config") or {})
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(arch.get(key), int):
+            return arch[key]
+    path = model_cfg.get("pretrained")
+    if model_cfg.init == "pretrained" and path and Path(path).is_dir():
+        from transformers import AutoConfig
 
-    path = model_cfg.pretrained
-    if not path:
-        raise ConfigError("model.init=pretrained needs model.pretrained=<hub name or local directory>")
-    try:
-        config = AutoConfig.from_pretrained(path, revision=model_cfg.get("revision"),
-                                            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
-    except OSError as err:
-        raise ConfigError(f"model.pretrained={path}: cannot read its config ({err}). Give a local directory "
-                          f"with config.json, or a hub name (needs internet)") from None
-    return max_positions(config)
+        return max_positions(AutoConfig.from_pretrained(path))
+    return None
 
 
 def check_precision(cfg) -> None:
@@ -45,6 +41,12 @@ def check_model(cfg) -> None:
     m = cfg.model
     if m.init not in ("scratch", "pretrained"):
         raise ConfigError(f"model.init={m.init!r}: use scratch or pretrained")
+    if m.init == "pretrained" and not m.get("pretrained"):
+        raise ConfigError("model.init=pretrained needs model.pretrained=<hub name or local directory>")
+    if m.init == "pretrained" and str(m.pretrained).startswith(("/", ".", "~")) and not Path(
+            str(m.pretrained)).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={m.pretrained}: no such directory (a local model needs its "
+                          f"config.json and weights there)")
     if m.init == "scratch" and not m.get("config"):
         raise ConfigError(f"model={m.name} has no `config:` architecture; use model.init=pretrained")
     if m.init == "scratch" and m.get("tokenizer") is None and not m.get("pretrained"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 
 import hydra
@@ -20,6 +21,23 @@ def _is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+# Hydra reads `precision=32` as the integer 32 and refuses it as a group choice; quote numeric
+# choices of these groups so the natural spelling works (also inside sweeps: precision=32,bf16-mixed).
+NUMERIC_CHOICE_GROUPS = ("precision",)
+
+
+def quote_numeric_choices(argv: list[str]) -> list[str]:
+    pattern = re.compile(rf"^([~+]*(?:{'|'.join(NUMERIC_CHOICE_GROUPS)}))=(.+)$")
+    out = []
+    for arg in argv:
+        m = pattern.match(arg)
+        if m:
+            items = [f"'{x}'" if x.isdigit() else x for x in m.group(2).split(",")]
+            arg = f"{m.group(1)}={','.join(items)}"
+        out.append(arg)
+    return out
 
 
 def _base_resolver(name: str) -> str:
@@ -50,4 +68,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_numeric_choices(sys.argv)
     main()

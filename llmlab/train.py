@@ -37,8 +37,11 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
         return str(cfg.ckpt_path)
     if cfg.resume == "auto":
-        last = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        # last.ckpt, or the checkpoint Lightning wrote on a Slurm pre-emption signal (hpc_ckpt_N.ckpt
+        # in the run dir), whichever is newer
+        run_dir = run_dir_of(cfg)
+        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if cfg.resume not in (None, "none"):
         raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file>")
     return None
@@ -91,6 +94,10 @@ def train(cfg: DictConfig) -> float | None:
 
     summary = RunSummary(run_dir, info)
     callbacks = [summary, *_instantiate_dict(cfg.callbacks)]
+    if cfg.stop_at_step:
+        from llmlab.callbacks.stop import StopAtStep
+
+        callbacks.append(StopAtStep(cfg.stop_at_step, dirpath=str(run_dir / "checkpoints")))
     loggers = _instantiate_dict(cfg.logger)
     strategy = instantiate(cfg.strategy)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=strategy)

@@ -35,6 +35,8 @@ def check_files(files, setting: str) -> list[Path]:
     for p in paths:
         if not p.is_file():
             raise DataError(f"{setting}: file not found: {p}")
+        if p.stat().st_size == 0:
+            raise DataError(f"{setting}: {p} is empty; give a file with data")
         if p.suffix.lower() not in FILE_TYPES:
             raise DataError(f"{setting}: unsupported file type {p.suffix!r} ({p}); use one of {sorted(FILE_TYPES)}")
     if len({FILE_TYPES[p.suffix.lower()] for p in paths}) > 1:
@@ -42,10 +44,15 @@ def check_files(files, setting: str) -> list[Path]:
     return paths
 
 
-def _load_files(paths: list[Path]):
+def _load_files(paths: list[Path], setting: str):
     from datasets import load_dataset
 
-    return load_dataset(FILE_TYPES[paths[0].suffix.lower()], data_files=[str(p) for p in paths], split="train")
+    try:
+        return load_dataset(FILE_TYPES[paths[0].suffix.lower()], data_files=[str(p) for p in paths], split="train")
+    except Exception as err:  # datasets wraps parse errors in long chains: give one line naming the files
+        cause = err.__cause__ or err
+        raise DataError(f"{setting}: cannot read {[str(p) for p in paths]}: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
 
 
 def load_split(cfg, kind: str, split: str, seed: int):
@@ -58,9 +65,10 @@ def load_split(cfg, kind: str, split: str, seed: int):
     if source == "text":
         if split == "train" or cfg.get("val_files"):
             setting = "data.train_files" if split == "train" else "data.val_files"
-            ds = _load_files(check_files(cfg.train_files if split == "train" else cfg.val_files, setting))
+            ds = _load_files(check_files(cfg.train_files if split == "train" else cfg.val_files, setting), setting)
             return ds if cfg.get("val_files") or not cfg.val_fraction else _split(ds, cfg.val_fraction, seed, split)
-        return _split(_load_files(check_files(cfg.train_files, "data.train_files")), cfg.val_fraction, seed, split)
+        files = check_files(cfg.train_files, "data.train_files")
+        return _split(_load_files(files, "data.train_files"), cfg.val_fraction, seed, split)
     if source == "hub":
         from datasets import load_dataset
 

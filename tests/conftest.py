@@ -1,0 +1,49 @@
+"""Shared test helpers: run the real CLI in a subprocess and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# the smallest settings that still exercise the whole pipeline
+FAST = ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
+        "data.n_train=300", "data.n_val=32", "trainer.enable_progress_bar=false",
+        "model.config.n_layer=2", "model.config.n_embd=32", "model.config.n_head=2"]
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
+        self.proc, self.dir = proc, run_dir
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.dir / "summary.json").read_text())
+
+
+def run_cli(run_dir: Path, *overrides: str, module: str = "llmlab.run", timeout: int = 600, env=None) -> Run:
+    cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    return Run(proc, Path(run_dir))
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """cli(*overrides) runs `python -m llmlab.run` into a fresh run dir under tmp_path."""
+    counter = iter(range(1000))
+
+    def _run(*overrides, run_dir: Path | None = None, **kw) -> Run:
+        return run_cli(run_dir or tmp_path / f"run{next(counter)}", *overrides, **kw)
+
+    return _run
+
+
+def assert_ok(run: Run) -> None:
+    assert run.returncode == 0, f"exit {run.returncode}\nSTDERR:\n{run.stderr[-4000:]}"
