@@ -37,6 +37,17 @@ def check_precision(cfg) -> None:
                           f"precision=bf16-mixed or precision=bf16-true (fast on AMX), or precision=32")
 
 
+def check_devices(cfg) -> None:
+    """The accelerator asked for must exist on this machine (checked at run time, not in validation)."""
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; use "
+                              f"trainer.accelerator=cpu (with precision=bf16-mixed for speed on AMX CPUs)")
+
+
 def check_model(cfg) -> None:
     m = cfg.model
     if m.init not in ("scratch", "pretrained"):
@@ -74,6 +85,7 @@ def check_config(cfg) -> None:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
     check_precision(cfg)
+    check_devices(cfg)
     check_model(cfg)
     if not cfg.dry_run:
         check_data(cfg)

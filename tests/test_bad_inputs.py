@@ -49,3 +49,12 @@ def test_fp16_on_cpu(cli):
 def test_missing_local_model_dir(cli):
     err = _err(cli("model.init=pretrained", "model.pretrained=/no/such/model"))
     assert "model.pretrained=/no/such/model" in err
+
+
+def test_gpu_asked_on_a_cpu_machine(cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    err = _err(cli("trainer.accelerator=gpu"))
+    assert "trainer.accelerator=gpu" in err and "trainer.accelerator=cpu" in err
