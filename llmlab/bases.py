@@ -24,8 +24,13 @@ BASES: dict[str, list[str]] = {
     "tiny-pretrained": ["stage=pretrain", "model=tiny", "seed=0"],
     "tiny-sft": ["stage=sft", "model=tiny_base", "seed=0"],
 }
-_HASHED_SOURCES = ("data/builtin.py", "data/tokenizer.py", "data/formats.py", "data/templates.py",
-                   "stages/pretrain.py", "stages/sft.py")
+_PRETRAIN_SOURCES = ("data/builtin.py", "data/tokenizer.py", "data/formats.py", "data/templates.py",
+                     "stages/pretrain.py")
+# per base: the sources its recipe runs (editing the SFT stage must not rebuild the pretrained base)
+_HASHED_SOURCES: dict[str, tuple[str, ...]] = {
+    "tiny-pretrained": _PRETRAIN_SOURCES,
+    "tiny-sft": (*_PRETRAIN_SOURCES, "stages/sft.py", "metrics.py", "../conf/stage/sft.yaml"),
+}
 
 
 def cache_dir() -> Path:
@@ -35,7 +40,7 @@ def cache_dir() -> Path:
 def _fingerprint(name: str) -> str:
     h = hashlib.sha256(" ".join(BASES[name]).encode())
     root = Path(__file__).parent
-    for rel in _HASHED_SOURCES:
+    for rel in _HASHED_SOURCES.get(name, _PRETRAIN_SOURCES):
         p = root / rel
         if p.exists():
             h.update(p.read_bytes())

@@ -81,19 +81,110 @@ def check_data(cfg) -> None:
                           f"(model={cfg.model.name}); lower data.block_size to at most {positions}")
 
 
+def _architecture_on_meta(cfg):
+    """The configured model built on the meta device (module names only: no memory, no weights), or
+    None when its architecture cannot be known offline (a hub model without `config:` values)."""
+    import torch
+
+    from llmlab.models import architecture_config
+
+    m, head = cfg.model, cfg.stage.get("head", "causal_lm")
+    if m.get("config"):
+        config = architecture_config(m, None, head)
+    elif m.init == "pretrained" and Path(str(m.pretrained)).expanduser().is_dir():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(Path(str(m.pretrained)).expanduser()))
+    else:
+        return None
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def check_peft(cfg) -> None:
+    """PEFT x model x precision x data rules (llmlab/peft.py), before any weights load."""
+    import importlib.util
+
+    from llmlab import peft as peft_lib
+
+    p = cfg.peft
+    method = p.method
+    if method not in peft_lib.METHODS:
+        raise ConfigError(f"peft.method={method!r}: use one of {peft_lib.METHODS} (peft=<name>)")
+    if method == "none":
+        return
+    if method == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("peft=qlora needs bitsandbytes (4-bit NF4): pip install 'llmlab[bnb]' "
+                              "(bitsandbytes>=0.45), or use peft=lora")
+        if cfg.model.init != "pretrained" and not cfg.dry_run:
+            raise ConfigError(f"peft=qlora quantizes pretrained weights as they load, but model.init="
+                              f"{cfg.model.init}; use model.init=pretrained (or peft=lora; dry_run=true "
+                              f"estimates QLoRA on an init=scratch architecture)")
+        q = p.quantization
+        precision = str(cfg.trainer.precision)
+        compute = str(q.compute_dtype)
+        if precision.startswith("16") and compute != "float16":
+            raise ConfigError(f"peft=qlora computes in peft.quantization.compute_dtype={compute} but "
+                              f"precision={precision} is fp16: set peft.quantization.compute_dtype=float16 "
+                              f"or precision=bf16-mixed / bf16-true")
+        if precision.startswith("bf16") and compute == "float16":
+            raise ConfigError(f"peft=qlora with precision={precision} needs "
+                              f"peft.quantization.compute_dtype=bfloat16 (got float16)")
+        storage = q.get("quant_storage")
+        if precision.endswith("-true") and storage not in (None, "uint8", "int8") and \
+                storage != {"bf16-true": "bfloat16", "16-true": "float16"}.get(precision):
+            raise ConfigError(f"precision={precision} casts float tensors, including 4-bit weights packed "
+                              f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
+                              f"or {'bfloat16' if precision.startswith('bf16') else 'float16'}")
+        if int(cfg.strategy.get("stage") or 0) == 3 and storage in (None, "uint8", "int8"):
+            raise ConfigError(f"peft=qlora with strategy={cfg.strategy.name} (ZeRO-3) needs the 4-bit weights "
+                              f"packed in a float dtype to partition them: set "
+                              f"peft.quantization.quant_storage=bfloat16")
+    if method in peft_lib.PROMPT_LEARNING:
+        if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
+            raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
+                              f"packed documents cannot take: set data.packing=concat with stage=pretrain")
+        if cfg.data.get("pack_examples"):
+            raise ConfigError(f"peft={method} prepends virtual tokens, which packed examples' masks cannot "
+                              f"take: set data.pack_examples=false")
+    else:
+        model = _architecture_on_meta(cfg)
+        if model is not None:
+            peft_lib.check_fits(p, model, cfg.model.name)
+
+
+def check_template(cfg) -> None:
+    if cfg.stage.name == "pretrain":
+        return
+    template = cfg.data.get("prompt_template")
+    if template is not None and "{prompt}" not in str(template):
+        raise ConfigError(f"data.prompt_template={template!r} has no {{prompt}} placeholder; e.g. "
+                          f"data.prompt_template='Question: {{prompt}}\\n\\nAnswer: '")
+
+
 def check_config(cfg) -> None:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
     check_precision(cfg)
     check_devices(cfg)
     check_model(cfg)
+    check_peft(cfg)
+    check_template(cfg)
     if not cfg.dry_run:
         check_data(cfg)
 
 
 def dry_run_report(cfg, module, info: dict, run_dir: Path) -> None:
-    """`dry_run=true`: parameter counts (and a memory estimate) without training."""
-    summary = {**info, "status": "dry_run", "run_dir": str(run_dir)}
+    """`dry_run=true`: parameter counts and a memory estimate per device (llmlab/memory.py), no training."""
+    from llmlab.memory import estimate_for_run, format_estimate
+
+    memory = estimate_for_run(cfg, module)
+    print(format_estimate(memory))
+    summary = {**info, "status": "dry_run", "memory": memory, "run_dir": str(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return None

@@ -1,13 +1,204 @@
-"""PEFT as a function on a model: `apply_peft(model, cfg)`; `peft=none` returns the model unchanged."""
+"""PEFT as a function on a model: `apply_peft(model, cfg, head)`; `peft=none` returns the model unchanged.
+
+Methods (conf/peft/<method>.yaml, `method:` names the one in use):
+- lora: low-rank updates W + (alpha/r) B A on `target_modules` (Hu et al. 2021)
+- dora: LoRA with a learned magnitude per output (Liu et al. 2024), `use_dora=True` in PEFT
+- qlora: LoRA on a base loaded 4-bit NF4 with double quantization and bf16 compute (Dettmers et al.
+  2023); the quantization happens at load time (`quantization_config`), so it needs init=pretrained
+- ia3: learned rescaling of keys, values and feed-forward activations (Liu et al. 2022)
+- prefix: trained key/value prefixes in every layer (Li & Liang 2021)
+- prompt: trained soft-prompt embeddings prepended to the input (Lester et al. 2021)
+
+`head=sequence_classification` (reward models) uses PEFT's SEQ_CLS task type, which keeps the new
+score head fully trainable (`modules_to_save`). Target modules default per architecture
+(`DEFAULT_TARGETS`); `check_fits` refuses modules the model does not have before weights load.
+"""
 from __future__ import annotations
 
+import logging
 
-def quantization_config(peft_cfg, precision: str):
-    """A BitsAndBytesConfig when the PEFT method quantizes the base (qlora), else None."""
-    return None
+METHODS = ("none", "lora", "dora", "qlora", "ia3", "prefix", "prompt")
+PROMPT_LEARNING = ("prefix", "prompt")  # prepend virtual tokens: attention masks must be 2-D
+
+# model_type -> default modules (the course's choice for OPT; what PEFT itself uses for the others)
+DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
+    "lora": {
+        "gpt2": ["c_attn"],
+        "opt": ["q_proj", "v_proj"],
+        "llama": ["q_proj", "v_proj"],
+        "mistral": ["q_proj", "v_proj"],
+        "gpt_neox": ["query_key_value"],
+        "gptj": ["q_proj", "v_proj"],
+        "bloom": ["query_key_value"],
+        "falcon": ["query_key_value"],
+    },
+    "ia3": {
+        "gpt2": ["c_attn", "mlp.c_proj"],
+        "opt": ["k_proj", "v_proj", "fc2"],
+        "llama": ["k_proj", "v_proj", "down_proj"],
+        "mistral": ["k_proj", "v_proj", "down_proj"],
+    },
+    "ia3_feedforward": {
+        "gpt2": ["mlp.c_proj"],
+        "opt": ["fc2"],
+        "llama": ["down_proj"],
+        "mistral": ["down_proj"],
+    },
+}
+
+
+def import_peft():
+    """Import `peft`. It imports bitsandbytes when installed, whose CPU backend logs a warning about
+    an optional `kernels` package (the built-in fallback kernel works); keep that out of the logs."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import peft
+
+    return peft
+
+
+def _method_family(method: str) -> str:
+    return "lora" if method in ("lora", "dora", "qlora") else method
+
+
+def quantization_config(peft_cfg, precision: str | None = None):
+    """A transformers `BitsAndBytesConfig` when the PEFT method quantizes the base (qlora), else None.
+
+    `bnb_4bit_quant_storage` (peft.quantization.quant_storage) packs the 4-bit weights into a float
+    dtype: bfloat16 lets DeepSpeed ZeRO-3 partition them like ordinary bf16 parameters.
+    """
+    if peft_cfg.method != "qlora":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = peft_cfg.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=bool(q.double_quant),
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, q.get("quant_storage") or "uint8"),
+    )
+
+
+def target_modules(peft_cfg, model_type: str, key: str = "target_modules") -> list[str] | str | None:
+    """The configured modules, or the default for this architecture (None when there is none)."""
+    given = peft_cfg.get(key)
+    if given is not None:
+        return given if isinstance(given, str) else list(given)
+    family = _method_family(peft_cfg.method)
+    table = DEFAULT_TARGETS["ia3_feedforward" if key == "feedforward_modules" else family]
+    return table.get(model_type)
+
+
+def _module_matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list entry: the module's full name equals it or ends with '.' + it."""
+    return name == target or name.endswith("." + target)
+
+
+def missing_targets(module_names: list[str], targets: list[str] | str) -> list[str]:
+    """Entries of `targets` that match no module (a str is a regex over full names, as in PEFT)."""
+    import re
+
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in module_names) else [targets]
+    return [t for t in targets if not any(_module_matches(n, t) for n in module_names)]
+
+
+def check_fits(peft_cfg, model, model_name: str) -> None:
+    """ConfigError when the method cannot be applied to this architecture (e.g. absent targets).
+
+    `model` may live on the meta device: only module names and the config are read.
+    """
+    from llmlab.errors import ConfigError
+
+    method = peft_cfg.method
+    if method not in METHODS:
+        raise ConfigError(f"peft.method={method!r}: use one of {METHODS} (choose with peft=<name>)")
+    if method == "none" or method in PROMPT_LEARNING:
+        return
+    model_type = model.config.model_type
+    linear_names = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    for key in ("target_modules", "feedforward_modules") if method == "ia3" else ("target_modules",):
+        targets = target_modules(peft_cfg, model_type, key)
+        if targets is None:
+            raise ConfigError(f"peft={method}: no default peft.{key} for model type {model_type!r} "
+                              f"(model={model_name}); set peft.{key}=[...] (its linear layers include "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})})")
+        missing = missing_targets(linear_names, targets)
+        if missing:
+            raise ConfigError(f"peft.{key}={targets}: {missing} match no linear layer of model={model_name} "
+                              f"({model_type}); its layers are named "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")
+
+
+def peft_config(peft_cfg, model_type: str, head: str = "causal_lm"):
+    """The `peft.PeftConfig` for a `peft` config node and an architecture."""
+    peft = import_peft()
+
+    method = peft_cfg.method
+    task_type = "CAUSAL_LM" if head == "causal_lm" else "SEQ_CLS"
+    modules_to_save = list(peft_cfg.modules_to_save) if peft_cfg.get("modules_to_save") else None
+    if method in ("lora", "dora", "qlora"):
+        return peft.LoraConfig(
+            r=peft_cfg.r,
+            lora_alpha=peft_cfg.alpha,
+            lora_dropout=peft_cfg.dropout,
+            bias=peft_cfg.bias,
+            target_modules=target_modules(peft_cfg, model_type),
+            modules_to_save=modules_to_save,
+            use_dora=method == "dora" or bool(peft_cfg.get("use_dora", False)),
+            fan_in_fan_out=model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
+            task_type=task_type,
+        )
+    if method == "ia3":
+        return peft.IA3Config(
+            target_modules=target_modules(peft_cfg, model_type),
+            feedforward_modules=target_modules(peft_cfg, model_type, "feedforward_modules"),
+            modules_to_save=modules_to_save,
+            fan_in_fan_out=model_type == "gpt2",
+            task_type=task_type,
+        )
+    if method == "prefix":
+        return peft.PrefixTuningConfig(
+            num_virtual_tokens=peft_cfg.num_virtual_tokens,
+            prefix_projection=bool(peft_cfg.prefix_projection),
+            encoder_hidden_size=peft_cfg.get("encoder_hidden_size"),
+            task_type=task_type,
+        )
+    if method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=peft_cfg.num_virtual_tokens, task_type=task_type)
+    raise ValueError(f"peft.method={method!r}: use one of {METHODS}")
 
 
 def apply_peft(model, peft_cfg, head: str = "causal_lm"):
-    if peft_cfg.method == "none":
+    """Wrap `model` with the configured PEFT method (base frozen, adapters trainable).
+
+    qlora first runs `prepare_model_for_kbit_training` (norms upcast to fp32, inputs require grad,
+    optional gradient checkpointing), as the QLoRA recipe does.
+    """
+    method = peft_cfg.method
+    if method == "none":
         return model
-    raise NotImplementedError(f"peft={peft_cfg.method}")
+    peft = import_peft()
+
+    if method == "qlora" and next(model.parameters()).is_meta:
+        pass  # dry run on the meta device: shapes only, counted as LoRA on a 4-bit base (llmlab/memory.py)
+    elif method == "qlora":
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise ValueError("peft=qlora needs a model loaded in 4 bit (quantization_config from "
+                             "llmlab.peft.quantization_config)")
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(peft_cfg.gradient_checkpointing),
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = peft_config(peft_cfg, model.config.model_type, head)
+    return peft.get_peft_model(model, config)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def uses_virtual_tokens(model) -> bool:
+    """True for prefix / prompt tuning: PEFT prepends virtual tokens and extends only 2-D masks."""
+    return is_peft_model(model) and bool(getattr(model.active_peft_config, "is_prompt_learning", False))

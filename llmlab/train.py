@@ -71,7 +71,10 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
-    tokenizer = build_tokenizer(cfg.model)
+    # a dry run of an init=scratch architecture needs shapes only: no tokenizer download when
+    # model.config gives the vocabulary (`model=opt1.3b model.init=scratch dry_run=true` works offline)
+    shapes_only = cfg.dry_run and cfg.model.init == "scratch" and "vocab_size" in (cfg.model.get("config") or {})
+    tokenizer = None if shapes_only else build_tokenizer(cfg.model)
     stage_cls = stage_class(cfg.stage)
     datamodule = None
     if not cfg.dry_run:  # data errors (missing file/field, empty split) surface before weights load

@@ -5,6 +5,7 @@ import torch
 
 from llmlab.data.packing import block_causal_mask
 from llmlab.optim import param_groups
+from llmlab.peft import uses_virtual_tokens
 
 
 def embedding_dtype(model) -> torch.dtype:
@@ -19,6 +20,8 @@ def forward_logits(model, batch: dict, packing: str = "document") -> torch.Tenso
     block-diagonal causal mask and per-document positions, unless packing is "concat".
     """
     kwargs = {}
+    if uses_virtual_tokens(model):  # prefix/prompt tuning: PEFT prepends virtual tokens to 2-D masks only
+        return _virtual_token_logits(model, batch, packing)
     if "segment_ids" in batch and packing == "document":
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
         kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"], dtype)
@@ -26,6 +29,23 @@ def forward_logits(model, batch: dict, packing: str = "document") -> torch.Tenso
     elif "attention_mask" in batch:
         kwargs["attention_mask"] = batch["attention_mask"]
     return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+
+
+def _virtual_token_logits(model, batch: dict, packing: str) -> torch.Tensor:
+    """Logits (B, T, V) under prefix/prompt tuning: a 2-D padding mask, so one example per row.
+
+    A block-diagonal mask cannot be extended by PEFT's virtual tokens, so packed rows are refused
+    (checks.py refuses the settings earlier); prompt tuning's logits for the virtual tokens are dropped.
+    """
+    mask = batch.get("attention_mask")
+    if "segment_ids" in batch and packing == "document":
+        if int(batch["segment_ids"].max()) > 0:
+            raise ValueError("prefix/prompt tuning cannot attend within packed examples: set "
+                             "data.pack_examples=false (sft) or data.packing=concat (pretrain)")
+        mask = (batch["segment_ids"] >= 0).long()  # (B, T)
+    T = batch["input_ids"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
+    return logits[:, -T:]  # (B, T, V)
 
 
 def configure_optimizers(module, optimizer_factory, scheduler_factory):

@@ -1,0 +1,209 @@
+"""Export a trained model: the PEFT adapter alone and a standalone merged model, both in HF format.
+
+    python -m llmlab.export RUN_DIR [--out DIR] [--ckpt PATH] [--dtype bfloat16]
+    python -m llmlab.export ADAPTER_DIR --out DIR [--base PATH_OR_HUB_NAME]
+
+RUN_DIR is a run's output directory: the model is rebuilt from its `config_resolved.yaml` and the
+trained weights are read from `--ckpt` (default `checkpoints/last.ckpt`; so a run stopped before its
+end can be exported too), else from its `hf_adapter/`. Writes `<out>/adapter` (PEFT runs only) and
+`<out>/merged` (default out: `<RUN_DIR>/export`). ADAPTER_DIR is a PEFT adapter directory (with
+adapter_config.json); it is merged into its base model (`--base`, default the adapter's
+`base_model_name_or_path`).
+
+What is merged: the adapter's update is folded into the base weights with PEFT's own merge (LoRA,
+DoRA, IA3). For QLoRA the base is first de-quantized (NF4 -> `--dtype`, default the 4-bit compute
+dtype): the merged model computes what the trained (quantized base + adapter) model computed, up to
+rounding. Prefix and prompt tuning have nothing to merge (their virtual tokens are inputs): only the
+adapter is written, loadable with `peft.AutoPeftModelForCausalLM.from_pretrained` (llmlab.generate
+does this).
+
+The run's own `hf/` (written by llmlab.callbacks.export.HFExport at the end of training) is the same
+merged model, and `hf_adapter/` the adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("llmlab")
+
+
+def _base_tensor(module_tensor):
+    """A base weight as a plain tensor; bitsandbytes 4-bit weights are de-quantized."""
+    if type(module_tensor).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(module_tensor.data, module_tensor.quant_state)
+    return module_tensor.detach()
+
+
+def plain_base_model(peft_model, dtype=None):
+    """A new, unwrapped copy of the PEFT model's base: original module names, adapters left out,
+    4-bit weights de-quantized. The PEFT model itself is not changed."""
+    import copy
+
+    import torch
+
+    base = peft_model.get_base_model()
+    config = copy.deepcopy(base.config)
+    quantized = hasattr(config, "quantization_config")
+    if quantized:
+        compute = getattr(base, "hf_quantizer", None)
+        compute = compute.quantization_config.bnb_4bit_compute_dtype if compute is not None else torch.bfloat16
+        dtype = dtype or compute
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = type(base)._from_config(config)
+    source = dict(base.named_parameters())
+    source.update(dict(base.named_buffers()))
+    state = {}
+    for key, meta in list(plain.state_dict(keep_vars=True).items()):
+        head, _, leaf = key.rpartition(".")
+        candidates = (key, f"{head}.base_layer.{leaf}", f"{head}.original_module.{leaf}")
+        found = next((c for c in candidates if c in source), None)
+        if found is None:
+            raise KeyError(f"export: no base tensor for {key!r}")
+        tensor = _base_tensor(source[found]).reshape(meta.shape)
+        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor.clone()
+    plain.load_state_dict(state, assign=True, strict=True)
+    plain.tie_weights()
+    return plain.eval()
+
+
+def merged_model(peft_model, adapter_dir: Path, dtype=None):
+    """A standalone model: the (de-quantized) base with the adapter saved in `adapter_dir` merged in."""
+    from llmlab.peft import import_peft
+
+    peft = import_peft()
+    base = plain_base_model(peft_model, dtype)
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return merged.eval()
+
+
+def can_merge(peft_model) -> bool:
+    return not bool(getattr(peft_model.active_peft_config, "is_prompt_learning", False))
+
+
+def save_adapter(peft_model, tokenizer, out: Path) -> None:
+    peft_model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def save_merged(peft_model, tokenizer, adapter_dir: Path, out: Path, dtype=None) -> None:
+    """Write the merged standalone model (+ tokenizer); loadable with AutoModelForCausalLM."""
+    model = merged_model(peft_model, adapter_dir, dtype)
+    model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def export_model(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = None, dtype=None) -> dict:
+    """Export an in-memory model: full fine-tuning -> `merged_dir`; PEFT -> adapter + merged.
+
+    Returns {"merged": path or None, "adapter": path or None}.
+    """
+    from llmlab.peft import is_peft_model
+
+    merged_dir = Path(merged_dir)
+    if not is_peft_model(model):
+        model.save_pretrained(str(merged_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(merged_dir))
+        return {"merged": str(merged_dir), "adapter": None}
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else merged_dir.with_name(merged_dir.name + "_adapter")
+    save_adapter(model, tokenizer, adapter_dir)
+    if not can_merge(model):
+        log.info("export: %s has nothing to merge (virtual tokens); adapter only: %s",
+                 model.active_peft_config.peft_type, adapter_dir)
+        return {"merged": None, "adapter": str(adapter_dir)}
+    save_merged(model, tokenizer, adapter_dir, merged_dir, dtype)
+    return {"merged": str(merged_dir), "adapter": str(adapter_dir)}
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_run(run_dir: Path, ckpt: Path | None):
+    """Rebuild a run's model from config_resolved.yaml and load its trained weights."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from llmlab.builder import build_stage
+    from llmlab.models import build_tokenizer
+
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    tokenizer = build_tokenizer(cfg.model)
+    module = build_stage(cfg, tokenizer)
+    ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        missing = trainable - set(state)
+        if missing:
+            raise SystemExit(f"llmlab.export: {ckpt} lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]})")
+        module.load_state_dict({k: v for k, v in state.items() if k in trainable}, strict=False)
+        log.info("export: weights from %s", ckpt)
+        return module.model, tokenizer
+    adapter = run_dir / "hf_adapter"
+    if (adapter / "adapter_config.json").is_file():
+        from llmlab.peft import import_peft
+
+        model = import_peft().PeftModel.from_pretrained(module.model.get_base_model(), str(adapter))
+        log.info("export: adapter from %s", adapter)
+        return model, tokenizer
+    raise SystemExit(f"llmlab.export: {run_dir} has neither {ckpt} nor hf_adapter/; pass --ckpt PATH")
+
+
+def _load_adapter(adapter_dir: Path, base: str | None, dtype):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab.peft import import_peft
+
+    base = base or json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise SystemExit(f"llmlab.export: {adapter_dir}/adapter_config.json names no base model; pass --base")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    return import_peft().PeftModel.from_pretrained(model, str(adapter_dir)), AutoTokenizer.from_pretrained(tok_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmlab.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path, help="a run directory, or a PEFT adapter directory")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/export)")
+    parser.add_argument("--ckpt", type=Path, default=None, help="Lightning checkpoint (default checkpoints/last.ckpt)")
+    parser.add_argument("--base", default=None, help="base model for an adapter directory")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the merged weights (default: as trained; QLoRA: its compute dtype)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    path = args.path
+    if (path / "config_resolved.yaml").is_file():
+        model, tokenizer = _load_run(path, args.ckpt)
+        out = args.out or path / "export"
+    elif (path / "adapter_config.json").is_file():
+        if args.out is None:
+            parser.error("an adapter directory needs --out DIR")
+        model, tokenizer = _load_adapter(path, args.base, dtype)
+        out = args.out
+    else:
+        parser.error(f"{path}: neither a run directory (config_resolved.yaml) nor an adapter (adapter_config.json)")
+    result = export_model(model, tokenizer, out / "merged", out / "adapter", dtype)
+    for kind, where in result.items():
+        if where:
+            print(f"{kind}: {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Stage `sft`: supervised fine-tuning on prompt/response pairs (instruction tuning).
+
+The loss covers the response and its EOS only (prompt tokens are IGNORE_INDEX, see
+llmlab/data/formats.py:SFTFormat), so the model learns to answer and to stop. Validation reports the
+token-weighted loss on held-out responses and, when the data has reference answers, the exact match
+of greedy generations (`val/exact_match`; summary.json: `val_exact_match_first` before training,
+`val_exact_match_last` after).
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from llmlab.losses import causal_lm_loss, causal_lm_loss_sum
+from llmlab.metrics import ExactMatch
+from llmlab.stages.common import configure_optimizers, forward_logits
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant: works with frozen inputs under PEFT)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                   synced_gpus: bool = False) -> list[str]:
+    """Greedy continuations of left-padded prompts (B, Tp), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)  # (B, Tp + new)
+    model.train(was_training)
+    return tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+
+class SFTModule(L.LightningModule):
+    data_format = "sft"
+
+    def __init__(self, model, tokenizer, optimizer, scheduler=None, packing: str = "document",
+                 eval_generation: bool = True, max_new_tokens: int = 16, gradient_checkpointing: bool = False,
+                 num_logged_predictions: int = 4):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
+        self.eval_generation, self.max_new_tokens = eval_generation, max_new_tokens
+        self.num_logged_predictions = num_logged_predictions
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.val_loss = MeanMetric()  # token-weighted, exact across batches and ranks
+        self.val_exact_match = ExactMatch()
+        self.predictions: list[dict] = []  # a few (prompt, generated, answer) of the last validation
+
+    def on_train_start(self):
+        self.model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps modes as found
+
+    def training_step(self, batch, batch_idx):
+        logits = forward_logits(self.model, batch, self.packing)  # (B, T, V)
+        loss = causal_lm_loss(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self):
+        self.predictions = []
+
+    def validation_step(self, batch, batch_idx):
+        logits = forward_logits(self.model, batch, self.packing)
+        loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
+        self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        if self.eval_generation and "prompt_ids" in batch:
+            zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False)) if self._trainer else False
+            generated = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
+                                       self.max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
+            self.val_exact_match.update(generated, batch["answers"])
+            self.log("val/exact_match", self.val_exact_match, prog_bar=True)
+            room = self.num_logged_predictions - len(self.predictions)
+            for ids, mask, text, answer in list(zip(batch["prompt_ids"], batch["prompt_mask"], generated,
+                                                    batch["answers"]))[:max(room, 0)]:
+                prompt = self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                self.predictions.append({"prompt": prompt, "generated": text, "answer": answer})
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
