@@ -82,8 +82,10 @@ def test_resume_continues_step_count_and_loss(cli, tmp_path):
     res_hist = json.loads((part_dir / "history.json").read_text())["train/loss"]
     # the resumed run's steps 5..8 reproduce the uninterrupted run's steps 5..8
     full_tail = {step: v for step, v in full_hist if step > 4}
-    res_tail = {step: v for step, v in res_hist}
+    res_tail = {step: v for step, v in res_hist if step > 4}
     assert sorted(res_tail) == sorted(full_tail)
+    # the history before the interruption travels in the checkpoint: history.json covers steps 1..8
+    assert [step for step, _ in res_hist] == [step for step, _ in full_hist] == list(range(1, 9))
     for step, v in full_tail.items():
         assert res_tail[step] == pytest.approx(v, rel=1e-4), step
 

@@ -40,10 +40,24 @@ class RunSummary(L.Callback):
         self.train_tokens, self.train_seconds, self._t_last = 0, 0.0, None
         self._t_start = time.perf_counter()
 
+    # --- resume (resume=auto, Slurm requeue): the history before the interruption travels in the
+    # checkpoint, so history.json, loss.png and the *_first values describe the whole run ---
+    def state_dict(self) -> dict:
+        return {"history": {k: [list(p) for p in v] for k, v in self.history.items()},
+                "train_tokens": self.train_tokens, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {k: [tuple(p) for p in v] for k, v in state_dict.get("history", {}).items()}
+        self.train_tokens = state_dict.get("train_tokens", 0)
+        self.train_seconds = state_dict.get("train_seconds", 0.0)
+
     def _record(self, trainer, prefix: str):
         for key, value in trainer.callback_metrics.items():
             if key.startswith(prefix) and (v := _scalar(value)) is not None:
-                self.history.setdefault(key, []).append((trainer.global_step, v))
+                points = self.history.setdefault(key, [])
+                while points and points[-1][0] >= trainer.global_step:  # a resumed run redoes a step:
+                    points.pop()  # its new value replaces the old one, steps stay increasing
+                points.append((trainer.global_step, v))
 
     # --- throughput: time between consecutive train batch ends, validation excluded ---
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
