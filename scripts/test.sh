@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the test suite. As root with apt (CI), first start a one-node local Slurm cluster so the
+# `slurm` tests run for real; elsewhere they skip with the reason.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  bash scripts/slurm_local.sh start >/tmp/llmlab-slurm-start.log 2>&1 \
+    || { echo "llmlab: local Slurm did not start (slurm tests will skip):"; tail -5 /tmp/llmlab-slurm-start.log; }
+fi
+export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
