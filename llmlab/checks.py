@@ -166,9 +166,26 @@ def check_template(cfg) -> None:
                           f"data.prompt_template='Question: {{prompt}}\\n\\nAnswer: '")
 
 
+def check_launcher(cfg) -> None:
+    """`launcher=slurm` acts on sweeps only: without -m Hydra would train here, silently."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or os.environ.get("SLURM_JOB_ID"):
+        return
+    hc = HydraConfig.get()
+    if hc.runtime.choices.get("launcher") == "slurm" and hc.mode == RunMode.RUN:
+        raise ConfigError("launcher=slurm submits sweep jobs; without -m this run would train on this machine. "
+                          "Add -m (one job is a sweep of one): python -m llmlab.run -m launcher=slurm ..., "
+                          "or submit slurm/single_node.sbatch")
+
+
 def check_config(cfg) -> None:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
+    check_launcher(cfg)
     check_precision(cfg)
     check_devices(cfg)
     check_model(cfg)
