@@ -32,8 +32,8 @@ class SampleGeneration(L.Callback):
         self.samples: list[dict] = []
 
     def on_fit_end(self, trainer, pl_module):
-        if not self.prompts:
-            return
+        if not self.prompts or not callable(getattr(pl_module.model, "generate", None)):
+            return  # nothing to ask, or a model that does not generate (stage=rm's classifier)
         texts = generate_text(pl_module.model, pl_module.tokenizer, self.prompts, self.max_new_tokens,
                               do_sample=False)
         self.samples = [{"prompt": p, "generated": t} for p, t in zip(self.prompts, texts)]

@@ -1,0 +1,161 @@
+"""Stage `dpo`: direct preference optimisation against a frozen reference (Rafailov et al. 2023).
+
+The loss is a small module picked by `_target_` (llmlab.losses.DPOLoss: sigmoid, with cDPO label
+smoothing; llmlab.losses.IPOLoss). The reference is the starting checkpoint: under PEFT the same
+model with its adapter disabled (no second copy), otherwise a frozen copy, or `reference_model=`
+(a run dir or HF path with the same tokenizer). `precompute_reference=true` scores every training and
+validation pair with the reference once before training and then frees the copy.
+
+A batch of B pairs is one (2B, T) tensor (chosen rows, then rejected), so one policy forward and one
+reference forward score both. Logged: loss, implicit rewards beta * (log pi - log ref) of chosen and
+rejected, reward accuracy (`val/reward_accuracy`) and margin (`val/reward_margin`), and the exact
+match of greedy answers to the held-out prompts (`val/exact_match`, same metric as stage=sft).
+A step whose loss is not finite is skipped (counted in `train/skipped_steps`), never applied.
+"""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric, SumMetric
+
+from llmlab.losses import DPOLoss, causal_lm_loss, sequence_logprobs
+from llmlab.metrics import ExactMatch
+from llmlab.stages import alignment
+from llmlab.stages.alignment import FrozenReference, last_logged, load_reference, summary_extras
+from llmlab.stages.common import configure_optimizers, forward_logits
+from llmlab.stages.sft import greedy_answers
+
+log = logging.getLogger("llmlab")
+
+
+def _row_key(ids: torch.Tensor, segment_ids: torch.Tensor) -> tuple:
+    """A hashable key for one sequence: its tokens without padding."""
+    return tuple(ids[segment_ids >= 0].tolist())
+
+
+class DPOModule(L.LightningModule):
+    data_format = "preference"
+
+    def __init__(self, model, tokenizer, optimizer, scheduler=None, loss: torch.nn.Module | None = None,
+                 packing: str = "document", reference_model: str | None = None,
+                 precompute_reference: bool = False, sft_weight: float = 0.0, disable_dropout: bool = True,
+                 eval_generation: bool = True, max_new_tokens: int = 16):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
+        self.loss_fn = loss if loss is not None else DPOLoss()
+        self.sft_weight, self.precompute, self.eval_generation = sft_weight, precompute_reference, eval_generation
+        self.max_new_tokens = max_new_tokens
+        if disable_dropout:
+            alignment.disable_dropout(model)
+        ref = load_reference(reference_model, tokenizer) if reference_model else None
+        self.reference = FrozenReference(model, ref)
+        self.ref_cache: dict[tuple, float] = {}  # sequence tokens -> reference log-prob (precompute)
+        self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_chosen, self.val_rejected, self.val_logps_chosen = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_exact_match = ExactMatch()
+        self.skipped_steps = SumMetric()
+
+    # ------------------------------------------------------------------ log-probs
+    def policy_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of response-token log-probs (2B,), logits (2B, T, V)) under the policy."""
+        logits = forward_logits(self.model, batch, self.packing)
+        return sequence_logprobs(logits, batch["labels"]), logits
+
+    def reference_logps(self, batch) -> torch.Tensor:
+        """(2B,) under the reference: from the precomputed cache, else a no-grad forward."""
+        if self.ref_cache:
+            keys = [_row_key(i, s) for i, s in zip(batch["input_ids"], batch["segment_ids"])]
+            if all(k in self.ref_cache for k in keys):
+                return torch.tensor([self.ref_cache[k] for k in keys], device=batch["input_ids"].device)
+            if self.reference.copy is None and not self.reference.shares_policy:
+                raise RuntimeError("a pair missing from the precomputed reference log-probs")
+        with self.reference.model() as ref:
+            return sequence_logprobs(forward_logits(ref, batch, self.packing), batch["labels"])
+
+    @torch.no_grad()
+    def _precompute(self, dataset, collate, batch_size: int) -> None:
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with self.reference.model() as ref:
+                logps = sequence_logprobs(forward_logits(ref, batch, self.packing), batch["labels"])
+            for ids, seg, lp in zip(batch["input_ids"], batch["segment_ids"], logps.tolist()):
+                self.ref_cache[_row_key(ids, seg)] = lp
+
+    def on_fit_start(self):
+        if not self.precompute or self.ref_cache:
+            return
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "train_set"):
+            raise RuntimeError("precompute_reference=true needs the llmlab datamodule")
+        size = dm.cfg.get("val_batch_size") or dm.cfg.batch_size
+        self._precompute(dm.train_set, dm.format.collate, size)
+        self._precompute(dm.val_set, dm.format.collate, size)
+        log.info("dpo: precomputed reference log-probs of %d sequences", len(self.ref_cache))
+        if self.reference.copy is not None:  # no longer needed: free its memory
+            self.reference.copy = None
+
+    # ------------------------------------------------------------------ steps
+    def _losses(self, batch):
+        policy, logits = self.policy_logps(batch)  # (2B,), (2B, T, V)
+        reference = self.reference_logps(batch)  # (2B,)
+        B = policy.shape[0] // 2
+        out = self.loss_fn(policy[:B], policy[B:], reference[:B], reference[B:])
+        loss = out.loss
+        if self.sft_weight:  # RPO-style NLL on the chosen answers keeps them likely
+            loss = loss + self.sft_weight * causal_lm_loss(logits[:B], batch["labels"][:B])
+        return loss, out, policy[:B].detach()
+
+    def training_step(self, batch, batch_idx):
+        loss, out, _ = self._losses(batch)
+        if not torch.isfinite(loss):  # NaN/inf: skip the update rather than poison the weights
+            self.skipped_steps.update(1.0)
+            self.log("train/skipped_steps", self.skipped_steps)
+            log.warning("dpo: non-finite loss at step %d; update skipped", self.global_step)
+            return None
+        chosen, rejected = out.chosen_rewards, out.rejected_rewards  # (B,), (B,)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/reward_accuracy", (chosen > rejected).float().mean())
+        self.log("train/reward_margin", (chosen - rejected).mean())
+        self.log("train/rewards_chosen", chosen.mean())
+        self.log("train/rewards_rejected", rejected.mean())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, out, logps_chosen = self._losses(batch)
+        chosen, rejected = out.chosen_rewards, out.rejected_rewards
+        finite = torch.isfinite(chosen) & torch.isfinite(rejected)  # NaN-safe means
+        n = int(finite.sum())
+        if n:
+            c, r = chosen[finite], rejected[finite]
+            self.val_accuracy.update((c > r).float().mean(), weight=n)
+            self.val_margin.update((c - r).mean(), weight=n)
+            self.val_chosen.update(c.mean(), weight=n)
+            self.val_rejected.update(r.mean(), weight=n)
+            self.val_logps_chosen.update(logps_chosen[finite].mean(), weight=n)
+        if torch.isfinite(loss):
+            self.val_loss.update(loss, weight=chosen.numel())
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/reward_accuracy", self.val_accuracy, prog_bar=True)
+        self.log("val/reward_margin", self.val_margin)
+        self.log("val/rewards_chosen", self.val_chosen)
+        self.log("val/rewards_rejected", self.val_rejected)
+        self.log("val/logps_chosen", self.val_logps_chosen)
+        if self.eval_generation:
+            zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
+            answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
+                                     self.max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
+            self.val_exact_match.update(answers, batch["answers"])
+            self.log("val/exact_match", self.val_exact_match, prog_bar=True)
+
+    def on_train_end(self):
+        summary_extras(self.trainer, {
+            "val_reward_accuracy": last_logged(self.trainer, "val/reward_accuracy"),
+            "val_reward_margin": last_logged(self.trainer, "val/reward_margin"),
+        })
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
