@@ -56,8 +56,8 @@ def plain_base_model(peft_model, dtype=None):
         del config.quantization_config
     with torch.device("meta"):
         plain = type(base)._from_config(config)
-    source = dict(base.named_parameters())
-    source.update(dict(base.named_buffers()))
+    source = dict(base.named_parameters(remove_duplicate=False))  # tied weights under both names
+    source.update(dict(base.named_buffers(remove_duplicate=False)))
     state = {}
     for key, meta in list(plain.state_dict(keep_vars=True).items()):
         head, _, leaf = key.rpartition(".")
@@ -68,6 +68,10 @@ def plain_base_model(peft_model, dtype=None):
         tensor = _base_tensor(source[found]).reshape(meta.shape)
         state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor.clone()
     plain.load_state_dict(state, assign=True, strict=True)
+    for key, buf in list(plain.named_buffers()):  # non-persistent buffers (e.g. RoPE inv_freq)
+        if buf.is_meta:
+            owner, _, leaf = key.rpartition(".")
+            plain.get_submodule(owner).register_buffer(leaf, source[key].clone(), persistent=False)
     plain.tie_weights()
     return plain.eval()
 

@@ -19,7 +19,10 @@ from llmlab.stages.common import configure_optimizers, forward_logits
 
 def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in backward (non-reentrant: works with frozen inputs under PEFT)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @torch.no_grad()

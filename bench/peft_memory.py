@@ -1,0 +1,148 @@
+"""Peak memory of one training step on the OPT-1.3B architecture: full bf16 vs LoRA bf16 vs QLoRA.
+
+    python bench/peft_memory.py [--seq 256] [--batch 1] [--methods full,lora,qlora]
+
+Random weights (model=opt1.3b's `config:` values, no download). Each method runs in its own
+subprocess, so its peak RSS (getrusage ru_maxrss, CPU memory) is its own:
+- full:  weights bf16, every parameter trained, AdamW (states in bf16, like the weights)
+- lora:  weights bf16 frozen, LoRA r=16 alpha=32 on q_proj, v_proj (the course's adapter), AdamW
+- qlora: the same LoRA on a base loaded 4-bit NF4 + double quantization, bf16 compute
+  (`prepare_model_for_kbit_training` with gradient checkpointing, as conf/peft/qlora.yaml);
+  bitsandbytes quantizes as it loads, so the random bf16 weights are first saved to disk in
+  100 MB shards (a one-time cache; loading maps one shard at a time).
+One step = forward + backward + optimizer step on a batch of `--batch` x `--seq` random tokens.
+Reported: peak RSS of the process, RSS after the model is built (before the step), and llmlab's
+dry-run estimate for the same setting (llmlab/memory.py) for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("LLMLAB_BENCH_CACHE", ROOT / "bench" / "out" / "opt1.3b-random-bf16"))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def opt_config():
+    from omegaconf import OmegaConf
+
+    from llmlab.models import architecture_config
+
+    return architecture_config(OmegaConf.load(ROOT / "conf" / "model" / "opt1.3b.yaml"))
+
+
+def peft_node(method: str):
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(ROOT / "conf" / "peft" / "lora.yaml")
+    if method == "qlora":
+        node = OmegaConf.merge(node, OmegaConf.load(ROOT / "conf" / "peft" / "qlora.yaml"))
+        node.pop("defaults", None)
+    node.target_modules = ["q_proj", "v_proj"]
+    return node
+
+
+def ensure_checkpoint() -> Path:
+    """Random OPT-1.3B weights in bf16, saved once (for QLoRA, which quantizes at load time)."""
+    if (CACHE / "config.json").is_file():
+        return CACHE
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(opt_config(), dtype=torch.bfloat16)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(CACHE, max_shard_size="100MB")
+    return CACHE
+
+
+def worker(method: str, batch: int, seq: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmlab.memory import estimate
+    from llmlab.peft import apply_peft, quantization_config
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if method == "qlora":
+        node = peft_node("qlora")
+        model = AutoModelForCausalLM.from_pretrained(CACHE, quantization_config=quantization_config(node, "bf16-mixed"),
+                                                     dtype=torch.bfloat16)
+        model = apply_peft(model, node)
+    else:
+        model = AutoModelForCausalLM.from_config(opt_config(), dtype=torch.bfloat16)
+        if method == "lora":
+            model = apply_peft(model, peft_node("lora"))
+    build_s = time.perf_counter() - t0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    rss_built = rss_mb()
+    ids = torch.randint(3, 50000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    step_s = time.perf_counter() - t0
+    est = estimate(model, precision="bf16-true" if method != "qlora" else "bf16-mixed", batch_size=batch,
+                   seq_len=seq, optimizer_target="torch.optim.AdamW",
+                   gradient_checkpointing=method == "qlora")
+    return {"method": method, "peak_rss_mb": round(peak_mb(), 1), "rss_after_build_mb": round(rss_built, 1),
+            "trainable_params": sum(p.numel() for p in params), "loss": round(loss.item(), 4),
+            "build_s": round(build_s, 1), "step_s": round(step_s, 2), "estimate_total_gib": est["total_gib"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--methods", default="full,lora,qlora")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.batch, args.seq)), flush=True)
+        return 0
+    methods = args.methods.split(",")
+    if "qlora" in methods:
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); from bench.peft_memory import "
+                        "ensure_checkpoint; ensure_checkpoint()" % str(ROOT)], check=True, cwd=ROOT)
+    results = []
+    for m in methods:
+        proc = subprocess.run([sys.executable, __file__, "--worker", m, "--seq", str(args.seq), "--batch",
+                               str(args.batch)], capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(line[len("RESULT "):]))
+        print(json.dumps(results[-1]), flush=True)
+    by = {r["method"]: r for r in results}
+    if "lora" in by and "qlora" in by:
+        print(f"qlora/lora peak RSS: {by['qlora']['peak_rss_mb'] / by['lora']['peak_rss_mb']:.2f}")
+    if "full" in by and "lora" in by:
+        print(f"lora/full peak RSS: {by['lora']['peak_rss_mb'] / by['full']['peak_rss_mb']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
