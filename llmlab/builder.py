@@ -9,6 +9,7 @@ from hydra.utils import get_class, instantiate
 
 from llmlab.models import build_model
 from llmlab.peft import apply_peft, quantization_config
+from llmlab.strategies import peft_for_strategy
 
 
 def stage_class(stage_cfg):
@@ -25,7 +26,24 @@ def build_stage(cfg, tokenizer):
         with torch.device("meta"):
             model = apply_peft(build_model(cfg.model, tokenizer, head=head), cfg.peft, head=head)
             return instantiate(cfg.stage.module, model=model, tokenizer=tokenizer, _recursive_=True)
+    # QLoRA under ZeRO-3: 4-bit weights packed in the compute dtype so DeepSpeed can partition them
+    peft_cfg = peft_for_strategy(cfg.peft, cfg.get("strategy"), cfg.trainer.precision)
     model = build_model(cfg.model, tokenizer, head=head,
-                        quantization_config=quantization_config(cfg.peft, cfg.trainer.precision))
-    model = apply_peft(model, cfg.peft, head=head)
+                        quantization_config=quantization_config(peft_cfg, cfg.trainer.precision))
+    model = apply_peft(model, peft_cfg, head=head)
+    keep_4bit_layout(model)
     return instantiate(cfg.stage.module, model=model, tokenizer=tokenizer, _recursive_=True)
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes re-packing 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode without grad (validation, generation)
+    replaces `weight.data` with another layout once and flags its quant state; a later training forward
+    then fails ("a view of a leaf Variable that requires grad is being used in an in-place operation",
+    bitsandbytes 0.50), and under ZeRO-3 the swap would be undone by the next gather while the flag
+    stays. Training keeps the one layout the weights were quantized in.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

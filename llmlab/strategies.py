@@ -34,21 +34,30 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 
+from llmlab.errors import ConfigError
+
 __all__ = [
     "CPUDeepSpeedStrategy",
     "StrategyConfigError",
     "auto",
+    "check_checkpoint_for_strategy",
     "check_fsdp",
+    "check_run",
     "check_strategy",
     "cpu_bf16",
     "ddp",
     "deepspeed",
     "deepspeed_config",
     "fsdp",
+    "gathered_parameters",
     "gathered_state_dict",
     "generation_context",
     "hf_deepspeed_context",
+    "is_checkpoint",
+    "is_deepspeed_checkpoint",
     "is_zero3",
+    "peft_for_strategy",
+    "quant_storage_for",
     "save_pretrained_gathered",
 ]
 
@@ -57,8 +66,9 @@ BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
 FP16_PRECISIONS = ("16-mixed", "16-true", "16")
 
 
-class StrategyConfigError(ValueError):
-    """A strategy choice that cannot work with the other settings; the message names the override to change."""
+class StrategyConfigError(ConfigError):
+    """A strategy choice that cannot work with the other settings; the message names the override to change.
+    A `ConfigError` (a ValueError): `python -m llmlab.run` prints it as one line and exits 2."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,6 +413,153 @@ def check_strategy(
         )
 
 
+def _is_deepspeed(strategy_cfg: Any) -> bool:
+    if isinstance(strategy_cfg, DeepSpeedStrategy):
+        return True
+    if strategy_cfg is None or isinstance(strategy_cfg, (str, Strategy)):
+        return str(strategy_cfg) in DEEPSPEED_STRATEGIES
+    return _strategy_name(strategy_cfg) in DEEPSPEED_STRATEGIES or str(strategy_cfg.get("_target_", "")).endswith(
+        "strategies.deepspeed"
+    )
+
+
+UNPACKED_STORAGE = (None, "uint8", "int8")
+
+
+def parameter_dtype(precision: Any) -> str:
+    """The dtype DeepSpeed keeps floating parameters in for a Lightning precision: it casts the module
+    to bf16/fp16 for bf16-*/16-* (mixed too: DeepSpeed's own bf16/fp16 mode) and to fp32 for 32-true."""
+    precision = str(precision)
+    if precision in BF16_PRECISIONS:
+        return "bfloat16"
+    if precision in FP16_PRECISIONS:
+        return "float16"
+    return "float32"
+
+
+def quant_storage_for(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> str | None:
+    """The storage dtype QLoRA's packed 4-bit weights get under this strategy (None: bitsandbytes' uint8).
+
+    ZeRO-3 partitions parameters as flat float buffers: uint8-packed 4-bit weights cannot be sharded;
+    the same bytes viewed as a float dtype can. That dtype must be the one DeepSpeed casts floating
+    parameters to (`parameter_dtype(precision)`), or the cast would corrupt the packed bits. So under
+    ZeRO-3 an unset `peft.quantization.quant_storage` becomes that dtype (checked on CPU: bfloat16 with
+    bf16-true and bf16-mixed, float32 with 32-true); an explicit choice is kept (`check_run` refuses
+    the ones that cannot work).
+    """
+    if peft_cfg is None or peft_cfg.get("method") != "qlora":
+        return None
+    storage = (peft_cfg.get("quantization") or {}).get("quant_storage")
+    if storage is None and is_zero3(strategy_cfg):
+        return parameter_dtype(precision)
+    return storage
+
+
+def peft_for_strategy(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> Any:
+    """`peft_cfg`, with `quantization.quant_storage` as `quant_storage_for` decides (a copy when it changes).
+
+    llmlab.builder builds every model through this, so `peft=qlora strategy=zero3` needs no extra flag."""
+    storage = quant_storage_for(peft_cfg, strategy_cfg, precision)
+    if peft_cfg is None or peft_cfg.get("method") != "qlora" or storage == peft_cfg.quantization.get("quant_storage"):
+        return peft_cfg
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(OmegaConf.to_container(peft_cfg, resolve=True))
+    node.quantization.quant_storage = storage
+    return node
+
+
+def check_run(cfg: Any) -> None:
+    """The strategy rules of a composed run config (`llmlab.checks.check_config` calls this before any
+    weights load): strategy x trainer x precision (`check_strategy`) and strategy x PEFT.
+
+    Refused, each with the fix in the message:
+    - `strategy=fsdp` on CPU; `cpu_bf16` with a non-bf16 precision, a GPU, or several processes;
+      DeepSpeed fp16 on a CPU without oneDNN fp16 kernels (`check_strategy`).
+    - `peft=qlora` x ZeRO-3 with an integer `quant_storage` (uint8/int8 cannot be partitioned; an unset
+      one is set automatically, see `quant_storage_for`); `peft=qlora` x DeepSpeed with a float
+      `quant_storage` other than the precision's parameter dtype (DeepSpeed's cast would corrupt it).
+    - `peft=qlora` x `strategy=fsdp`: not supported by llmlab (bitsandbytes x FSDP untested here).
+    """
+    strategy_cfg, trainer = cfg.strategy, cfg.trainer
+    check_strategy(
+        strategy_cfg,
+        accelerator=trainer.get("accelerator", "auto"),
+        precision=trainer.get("precision", "32-true"),
+        devices=trainer.get("devices", 1),
+        num_nodes=trainer.get("num_nodes", 1) or 1,
+    )
+    peft_cfg = cfg.get("peft")
+    if peft_cfg is None or peft_cfg.get("method") != "qlora":
+        return
+    name = _strategy_name(strategy_cfg)
+    if name == "fsdp":
+        raise StrategyConfigError(
+            "peft=qlora with strategy=fsdp is not supported by llmlab (bitsandbytes 4-bit weights x FSDP "
+            "flat parameters are untested here); use strategy=zero3 (QLoRA x ZeRO-3 is supported), "
+            "strategy=ddp, or peft=lora with strategy=fsdp."
+        )
+    storage = peft_cfg.quantization.get("quant_storage")
+    precision = trainer.get("precision", "32-true")
+    wanted = parameter_dtype(precision)
+    if is_zero3(strategy_cfg) and storage in UNPACKED_STORAGE[1:]:
+        raise StrategyConfigError(
+            f"peft=qlora with strategy={name} (ZeRO-3): 4-bit weights packed in "
+            f"peft.quantization.quant_storage={storage} cannot be partitioned; set "
+            f"peft.quantization.quant_storage={wanted} (or null: under ZeRO-3 it becomes the dtype of "
+            f"precision={precision} automatically)."
+        )
+    if _is_deepspeed(strategy_cfg) and storage not in UNPACKED_STORAGE and storage != wanted:
+        raise StrategyConfigError(
+            f"peft=qlora with strategy={name} and precision={precision}: DeepSpeed casts floating parameters "
+            f"to {wanted}, which would corrupt 4-bit weights packed in peft.quantization.quant_storage="
+            f"{storage}; set peft.quantization.quant_storage={wanted} (or null)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: DeepSpeed writes directories
+# --------------------------------------------------------------------------------------------------
+
+
+def is_deepspeed_checkpoint(path: Any) -> bool:
+    """A DeepSpeed checkpoint as Lightning writes it: a directory (`last.ckpt/`) with a `latest` tag file
+    and one subdirectory per tag holding the per-rank model/optimizer shards."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
+
+
+def is_checkpoint(path: Any) -> bool:
+    """A Lightning checkpoint: a file (ddp/auto/cpu_bf16) or a DeepSpeed checkpoint directory."""
+    from pathlib import Path
+
+    return Path(path).is_file() or is_deepspeed_checkpoint(path)
+
+
+def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
+    """Resuming needs the checkpoint kind the strategy reads: DeepSpeed restores its own sharded
+    directories (the same ZeRO stage and number of processes: its optimizer shards are per rank),
+    the other strategies read single files."""
+    name = _strategy_name(strategy_cfg)
+    if is_deepspeed_checkpoint(path) and not _is_deepspeed(strategy_cfg):
+        raise StrategyConfigError(
+            f"{path} is a DeepSpeed checkpoint directory, which strategy={name} cannot resume; resume with "
+            "the strategy (zero1/zero2/zero3) and trainer.devices it was written with, or convert it to one "
+            "file first: python -c \"from lightning.pytorch.utilities.deepspeed import "
+            f"convert_zero_checkpoint_to_fp32_state_dict as c; c('{path}', 'full.ckpt')\" (weights only)."
+        )
+    from pathlib import Path
+
+    if Path(path).is_file() and _is_deepspeed(strategy_cfg):
+        raise StrategyConfigError(
+            f"{path} is a single-file checkpoint; strategy={name} (DeepSpeed) resumes from the sharded "
+            "checkpoint directories it writes. Resume with the strategy it was written with (e.g. "
+            "strategy=ddp), or set strategy.load_full_weights=true to start from its weights only."
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # ZeRO-3 helpers
 # --------------------------------------------------------------------------------------------------
@@ -493,6 +650,13 @@ def _gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextMan
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def gathered_parameters(module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Inside: every parameter of `module` holds its full tensor on every rank (ZeRO-3 gathers them;
+    changes made inside are discarded). A no-op for parameters DeepSpeed has not partitioned.
+    Collective under ZeRO-3. Needs the whole module in one process's memory."""
+    return _gathered(list(module.parameters()))
+
+
 def gathered_state_dict(
     module: torch.nn.Module,
     *,
@@ -541,9 +705,8 @@ def save_pretrained_gathered(model: torch.nn.Module, save_directory: str, **kwar
     save (so every adapter type sees full tensors). Any other HF model saves a full gathered
     state dict (an `hf/` export loadable with `from_pretrained`).
     """
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
+    # duck-typed PeftModel check: importing peft imports bitsandbytes, which warns on CPU machines
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
         trainable = [p for p in model.parameters() if p.requires_grad]
         with _gathered(trainable):
             if _rank() == 0:

@@ -13,12 +13,33 @@ import lightning as L
 
 
 class HFExport(L.Callback):
+    """Runs when training ends (before the strategy tears down, so a DeepSpeed engine is still intact).
+
+    Under ZeRO-3 every rank holds only shards of each parameter: the export is collective. All ranks
+    gather the full weights (a PEFT model: all of it, the merge needs the base; a full model: one
+    layer at a time) and rank 0 writes. Saved naively on rank 0, `hf/` would hold empty tensors.
+    """
+
     def __init__(self, path: str):
         self.path = Path(path)
 
-    def on_fit_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            from llmlab.export import export_model
+    def on_train_end(self, trainer, pl_module):
+        from llmlab.export import export_model
+        from llmlab.peft import is_peft_model
+        from llmlab.strategies import gathered_parameters, is_zero3, save_pretrained_gathered
 
-            export_model(pl_module.model, pl_module.tokenizer, self.path,
-                         adapter_dir=self.path.with_name(self.path.name + "_adapter"))
+        model, tokenizer = pl_module.model, pl_module.tokenizer
+        adapter_dir = self.path.with_name(self.path.name + "_adapter")
+        if not is_zero3(model):
+            if trainer.is_global_zero:
+                export_model(model, tokenizer, self.path, adapter_dir=adapter_dir)
+            return
+        if is_peft_model(model):
+            with gathered_parameters(model):
+                if trainer.is_global_zero:
+                    export_model(model, tokenizer, self.path, adapter_dir=adapter_dir)
+        else:
+            save_pretrained_gathered(model, str(self.path))
+            if trainer.is_global_zero and tokenizer is not None:
+                tokenizer.save_pretrained(str(self.path))
+        trainer.strategy.barrier("hf_export")

@@ -31,12 +31,28 @@ class SampleGeneration(L.Callback):
         self.prompts, self.max_new_tokens = list(prompts or []), max_new_tokens
         self.samples: list[dict] = []
 
-    def on_fit_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):
+        # when training ends, not at fit end: the strategy has not torn down (a DeepSpeed engine intact)
         if not self.prompts or not callable(getattr(pl_module.model, "generate", None)):
             return  # nothing to ask, or a model that does not generate (stage=rm's classifier)
-        texts = generate_text(pl_module.model, pl_module.tokenizer, self.prompts, self.max_new_tokens,
-                              do_sample=False)
-        self.samples = [{"prompt": p, "generated": t} for p, t in zip(self.prompts, texts)]
+        from llmlab.strategies import generation_context, is_zero3
+
+        model = pl_module.model
+        if not is_zero3(model):  # every rank has the whole model: rank 0 alone generates
+            if trainer.is_global_zero:
+                self.samples = self._generate(model, pl_module.tokenizer, {})
+                self._log()
+            return
+        # ZeRO-3: parameters are shards; every rank gathers them and generates (collective), rank 0 logs
+        with generation_context(model, trainer.strategy) as extra:
+            self.samples = self._generate(model, pl_module.tokenizer, extra)
         if trainer.is_global_zero:
-            for s in self.samples:
-                log.info("sample | %r -> %r", s["prompt"], s["generated"])
+            self._log()
+
+    def _generate(self, model, tokenizer, extra: dict) -> list[dict]:
+        texts = generate_text(model, tokenizer, self.prompts, self.max_new_tokens, do_sample=False, **extra)
+        return [{"prompt": p, "generated": t} for p, t in zip(self.prompts, texts)]
+
+    def _log(self) -> None:
+        for s in self.samples:
+            log.info("sample | %r -> %r", s["prompt"], s["generated"])

@@ -58,6 +58,27 @@ def configure_optimizers(module, optimizer_factory, scheduler_factory):
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def log_train(module, name: str, value, prog_bar: bool = False) -> None:
+    """Log a training scalar once per optimizer step: its mean over the step's micro-batches and ranks.
+
+    Lightning's `self.log` logs each micro-batch, so under gradient accumulation users would see the
+    *last* micro-batch's loss, and under DDP/ZeRO rank 0's. The optimized quantity is the mean over all
+    of them: Lightning scales each micro-batch's loss by 1/accumulation and DDP/DeepSpeed average the
+    ranks' gradients. So batch 8 x accumulation 1, batch 4 x accumulation 2, and 2 ranks x batch 4 log
+    the same number (axolotl#2262). Collective under DDP/DeepSpeed (`sync_dist`): every rank calls it
+    for the same micro-batches.
+    """
+    trainer = module._trainer
+    value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+    sums = module.__dict__.setdefault("_llmlab_step_sums", {})
+    total, count = sums.pop(name, (0.0, 0))
+    total, count = total + value, count + 1
+    if trainer is not None and module.automatic_optimization and trainer.fit_loop._should_accumulate():
+        sums[name] = (total, count)  # more micro-batches to come before the optimizer steps
+        return
+    module.log(name, total / count, prog_bar=prog_bar, sync_dist=True)
+
+
 def count_tokens(batch: dict) -> int:
     """Real (non-padding) tokens in a batch: what tokens/s counts."""
     if "segment_ids" in batch:

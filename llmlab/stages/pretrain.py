@@ -7,7 +7,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from llmlab.losses import IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum
-from llmlab.stages.common import configure_optimizers, forward_logits
+from llmlab.stages.common import configure_optimizers, forward_logits, log_train
 
 
 class PretrainModule(L.LightningModule):
@@ -23,7 +23,7 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits = forward_logits(self.model, batch, self.packing)  # (B, T, V)
         loss = causal_lm_loss(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        log_train(self, "train/loss", loss, prog_bar=True)  # mean over micro-batches and ranks
         return loss
 
     def validation_step(self, batch, batch_idx):
