@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,12 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
     dirs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                    and ((p / ".hydra").is_dir() or (p / "summary.json").exists())), key=_job_key)
     for d in dirs:
-        overrides = _read_yaml(d / ".hydra" / "overrides.yaml") or []
+        trial = trials.get(d.name)
+        overrides = _read_yaml(d / ".hydra" / "overrides.yaml") or [
+            f"{k}={v}" for k, v in ((trial or {}).get("params") or {}).items()]
         summary = _read_json(d / "summary.json") or {}
         status = {"finished": FINISHED, "failed": FAILED}.get(summary.get("status"), summary.get("status") or RUNNING)
         error = summary.get("error", "") if status == FAILED else ""
-        trial = trials.get(d.name)
         if status == RUNNING and trial and trial.get("state") == "FAIL":  # e.g. interrupted by a kill
             status, error = FAILED, str(trial.get("error", "")).splitlines()[0] if trial.get("error") else ""
         jobs.append(Job(d.name, d, [str(o) for o in overrides], status, summary, error,
@@ -153,13 +155,24 @@ def _md_cell(x: Any, limit: int = 0) -> str:
 
 
 def split_overrides(jobs: list[Job]) -> tuple[list[str], dict[str, str]]:
-    """Keys whose value differs between jobs (columns) and the shared key=value pairs."""
-    keys: list[str] = []
+    """Keys whose value differs between jobs (columns) and the shared key=value pairs. Jobs that lack
+    a key (a job killed before Hydra wrote its overrides.yaml) do not make it vary."""
+    values: dict[str, set] = {}
     for j in jobs:
-        keys += [k for k in j.params if k not in keys]
-    varying = [k for k in keys if len({j.params.get(k) for j in jobs}) > 1]
-    common = {k: jobs[0].params[k] for k in keys if k not in varying and k in jobs[0].params}
+        for k, v in j.params.items():
+            values.setdefault(k, set()).add(v)
+    varying = [k for k, vs in values.items() if len(vs) > 1]
+    common = {k: next(iter(vs)) for k, vs in values.items() if len(vs) == 1}
     return varying, common
+
+
+def _short(value: str) -> str:
+    """0.002019907822684476 -> 0.00202 (tables and legends; the CSV keeps every digit)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return value
+    return f"{x:.4g}" if len(str(value)) > 8 and not str(value).isdigit() else value
 
 
 def metric_keys(jobs: list[Job], metric: str) -> tuple[list[str], list[str]]:
@@ -186,7 +199,7 @@ def render_markdown(sweep_dir: Path, jobs: list[Job], metric: str, direction: st
         lines.append(f"Optuna study `{optuna.get('study_name')}`: {optuna.get('n_complete')}/"
                      f"{optuna.get('n_trials_planned')} trials complete, {optuna.get('n_failed')} failed.")
     if best is not None:
-        shown = " ".join(f"{k}={best.params[k]}" for k in varying if k in best.params) or "(no varying override)"
+        shown = " ".join(f"{k}={_short(best.params[k])}" for k in varying if k in best.params) or "(no varying override)"
         lines.append(f"**Best: job {best.name}** ({shown}): {metric} = {_fmt(best.summary.get(metric))}.")
     else:
         lines.append("No finished job has the objective yet.")
@@ -197,7 +210,7 @@ def render_markdown(sweep_dir: Path, jobs: list[Job], metric: str, direction: st
     for j in jobs:
         mark = " ★" if j is best else ""
         row = [f"**{j.name}**{mark}" if j is best else j.name, j.status]
-        row += [_md_cell(j.params.get(k, "")) for k in varying]
+        row += [_md_cell(_short(j.params.get(k, ""))) for k in varying]
         row += [_md_cell(j.summary.get(k)) for k in table_keys]
         row.append(_md_cell(j.error, 160))
         lines.append("| " + " | ".join(row) + " |")
@@ -234,7 +247,7 @@ def plot_curves(path: Path, jobs: list[Job], best: Job | None, metric: str, curv
         if not points:
             continue
         steps, values = zip(*points)
-        label = f"job {j.name}: " + (" ".join(f"{k.split('.')[-1]}={j.params[k]}" for k in varying
+        label = f"job {j.name}: " + (" ".join(f"{k.split('.')[-1]}={_short(j.params[k])}" for k in varying
                                                if k in j.params) or j.status)
         if j is best:
             ax.plot(steps, values, "o-", color="crimson", linewidth=2.8, zorder=3,
@@ -250,7 +263,9 @@ def plot_curves(path: Path, jobs: list[Job], best: Job | None, metric: str, curv
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    with warnings.catch_warnings():  # many jobs: a big legend
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -89,6 +90,59 @@ def resolve_job_params(launcher_cfg: DictConfig) -> Dict[str, Any]:
     return params
 
 
+# Slurm states after which no result will come (PREEMPTED: only if the job is not requeued soon after)
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+
+
+def _slurm_states(job_ids: List[str]) -> Optional[Dict[str, str]]:
+    """{job id (array tasks as <id>_<n>): state} from squeue (ended jobs stay listed for MinJobAge; a
+    job missing from the answer ended long ago); None when squeue does not answer."""
+    base = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        r = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", ",".join(base)],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 and "Invalid job id" not in r.stderr:
+        return None
+    return dict(line.split()[:2] for line in r.stdout.splitlines() if len(line.split()) >= 2)
+
+
+def wait_for_jobs(jobs: List[Any], grace_s: float = 30.0, poll_s: float = 2.0) -> List[Optional[str]]:
+    """Wait until every job has written its result file, or has ended in Slurm without one.
+
+    submitit alone waits forever for a job that was killed before writing its result when `sacct` does
+    not work (clusters without accounting: its state then reads UNKNOWN). Here squeue decides: a job
+    that Slurm lists as ended (or no longer lists) and has no result file `grace_s` later has failed.
+    Returns, per job, None (result written) or the Slurm state it ended in.
+    """
+    import time
+
+    ended: List[Optional[str]] = [None] * len(jobs)
+    waiting = {i for i, job in enumerate(jobs) if not job.paths.result_pickle.exists()}
+    since: Dict[int, float] = {}
+    while waiting:
+        time.sleep(poll_s)
+        states = _slurm_states([str(jobs[i].job_id) for i in waiting])
+        for i in sorted(waiting):
+            job = jobs[i]
+            if job.paths.result_pickle.exists():
+                waiting.discard(i)
+                continue
+            state = None if states is None else states.get(str(job.job_id), "PURGED")
+            if state is None or (state not in TERMINAL and state != "PURGED"):
+                since.pop(i, None)  # pending, running, requeued, or squeue did not answer
+                continue
+            # a result file may show up late on a network file system; a killed job writes none
+            limit = {"PREEMPTED": 10 * grace_s, "COMPLETED": grace_s, "FAILED": grace_s,
+                     "PURGED": grace_s}.get(state, grace_s / 3)
+            if time.time() - since.setdefault(i, time.time()) > limit:
+                ended[i] = state
+                waiting.discard(i)
+    return ended
+
+
 class LlmlabSlurmLauncher(_Base):  # type: ignore[misc, valid-type]
     def __init__(self, **params: Any) -> None:
         if _Base.__name__ != "SlurmLauncher":
@@ -145,10 +199,13 @@ class LlmlabSlurmLauncher(_Base):  # type: ignore[misc, valid-type]
                          f", {params['gpus_per_node']} GPU(s)/node" if params.get("gpus_per_node") else "")
 
         # 3. wait for every job; one that Slurm killed is recorded as failed, the sweep goes on
+        ended = wait_for_jobs(jobs)
         results: List[JobReturn] = []
         for i, job in enumerate(jobs):
             try:
-                results.append(job.results()[0])
+                if ended[i] is not None:  # no result file: killed, cancelled, out of memory, node failure
+                    raise RuntimeError(f"Slurm state {ended[i]}, no result written (see {job.paths.stderr})")
+                results.append(job.task(0).result())
             except Exception as err:  # noqa: BLE001 - submitit's UncompletedJobError/FailedJobError, ...
                 results.append(self._failed(job, job_overrides[i], job_dirs[i], err))
         return results
