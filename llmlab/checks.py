@@ -182,6 +182,76 @@ def check_launcher(cfg) -> None:
                           "or submit slurm/single_node.sbatch")
 
 
+def _first_record(path: Path) -> dict | None:
+    """The first record of a .jsonl/.json file (cheap peek), else None."""
+    try:
+        if path.suffix == ".jsonl":
+            with path.open() as f:
+                line = next((ln for ln in f if ln.strip()), None)
+            return json.loads(line) if line else None
+        if path.suffix == ".json" and path.stat().st_size < 50_000_000:
+            data = json.loads(path.read_text())
+            rows = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), [])
+            return rows[0] if rows and isinstance(rows[0], dict) else None
+    except (OSError, ValueError, StopIteration):
+        return None
+    return None
+
+
+def _sequence_classifier_config(path: str, setting: str):
+    """The config of a reward model (a run dir, HF dir or hub name); ConfigError unless it is a
+    one-output sequence classifier."""
+    from transformers import AutoConfig
+
+    from llmlab.stages.alignment import hf_dir
+
+    source = hf_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{setting}={path}: no model config there ({err}); give a stage=rm run dir, its hf/ "
+                          f"directory, or a hub name of a sequence classifier (needs internet)") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"{setting}={path} is not a sequence classifier (architectures: {archs}); a reward "
+                          f"model is what stage=rm exports (AutoModelForSequenceClassification, one output)")
+    if getattr(config, "num_labels", 1) != 1:
+        raise ConfigError(f"{setting}={path} has {config.num_labels} outputs; a reward model has one score")
+    return config
+
+
+def check_preference(cfg) -> None:
+    """Rules of the preference stages (rm, dpo, ppo), before any weights load."""
+    stage, data = cfg.stage, cfg.data
+    module = stage.get("module") or {}
+    if stage.name in ("rm", "dpo") and data.source == "text" and not cfg.dry_run:
+        chosen, rejected = data.get("chosen_field", "chosen"), data.get("rejected_field", "rejected")
+        for f in ([data.train_files] if isinstance(data.train_files, str) else list(data.train_files or [])):
+            record = _first_record(Path(str(f)).expanduser())
+            missing = [n for n in (chosen, rejected) if record is not None and n not in record]
+            if missing:
+                raise ConfigError(f"stage={stage.name} needs preference pairs, but {f} has no field(s) {missing} "
+                                  f"(fields: {sorted(record)}); set data.chosen_field / data.rejected_field")
+    if stage.name == "ppo":
+        if not module.get("reward_model") and not module.get("rule_reward"):
+            raise ConfigError("stage=ppo has no reward source: set stage.reward_model=<stage=rm run dir or HF "
+                              "path of a sequence classifier>, or stage.rule_reward=<function(response, "
+                              "answer)>, e.g. llmlab.data.builtin.rule_reward with data=builtin")
+        if module.get("reward_model"):
+            _sequence_classifier_config(str(module.reward_model), "stage.reward_model")
+        if int(cfg.trainer.get("accumulate_grad_batches") or 1) != 1:
+            raise ConfigError("stage=ppo steps its optimizer per PPO mini-batch itself: set "
+                              "trainer.accumulate_grad_batches=1 (use stage.module.mini_batch_size)")
+        if int(module.get("mini_batch_size") or 1) < 1 or int(module.get("ppo_epochs") or 1) < 1:
+            raise ConfigError("stage.module.mini_batch_size and stage.module.ppo_epochs must be >= 1")
+    if stage.name in ("dpo", "ppo") and module.get("reference_model"):
+        from llmlab.models import build_tokenizer
+        from llmlab.stages.alignment import check_same_tokenizer, hf_dir
+
+        check_same_tokenizer(hf_dir(str(module.reference_model)), build_tokenizer(cfg.model),
+                             "stage.module.reference_model")
+
+
 def check_config(cfg) -> None:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
@@ -191,6 +261,7 @@ def check_config(cfg) -> None:
     check_model(cfg)
     check_peft(cfg)
     check_template(cfg)
+    check_preference(cfg)
     if not cfg.dry_run:
         check_data(cfg)
 

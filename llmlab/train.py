@@ -103,7 +103,10 @@ def train(cfg: DictConfig) -> float | None:
         callbacks.append(StopAtStep(cfg.stop_at_step, dirpath=str(run_dir / "checkpoints")))
     loggers = _instantiate_dict(cfg.logger)
     strategy = instantiate(cfg.strategy)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=strategy)
+    # a stage may need Trainer settings adjusted (ppo: manual optimization clips its own gradients)
+    stage_trainer_kwargs = module.trainer_overrides(cfg.trainer) if hasattr(module, "trainer_overrides") else {}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=strategy,
+                                     **stage_trainer_kwargs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
 
     if not trainer.is_global_zero:

@@ -1,0 +1,366 @@
+"""Stage `ppo`: RLHF with proximal policy optimisation (Schulman et al. 2017; Ziegler et al. 2019).
+
+One training step is one PPO iteration on a batch of B prompts:
+
+1. rollout: sample a response per prompt with the KV cache (`generate`), each with its own length
+   budget drawn from `response_length` [min, max] (the course's LengthSampler); a response ends at
+   EOS (included as an action) unless `stop_at_eos=false`;
+2. score: reward per sequence from a reward model (`reward_model=` run dir or HF path, scoring the
+   prompt + response text exactly as stage=rm trained it) or from a rule (`rule_reward=`, e.g. the
+   built-in data's checkable reward); per-token log-probs of the policy and of the frozen reference
+   (PEFT: adapter disabled; else a frozen copy) and values from the value head;
+3. advantages: per-token reward = -kl_coef * (log pi - log ref) + score on the last token; GAE
+   (gamma, lam); whitened advantages (option), optionally whitened rewards;
+4. update: `ppo_epochs` passes over shuffled mini-batches, clipped policy loss + vf_coef * clipped
+   value loss, one optimizer step per mini-batch (Lightning manual optimization); optional early
+   stop of the epochs when the approximate KL to the rollout policy passes 1.5 * target_kl;
+5. the adaptive KL controller moves kl_coef toward its target KL.
+
+Step counting: Lightning counts every mini-batch optimizer step, so `trainer.max_steps` and
+`trainer.val_check_interval` are optimizer steps here too (an iteration is
+ppo_epochs * ceil(B / mini_batch_size) of them); the last iteration that fits ends with a validation.
+Validation: greedy answers to held-out prompts -> `val/reward_mean` (and `val/exact_match` when the
+data has reference answers). summary.json: `reward_mean_first` / `reward_mean_last` (mean rollout
+reward over the first / last tenth of the iterations), `kl_last` (mean KL over the last tenth).
+The value head is a linear layer on the policy's last hidden state (shared trunk, as TRL's
+AutoModelForCausalLMWithValueHead); `hf/` holds the policy alone.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import lightning as L
+import torch
+from hydra.utils import get_method
+from torch import nn
+from torchmetrics import MeanMetric
+
+from llmlab.data.formats import pad_rows, tokenize_example
+from llmlab.losses import (AdaptiveKLController, entropy_from_logits, gae_advantages, kl_penalized_rewards,
+                           masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs)
+from llmlab.metrics import ExactMatch
+from llmlab.stages import alignment
+from llmlab.stages.alignment import FrozenReference, hf_dir, load_reference, summary_extras
+from llmlab.stages.common import configure_optimizers
+from llmlab.stages.reward import sequence_scores
+from llmlab.stages.sft import greedy_answers
+
+log = logging.getLogger("llmlab")
+
+
+# ---------------------------------------------------------------------------------------- rewards
+class RuleReward:
+    """A checkable reward `fn(response, answer) -> float` (default: llmlab.data.builtin.rule_reward)."""
+
+    def __init__(self, fn: str = "llmlab.data.builtin.rule_reward"):
+        self.name, self.fn = fn, get_method(fn)
+
+    def to(self, device):
+        return self
+
+    def __call__(self, prompts: list[str], responses: list[str], answers: list) -> torch.Tensor:
+        if any(a is None for a in answers):
+            raise ValueError(f"rule_reward={self.name} needs a reference answer per prompt "
+                             f"(data.answer_field); use reward_model=<path> for data without answers")
+        return torch.tensor([float(self.fn(r, a)) for r, a in zip(responses, answers)])
+
+
+class ModelReward:
+    """Scores of a trained reward model (a sequence classifier) on prompt + response.
+
+    Text goes through the reward model's own tokenizer (it may differ from the policy's, e.g.
+    DeBERTa scoring OPT), built as stage=rm built its training rows: prompt, response, EOS.
+    """
+
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 512):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        source = hf_dir(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = alignment._freeze(AutoModelForSequenceClassification.from_pretrained(source))
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    def _row(self, prompt: str, response: str) -> dict:
+        row = tokenize_example(self.tokenizer, prompt, response, self.max_length)
+        if row is None:  # the response alone is too long: keep its end
+            ids = (self.tokenizer(response, add_special_tokens=False)["input_ids"]
+                   + [self.tokenizer.eos_token_id])[-self.max_length:]
+            row = {"input_ids": ids, "labels": ids}
+        return row
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str], answers=None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        scores = []
+        for i in range(0, len(prompts), self.batch_size):
+            rows = [self._row(p, r) for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
+            batch = {k: v.to(device) for k, v in pad_rows(rows, self.tokenizer.pad_token_id).items()}
+            scores.append(sequence_scores(self.model, batch).cpu())
+        return torch.cat(scores)
+
+
+# ---------------------------------------------------------------------------------------- model parts
+class ValueHead(nn.Module):
+    """V(s_t): a linear layer on the last hidden state, (B, T, H) -> (B, T)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def last_hidden_size(model) -> int:
+    """Width of the state the LM head reads (OPT-350m projects 1024 -> 512 before it)."""
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "in_features"):
+        return head.in_features
+    return model.config.hidden_size
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them: (B, T) -> (B, T)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def response_mask(responses: torch.Tensor, budgets: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """(B, R) bool: the first budgets[b] tokens of each response, cut after its first EOS (kept)."""
+    B, R = responses.shape
+    positions = torch.arange(R, device=responses.device).expand(B, R)
+    end = budgets.to(responses.device).clamp(max=R)  # (B,)
+    if eos_id is not None:
+        is_eos = responses == eos_id
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), R)  # (B,)
+        end = torch.minimum(end, first_eos + 1)
+    return positions < end.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------- stage
+class PPOModule(L.LightningModule):
+    data_format = "prompt"
+
+    def __init__(self, model, tokenizer, optimizer, scheduler=None, *, reward_model: str | None = None,
+                 rule_reward: str | None = None, reward_batch_size: int = 16, reward_max_length: int = 512,
+                 rollout_batch_size: int = 16, mini_batch_size: int = 4, ppo_epochs: int = 4,
+                 response_length: tuple[int, int] = (8, 16), temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, stop_at_eos: bool = True, gamma: float = 1.0, lam: float = 0.95,
+                 clip_range: float = 0.2, clip_range_value: float = 0.2, vf_coef: float = 0.1,
+                 kl_controller=None, whiten_advantages: bool = True, whiten_rewards: bool = False,
+                 target_kl: float | None = None, early_stopping: bool = False, max_grad_norm: float | None = 1.0,
+                 reference_model: str | None = None, disable_dropout: bool = True,
+                 val_max_new_tokens: int | None = None):
+        super().__init__()
+        self.automatic_optimization = False  # several PPO mini-batch steps per rollout
+        self.model, self.tokenizer = model, tokenizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        if reward_model:
+            self.reward = ModelReward(reward_model, reward_batch_size, reward_max_length)
+        elif rule_reward:
+            self.reward = RuleReward(rule_reward)
+        else:
+            raise ValueError("stage=ppo needs a reward: stage.reward_model=<run dir or HF path> or "
+                             "stage.rule_reward=<function>")
+        lo, hi = (int(x) for x in response_length)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"stage.module.response_length={list(response_length)}: need 1 <= min <= max")
+        self.response_length = (lo, hi)
+        self.rollout_batch_size, self.mini_batch_size, self.ppo_epochs = rollout_batch_size, mini_batch_size, ppo_epochs
+        self.generation = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.stop_at_eos = stop_at_eos
+        self.gamma, self.lam, self.clip_range, self.clip_range_value = gamma, lam, clip_range, clip_range_value
+        self.vf_coef, self.whiten_advantages, self.whiten_rewards = vf_coef, whiten_advantages, whiten_rewards
+        self.kl_ctl = kl_controller if kl_controller is not None else AdaptiveKLController(0.2, 6.0, 10000)
+        self.target_kl, self.early_stopping, self.max_grad_norm = target_kl, early_stopping, max_grad_norm
+        self.val_max_new_tokens = val_max_new_tokens or hi
+        if disable_dropout:
+            alignment.disable_dropout(model)
+        self.value_head = ValueHead(last_hidden_size(model))
+        ref = load_reference(reference_model, tokenizer) if reference_model else None
+        self.reference = FrozenReference(model, ref)
+        self.history: list[dict] = []  # per iteration: reward, kl (summary's first/last tenth)
+        self.val_reward, self.val_exact_match = MeanMetric(), ExactMatch()
+        self.generator = torch.Generator().manual_seed(0)  # response budgets and mini-batch order
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.ppo_epochs * math.ceil(self.rollout_batch_size / self.mini_batch_size)
+
+    def trainer_overrides(self, trainer_cfg) -> dict:
+        """Trainer kwargs this stage needs: no automatic clipping (manual optimization clips here), and a
+        validation interval given in optimizer steps converted to iterations (Lightning counts batches)."""
+        out = {"gradient_clip_val": None}
+        interval = trainer_cfg.get("val_check_interval")
+        if isinstance(interval, int):
+            out["val_check_interval"] = max(1, interval // self.steps_per_iteration)
+        return out
+
+    def on_fit_start(self):
+        self.reward.to(self.device)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["ppo"] = {"kl_coef": self.kl_ctl.value, "history": self.history,
+                             "generator": self.generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("ppo") or {}
+        self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
+        self.history = list(state.get("history", []))
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    # ------------------------------------------------------------------ forward passes
+    def policy_forward(self, input_ids, attention_mask, position_ids):
+        """Logits (B, T, V) and values (B, T) in one pass of the shared trunk."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         output_hidden_states=True, use_cache=False)
+        return out.logits, self.value_head(out.hidden_states[-1])
+
+    @torch.no_grad()
+    def rollout(self, batch) -> dict:
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+        B, P = prompt_ids.shape
+        lo, hi = self.response_length
+        budgets = torch.randint(lo, hi + 1, (B,), generator=self.generator)  # (B,) tokens per response
+        eos = self.tokenizer.eos_token_id
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        generated = self.model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=int(budgets.max()), use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            # stop_at_eos=false: an id that never occurs, so only the budget ends a response (TRL's recipe)
+            eos_token_id=eos if self.stop_at_eos else len(self.tokenizer) + 1,
+            **self.generation)  # (B, P + R)
+        t_generate = time.perf_counter() - t0
+        responses = generated[:, P:]  # (B, R)
+        mask = response_mask(responses, budgets, eos if self.stop_at_eos else None)  # (B, R)
+        responses = torch.where(mask, responses, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode([r[m] for r, m in zip(responses, mask)], skip_special_tokens=True)
+        score = self.reward(batch["prompts"], texts, batch["answers"]).to(self.device).float()  # (B,)
+
+        input_ids = torch.cat([prompt_ids, responses], 1)  # (B, P + R)
+        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+        position_ids = position_ids_from_mask(attention_mask)
+        logits, values = self.policy_forward(input_ids, attention_mask, position_ids)
+        logprobs = token_logprobs(logits, input_ids)[:, P - 1:]  # (B, R): log pi(response token t)
+        values = values[:, P - 1:-1].float()  # (B, R): V of the state before token t
+        entropy = masked_mean(entropy_from_logits(logits[:, P - 1:-1]), mask)
+        del logits
+        with self.reference.model() as ref:
+            ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+            ref_logprobs = token_logprobs(ref_logits, input_ids)[:, P - 1:]  # (B, R)
+        del ref_logits
+        self.model.train(was_training)
+
+        rewards, kl = kl_penalized_rewards(score, logprobs, ref_logprobs, mask, self.kl_ctl.value)  # (B, R)
+        if self.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, values, mask, self.gamma, self.lam)  # (B, R)
+        if self.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, mask=mask,
+                    prompt_width=P, logprobs=logprobs, values=values, advantages=advantages.detach(),
+                    returns=returns, score=score, kl=kl.sum(1), entropy=entropy, texts=texts,
+                    t_generate=t_generate, t_rollout=time.perf_counter() - t0)
+
+    def ppo_update(self, ro: dict) -> dict:
+        """`ppo_epochs` passes of clipped policy + value updates over shuffled mini-batches."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        P, B = ro["prompt_width"], ro["input_ids"].shape[0]
+        stats = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+        self.model.train()
+        for _ in range(self.ppo_epochs):
+            epoch_kl = []
+            for idx in torch.randperm(B, generator=self.generator).split(self.mini_batch_size):
+                idx = idx.to(self.device)
+                logits, values = self.policy_forward(ro["input_ids"][idx], ro["attention_mask"][idx],
+                                                     ro["position_ids"][idx])
+                logprobs = token_logprobs(logits, ro["input_ids"][idx])[:, P - 1:]  # (b, R)
+                values = values[:, P - 1:-1].float()  # (b, R)
+                mask = ro["mask"][idx]
+                pg_loss, clip_frac, approx_kl = ppo_policy_loss(logprobs, ro["logprobs"][idx], ro["advantages"][idx],
+                                                                mask, self.clip_range)
+                vf_loss, vf_clip_frac = ppo_value_loss(values, ro["values"][idx], ro["returns"][idx], mask,
+                                                       self.clip_range_value)
+                loss = pg_loss + self.vf_coef * vf_loss
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if self.max_grad_norm:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_frac", clip_frac),
+                                   ("value_clip_frac", vf_clip_frac), ("approx_kl", approx_kl)):
+                    stats[key].append(float(value.detach()))
+                epoch_kl.append(float(approx_kl))
+            if self.early_stopping and self.target_kl and sum(epoch_kl) / len(epoch_kl) > 1.5 * self.target_kl:
+                break  # TRL's early stopping: the policy moved too far from the rollout policy
+        return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        ro = self.rollout(batch)
+        stats = self.ppo_update(ro)
+        kl_mean = float(ro["kl"].mean())
+        self.kl_ctl.update(kl_mean, ro["input_ids"].shape[0])
+        reward_mean = float(ro["score"].mean())
+        self.history.append({"reward": reward_mean, "kl": kl_mean})
+        total = time.perf_counter() - t0
+        metrics = {
+            "train/reward_mean": reward_mean,
+            "train/reward_std": float(ro["score"].std()) if ro["score"].numel() > 1 else 0.0,
+            "train/kl": kl_mean,
+            "train/kl_coef": float(self.kl_ctl.value),
+            "train/entropy": float(ro["entropy"]),
+            "train/response_length": float(ro["mask"].sum(1).float().mean()),
+            "train/generate_share": ro["t_generate"] / total,
+            "train/samples_per_sec": ro["input_ids"].shape[0] / total,
+            **{f"train/{k}": v for k, v in stats.items()},
+        }
+        self.log("train/reward_mean", metrics.pop("train/reward_mean"), prog_bar=True)
+        self.log_dict(metrics)
+        batch["attention_mask"] = ro["attention_mask"]  # rollout tokens (prompt + response) count for tokens/s
+        max_steps = self.trainer.max_steps
+        if max_steps and max_steps > 0 and self.global_step + self.steps_per_iteration > max_steps:
+            self.trainer.should_stop = True  # no room for another iteration: stop here, after a validation
+
+    def validation_step(self, batch, batch_idx):
+        zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
+        answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
+                                 self.val_max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
+        score = self.reward(batch["prompts"], answers, batch["answers"]).to(self.device).float()
+        self.val_reward.update(score.mean(), weight=score.numel())
+        self.log("val/reward_mean", self.val_reward, prog_bar=True)
+        if all(a is not None for a in batch["answers"]):
+            self.val_exact_match.update(answers, batch["answers"])
+            self.log("val/exact_match", self.val_exact_match)
+
+    def on_train_end(self):
+        if not self.history:
+            return
+        k = max(1, len(self.history) // 10)
+        first, last = self.history[:k], self.history[-k:]
+        mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        summary_extras(self.trainer, {"reward_mean_first": mean(first, "reward"),
+                                      "reward_mean_last": mean(last, "reward"),
+                                      "kl_last": mean(last, "kl"), "kl_coef_last": float(self.kl_ctl.value),
+                                      "ppo_iterations": len(self.history)})
