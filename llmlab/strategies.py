@@ -674,22 +674,38 @@ def gathered_state_dict(
     """
     keep = not rank0_only or _rank() == 0
     out: dict[str, torch.Tensor] = {}
+    # one copy per parameter: tied weights (GPT-2's lm_head = wte) stay one tensor under both names,
+    # so save_pretrained recognises them as tied and writes them once
+    copies: dict[int, torch.Tensor] = {}
+    gathered: set[int] = set()  # on every rank (not only where copies are kept): the same collectives everywhere
+
+    def copy_of(p: torch.nn.Parameter, value: Any) -> torch.Tensor:
+        if id(p) not in copies:
+            copies[id(p)] = value.detach().to("cpu", copy=True)
+        return copies[id(p)]
 
     def visit(mod: torch.nn.Module, prefix: str) -> None:
         if trainable_only:
             params = {n: p for n, p in mod._parameters.items() if p is not None and p.requires_grad}
-            with _gathered(list(params.values())):
+            todo = [p for p in params.values() if id(p) not in gathered]
+            gathered.update(id(p) for p in todo)
+            with _gathered(todo):
                 if keep:
                     for n, p in params.items():
-                        out[prefix + n] = p.detach().to("cpu", copy=True)
+                        out[prefix + n] = copy_of(p, p)
         else:
-            params = [p for p in mod._parameters.values() if p is not None]
-            with _gathered(params):
+            params = {prefix + n: p for n, p in mod._parameters.items() if p is not None}
+            todo = [p for p in params.values() if id(p) not in gathered]
+            gathered.update(id(p) for p in todo)
+            with _gathered(todo):
                 if keep:
                     local: dict[str, Any] = {}
                     mod._save_to_state_dict(local, prefix, keep_vars=False)
                     for k, v in local.items():
-                        out[k] = v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+                        if k in params:
+                            out[k] = copy_of(params[k], v)
+                        else:
+                            out[k] = v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
         for child_name, child in mod._modules.items():
             if child is not None:
                 visit(child, prefix + child_name + ".")

@@ -24,7 +24,7 @@ from llmlab.losses import DPOLoss, causal_lm_loss, sequence_logprobs
 from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, last_logged, load_reference, summary_extras
-from llmlab.stages.common import configure_optimizers, forward_logits
+from llmlab.stages.common import configure_optimizers, forward_logits, log_train
 from llmlab.stages.sft import greedy_answers
 
 log = logging.getLogger("llmlab")
@@ -117,11 +117,12 @@ class DPOModule(L.LightningModule):
             log.warning("dpo: non-finite loss at step %d; update skipped", self.global_step)
             return None
         chosen, rejected = out.chosen_rewards, out.rejected_rewards  # (B,), (B,)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/reward_accuracy", (chosen > rejected).float().mean())
-        self.log("train/reward_margin", (chosen - rejected).mean())
-        self.log("train/rewards_chosen", chosen.mean())
-        self.log("train/rewards_rejected", rejected.mean())
+        # per optimizer step: means over micro-batches and ranks
+        log_train(self, "train/loss", loss, prog_bar=True)
+        log_train(self, "train/reward_accuracy", (chosen > rejected).float().mean())
+        log_train(self, "train/reward_margin", (chosen - rejected).mean())
+        log_train(self, "train/rewards_chosen", chosen.mean())
+        log_train(self, "train/rewards_rejected", rejected.mean())
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from llmlab.losses import PairwiseRewardLoss, pairwise_accuracy
 from llmlab.stages.alignment import last_logged, summary_extras
-from llmlab.stages.common import configure_optimizers
+from llmlab.stages.common import configure_optimizers, log_train
 
 
 def sequence_scores(model, batch: dict) -> torch.Tensor:
@@ -51,9 +51,10 @@ class RewardModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, r_chosen, r_rejected = self._step(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", pairwise_accuracy(r_chosen, r_rejected))
-        self.log("train/margin", (r_chosen - r_rejected).mean())
+        # per optimizer step: means over micro-batches and ranks
+        log_train(self, "train/loss", loss, prog_bar=True)
+        log_train(self, "train/accuracy", pairwise_accuracy(r_chosen, r_rejected))
+        log_train(self, "train/margin", (r_chosen - r_rejected).mean())
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from llmlab.losses import causal_lm_loss, causal_lm_loss_sum
 from llmlab.metrics import ExactMatch
-from llmlab.stages.common import configure_optimizers, forward_logits
+from llmlab.stages.common import configure_optimizers, forward_logits, log_train
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -61,7 +61,7 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits = forward_logits(self.model, batch, self.packing)  # (B, T, V)
         loss = causal_lm_loss(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        log_train(self, "train/loss", loss, prog_bar=True)  # mean over micro-batches and ranks
         return loss
 
     def on_validation_epoch_start(self):
