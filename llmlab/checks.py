@@ -172,14 +172,29 @@ def check_launcher(cfg) -> None:
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import ListConfig
 
-    if not HydraConfig.initialized() or os.environ.get("SLURM_JOB_ID"):
+    if not HydraConfig.initialized():
         return
     hc = HydraConfig.get()
-    if hc.runtime.choices.get("launcher") == "slurm" and hc.mode == RunMode.RUN:
+    if hc.runtime.choices.get("launcher") == "slurm" and hc.mode == RunMode.RUN and not os.environ.get("SLURM_JOB_ID"):
         raise ConfigError("launcher=slurm submits sweep jobs; without -m this run would train on this machine. "
                           "Add -m (one job is a sweep of one): python -m llmlab.run -m launcher=slurm ..., "
                           "or submit slurm/single_node.sbatch")
+    # Several processes per job started by Lightning itself (no srun/torchrun) re-run the command line:
+    # in a grid sweep the copies walk the same job list in step, but a search's copy would start a
+    # second sweeper (asking its own trials) and the job would hang waiting for its other ranks.
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    n_proc = (len(devices) if isinstance(devices, (list, ListConfig)) else
+              int(devices) if str(devices).isdigit() else 1) * (int(nodes) if str(nodes).isdigit() else 1)
+    external = (int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "LOCAL_RANK" in os.environ
+                or "TORCHELASTIC_RUN_ID" in os.environ)
+    sweeper = str(hc.sweeper.get("_target_", ""))
+    if hc.mode == RunMode.MULTIRUN and n_proc > 1 and not external and not sweeper.endswith("BasicSweeper"):
+        raise ConfigError(f"trainer.devices={devices} in a search sweep ({sweeper.rsplit('.', 1)[-1]}) on this "
+                          f"machine: Lightning would start the other processes by re-running the command, which "
+                          f"starts the sweeper again. Run the search with launcher=slurm (srun starts one process "
+                          f"per device), or with trainer.devices=1")
 
 
 def _first_record(path: Path) -> dict | None:

@@ -87,12 +87,10 @@ def _optuna_trials(sweep_dir: Path) -> tuple[dict | None, dict[str, dict]]:
     res = _read_yaml(sweep_dir / "optimization_results.yaml")
     if not isinstance(res, dict):
         return None, {}
-    by_dir = {}
+    by_dir = {}  # job dir name (= hydra.job.num = the trial's job_idx) -> trial
     for t in res.get("trials") or []:
-        if t.get("job_dir"):
-            by_dir[str(Path(t["job_dir"]).name)] = t
-        elif t.get("job_idx") is not None:
-            by_dir.setdefault(str(t["job_idx"]), t)
+        key = t.get("job_idx") if t.get("job_idx") is not None else Path(str(t.get("job_dir") or "")).name
+        by_dir[str(key)] = t
     return res, by_dir
 
 

@@ -201,3 +201,15 @@ def test_optuna_search_killed_and_restarted_completes_the_plan(tmp_path):
     assert statuses == {"0": "finished", "1": "failed", "2": "finished", "3": "finished"}
     assert rep["best"].summary["val_loss_last"] == pytest.approx(res["best_value"])
     assert "Optuna study `pretrain_lr`: 3/3 trials complete" in rep["markdown"]
+
+
+def test_search_with_locally_spawned_ddp_jobs_is_refused_with_the_reason(tmp_path):
+    """Lightning starts extra local processes by re-running the command line: in an Optuna search that
+    would start a second sweeper and hang the job; the job fails at once and the sweep says why."""
+    sweep = tmp_path / "search"
+    r = llmlab("-m", "hparams_search=pretrain_lr", f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2",
+               "hydra.sweeper.max_failures=1", "strategy=ddp", "trainer.devices=2", *tiny(), timeout=240)
+    assert r.returncode != 0
+    assert "trainer.devices=2 in a search sweep" in r.stderr and "launcher=slurm" in r.stderr, r.stderr[-2000:]
+    assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "failed"
+    assert _results(sweep)["trials"][0]["job_dir"] == str(sweep / "0")

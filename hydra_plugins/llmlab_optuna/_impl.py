@@ -289,8 +289,8 @@ class LlmlabOptunaSweeperImpl:
                 if launch_error is None:
                     returns.append(results)  # type: ignore[arg-type]
                 for t, ret, overrides in zip(trials, results, batch):
-                    if ret is not None and getattr(ret, "working_dir", None):
-                        t.set_user_attr("job_dir", str(ret.working_dir))
+                    if ret is not None and _job_dir(ret):
+                        t.set_user_attr("job_dir", _job_dir(ret))
                     values, err = self._values_of(ret, launch_error)
                     if err is None:
                         study.tell(t, values if len(values) > 1 else values[0])
@@ -363,7 +363,7 @@ class LlmlabOptunaSweeperImpl:
             except (TypeError, ValueError):
                 return [], f"the task function returned a non-numeric value: {value!r}"
             if math.isnan(f):
-                return [], f"the task function returned NaN ({value!r})"
+                return [], _recorded_error(ret) or f"the task function returned NaN ({value!r})"
             values.append(f)
         return values, None
 
@@ -434,6 +434,32 @@ class LlmlabOptunaSweeperImpl:
         tmp = path.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(res, sort_keys=False, default_flow_style=False))
         os.replace(tmp, path)
+
+
+def _job_dir(ret: JobReturn) -> str:
+    """The job's output dir (hydra.runtime.output_dir); the working dir only equals it with
+    hydra.job.chdir=true."""
+    try:
+        out = ret.hydra_cfg.hydra.runtime.output_dir  # type: ignore[union-attr]
+        if out:
+            return str(out)
+    except Exception:  # noqa: BLE001 - a JobReturn made by a launcher without hydra_cfg
+        pass
+    return str(ret.working_dir) if getattr(ret, "working_dir", None) else ""
+
+
+def _recorded_error(ret: JobReturn) -> str:
+    """The error a job recorded itself before returning NaN (llmlab.run writes summary.json with
+    status: failed and error in its job dir, so that the sweep goes on)."""
+    import json
+
+    try:
+        summary = json.loads((Path(_job_dir(ret)) / "summary.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return ""
+    if isinstance(summary, dict) and summary.get("status") == "failed" and summary.get("error"):
+        return str(summary["error"])[:_MAX_ERR]
+    return ""
 
 
 def _fmt_exc(exc: Optional[BaseException], with_tb: bool = False) -> str:
