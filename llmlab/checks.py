@@ -135,15 +135,12 @@ def check_peft(cfg) -> None:
             raise ConfigError(f"peft=qlora with precision={precision} needs "
                               f"peft.quantization.compute_dtype=bfloat16 (got float16)")
         storage = q.get("quant_storage")
-        if precision.endswith("-true") and storage not in (None, "uint8", "int8") and \
-                storage != {"bf16-true": "bfloat16", "16-true": "float16"}.get(precision):
+        true_dtype = {"bf16-true": "bfloat16", "16-true": "float16", "32-true": "float32"}.get(precision)
+        if precision.endswith("-true") and storage not in (None, "uint8", "int8") and storage != true_dtype:
             raise ConfigError(f"precision={precision} casts float tensors, including 4-bit weights packed "
                               f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
-                              f"or {'bfloat16' if precision.startswith('bf16') else 'float16'}")
-        if int(cfg.strategy.get("stage") or 0) == 3 and storage in (None, "uint8", "int8"):
-            raise ConfigError(f"peft=qlora with strategy={cfg.strategy.name} (ZeRO-3) needs the 4-bit weights "
-                              f"packed in a float dtype to partition them: set "
-                              f"peft.quantization.quant_storage=bfloat16")
+                              f"or {true_dtype}")
+        # qlora x strategy (ZeRO-3 needs float storage: set automatically) lives in check_strategy
     if method in peft_lib.PROMPT_LEARNING:
         if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
             raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
@@ -267,12 +264,21 @@ def check_preference(cfg) -> None:
                              "stage.module.reference_model")
 
 
+def check_strategy(cfg) -> None:
+    """strategy x trainer x precision x PEFT (llmlab/strategies.py: fsdp on CPU, cpu_bf16's precision
+    and devices, QLoRA's 4-bit storage under DeepSpeed, ...); StrategyConfigError is a ConfigError."""
+    from llmlab.strategies import check_run
+
+    check_run(cfg)
+
+
 def check_config(cfg) -> None:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
     check_launcher(cfg)
     check_precision(cfg)
     check_devices(cfg)
+    check_strategy(cfg)
     check_model(cfg)
     check_peft(cfg)
     check_template(cfg)

@@ -41,6 +41,7 @@ __all__ = [
     "StrategyConfigError",
     "auto",
     "check_checkpoint_for_strategy",
+    "checkpoint_mtime",
     "check_fsdp",
     "check_run",
     "check_strategy",
@@ -536,6 +537,17 @@ def is_checkpoint(path: Any) -> bool:
     from pathlib import Path
 
     return Path(path).is_file() or is_deepspeed_checkpoint(path)
+
+
+def checkpoint_mtime(path: Any) -> float:
+    """When a checkpoint was last written: a file's mtime; for a DeepSpeed directory its newest file's
+    (DeepSpeed rewrites files inside an existing directory, which leaves the directory's own mtime)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
+    return path.stat().st_mtime
 
 
 def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:

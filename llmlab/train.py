@@ -32,16 +32,25 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    # a checkpoint is a file, or a directory under DeepSpeed (each rank's shards); the strategy must
+    # be able to read the kind found (llmlab.strategies.check_checkpoint_for_strategy says the fix)
+    from llmlab.strategies import check_checkpoint_for_strategy, checkpoint_mtime, is_checkpoint
+
     if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+        if not is_checkpoint(cfg.ckpt_path):
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (or DeepSpeed checkpoint directory)")
+        check_checkpoint_for_strategy(cfg.ckpt_path, cfg.strategy)
         return str(cfg.ckpt_path)
     if cfg.resume == "auto":
         # last.ckpt, or the checkpoint Lightning wrote on a Slurm pre-emption signal (hpc_ckpt_N.ckpt
         # in the run dir), whichever is newer
         run_dir = run_dir_of(cfg)
-        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if is_checkpoint(p)]
+        if not found:
+            return None
+        path = max(found, key=checkpoint_mtime)
+        check_checkpoint_for_strategy(path, cfg.strategy)
+        return str(path)
     if cfg.resume not in (None, "none"):
         raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file>")
     return None
