@@ -32,10 +32,20 @@ DEFAULTS = dict(prompt=[], prompts_file=None, template="auto", max_new_tokens=64
                 dtype=None, out=None)
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict]:
-    """MODEL then key=value settings (values parsed as YAML, as Hydra does); `prompt` may repeat."""
+def _parse_value(raw: str):
+    """A YAML value as on Hydra's command line: 16 -> int, false -> bool, ["."] -> list; else the text."""
     from omegaconf import OmegaConf
 
+    if not raw:
+        return raw
+    try:
+        return OmegaConf.to_container(OmegaConf.create(f"v: {raw}"))["v"]
+    except Exception:  # noqa: BLE001 - not YAML (e.g. "Answer: x"): keep it as text
+        return raw
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict]:
+    """MODEL then key=value settings (values parsed as YAML, as Hydra does); `prompt` may repeat."""
     if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
         raise SystemExit(__doc__)
     model, settings = argv[0], dict(DEFAULTS)
@@ -49,7 +59,7 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
         if key in ("prompt", "template"):  # free text: never parsed
             value = raw
         else:
-            value = OmegaConf.to_container(OmegaConf.create({"v": raw}), resolve=True)["v"] if raw else raw
+            value = _parse_value(raw)
         if key == "prompt":
             prompts.append(value)
         else:
@@ -135,7 +145,7 @@ def generate(model, tokenizer, prompts: list[str], settings: dict) -> list[str]:
                       top_p=float(settings["top_p"]))
     stop = [s for s in settings["stop"] if s]
     if stop:
-        kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+        kwargs.update(stop_strings=stop)  # generate_text hands HF the tokenizer it needs for these
     texts = []
     bs = max(1, int(settings["batch_size"]))
     for i in range(0, len(prompts), bs):

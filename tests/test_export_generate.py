@@ -121,13 +121,19 @@ def test_generate_cli_decoding_controls(lora_run, tmp_path):
     beam = _generate(lora_run.dir, "prompt=reverse abc", "num_beams=3", "repetition_penalty=1.3",
                      "max_new_tokens=6", f"out={tmp_path / 'out.jsonl'}")
     assert len(beam) == 1 and (tmp_path / "out.jsonl").read_text().count("\n") == 1
-    # a stop sequence cuts the text before it (template none: raw continuation of the prompt)
-    raw = _generate(lora_run.dir / "hf", "prompt=Question: copy abc", "template=none", "max_new_tokens=12")[0]["generated"]
-    if len(raw) > 2:
-        stop = raw[1]
-        cut = _generate(lora_run.dir / "hf", "prompt=Question: copy abc", "template=none", "max_new_tokens=12",
-                        f"stop=[{json.dumps(stop)}]")[0]["generated"]
-        assert cut == raw[: raw.index(stop)]
+
+
+def test_generate_cli_stop_sequence_cuts_the_text():
+    """On the pretrained tiny base (which continues prose like "the reverse of abc is cba. ..."), a stop
+    sequence ends the text before it; without it generation runs on past the sentence."""
+    from llmlab.bases import ensure_base
+
+    base = ensure_base("tiny-pretrained")
+    common = ["prompt=the reverse of abc is", "template=none", "max_new_tokens=16"]
+    raw = _generate(base, *common)[0]["generated"]
+    assert "." in raw and not raw.startswith("."), raw
+    cut = _generate(base, *common, 'stop=["."]')[0]["generated"]
+    assert cut == raw[: raw.index(".")]
 
 
 def test_generate_cli_errors_are_clear(lora_run):
@@ -166,3 +172,10 @@ def test_prefix_run_exports_adapter_and_generate_loads_it(tmp_path, base_dir):
     assert (run.dir / "hf_adapter" / "adapter_config.json").is_file() and not (run.dir / "hf").exists()
     out = _generate(run.dir, "prompt=reverse abc", "max_new_tokens=4")
     assert len(out) == 1 and isinstance(out[0]["generated"], str)
+
+
+def test_cut_at_stop():
+    from llmlab.generate import cut_at_stop
+
+    assert cut_at_stop("abc. def\n", [".", "\n"]) == "abc"
+    assert cut_at_stop("abc", ["x", ""]) == "abc"

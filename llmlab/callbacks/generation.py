@@ -18,6 +18,8 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, **g
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     finally:
         tokenizer.padding_side = side
+    if generate_kwargs.get("stop_strings"):
+        generate_kwargs["tokenizer"] = tokenizer  # HF matches stop strings on decoded tokens
     was_training = model.training
     model.eval()
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
