@@ -35,8 +35,9 @@ class SampleGeneration(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         # when training ends, not at fit end: the strategy has not torn down (a DeepSpeed engine intact)
-        if not self.prompts or not callable(getattr(pl_module.model, "generate", None)):
-            return  # nothing to ask, or a model that does not generate (stage=rm's classifier)
+        base = pl_module.model.get_base_model() if hasattr(pl_module.model, "get_base_model") else pl_module.model
+        if not self.prompts or not callable(getattr(base, "generate", None)):
+            return  # nothing to ask, or a model that does not generate (stage=rm's classifier, with PEFT too)
         from llmlab.strategies import generation_context, is_zero3
 
         model = pl_module.model

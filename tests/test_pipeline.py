@@ -1,0 +1,130 @@
+"""`python -m llmlab.pipeline`: chains compose, run end to end at reduced steps, skip finished stages
+when started again, stop at a failed stage with a clear message, and write a comparison summary."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from llmlab.pipeline import substitute
+from tests.conftest import CONF, FAST, ROOT
+
+# every stage at test size (model.config.* only matters for the stage built from scratch)
+REDUCED = [*FAST, "stage.module.mini_batch_size=8", "stage.module.ppo_epochs=1", "data.batch_size=8"]
+
+
+def hydra_list(items) -> str:
+    return "[" + ",".join(f"'{i}'" for i in items) + "]"
+
+
+REDUCED_OVERRIDES = "overrides=" + hydra_list(REDUCED[:-3])  # the ppo-only keys go to stage_overrides
+PPO_ONLY = "+stage_overrides.ppo=" + hydra_list(REDUCED[-3:])
+
+
+def pipeline(out_dir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "llmlab.pipeline", f"out_dir={out_dir}", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def pipeline_names():
+    return sorted(p.stem for p in (CONF / "pipeline").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", pipeline_names())
+def test_pipeline_config_composes_and_refers_backwards(name):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("pipeline", overrides=[f"pipeline={name}"])
+    names = [s.name for s in cfg.pipeline.stages]
+    assert len(set(names)) == len(names)
+    for i, stage in enumerate(cfg.pipeline.stages):
+        refs = {r for o in stage.overrides for r in re.findall(r"\{(\w+)\}", str(o))}
+        assert refs <= set(names[:i]), (stage.name, refs)
+        # each stage's overrides compose as a run (paths stand in for the earlier stages' outputs)
+        overrides = [substitute(str(o), {n: f"/tmp/{n}/hf" for n in names}) for o in stage.overrides]
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            run_cfg = compose("train", overrides=overrides)
+        assert run_cfg.stage.name in ("pretrain", "sft", "rm", "dpo", "ppo")
+
+
+def test_substitute_leaves_other_braces():
+    assert substitute("model.pretrained={sft}", {"sft": "/x/hf"}) == "model.pretrained=/x/hf"
+    assert substitute("data.prompt_template='Q: {prompt}'", {"sft": "/x"}) == "data.prompt_template='Q: {prompt}'"
+
+
+@pytest.fixture(scope="module")
+def rlhf_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "rlhf"
+    args = ("pipeline=rlhf", REDUCED_OVERRIDES, PPO_ONLY)
+    first = pipeline(out, *args)
+    return out, args, first
+
+
+def test_rlhf_pipeline_runs_end_to_end(rlhf_run):
+    out, _, proc = rlhf_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft", "rm", "ppo"]
+    for i, name in enumerate(["pretrain", "sft", "rm", "ppo"], 1):
+        run_dir = out / f"{i}_{name}"
+        stage_summary = json.loads((run_dir / "summary.json").read_text())
+        assert stage_summary["status"] == "finished" and stage_summary["stage"] == name
+        assert (run_dir / "hf" / "config.json").is_file()
+    # each stage consumed the previous stage's export
+    sft_cfg = (out / "2_sft" / "config_resolved.yaml").read_text()
+    assert f"pretrained: {out / '1_pretrain' / 'hf'}" in sft_cfg
+    ppo_cfg = (out / "4_ppo" / "config_resolved.yaml").read_text()
+    assert f"reward_model: {out / '3_rm' / 'hf'}" in ppo_cfg and f"pretrained: {out / '2_sft' / 'hf'}" in ppo_cfg
+    metrics = {s["name"]: s.get("metrics", {}) for s in summary["stages"]}
+    assert "val_accuracy" in metrics["rm"] and "reward_mean" in metrics["ppo"]
+    assert "sft" in summary["held_out_exact_match"]
+    assert "| rm |" in (out / "pipeline_summary.md").read_text()
+
+
+def test_restarting_skips_finished_stages(rlhf_run):
+    out, args, first = rlhf_run
+    assert first.returncode == 0
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/summary.json")}
+    again = pipeline(out, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("finished earlier, skipped") == 4
+    assert {p: p.stat().st_mtime for p in out.glob("*/summary.json")} == stamps  # nothing re-ran
+    stages = json.loads((out / "pipeline_summary.json").read_text())["stages"]
+    assert all(s["status"].startswith("skipped") for s in stages)
+
+
+def test_given_base_and_failed_stage_stops_the_chain(rlhf_run, tmp_path):
+    """`base=` replaces pretraining; a failing stage names itself and stops; later stages do not run;
+    the fixed command then resumes after the finished stages."""
+    src, _, first = rlhf_run
+    assert first.returncode == 0
+    out = tmp_path / "rlhf_fail"
+    bad = pipeline(out, "pipeline=rlhf", f"base={src / '1_pretrain'}", REDUCED_OVERRIDES, PPO_ONLY,
+                   "+stage_overrides.rm=['data.block_size=100000']")
+    assert bad.returncode == 1
+    assert "stage 3/4 'rm' failed" in bad.stderr and "data.block_size" in bad.stderr
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]][:1] == ["given"]
+    assert summary["stages"][2]["status"] == "failed" and summary["stages"][3]["status"] == "not run"
+    assert not (out / "4_ppo").exists()
+    fixed = pipeline(out, "pipeline=rlhf", f"base={src / '1_pretrain'}", REDUCED_OVERRIDES, PPO_ONLY)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "sft: finished earlier, skipped" in fixed.stderr
+    assert (out / "4_ppo" / "hf" / "config.json").is_file()
+
+
+def test_dpo_pipeline_from_a_given_sft(rlhf_run, tmp_path):
+    src, _, first = rlhf_run
+    assert first.returncode == 0
+    out = tmp_path / "dpo"
+    proc = pipeline(out, "pipeline=dpo", f"base={src / '2_sft'}", REDUCED_OVERRIDES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    dpo = summary["stages"][1]
+    assert dpo["status"] == "finished" and "val_reward_accuracy" in dpo["metrics"]
+    assert set(summary["held_out_exact_match"]) == {"before dpo", "dpo"}
