@@ -124,7 +124,9 @@ def train(cfg: DictConfig) -> float | None:
     for cb in callbacks:  # generated samples go into the summary too
         if getattr(cb, "samples", None):
             result["samples"] = cb.samples
+    if getattr(module, "predictions", None):  # sft: a few (prompt, generated, answer) of the last validation
+        result["val_predictions"] = module.predictions
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("summary: %s", {k: v for k, v in result.items() if k != "samples"})
+    log.info("summary: %s", {k: v for k, v in result.items() if k not in ("samples", "val_predictions")})
     metric = result.get(cfg.optimized_metric) if cfg.optimized_metric else None
     return float(metric) if isinstance(metric, (int, float)) and math.isfinite(metric) else None

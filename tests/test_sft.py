@@ -93,7 +93,10 @@ def test_sft_composes_on_the_pretrained_tiny_base_by_default():
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["stage=sft"])
-        assert cfg.model.name == "tiny-base" and cfg.model.pretrained == "${llmlab_base:tiny-pretrained}"
+        from omegaconf import OmegaConf
+
+        model = OmegaConf.to_container(cfg.model, resolve=False)
+        assert model["name"] == "tiny-base" and model["pretrained"] == "${llmlab_base:tiny-pretrained}"
         assert compose("train", overrides=["stage=sft", "model=tiny"]).model.name == "tiny"  # CLI wins
         assert compose("train", overrides=["experiment=sft_lima_opt1.3b_cpu_bf16"]).model.name == "opt1.3b"
 
