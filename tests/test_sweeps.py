@@ -213,3 +213,23 @@ def test_search_with_locally_spawned_ddp_jobs_is_refused_with_the_reason(tmp_pat
     assert "trainer.devices=2 in a search sweep" in r.stderr and "launcher=slurm" in r.stderr, r.stderr[-2000:]
     assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "failed"
     assert _results(sweep)["trials"][0]["job_dir"] == str(sweep / "0")
+
+
+def test_slurm_launcher_resources_per_job():
+    """How a job's config becomes sbatch options (no cluster needed): tasks = devices, GPUs on GPU
+    runs only, Lightning's warning signal, requeue allowed, and a clear error for devices=auto."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.llmlab_slurm.launcher import SlurmLauncherError, resolve_job_params
+
+    base = {"tasks_per_node": 4, "nodes": 2, "timeout_min": 240, "cpus_per_task": 8, "accelerator": "gpu",
+            "gpus_per_node": "auto", "signal_delay_s": 300, "signal": "USR1", "additional_parameters": {}}
+    p = resolve_job_params(OmegaConf.create(base))
+    assert (p["tasks_per_node"], p["nodes"], p["gpus_per_node"]) == (4, 2, 4)
+    assert p["additional_parameters"] == {"signal": "USR1@300", "requeue": True}
+    assert "accelerator" not in p and "signal" not in p
+    assert resolve_job_params(OmegaConf.create({**base, "accelerator": "cpu"}))["gpus_per_node"] is None
+    mine = resolve_job_params(OmegaConf.create({**base, "additional_parameters": {"signal": "B:USR2@60"}}))
+    assert mine["additional_parameters"]["signal"] == "B:USR2@60"
+    with pytest.raises(SlurmLauncherError, match=r"tasks_per_node must be a whole number .* \(from trainer.devices\)"):
+        resolve_job_params(OmegaConf.create({**base, "tasks_per_node": "auto"}))

@@ -86,6 +86,7 @@ def resolve_job_params(launcher_cfg: DictConfig) -> Dict[str, Any]:
     signal = str(params.pop("signal", "USR1") or "USR1").upper().removeprefix("SIG")
     extra = dict(params.get("additional_parameters") or {})
     extra.setdefault("signal", f"{signal}@{int(params.get('signal_delay_s', 120))}")
+    extra.setdefault("requeue", True)  # clusters with JobRequeue=0 refuse `scontrol requeue` otherwise
     params["additional_parameters"] = extra
     return params
 
