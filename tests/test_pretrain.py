@@ -68,7 +68,7 @@ def test_parameters_changed_and_hf_export_round_trip(default_run, tmp_path):
 
 def test_resume_continues_step_count_and_loss(cli, tmp_path):
     """Stopped at step 4 and resumed to 8 == an uninterrupted 8-step run (fp32, same seed)."""
-    common = [*FAST, "trainer.val_check_interval=4", "trainer.limit_val_batches=1"]
+    common = [*FAST, "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
     full = cli(*common, "trainer.max_steps=8", run_dir=tmp_path / "full")
     assert_ok(full)
     part_dir = tmp_path / "part"
@@ -81,6 +81,12 @@ def test_resume_continues_step_count_and_loss(cli, tmp_path):
     full_hist = json.loads((tmp_path / "full" / "history.json").read_text())["train/loss"]
     res_hist = json.loads((part_dir / "history.json").read_text())["train/loss"]
     # the resumed run's steps 5..8 reproduce the uninterrupted run's steps 5..8
+    # metrics.csv keeps the first part's rows too (Lightning's CSVLogger would delete them)
+    import csv
+
+    rows = list(csv.DictReader((part_dir / "metrics.csv").open()))
+    logged_steps = {int(r["step"]) for r in rows if r.get("train/loss")}
+    assert min(logged_steps) < 4 < max(logged_steps), sorted(logged_steps)
     full_tail = {step: v for step, v in full_hist if step > 4}
     res_tail = {step: v for step, v in res_hist if step > 4}
     assert sorted(res_tail) == sorted(full_tail)
