@@ -240,24 +240,33 @@ def test_sft_validation_generation_under_zero3_equals_ddp(runs_root):
         z, d = zero3.losses(key), ddp.losses(key)
         assert [s for s, _ in z] == [s for s, _ in d] == [0, 2], (z, d)
         assert_close([v for _, v in z], [v for _, v in d], rel=1e-4)
-    assert zero3.summary["val_exact_match_first"] > 0  # the SFT'd base answers some held-out prompts
+    # the generated answers themselves (a few are kept in summary.json): same text, not blank
+    z_pred, d_pred = zero3.summary.get("val_predictions"), ddp.summary.get("val_predictions")
+    if z_pred is not None:
+        assert z_pred == d_pred and any(p["generated"].strip() for p in z_pred), (z_pred, d_pred)
     assert_close(losses(zero3), losses(ddp))
 
 
-def test_ppo_step_under_zero3(runs_root):
-    """stage=ppo under ZeRO-3 on 2 processes: rollouts (sampled, ranks generating different lengths)
-    and PPO updates finish without hanging, with rewards logged."""
+def test_ppo_steps_under_zero3_equal_ddp(runs_root):
+    """stage=ppo under ZeRO-3 on 2 processes: sampled rollouts (ranks stopping at different lengths,
+    generated on gathered weights), PPO updates (DeepSpeed clips with the stage's max_grad_norm) and
+    validation finish without hanging, and give DDP's numbers (same seeds)."""
     from tests.support_matrix import available_stages
 
     if "ppo" not in available_stages():
         pytest.skip("stage=ppo not available yet")
-    result = run(runs_root, "ppo_zero3", "stage=ppo", "strategy=zero3", "trainer.devices=2", *QUIET,
-                 "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                 "data.n_train=64", "data.n_val=8", "data.batch_size=4", "data.val_batch_size=4",
-                 "stage.module.mini_batch_size=4", "stage.module.ppo_epochs=2", "callbacks.samples.prompts=[]", *NO_CKPT)
-    summary = result.summary
-    assert summary["global_step"] == 2 and summary["world_size"] == 2
-    assert any(k.startswith("train_reward") or k.startswith("reward_mean") for k in summary), sorted(summary)
+    common = ["stage=ppo", "trainer.devices=2", *QUIET, "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "trainer.limit_val_batches=1", "data.n_train=64", "data.n_val=8", "data.batch_size=4",
+              "data.val_batch_size=4", "stage.module.mini_batch_size=4", "stage.module.ppo_epochs=2", *NO_EXTRAS,
+              *NO_CKPT]
+    zero3 = run(runs_root, "ppo_zero3", *common, "strategy=zero3")
+    ddp = run(runs_root, "ppo_ddp", *common, "strategy=ddp")
+    assert zero3.summary["global_step"] == 4 and zero3.summary["world_size"] == 2
+    for key in ("train/reward_mean", "train/policy_loss", "train/value_loss", "train/kl", "val/reward_mean"):
+        z, d = zero3.losses(key), ddp.losses(key)
+        assert len(z) == len(d) >= 2 and [s for s, _ in z] == [s for s, _ in d], (key, z, d)
+        for (_, a), (_, b) in zip(z, d):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (key, z, d)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from llmlab.stages.alignment import FrozenReference, hf_dir, load_reference, sum
 from llmlab.stages.common import configure_optimizers
 from llmlab.stages.reward import sequence_scores
 from llmlab.stages.sft import greedy_answers
+from llmlab.strategies import generation_context
 
 log = logging.getLogger("llmlab")
 
@@ -241,12 +242,15 @@ class PPOModule(L.LightningModule):
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
-        generated = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=int(budgets.max()), use_cache=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            # stop_at_eos=false: an id that never occurs, so only the budget ends a response (TRL's recipe)
-            eos_token_id=eos if self.stop_at_eos else len(self.tokenizer) + 1,
-            **self.generation)  # (B, P + R)
+        # ZeRO-3: ranks stop sampling at different lengths; generate on gathered weights without
+        # DeepSpeed's per-layer collectives (else a rank that finished early leaves the others hanging)
+        with generation_context(self.model, self.trainer.strategy if self._trainer else None) as extra:
+            generated = self.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=int(budgets.max()), use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                # stop_at_eos=false: an id that never occurs, so only the budget ends a response (TRL's recipe)
+                eos_token_id=eos if self.stop_at_eos else len(self.tokenizer) + 1,
+                **self.generation, **extra)  # (B, P + R)
         t_generate = time.perf_counter() - t0
         responses = generated[:, P:]  # (B, R)
         mask = response_mask(responses, budgets, eos if self.stop_at_eos else None)  # (B, R)
@@ -311,18 +315,28 @@ class PPOModule(L.LightningModule):
                                    ("value_clip_frac", vf_clip_frac), ("approx_kl", approx_kl)):
                     stats[key].append(float(value.detach()))
                 epoch_kl.append(float(approx_kl))
-            if self.early_stopping and self.target_kl and sum(epoch_kl) / len(epoch_kl) > 1.5 * self.target_kl:
+            if (self.early_stopping and self.target_kl
+                    and self.mean_over_ranks(sum(epoch_kl) / len(epoch_kl)) > 1.5 * self.target_kl):
                 break  # TRL's early stopping: the policy moved too far from the rollout policy
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+    def mean_over_ranks(self, value: float) -> float:
+        """The mean of a per-process scalar over all processes (DDP / DeepSpeed), so decisions taken from
+        it (KL coefficient, early stopping) are the same on every rank. Collective; identity on one."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return value
+        tensor = torch.tensor(float(value), device=self.device, dtype=torch.float32)
+        return float(self.trainer.strategy.reduce(tensor, reduce_op="mean"))
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         t0 = time.perf_counter()
         ro = self.rollout(batch)
         stats = self.ppo_update(ro)
-        kl_mean = float(ro["kl"].mean())
+        # several processes: every rank adapts the KL coefficient from the same (all-rank) mean
+        kl_mean = self.mean_over_ranks(float(ro["kl"].mean()))
         self.kl_ctl.update(kl_mean, ro["input_ids"].shape[0])
-        reward_mean = float(ro["score"].mean())
+        reward_mean = self.mean_over_ranks(float(ro["score"].mean()))
         self.history.append({"reward": reward_mean, "kl": kl_mean})
         total = time.perf_counter() - t0
         metrics = {
