@@ -256,11 +256,8 @@ def check_preference(cfg) -> None:
                               "trainer.accumulate_grad_batches=1 (use stage.module.mini_batch_size)")
         if int(module.get("mini_batch_size") or 1) < 1 or int(module.get("ppo_epochs") or 1) < 1:
             raise ConfigError("stage.module.mini_batch_size and stage.module.ppo_epochs must be >= 1")
-        devices = cfg.trainer.get("devices", 1)
-        if (isinstance(devices, int) and devices > 1) or int(cfg.trainer.get("num_nodes") or 1) > 1:
-            raise ConfigError(f"stage=ppo runs on one device (trainer.devices={devices}, trainer.num_nodes="
-                              f"{cfg.trainer.get('num_nodes')}): its rollout + mini-batch updates are not "
-                              f"synchronised across processes yet; set trainer.devices=1 trainer.num_nodes=1")
+        # several processes are fine: the KL coefficient and early stopping use all-rank means
+        # (PPOModule.mean_over_ranks); rollouts under ZeRO-3 generate on gathered weights
     if stage.name in ("dpo", "ppo") and module.get("reference_model"):
         from llmlab.models import build_tokenizer
         from llmlab.stages.alignment import check_same_tokenizer, hf_dir
