@@ -11,8 +11,10 @@ subprocess, so its peak RSS (getrusage ru_maxrss, CPU memory) is its own:
   bitsandbytes quantizes as it loads, so the random bf16 weights are first saved to disk in
   100 MB shards (a one-time cache; loading maps one shard at a time).
 One step = forward + backward + optimizer step on a batch of `--batch` x `--seq` random tokens.
-Reported: peak RSS of the process, RSS after the model is built (before the step), and llmlab's
-dry-run estimate for the same setting (llmlab/memory.py) for comparison.
+Reported: the step's peak RSS (after the model is built, freed heap is returned to the OS with
+malloc_trim and the kernel's peak counter VmHWM is reset, so loading transients do not count), the
+RSS before the step (anonymous and file-mapped parts), the peak while loading, and llmlab's dry-run
+estimate for the same setting (llmlab/memory.py) for comparison.
 """
 from __future__ import annotations
 
@@ -29,12 +31,28 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LLMLAB_BENCH_CACHE", ROOT / "bench" / "out" / "opt1.3b-random-bf16"))
 
 
-def rss_mb() -> float:
+def status_mb(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MB (VmRSS, VmHWM, RssAnon, RssFile)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def release_and_reset_peak() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise) and restart the peak-RSS counter
+    (VmHWM; `echo 5 > /proc/self/clear_refs`, Linux >= 4.0), so the next peak is the step's own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_mb() -> float:
@@ -96,7 +114,9 @@ def worker(method: str, batch: int, seq: int) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-    rss_built = rss_mb()
+    load_peak = peak_mb()
+    release_and_reset_peak()
+    rss_built, anon_built, file_built = status_mb("VmRSS"), status_mb("RssAnon"), status_mb("RssFile")
     ids = torch.randint(3, 50000, (batch, seq), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -104,10 +124,13 @@ def worker(method: str, batch: int, seq: int) -> dict:
     loss.backward()
     opt.step()
     step_s = time.perf_counter() - t0
+    step_peak = status_mb("VmHWM")
     est = estimate(model, precision="bf16-true" if method != "qlora" else "bf16-mixed", batch_size=batch,
                    seq_len=seq, optimizer_target="torch.optim.AdamW",
                    gradient_checkpointing=method == "qlora")
-    return {"method": method, "peak_rss_mb": round(peak_mb(), 1), "rss_after_build_mb": round(rss_built, 1),
+    return {"method": method, "step_peak_rss_mb": round(step_peak, 1), "rss_before_step_mb": round(rss_built, 1),
+            "anon_before_step_mb": round(anon_built, 1), "file_before_step_mb": round(file_built, 1),
+            "load_peak_rss_mb": round(load_peak, 1),
             "trainable_params": sum(p.numel() for p in params), "loss": round(loss.item(), 4),
             "build_s": round(build_s, 1), "step_s": round(step_s, 2), "estimate_total_gib": est["total_gib"]}
 
@@ -138,9 +161,9 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
     by = {r["method"]: r for r in results}
     if "lora" in by and "qlora" in by:
-        print(f"qlora/lora peak RSS: {by['qlora']['peak_rss_mb'] / by['lora']['peak_rss_mb']:.2f}")
+        print(f"qlora/lora step peak RSS: {by['qlora']['step_peak_rss_mb'] / by['lora']['step_peak_rss_mb']:.2f}")
     if "full" in by and "lora" in by:
-        print(f"lora/full peak RSS: {by['lora']['peak_rss_mb'] / by['full']['peak_rss_mb']:.2f}")
+        print(f"lora/full step peak RSS: {by['lora']['step_peak_rss_mb'] / by['full']['step_peak_rss_mb']:.2f}")
     return 0
 
 

@@ -88,7 +88,12 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
     weights = grads = 0.0
     trainable = 0
     for p in model.parameters():
-        weights += _four_bit_bytes(p.numel()) if id(p) in as_four_bit else _weight_bytes(p, cast_bytes)
+        if id(p) in as_four_bit:
+            weights += _four_bit_bytes(p.numel())
+        elif four_bit and not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
+            weights += p.numel() * 2  # frozen embeddings in the bf16 compute dtype (peft.upcast=norms)
+        else:
+            weights += _weight_bytes(p, cast_bytes)
         if p.requires_grad:
             size = cast_bytes or p.element_size()
             grads += p.numel() * size
