@@ -144,8 +144,13 @@ def _load_run(run_dir: Path, ckpt: Path | None):
     tokenizer = build_tokenizer(cfg.model)
     module = build_stage(cfg, tokenizer)
     ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    if ckpt.is_file() or ckpt.is_dir():
+        if ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+        else:
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         missing = trainable - set(state)
         if missing:

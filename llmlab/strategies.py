@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
@@ -38,6 +39,7 @@ from llmlab.errors import ConfigError
 
 __all__ = [
     "CPUDeepSpeedStrategy",
+    "SeedPerRank",
     "StrategyConfigError",
     "auto",
     "check_checkpoint_for_strategy",
@@ -528,6 +530,28 @@ def check_run(cfg: Any) -> None:
             f"to {wanted}, which would corrupt 4-bit weights packed in peft.quantization.quant_storage="
             f"{storage}; set peft.quantization.quant_storage={wanted} (or null)."
         )
+
+
+class SeedPerRank(L.Callback):
+    """Several processes: reseed each rank's torch / numpy / random generators with `seed + global rank`
+    when training starts, so dropout masks and sampling (PPO rollouts) differ between ranks instead of
+    repeating the same random stream on different data. The model was built before this, with the same
+    seed on every rank (ZeRO-3 partitions each rank's own copy, so the copies must be identical); the
+    data order comes from the sampler's own seeded generator. One process: nothing changes."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.world_size > 1:
+            import random
+
+            import numpy as np
+
+            rank_seed = self.seed + trainer.global_rank
+            random.seed(rank_seed)
+            np.random.seed(rank_seed % 2**32)
+            torch.manual_seed(rank_seed)
 
 
 # --------------------------------------------------------------------------------------------------

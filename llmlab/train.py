@@ -72,6 +72,7 @@ def train(cfg: DictConfig) -> float | None:
     from llmlab.data.datamodule import LLMDataModule
     from llmlab.models import build_tokenizer, count_params
     from llmlab.builder import build_stage, stage_class
+    from llmlab.strategies import SeedPerRank
 
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     run_dir = run_dir_of(cfg)
@@ -105,7 +106,8 @@ def train(cfg: DictConfig) -> float | None:
         return checks.dry_run_report(cfg, module, info, run_dir)
 
     summary = RunSummary(run_dir, info)
-    callbacks = [summary, *_instantiate_dict(cfg.callbacks)]
+    # SeedPerRank: several processes draw different dropout masks / samples (same model init everywhere)
+    callbacks = [summary, SeedPerRank(cfg.seed), *_instantiate_dict(cfg.callbacks)]
     if cfg.stop_at_step:
         from llmlab.callbacks.stop import StopAtStep
 

@@ -107,6 +107,17 @@ REFUSED_CELLS = (
 )
 
 
+def ci_subset(cells: list[Cell] | None = None) -> list[Cell]:
+    """What CI reruns: QLoRA x ZeRO-3 for every stage (the headline combination), none/LoRA x ZeRO-3 for
+    rm and dpo (a classifier head; a reference model that is a frozen copy or the adapter disabled),
+    and every refusal. The other ZeRO-3 paths (pretrain, sft, ppo against DDP) are in
+    tests/test_distributed_llmlab.py."""
+    cells = all_cells() if cells is None else cells
+    return [c for c in cells if c in REFUSED_CELLS or (
+        c.strategy == "zero3" and not c.precision and not c.extra
+        and (c.peft == "qlora" or c.stage in ("rm", "dpo")))]
+
+
 def available_stages() -> list[str]:
     present = {p.stem for p in (ROOT / "conf" / "stage").glob("*.yaml")}
     return [s for s in STAGE_ORDER if s in present] + sorted(present - set(STAGE_ORDER))
@@ -244,12 +255,19 @@ def judge(cell: Cell, result: Result) -> Outcome:
         problems = _export_problems(cell, result.run_dir)
         if problems:
             return Outcome(cell, "FAIL", problems, result.seconds)
-        first, last = summary.get("train_loss_first"), summary.get("train_loss_last")
-        detail = f"loss {first:.3f} -> {last:.3f}" if isinstance(first, float) and isinstance(last, float) else "ran"
-        return Outcome(cell, "pass", detail, result.seconds)
+        return Outcome(cell, "pass", _progress(summary), result.seconds)
     if result.refusal:
         return Outcome(cell, "refused", result.refusal, result.seconds)
     return Outcome(cell, "FAIL", result.error_line(), result.seconds)
+
+
+def _progress(summary: dict) -> str:
+    """What the 2 steps did, in the stage's own terms (ppo has rewards, not a loss)."""
+    for key, label in (("train_loss", "loss"), ("train_reward_mean", "reward")):
+        first, last = summary.get(f"{key}_first"), summary.get(f"{key}_last")
+        if isinstance(first, float) and isinstance(last, float):
+            return f"{label} {first:.3f} -> {last:.3f}"
+    return "ran"
 
 
 def _export_problems(cell: Cell, run_dir: Path) -> str:
@@ -331,9 +349,11 @@ def render(outcomes: list[Outcome], command: str, seconds: float) -> str:
         f"- command: `{command}` ({seconds / 60:.1f} min wall, 2 runs at a time)",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; {_versions()}",
         f"- result: {counts['pass']} pass, {counts['refused']} refused up front, {counts['FAIL']} failed",
-        "- CI (`tests/test_support_matrix.py`) reruns a representative subset (each stage under ZeRO-3 with "
-        "each PEFT method, plus one DDP and one auto cell per stage and the refusals) and checks that this "
-        "file lists the same outcome for each; the full matrix is regenerated with the command above.",
+        "- CI (`tests/test_support_matrix.py`) reruns a representative subset (`ci_subset()`: every stage "
+        "with QLoRA under ZeRO-3, the preference stages with none/LoRA under ZeRO-3, and every refusal; "
+        "`tests/test_distributed_llmlab.py` covers pretrain/sft/ppo under ZeRO-3 against DDP) and checks "
+        "that this file lists the same outcome for each; the full matrix is regenerated with the command "
+        "above (`LLMLAB_FULL_MATRIX=1` makes the test rerun all of it).",
         "",
         "Defaults: precision 32 (fp32), each stage's default model (pretrain: the tiny GPT-2 from scratch; "
         "sft: the cached pretrained tiny base; rm/dpo/ppo: the cached SFT'd one). QLoRA needs pretrained "

@@ -161,7 +161,7 @@ def test_zero3_samples_equal_ddp(runs_root):
     assert len(zero3.summary["samples"]) == 2
 
 
-def test_lora_adapter_under_zero3_is_the_trained_adapter(runs_root):
+def test_lora_adapter_under_zero3_is_the_trained_adapter(runs_root, tiny_pretrained_dir):
     """peft=lora strategy=zero3: hf_adapter/ equals the adapter gathered from the ranks' ZeRO-3 shards
     (the DeepSpeed checkpoint of the same step), differs from its initialisation (lora_B starts at 0),
     and hf/ is the complete merged model: it loads, and its logits equal base + saved adapter."""
@@ -171,6 +171,7 @@ def test_lora_adapter_under_zero3_is_the_trained_adapter(runs_root):
     from transformers import AutoModelForCausalLM
 
     result = run(runs_root, "lora_zero3", *PRETRAIN, *TWO, "strategy=zero3", "peft=lora", "peft.dropout=0.0",
+                 "model.init=pretrained", f"model.pretrained={tiny_pretrained_dir}",
                  "callbacks.samples.prompts=[]", "trainer.max_steps=4", "trainer.val_check_interval=4")
     ckpt = result.run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir(), "DeepSpeed checkpoints are directories"
@@ -199,6 +200,19 @@ def test_lora_adapter_under_zero3_is_the_trained_adapter(runs_root):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, module.model(input_ids=ids).logits, atol=1e-5)
+
+    # `python -m llmlab.export RUN_DIR` reads the DeepSpeed checkpoint directory (the adapter; the frozen
+    # base comes from model.pretrained): the same merged model as hf/
+    import subprocess
+    import sys
+
+    out = result.run_dir / "export"
+    proc = subprocess.run([sys.executable, "-m", "llmlab.export", str(result.run_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(out / "merged")
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, merged(ids).logits, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -435,6 +435,132 @@ def test_hf_deepspeed_context_activates_and_restores():
     assert not is_deepspeed_zero3_enabled()
 
 
+def _run_cfg(*overrides: str):
+    """The composed run config (llmlab's conf/, real groups), resolvers not needed for these checks."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=["model=tiny", *overrides])
+
+
+def test_check_config_runs_the_strategy_rules():
+    """llmlab.checks.check_config refuses strategy combinations with a ConfigError (exit 2 in the CLI)."""
+    from llmlab import checks
+    from llmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy=fsdp needs CUDA"):
+        checks.check_config(_run_cfg("strategy=fsdp", "trainer.devices=2"))
+    with pytest.raises(ConfigError, match="precision=bf16-mixed"):
+        checks.check_config(_run_cfg("strategy=cpu_bf16", "precision='32'"))
+    with pytest.raises(ConfigError, match="trainer.devices=1"):
+        checks.check_config(_run_cfg("strategy=cpu_bf16", "trainer.devices=2"))
+    checks.check_config(_run_cfg("strategy=ddp", "trainer.devices=1"))  # one DDP process is fine
+    checks.check_config(_run_cfg("strategy=zero3", "trainer.devices=2"))
+
+
+def test_qlora_storage_follows_the_strategy_and_precision():
+    """Under ZeRO-3 an unset quant_storage becomes the dtype DeepSpeed keeps parameters in; elsewhere it
+    stays bitsandbytes' uint8; the config node is not changed in place."""
+    from llmlab.strategies import parameter_dtype, peft_for_strategy, quant_storage_for
+
+    cfg = _run_cfg("peft=qlora")
+    assert cfg.peft.quantization.quant_storage is None
+    zero3, zero2, ddp = _strategy_node("zero3"), _strategy_node("zero2"), _strategy_node("ddp")
+    assert quant_storage_for(cfg.peft, zero3, "32-true") == "float32"
+    assert quant_storage_for(cfg.peft, zero3, "bf16-true") == quant_storage_for(cfg.peft, zero3, "bf16-mixed") == "bfloat16"
+    assert quant_storage_for(cfg.peft, zero2, "bf16-true") is None and quant_storage_for(cfg.peft, ddp) is None
+    adapted = peft_for_strategy(cfg.peft, zero3, "bf16-true")
+    assert adapted.quantization.quant_storage == "bfloat16" and cfg.peft.quantization.quant_storage is None
+    assert peft_for_strategy(cfg.peft, ddp) is cfg.peft
+    assert parameter_dtype("16-mixed") == "float16"
+    lora = _run_cfg("peft=lora").peft
+    assert peft_for_strategy(lora, zero3) is lora
+
+
+def test_qlora_strategy_refusals_name_the_fix(monkeypatch):
+    from llmlab.strategies import StrategyConfigError, check_run
+
+    cfg = _run_cfg("peft=qlora", "strategy=zero3", "precision=bf16-true", "peft.quantization.quant_storage=uint8")
+    with pytest.raises(StrategyConfigError, match="quant_storage=bfloat16"):
+        check_run(cfg)
+    cfg = _run_cfg("peft=qlora", "strategy=zero2", "precision=bf16-true", "peft.quantization.quant_storage=float32")
+    with pytest.raises(StrategyConfigError, match="DeepSpeed casts floating parameters to bfloat16"):
+        check_run(cfg)
+    check_run(_run_cfg("peft=qlora", "strategy=zero3"))  # storage set automatically: accepted
+    # on a GPU machine FSDP itself is allowed, QLoRA x FSDP is not (untested here)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = _run_cfg("peft=qlora", "strategy=fsdp", "trainer.accelerator=gpu", "precision=bf16-true")
+    with pytest.raises(StrategyConfigError, match="peft=qlora with strategy=fsdp.*strategy=zero3"):
+        check_run(cfg)
+    check_run(_run_cfg("peft=lora", "strategy=fsdp", "trainer.accelerator=gpu", "precision=bf16-true"))
+
+
+def test_checkpoint_kinds(tmp_path):
+    """resume=auto / ckpt_path take a DeepSpeed checkpoint directory; a kind the strategy cannot read is
+    refused with the fix, before any weights load."""
+    import time as _time
+
+    from llmlab.strategies import (StrategyConfigError, check_checkpoint_for_strategy, checkpoint_mtime,
+                                   is_checkpoint, is_deepspeed_checkpoint)
+
+    single = tmp_path / "last.ckpt"
+    single.write_bytes(b"x")
+    ds = tmp_path / "ds" / "last.ckpt"
+    (ds / "checkpoint").mkdir(parents=True)
+    (ds / "latest").write_text("checkpoint")
+    (ds / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert is_checkpoint(single) and is_checkpoint(ds) and not is_checkpoint(tmp_path / "missing")
+    assert is_deepspeed_checkpoint(ds) and not is_deepspeed_checkpoint(single)
+    assert not is_deepspeed_checkpoint(tmp_path)  # any directory is not a checkpoint
+    check_checkpoint_for_strategy(ds, _strategy_node("zero3"))
+    check_checkpoint_for_strategy(single, _strategy_node("ddp"))
+    with pytest.raises(StrategyConfigError, match="DeepSpeed checkpoint directory.*convert"):
+        check_checkpoint_for_strategy(ds, _strategy_node("ddp"))
+    with pytest.raises(StrategyConfigError, match="load_full_weights"):
+        check_checkpoint_for_strategy(single, _strategy_node("zero2"))
+    # a DeepSpeed directory's age is its newest file's (files are rewritten inside it)
+    _time.sleep(0.05)
+    (ds / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"y")
+    assert checkpoint_mtime(ds) >= (ds / "checkpoint" / "mp_rank_00_model_states.pt").stat().st_mtime
+
+
+def test_log_train_averages_micro_batches_of_a_step():
+    """stages.common.log_train logs once per optimizer step, the mean over its micro-batches."""
+    import torch
+
+    from llmlab.stages.common import log_train
+
+    logged = []
+
+    class Loop:
+        def __init__(self):
+            self.accumulate = True
+
+        def _should_accumulate(self):
+            return self.accumulate
+
+    class Trainer:
+        fit_loop = Loop()
+
+    class Module:
+        automatic_optimization = True
+        _trainer = Trainer()
+
+        def log(self, name, value, **kw):
+            logged.append((name, float(value), kw.get("sync_dist")))
+
+    m = Module()
+    log_train(m, "train/loss", torch.tensor(1.0))  # micro-batch 1 of 2: nothing yet
+    assert logged == []
+    m._trainer.fit_loop.accumulate = False
+    log_train(m, "train/loss", torch.tensor(3.0))  # micro-batch 2: the step's mean, reduced over ranks
+    assert logged == [("train/loss", 2.0, True)]
+    log_train(m, "train/loss", torch.tensor(5.0))  # the next step starts afresh
+    assert logged[-1] == ("train/loss", 5.0, True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Distributed tier: 2 CPU processes
 # ------------------------------------------------------------------------------------------------
