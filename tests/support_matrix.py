@@ -65,6 +65,8 @@ class Cell:
         parts = [f"stage={self.stage}", f"peft={self.peft}", f"strategy={self.strategy}"]
         if self.precision:
             parts.append(f"precision={self.precision}")
+        if self.devices is not None:
+            parts.append(f"trainer.devices={self.devices}")
         return " ".join(parts + list(self.extra))
 
     @property
@@ -108,14 +110,14 @@ REFUSED_CELLS = (
 
 
 def ci_subset(cells: list[Cell] | None = None) -> list[Cell]:
-    """What CI reruns: QLoRA x ZeRO-3 for every stage (the headline combination), none/LoRA x ZeRO-3 for
-    rm and dpo (a classifier head; a reference model that is a frozen copy or the adapter disabled),
-    and every refusal. The other ZeRO-3 paths (pretrain, sft, ppo against DDP) are in
-    tests/test_distributed_llmlab.py."""
+    """What CI reruns: QLoRA x ZeRO-3 for every stage (the headline combination), LoRA x ZeRO-3 for dpo
+    (the reference is the policy with its adapter disabled, under partitioned weights), and every
+    refusal. Other ZeRO-3 paths are compared against DDP in tests/test_distributed_llmlab.py
+    (pretrain none/lora, sft with validation generation, ppo, qlora)."""
     cells = all_cells() if cells is None else cells
     return [c for c in cells if c in REFUSED_CELLS or (
         c.strategy == "zero3" and not c.precision and not c.extra
-        and (c.peft == "qlora" or c.stage in ("rm", "dpo")))]
+        and (c.peft == "qlora" or (c.stage, c.peft) == ("dpo", "lora")))]
 
 
 def available_stages() -> list[str]:
@@ -331,7 +333,7 @@ def _short(text: str, n: int = 110) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def render(outcomes: list[Outcome], command: str, seconds: float) -> str:
+def render(outcomes: list[Outcome], command: str, seconds: float, updated: str = "") -> str:
     by_key = {o.cell.key: o for o in outcomes}
     stages = [s for s in available_stages() if any(o.cell.stage == s for o in outcomes)]
     counts = {k: sum(o.status == k for o in outcomes) for k in MARK}
@@ -346,11 +348,11 @@ def render(outcomes: list[Outcome], command: str, seconds: float) -> str:
         f"{STEPS} steps with the expected world size and `hf/` holds real (non-empty) weights; refused "
         "means llmlab's checks stopped it before any weights loaded (exit 2) with the reason shown.",
         "",
-        f"- command: `{command}` ({seconds / 60:.1f} min wall, 2 runs at a time)",
+        f"- command: `{command}` ({seconds / 60:.1f} min wall, 2 runs at a time)" + updated,
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; {_versions()}",
         f"- result: {counts['pass']} pass, {counts['refused']} refused up front, {counts['FAIL']} failed",
         "- CI (`tests/test_support_matrix.py`) reruns a representative subset (`ci_subset()`: every stage "
-        "with QLoRA under ZeRO-3, the preference stages with none/LoRA under ZeRO-3, and every refusal; "
+        "with QLoRA under ZeRO-3, DPO with LoRA under ZeRO-3, and every refusal; "
         "`tests/test_distributed_llmlab.py` covers pretrain/sft/ppo under ZeRO-3 against DDP) and checks "
         "that this file lists the same outcome for each; the full matrix is regenerated with the command "
         "above (`LLMLAB_FULL_MATRIX=1` makes the test rerun all of it).",
@@ -418,9 +420,14 @@ def main(argv: list[str] | None = None) -> int:
                          for c in all_cells() if c.key in previous and c.key not in fresh]
             order = {c.key: i for i, c in enumerate(all_cells())}
             outcomes.sort(key=lambda o: order.get(o.cell.key, 1 << 30))
-        command = "python -m tests.support_matrix" + "".join(f" --only {o}" for o in args.only)
+        command, updated = "python -m tests.support_matrix", ""
+        if args.only:  # keep the full run's header; say which cells were rerun since
+            m = re.search(r"- command: `([^`]*)` \(([\d.]+) min wall", args.doc.read_text()) if args.doc.is_file() else None
+            if m:
+                command, seconds = m.group(1), float(m.group(2)) * 60
+            updated = f"; cells rerun since with `--only {' --only '.join(args.only)}`"
         args.doc.parent.mkdir(parents=True, exist_ok=True)
-        args.doc.write_text(render(outcomes, command, seconds))
+        args.doc.write_text(render(outcomes, command, seconds, updated))
         print(f"wrote {args.doc}")
     failed = [o for o in outcomes if o.status == "FAIL"]
     print(f"{len(outcomes) - len(failed)}/{len(outcomes)} cells pass or are refused up front; {seconds / 60:.1f} min")

@@ -3,8 +3,8 @@
 The full matrix (every stage x {none, lora, qlora} x {auto, ddp, zero2, zero3} plus extras and
 refusals) takes ~30 min on a shared 2-core machine, so CI reruns a representative subset
 (`tests.support_matrix.ci_subset`: ZeRO-3, the hardest strategy — partitioned parameters, gathered
-exports, synchronised generation — with QLoRA for every stage and none/LoRA for rm and dpo, plus every
-refusal), two runs at a time, and checks each outcome against the document. `LLMLAB_FULL_MATRIX=1` reruns all cells (and still compares). Regenerate the document with
+exports, synchronised generation — with QLoRA for every stage and LoRA for dpo, plus every refusal),
+two runs at a time, and checks each outcome against the document. `LLMLAB_FULL_MATRIX=1` reruns all cells (and still compares). Regenerate the document with
 `python -m tests.support_matrix` after adding a stage or changing what a combination does.
 """
 from __future__ import annotations
