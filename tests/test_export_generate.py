@@ -17,7 +17,8 @@ from tests.conftest import ROOT, assert_ok, run_cli
 
 TINY = ["model=tiny", "model.config.n_layer=2", "model.config.n_embd=32", "model.config.n_head=2"]
 SHORT = ["stage=sft", "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
-         "data.n_train=128", "data.n_val=8", "trainer.enable_progress_bar=false", "stage.module.max_new_tokens=4",
+         "data.n_train=128", "data.n_val=8", "data.batch_size=8", "trainer.enable_progress_bar=false",
+         "stage.module.max_new_tokens=4",
          "stage.module.optimizer.lr=1e-2"]
 
 

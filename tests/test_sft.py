@@ -75,7 +75,7 @@ def test_packed_sft_loss_equals_unpacked(tok):
 
 def test_short_sft_run_reports_exact_match_and_exports(cli):
     run = cli("stage=sft", *TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "data.n_train=200",
-              "data.n_val=16", "trainer.enable_progress_bar=false", "stage.module.max_new_tokens=8",
+              "data.batch_size=8", "data.n_val=16", "trainer.enable_progress_bar=false", "stage.module.max_new_tokens=8",
               "data.pack_examples=true")
     assert_ok(run)
     s = run.summary
