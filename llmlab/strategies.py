@@ -18,6 +18,15 @@ ZeRO-3 helpers (all collective: call them on every rank):
 - `gathered_state_dict`, `save_pretrained_gathered`: full weights for PEFT adapters and `hf/` exports
   (a PEFT adapter saved naively under ZeRO-3 is empty: trl#4416, peft#2500).
 - `generation_context`: `generate()` under ZeRO-3 without hangs when ranks stop at different lengths.
+- `gathered_parameters`: full parameters on every rank for the duration (the PEFT export merges them).
+
+Run-level pieces used by llmlab.checks / builder / train:
+- `check_run`: every strategy rule of a composed config, before any weights load (StrategyConfigError
+  is a ConfigError: one line, exit 2).
+- `peft_for_strategy` / `quant_storage_for`: QLoRA's 4-bit storage dtype under ZeRO-3, automatically.
+- `is_checkpoint`, `check_checkpoint_for_strategy`, `checkpoint_mtime`: DeepSpeed checkpoints are
+  directories; resuming needs the kind the strategy reads.
+- `SeedPerRank`: different random streams per rank once training starts.
 """
 
 from __future__ import annotations
