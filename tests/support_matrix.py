@@ -91,6 +91,7 @@ EXTRA_CELLS = (
     Cell("sft", "qlora", "zero3", precision="bf16-true", note="4-bit weights stored as bf16"),
     Cell("sft", "qlora", "zero3", precision="bf16-mixed"),
     Cell("sft", "lora", "zero3", precision="bf16-mixed"),
+    Cell("pretrain", "none", "ddp", devices=1, note="one DDP process is fine"),
     Cell("pretrain", "none", "zero1"),
     Cell("pretrain", "none", "zero3_offload"),
     Cell("sft", "lora", "zero3_offload"),
@@ -422,10 +423,15 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.sort(key=lambda o: order.get(o.cell.key, 1 << 30))
         command, updated = "python -m tests.support_matrix", ""
         if args.only:  # keep the full run's header; say which cells were rerun since
-            m = re.search(r"- command: `([^`]*)` \(([\d.]+) min wall", args.doc.read_text()) if args.doc.is_file() else None
+            text = args.doc.read_text() if args.doc.is_file() else ""
+            m = re.search(r"- command: `([^`]*)` \(([\d.]+) min wall.*?\)(.*)", text)
             if m:
                 command, seconds = m.group(1), float(m.group(2)) * 60
-            updated = f"; cells rerun since with `--only {' --only '.join(args.only)}`"
+            earlier = m.group(3) if m else ""  # earlier partial reruns stay listed
+            rerun = f"`--only {' --only '.join(args.only)}`"
+            if not earlier.startswith("; cells rerun since with "):
+                earlier = "; cells rerun since with"
+            updated = earlier + ("," if earlier.endswith("`") else "") + f" {rerun}"
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text(render(outcomes, command, seconds, updated))
         print(f"wrote {args.doc}")
