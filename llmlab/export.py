@@ -39,6 +39,16 @@ def _base_tensor(module_tensor):
     return module_tensor.detach()
 
 
+def _is_conv1d(model, module_name: str) -> bool:
+    """True when `module_name` in `model` is transformers' Conv1D (GPT-2's (in, out) linear layers)."""
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        return isinstance(model.get_submodule(module_name), Conv1D)
+    except AttributeError:
+        return False
+
+
 def plain_base_model(peft_model, dtype=None):
     """A new, unwrapped copy of the PEFT model's base: original module names, adapters left out,
     4-bit weights de-quantized. The PEFT model itself is not changed."""
@@ -65,7 +75,13 @@ def plain_base_model(peft_model, dtype=None):
         found = next((c for c in candidates if c in source), None)
         if found is None:
             raise KeyError(f"export: no base tensor for {key!r}")
-        tensor = _base_tensor(source[found]).reshape(meta.shape)
+        four_bit = type(source[found]).__name__ == "Params4bit"
+        tensor = _base_tensor(source[found])
+        if four_bit and leaf == "weight" and _is_conv1d(plain, head):
+            # bitsandbytes holds GPT-2's Conv1D (in, out) weights as Linear4bit (out, in): de-quantized
+            # they come back transposed (square ones too, so the shape alone cannot tell)
+            tensor = tensor.t()
+        tensor = tensor.reshape(meta.shape)  # 4-bit storage is flat (N*K/2, 1) until de-quantized
         state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor.clone()
     plain.load_state_dict(state, assign=True, strict=True)
     for key, buf in list(plain.named_buffers()):  # non-persistent buffers (e.g. RoPE inv_freq)

@@ -92,7 +92,7 @@ def test_restarting_skips_finished_stages(rlhf_run):
     stamps = {p: p.stat().st_mtime for p in out.glob("*/summary.json")}
     again = pipeline(out, *args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("finished earlier, skipped") == 4
+    assert (again.stdout + again.stderr).count("finished earlier, skipped") == 4  # Hydra logs to stdout
     assert {p: p.stat().st_mtime for p in out.glob("*/summary.json")} == stamps  # nothing re-ran
     stages = json.loads((out / "pipeline_summary.json").read_text())["stages"]
     assert all(s["status"].startswith("skipped") for s in stages)
@@ -114,7 +114,7 @@ def test_given_base_and_failed_stage_stops_the_chain(rlhf_run, tmp_path):
     assert not (out / "4_ppo").exists()
     fixed = pipeline(out, "pipeline=rlhf", f"base={src / '1_pretrain'}", REDUCED_OVERRIDES, PPO_ONLY)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
-    assert "sft: finished earlier, skipped" in fixed.stderr
+    assert "sft: finished earlier, skipped" in fixed.stdout + fixed.stderr
     assert (out / "4_ppo" / "hf" / "config.json").is_file()
 
 

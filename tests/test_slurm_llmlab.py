@@ -155,11 +155,15 @@ def test_sigusr1_checkpoints_requeues_and_resumes_without_losing_a_step(tmp_path
     assert info["Restarts"] == "1"
     assert "Handling auto-requeue signal: 10" in log and f"Requeued SLURM job: {jid}" in log
     hpc = run_dir / "hpc_ckpt_1.ckpt"
-    assert f"Restoring states from the checkpoint path at {hpc}" in log
+    assert hpc.is_file()
+    # resume=auto takes the newer of hpc_ckpt_1.ckpt (written at the signal) and checkpoints/last.ckpt:
+    # training goes on until Slurm stops the job, so a periodic last.ckpt can come after the signal's
+    restored = re.search(r"Restoring states from the checkpoint path at (\S+)", log)
+    assert restored and restored.group(1) in (str(hpc), str(run_dir / "checkpoints" / "last.ckpt")), log[-3000:]
     import torch
 
     resumed_at = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
-    assert 10 <= resumed_at < steps
+    assert 10 <= resumed_at < steps  # (last.ckpt, if that was the newer one, now holds the final step)
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "finished" and s["global_step"] == steps and s["world_size"] == 2
     assert train_steps(run_dir) == list(range(1, steps + 1))  # every step once, across the requeue
