@@ -526,6 +526,32 @@ def test_checkpoint_kinds(tmp_path):
     assert checkpoint_mtime(ds) >= (ds / "checkpoint" / "mp_rank_00_model_states.pt").stat().st_mtime
 
 
+def test_seed_per_rank_gives_ranks_their_own_stream():
+    """Several processes: each rank draws from seed + rank once training starts (dropout masks, PPO
+    sampling differ between ranks), reproducibly; one process keeps the stream it has."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from llmlab.strategies import SeedPerRank
+
+    def draws(world_size: int, rank: int) -> tuple:
+        torch.manual_seed(123), np.random.seed(123), random.seed(123)
+        SeedPerRank(seed=7).on_train_start(SimpleNamespace(world_size=world_size, global_rank=rank), None)
+        return torch.rand(3).tolist(), np.random.rand(), random.random()
+
+    rank0, rank1 = draws(2, 0), draws(2, 1)
+    assert rank0 == draws(2, 0)  # reproducible
+    assert all(a != b for a, b in zip(rank0, rank1))  # torch, numpy and random all differ by rank
+    torch.manual_seed(7 + 1)
+    assert rank1[0] == torch.rand(3).tolist()  # rank r draws from seed + r
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    untouched = torch.rand(3).tolist(), np.random.rand(), random.random()
+    assert draws(1, 0) == untouched  # one process: nothing reseeded
+
+
 def test_log_train_averages_micro_batches_of_a_step():
     """stages.common.log_train logs once per optimizer step, the mean over its micro-batches."""
     import torch
