@@ -73,7 +73,6 @@ def test_rm_refuses_data_without_pairs(cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 4 target unverified on an idle machine: the reward model starts from the tiny-sft base, whose SFT does not learn yet (issue 3)")
 def test_default_rm_learns(cli):
     """Issue target: held-out pairwise accuracy >= 0.8 with the defaults (SFT'd tiny base, built-in data)."""
     run = cli("stage=rm", "trainer.enable_progress_bar=false")
