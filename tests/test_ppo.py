@@ -4,6 +4,7 @@ without PEFT, clear errors; the default run learns (slow tier). The PPO maths (G
 KL controller) is checked by hand in tests/test_losses.py."""
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -102,6 +103,83 @@ def test_update_changes_policy_and_value_head():
     changed = {n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert any(n.startswith("value_head") for n in changed) and any(n.startswith("model.") for n in changed)
     assert not any(n.startswith("reference") for n in changed)
+
+
+def test_leave_one_out_centered_by_hand():
+    from llmlab.losses.ppo import leave_one_out_centered
+
+    score = torch.tensor([1.0, 0.5, 0.0, 0.5,    # prompt 1: the others' sums are 1.0, 1.5, 2.0, 1.5
+                          1.0, 1.0, 1.0, 1.0])   # prompt 2: all alike -> no signal
+    expected = [1 - 1 / 3, 0.5 - 0.5, 0 - 2 / 3, 0.5 - 0.5, 0, 0, 0, 0]
+    torch.testing.assert_close(leave_one_out_centered(score, 4), torch.tensor(expected))
+    torch.testing.assert_close(leave_one_out_centered(torch.tensor([0.9, 0.3]), 2), torch.tensor([0.6, -0.6]))
+    with pytest.raises(ValueError):
+        leave_one_out_centered(score, 1)
+
+
+def test_samples_per_prompt_with_group_baseline():
+    """k responses per prompt, consecutive; with gamma = lam = 1 and no KL yet (policy == reference) the
+    return of a response's first token is its score minus the mean of its siblings' scores."""
+    from llmlab.data.builtin import rule_reward
+
+    model, tok = tiny_lm()
+    k = 3
+    module = ppo_module(model, tok, samples_per_prompt=k, group_baseline=True, lam=1.0, gamma=1.0,
+                        whiten_advantages=False)
+    assert module.steps_per_iteration == math.ceil(6 * k / 3)  # 6 prompts x 3 responses, mini-batches of 3
+    batch = prompt_batch(tok)
+    ro = module.rollout(batch)
+    B = ro["input_ids"].shape[0]
+    assert B == 6 * k
+    P = ro["prompt_width"]
+    for i in range(6):  # each prompt's rows are its k responses
+        assert (ro["input_ids"][i * k:(i + 1) * k, :P] == batch["prompt_ids"][i]).all()
+    answers = [a for a in batch["answers"] for _ in range(k)]
+    score = [rule_reward(t, a) for t, a in zip(ro["texts"], answers)]
+    torch.testing.assert_close(ro["score"], torch.tensor(score))
+    baseline = [(sum(score[g * k:(g + 1) * k]) - score[j]) / (k - 1) for j in range(B) for g in [j // k]]
+    expected = torch.tensor([s - b for s, b in zip(score, baseline)])
+    torch.testing.assert_close(ro["returns"][:, 0], expected, atol=1e-5, rtol=0)
+    # without the baseline the same return is the raw score
+    plain = ppo_module(model, tok, samples_per_prompt=k, lam=1.0, gamma=1.0, whiten_advantages=False).rollout(batch)
+    torch.testing.assert_close(plain["returns"][:, 0], plain["score"], atol=1e-5, rtol=0)
+
+
+def test_group_baseline_needs_two_samples_per_prompt():
+    from llmlab.errors import ConfigError
+
+    model, tok = tiny_lm()
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        ppo_module(model, tok, samples_per_prompt=1, group_baseline=True)
+    with pytest.raises(ConfigError, match="temperature"):
+        ppo_module(model, tok, temperature=0.0)
+
+
+def test_rollout_logprobs_are_those_of_the_sampling_temperature():
+    """The PPO ratio and the KL use log softmax(logits / T): the distribution generate samples from."""
+    model, tok = tiny_lm()
+    module = ppo_module(model, tok, temperature=2.0)
+    ro = module.rollout(prompt_batch(tok))
+    P, mask = ro["prompt_width"], ro["mask"]
+    with torch.no_grad():
+        logits = model(input_ids=ro["input_ids"], attention_mask=ro["attention_mask"],
+                       position_ids=ro["position_ids"]).logits[:, P - 1:-1]  # (B, R, V)
+    expected = torch.log_softmax(logits / 2.0, -1).gather(-1, ro["input_ids"][:, P:, None]).squeeze(-1)
+    torch.testing.assert_close(ro["logprobs"][mask], expected[mask], atol=1e-5, rtol=0)
+    at_one = torch.log_softmax(logits, -1).gather(-1, ro["input_ids"][:, P:, None]).squeeze(-1)
+    assert not torch.allclose(ro["logprobs"][mask], at_one[mask], atol=1e-3)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_value_head_detach_keeps_value_gradients_off_the_trunk(detach):
+    model, tok = tiny_lm()
+    module = ppo_module(model, tok, value_head_detach=detach)
+    batch = prompt_batch(tok)
+    _, values = module.policy_forward(batch["prompt_ids"], batch["prompt_mask"], None)
+    values.pow(2).mean().backward()
+    trunk = [p.grad for p in module.model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert module.value_head.summary.weight.grad.abs().sum() > 0
+    assert (len(trunk) == 0) == detach
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])

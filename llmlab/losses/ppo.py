@@ -112,6 +112,18 @@ class FixedKLController:
         pass
 
 
+def leave_one_out_centered(score: Tensor, group_size: int) -> Tensor:
+    """Each score minus the mean score of the other responses to the same prompt: the leave-one-out
+    baseline of RLOO (Kool et al. 2019; Ahmadian et al. 2024), unbiased because it does not depend on
+    the response it is subtracted from. ``score`` (B,) holds ``group_size`` consecutive responses per
+    prompt; returns (B,)."""
+    if group_size < 2:
+        raise ValueError("a leave-one-out baseline needs at least 2 responses per prompt")
+    groups = score.view(-1, group_size)  # (prompts, k)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)  # (prompts, k)
+    return (groups - others).view(-1)
+
+
 def kl_penalized_rewards(score: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
                          kl_coef: float) -> tuple[Tensor, Tensor]:
     """Per-token RLHF reward (Ziegler et al. 2019): -kl_coef * (log pi - log ref) on every response

@@ -38,8 +38,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from llmlab.data.formats import pad_rows, tokenize_example
+from llmlab.errors import ConfigError
 from llmlab.losses import (AdaptiveKLController, entropy_from_logits, gae_advantages, kl_penalized_rewards,
                            masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs)
+from llmlab.losses.ppo import leave_one_out_centered
 from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, hf_dir, load_reference, summary_extras
@@ -161,6 +163,7 @@ class PPOModule(L.LightningModule):
                  kl_controller=None, whiten_advantages: bool = True, whiten_rewards: bool = False,
                  target_kl: float | None = None, early_stopping: bool = False, max_grad_norm: float | None = 1.0,
                  reference_model: str | None = None, disable_dropout: bool = True,
+                 value_head_detach: bool = False, samples_per_prompt: int = 1, group_baseline: bool = False,
                  val_max_new_tokens: int | None = None):
         super().__init__()
         self.automatic_optimization = False  # several PPO mini-batch steps per rollout
@@ -178,6 +181,9 @@ class PPOModule(L.LightningModule):
             raise ValueError(f"stage.module.response_length={list(response_length)}: need 1 <= min <= max")
         self.response_length = (lo, hi)
         self.rollout_batch_size, self.mini_batch_size, self.ppo_epochs = rollout_batch_size, mini_batch_size, ppo_epochs
+        if temperature <= 0:
+            raise ConfigError(f"stage.module.temperature={temperature}: rollouts sample, need > 0")
+        self.temperature = float(temperature)
         self.generation = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
         self.stop_at_eos = stop_at_eos
         self.gamma, self.lam, self.clip_range, self.clip_range_value = gamma, lam, clip_range, clip_range_value
@@ -188,6 +194,11 @@ class PPOModule(L.LightningModule):
         if disable_dropout:
             alignment.disable_dropout(model)
         self.value_head = ValueHead(last_hidden_size(model))
+        self.value_head_detach = value_head_detach  # True: the value loss trains the head only, not the trunk
+        if samples_per_prompt < 1 or (group_baseline and samples_per_prompt < 2):
+            raise ConfigError(f"stage.module.samples_per_prompt={samples_per_prompt}: need >= 1, and >= 2 with "
+                              f"stage.module.group_baseline=true (the baseline is the mean of the other responses)")
+        self.samples_per_prompt, self.group_baseline = samples_per_prompt, group_baseline
         ref = load_reference(reference_model, tokenizer) if reference_model else None
         self.reference = FrozenReference(model, ref)
         self.history: list[dict] = []  # per iteration: reward, kl (summary's first/last tenth)
@@ -197,7 +208,7 @@ class PPOModule(L.LightningModule):
     # ------------------------------------------------------------------ Lightning plumbing
     @property
     def steps_per_iteration(self) -> int:
-        return self.ppo_epochs * math.ceil(self.rollout_batch_size / self.mini_batch_size)
+        return self.ppo_epochs * math.ceil(self.rollout_batch_size * self.samples_per_prompt / self.mini_batch_size)
 
     def trainer_overrides(self, trainer_cfg) -> dict:
         """Trainer kwargs this stage needs: no automatic clipping (manual optimization clips here), and a
@@ -230,11 +241,22 @@ class PPOModule(L.LightningModule):
         """Logits (B, T, V) and values (B, T) in one pass of the shared trunk."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          output_hidden_states=True, use_cache=False)
-        return out.logits, self.value_head(out.hidden_states[-1])
+        hidden = out.hidden_states[-1]  # (B, T, H)
+        return out.logits, self.value_head(hidden.detach() if self.value_head_detach else hidden)
+
+    def response_logprobs(self, logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """log pi(response token t) under the distribution the rollout samples from: logits (B, T, V) divided
+        by the sampling temperature (as TRL's PPO trainer), so the PPO ratio, the KL to the reference and
+        the entropy are those of the sampling policy. -> (B, R)"""
+        return token_logprobs(logits / self.temperature, input_ids)[:, prompt_width - 1:]
 
     @torch.no_grad()
     def rollout(self, batch) -> dict:
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+        k = self.samples_per_prompt  # responses per prompt: B = prompts * k episodes
+        prompt_ids = batch["prompt_ids"].repeat_interleave(k, 0)  # (B, P)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(k, 0)
+        prompts = [p for p in batch["prompts"] for _ in range(k)]
+        answers = [a for a in batch["answers"] for _ in range(k)]
         B, P = prompt_ids.shape
         lo, hi = self.response_length
         budgets = torch.randint(lo, hi + 1, (B,), generator=self.generator)  # (B,) tokens per response
@@ -256,24 +278,26 @@ class PPOModule(L.LightningModule):
         mask = response_mask(responses, budgets, eos if self.stop_at_eos else None)  # (B, R)
         responses = torch.where(mask, responses, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode([r[m] for r, m in zip(responses, mask)], skip_special_tokens=True)
-        score = self.reward(batch["prompts"], texts, batch["answers"]).to(self.device).float()  # (B,)
+        score = self.reward(prompts, texts, answers).to(self.device).float()  # (B,)
+        # group_baseline: minus the mean score of the prompt's other responses (RLOO's baseline)
+        centered = leave_one_out_centered(score, k) if self.group_baseline else score  # (B,)
 
         input_ids = torch.cat([prompt_ids, responses], 1)  # (B, P + R)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         position_ids = position_ids_from_mask(attention_mask)
         logits, values = self.policy_forward(input_ids, attention_mask, position_ids)
-        logprobs = token_logprobs(logits, input_ids)[:, P - 1:]  # (B, R): log pi(response token t)
+        logprobs = self.response_logprobs(logits, input_ids, P)  # (B, R): log pi(response token t)
         values = values[:, P - 1:-1].float()  # (B, R): V of the state before token t
-        entropy = masked_mean(entropy_from_logits(logits[:, P - 1:-1]), mask)
+        entropy = masked_mean(entropy_from_logits(logits[:, P - 1:-1] / self.temperature), mask)
         del logits
         with self.reference.model() as ref:
             ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).logits
-            ref_logprobs = token_logprobs(ref_logits, input_ids)[:, P - 1:]  # (B, R)
+            ref_logprobs = self.response_logprobs(ref_logits, input_ids, P)  # (B, R)
         del ref_logits
         self.model.train(was_training)
 
-        rewards, kl = kl_penalized_rewards(score, logprobs, ref_logprobs, mask, self.kl_ctl.value)  # (B, R)
+        rewards, kl = kl_penalized_rewards(centered, logprobs, ref_logprobs, mask, self.kl_ctl.value)  # (B, R)
         if self.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae_advantages(rewards, values, mask, self.gamma, self.lam)  # (B, R)
@@ -296,7 +320,7 @@ class PPOModule(L.LightningModule):
                 idx = idx.to(self.device)
                 logits, values = self.policy_forward(ro["input_ids"][idx], ro["attention_mask"][idx],
                                                      ro["position_ids"][idx])
-                logprobs = token_logprobs(logits, ro["input_ids"][idx])[:, P - 1:]  # (b, R)
+                logprobs = self.response_logprobs(logits, ro["input_ids"][idx], P)  # (b, R)
                 values = values[:, P - 1:-1].float()  # (b, R)
                 mask = ro["mask"][idx]
                 pg_loss, clip_frac, approx_kl = ppo_policy_loss(logprobs, ro["logprobs"][idx], ro["advantages"][idx],
