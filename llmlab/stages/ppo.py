@@ -2,15 +2,19 @@
 
 One training step is one PPO iteration on a batch of B prompts:
 
-1. rollout: sample a response per prompt with the KV cache (`generate`), each with its own length
-   budget drawn from `response_length` [min, max] (the course's LengthSampler); a response ends at
-   EOS (included as an action) unless `stop_at_eos=false`;
+1. rollout: sample `samples_per_prompt` responses per prompt with the KV cache (`generate`, at
+   `temperature`), each with its own length budget drawn from `response_length` [min, max] (the
+   course's LengthSampler); a response ends at EOS (included as an action) unless `stop_at_eos=false`.
+   The policy PPO optimizes is the one sampled from: log-probs (ratio, KL, entropy) come from
+   logits / temperature, for the policy and the reference alike (as TRL's PPO trainer);
 2. score: reward per sequence from a reward model (`reward_model=` run dir or HF path, scoring the
    prompt + response text exactly as stage=rm trained it) or from a rule (`rule_reward=`, e.g. the
    built-in data's checkable reward); per-token log-probs of the policy and of the frozen reference
    (PEFT: adapter disabled; else a frozen copy) and values from the value head;
-3. advantages: per-token reward = -kl_coef * (log pi - log ref) + score on the last token; GAE
-   (gamma, lam); whitened advantages (option), optionally whitened rewards;
+3. advantages: per-token reward = -kl_coef * (log pi - log ref) + score on the last token, the score
+   minus the mean score of the prompt's other responses with `group_baseline` (RLOO's leave-one-out
+   baseline, Ahmadian et al. 2024); GAE (gamma, lam); whitened advantages (option), optionally
+   whitened rewards;
 4. update: `ppo_epochs` passes over shuffled mini-batches, clipped policy loss + vf_coef * clipped
    value loss, one optimizer step per mini-batch (Lightning manual optimization); optional early
    stop of the epochs when the approximate KL to the rollout policy passes 1.5 * target_kl;
@@ -18,12 +22,14 @@ One training step is one PPO iteration on a batch of B prompts:
 
 Step counting: Lightning counts every mini-batch optimizer step, so `trainer.max_steps` and
 `trainer.val_check_interval` are optimizer steps here too (an iteration is
-ppo_epochs * ceil(B / mini_batch_size) of them); the last iteration that fits ends with a validation.
+ppo_epochs * ceil(B * samples_per_prompt / mini_batch_size) of them); the last iteration that fits
+ends with a validation.
 Validation: greedy answers to held-out prompts -> `val/reward_mean` (and `val/exact_match` when the
 data has reference answers). summary.json: `reward_mean_first` / `reward_mean_last` (mean rollout
 reward over the first / last tenth of the iterations), `kl_last` (mean KL over the last tenth).
 The value head is a linear layer on the policy's last hidden state (shared trunk, as TRL's
-AutoModelForCausalLMWithValueHead); `hf/` holds the policy alone.
+AutoModelForCausalLMWithValueHead; `value_head_detach=true` keeps the value loss off the trunk);
+`hf/` holds the policy alone.
 """
 from __future__ import annotations
 
