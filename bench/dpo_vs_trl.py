@@ -1,12 +1,16 @@
 """DPO: llmlab's `stage=dpo` step time vs TRL's DPOTrainer, and peak memory of DPO+LoRA vs SFT+LoRA.
 
-    python bench/dpo_vs_trl.py speed  [--steps 60] [--batch 16] [--repeats 2]
-    python bench/dpo_vs_trl.py memory [--steps 20] [--batch 16] [--layers 12] [--width 768]
+    python bench/dpo_vs_trl.py speed  [--steps 60] [--batch 16] [--repeats 2] [--threads N]
+    python bench/dpo_vs_trl.py memory [--steps 20] [--batch 16] [--layers 12] [--width 768] [--threads N]
+
+--threads N sets OMP_NUM_THREADS=N for every subprocess (both sides alike); on a CPU machine shared
+with other jobs, 2 spinning OpenMP threads per process slow a run several-fold and drown the signal.
 
 speed: the tiny GPT-2 of conf/model/tiny.yaml (4 layers, 128 wide, byte vocabulary), random init
 (seed 0), saved once and loaded by both sides. Data: the built-in preference pairs (prompt rendered
 "Question: ...\n\nAnswer: ", chosen = the correct answer, rejected = a plausible wrong one). Settings
-on both sides: sigmoid DPO, beta 0.1, frozen reference = a copy of the starting model, AdamW lr 1e-4
+on both sides: sigmoid DPO (llmlab with stage.module.sft_weight=0: no RPO NLL term, which TRL's
+loss_type=["sigmoid"] does not have), beta 0.1, frozen reference = a copy of the starting model, AdamW lr 1e-4
 (betas 0.9/0.95, no weight decay), constant LR, gradient clipping 1.0, batch `--batch` pairs, fp32,
 dropout off, no gradient checkpointing, no evaluation, no checkpoints, `--steps` optimizer steps.
 Step time = training time / steps, excluding the first step; llmlab's from its summary.json
@@ -17,11 +21,13 @@ memory: a bigger GPT-2-shaped model (`--layers` x `--width`, byte vocabulary, ra
 peft=lora (r 16, alpha 32, on c_attn); peak RSS (summary.json peak_rss_mb) of `stage=dpo` (its
 reference is the same model with the adapter disabled: no copy) vs `stage=sft`, same data batch
 size (`--batch` pairs vs `--batch` examples) and also SFT at 2x batch (the same number of rows as DPO).
+DPO runs with the stage's defaults otherwise (incl. its sft_weight NLL term on the chosen rows).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +40,10 @@ TEMPLATE = "Question: {prompt}\n\nAnswer: "
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def env(args) -> dict:
+    return {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+
+
 def ensure_model(path: Path) -> Path:
     from sft_vs_trl import ensure_model as make
 
@@ -43,13 +53,13 @@ def ensure_model(path: Path) -> Path:
 def run_llmlab(model_dir: Path, args) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "llmlab.run", "stage=dpo", "model=tiny", "model.init=pretrained",
-               f"model.pretrained={model_dir}", "model.tokenizer=null", "precision=32",
+               f"model.pretrained={model_dir}", "model.tokenizer=null", "precision=32", "stage.module.sft_weight=0",
                f"data.n_train={args.n_train}", f"data.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
                "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "stage.module.eval_generation=false",
                "stage.module.optimizer.lr=1e-4", "stage.module.scheduler=null", "trainer.gradient_clip_val=1.0",
                "~callbacks.model_checkpoint", "~callbacks.hf_export", "callbacks.samples.prompts=[]",
                "trainer.enable_progress_bar=false", "seed=0", f"hydra.run.dir={tmp}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(args))
         if proc.returncode != 0:
             raise SystemExit(f"llmlab run failed:\n{proc.stderr[-3000:]}")
         s = json.loads((Path(tmp) / "summary.json").read_text())
@@ -93,7 +103,7 @@ def trl_worker(model_dir: str, steps: int, batch: int, n_train: int) -> float:
 def run_trl(model_dir: Path, args) -> float:
     cmd = [sys.executable, __file__, "speed", "--trl-worker", str(model_dir), "--steps", str(args.steps),
            "--batch", str(args.batch), "--n-train", str(args.n_train)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(args))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("STEP_SECONDS ")), None)
     if line is None:
         raise SystemExit(f"TRL run failed:\n{proc.stderr[-3000:]}")
@@ -108,7 +118,7 @@ def speed(args) -> dict:
         theirs.append(run_trl(model_dir, args))
         print(f"repeat {i}: llmlab {ours[-1] * 1000:.1f} ms/step, TRL {theirs[-1] * 1000:.1f} ms/step", flush=True)
     a, b = statistics.median(ours), statistics.median(theirs)
-    return {"bench": "dpo_speed", "batch_pairs": args.batch, "steps": args.steps,
+    return {"bench": "dpo_speed", "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads,
             "llmlab_ms_per_step": round(a * 1000, 1), "trl_ms_per_step": round(b * 1000, 1),
             "speedup_vs_trl": round(b / a, 3), "runs_llmlab_ms": [round(t * 1000, 1) for t in ours],
             "runs_trl_ms": [round(t * 1000, 1) for t in theirs]}
@@ -123,7 +133,7 @@ def peak_rss(stage: str, batch: int, args) -> float:
                "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "stage.module.eval_generation=false",
                "~callbacks.model_checkpoint", "~callbacks.hf_export", "callbacks.samples.prompts=[]",
                "trainer.enable_progress_bar=false", "seed=0", f"hydra.run.dir={tmp}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(args))
         if proc.returncode != 0:
             raise SystemExit(f"{stage} run failed:\n{proc.stderr[-3000:]}")
         return json.loads((Path(tmp) / "summary.json").read_text())["peak_rss_mb"]
@@ -134,7 +144,7 @@ def memory(args) -> dict:
     sft = peak_rss("sft", args.batch, args)
     sft2 = peak_rss("sft", 2 * args.batch, args)
     return {"bench": "dpo_lora_memory", "model": f"gpt2-shaped {args.layers}x{args.width}, byte vocab, LoRA r16",
-            "batch": args.batch, "dpo_peak_rss_mb": dpo, "sft_peak_rss_mb": sft, "sft_2x_batch_peak_rss_mb": sft2,
+            "batch": args.batch, "threads": args.threads, "dpo_peak_rss_mb": dpo, "sft_peak_rss_mb": sft, "sft_2x_batch_peak_rss_mb": sft2,
             "dpo_over_sft": round(dpo / sft, 3), "dpo_over_sft_same_rows": round(dpo / sft2, 3)}
 
 
@@ -147,6 +157,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherit)")
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (60 if args.what == "speed" else 20)
