@@ -194,6 +194,14 @@ def test_ppo_runs_with_rule_reward(cli, peft):
     assert (run.dir / "hf" / "config.json").is_file()
 
 
+def test_ppo_runs_with_samples_per_prompt_and_group_baseline(cli):
+    """8 prompts x 4 responses in one mini-batch of 32: one optimizer step per iteration."""
+    run = cli(*TINY, "stage.module.samples_per_prompt=4", "stage.module.group_baseline=true",
+              "stage.module.mini_batch_size=32", "stage.module.temperature=2.0")
+    assert_ok(run)
+    assert run.summary["global_step"] == 6 and run.summary["ppo_iterations"] == 6
+
+
 def test_ppo_with_a_trained_reward_model(cli):
     rm = cli("stage=rm", "model=tiny", *FAST)
     assert_ok(rm)
@@ -218,7 +226,8 @@ def test_reward_model_must_be_a_sequence_classifier(cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 4 target unverified on an idle machine: PPO starts from the tiny-sft base, whose SFT does not learn yet (issue 3)")
+@pytest.mark.xfail(strict=False, reason="issue 4 not met: sampled at temperature 1 the tiny-sft policy already scores 0.976, "
+                   "so +0.1 is out of reach; see conf/stage/ppo.yaml for the temperature-2 measurements")
 def test_default_ppo_learns(cli):
     """Issue target with the defaults: mean reward over the last tenth of training clearly above the
     first tenth, KL to the reference bounded."""
