@@ -111,6 +111,46 @@ def test_accumulation_keeps_the_loss_scale(runs_root):
     assert_close(losses(zero3_acc), losses(single))
 
 
+def test_two_nodes_by_torchrun_equal_one_node_of_two(runs_root):
+    """Multi-node with no code change: two torchrun agents (`--nnodes 2 --node-rank 0/1`, one process
+    each; two "nodes" on this machine) and `trainer.num_nodes=2 trainer.devices=1` give the global ranks,
+    data shards and losses of one node with 2 processes."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.support_matrix import ROOT, clean_env
+
+    ddp = ddp_run(runs_root)
+    run_dir = runs_root / "two_nodes"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [*PRETRAIN, "strategy=ddp", "trainer.num_nodes=2", "trainer.devices=1", "data.batch_size=4",
+                 *NO_EXTRAS, *NO_CKPT, f"hydra.run.dir={run_dir}"]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
+         "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "llmlab.run", *overrides],
+        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True) for node in (0, 1)]
+    t0, outputs = time.time(), []
+    try:
+        for agent in agents:
+            outputs.append(agent.communicate(timeout=max(1, 300 - (time.time() - t0)))[0])
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                import os
+                import signal
+
+                os.killpg(agent.pid, signal.SIGKILL)
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    result = Result(0, outputs[0], "", time.time() - t0, run_dir)
+    assert result.summary["world_size"] == 2 and result.summary["global_step"] == 6
+    assert_close(losses(result), losses(ddp))
+
+
 def test_summary_once_with_world_size_and_global_tokens(runs_root):
     ddp, single = ddp_run(runs_root), auto8_run(runs_root)
     assert ddp.summary["world_size"] == 2 and ddp.summary["status"] == "finished"
