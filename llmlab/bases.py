@@ -23,6 +23,8 @@ log = logging.getLogger("llmlab")
 BASES: dict[str, list[str]] = {
     "tiny-pretrained": ["stage=pretrain", "model=tiny", "seed=0"],
     "tiny-sft": ["stage=sft", "model=tiny_base", "seed=0"],
+    # the SFT recipe stopped early: a real SFT policy that is still imperfect, so PPO has headroom
+    "tiny-sft-early": ["stage=sft", "model=tiny_base", "seed=0", "trainer.max_steps=400"],
 }
 _PRETRAIN_SOURCES = ("data/builtin.py", "data/tokenizer.py", "data/formats.py", "data/templates.py",
                      "stages/pretrain.py")
@@ -30,6 +32,7 @@ _PRETRAIN_SOURCES = ("data/builtin.py", "data/tokenizer.py", "data/formats.py", 
 _HASHED_SOURCES: dict[str, tuple[str, ...]] = {
     "tiny-pretrained": _PRETRAIN_SOURCES,
     "tiny-sft": (*_PRETRAIN_SOURCES, "stages/sft.py", "metrics.py", "../conf/stage/sft.yaml"),
+    "tiny-sft-early": (*_PRETRAIN_SOURCES, "stages/sft.py", "metrics.py", "../conf/stage/sft.yaml"),
 }
 
 
