@@ -44,7 +44,8 @@ BASE = [
 ]
 # per stage: what keeps 2 steps cheap (ppo: one rollout of 4 prompts = 2 mini-batch updates)
 STAGE_OVERRIDES = {
-    "ppo": ["stage.module.mini_batch_size=4", "stage.module.ppo_epochs=2", "stage.module.response_length=[4,6]"],
+    "ppo": ["stage.module.mini_batch_size=4", "stage.module.ppo_epochs=2", "stage.module.response_length=[4,6]",
+            "stage.module.samples_per_prompt=1", "stage.module.group_baseline=false"],
 }
 # QLoRA quantizes pretrained weights as they load: stage=pretrain continues the pretrained tiny base
 QLORA_MODEL = {"pretrain": ["model=tiny_base"]}

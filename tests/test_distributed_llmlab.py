@@ -311,8 +311,8 @@ def test_ppo_steps_under_zero3_equal_ddp(runs_root):
         pytest.skip("stage=ppo not available yet")
     common = ["stage=ppo", "trainer.devices=2", *QUIET, "trainer.max_steps=4", "trainer.val_check_interval=2",
               "trainer.limit_val_batches=1", "data.n_train=64", "data.n_val=8", "data.batch_size=4",
-              "data.val_batch_size=4", "stage.module.mini_batch_size=4", "stage.module.ppo_epochs=2", *NO_EXTRAS,
-              *NO_CKPT]
+              "data.val_batch_size=4", "stage.module.mini_batch_size=4", "stage.module.ppo_epochs=2",
+              "stage.module.samples_per_prompt=1", "stage.module.group_baseline=false", *NO_EXTRAS, *NO_CKPT]
     zero3 = run(runs_root, "ppo_zero3", *common, "strategy=zero3")
     ddp = run(runs_root, "ppo_ddp", *common, "strategy=ddp")
     assert zero3.summary["global_step"] == 4 and zero3.summary["world_size"] == 2

@@ -15,15 +15,16 @@ from llmlab.pipeline import substitute
 from tests.conftest import CONF, FAST, ROOT
 
 # every stage at test size (model.config.* only matters for the stage built from scratch)
-REDUCED = [*FAST, "stage.module.mini_batch_size=8", "stage.module.ppo_epochs=1", "data.batch_size=8"]
+REDUCED = [*FAST, "stage.module.mini_batch_size=8", "stage.module.ppo_epochs=1", "stage.module.samples_per_prompt=1",
+           "stage.module.group_baseline=false", "data.batch_size=8"]
 
 
 def hydra_list(items) -> str:
     return "[" + ",".join(f"'{i}'" for i in items) + "]"
 
 
-REDUCED_OVERRIDES = "overrides=" + hydra_list(REDUCED[:-3])  # the ppo-only keys go to stage_overrides
-PPO_ONLY = "+stage_overrides.ppo=" + hydra_list(REDUCED[-3:])
+REDUCED_OVERRIDES = "overrides=" + hydra_list(REDUCED[:-5])  # the ppo-only keys go to stage_overrides
+PPO_ONLY = "+stage_overrides.ppo=" + hydra_list(REDUCED[-5:])
 
 
 def pipeline(out_dir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

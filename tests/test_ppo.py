@@ -13,8 +13,9 @@ import torch
 from tests.conftest import FAST, assert_ok
 from tests.test_dpo import tiny_lm
 
+# one response per prompt (the defaults sample 8 with a group baseline): one optimizer step per iteration
 TINY = ["stage=ppo", "model=tiny", *FAST, "stage.module.mini_batch_size=8", "stage.module.ppo_epochs=1",
-        "data.batch_size=8"]
+        "stage.module.samples_per_prompt=1", "stage.module.group_baseline=false", "data.batch_size=8"]
 
 
 def prompt_batch(tok, n: int = 6):
@@ -226,12 +227,16 @@ def test_reward_model_must_be_a_sequence_classifier(cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 4 not met: sampled at temperature 1 the tiny-sft policy already scores 0.976, "
-                   "so +0.1 is out of reach; see conf/stage/ppo.yaml for the temperature-2 measurements")
+@pytest.mark.xfail(strict=False, reason="issue 4 not met yet: from tiny_sft_early (sampled reward 0.49) the default run "
+                   "measured 0.49 -> 0.58 (+0.09, kl 0.58) in ~190 s; variants +0.03..+0.08; see conf/stage/ppo.yaml")
 def test_default_ppo_learns(cli):
     """Issue target with the defaults: mean reward over the last tenth of training clearly above the
-    first tenth, KL to the reference bounded."""
-    run = cli("stage=ppo", "trainer.enable_progress_bar=false")
+    first tenth, KL to the reference bounded.
+
+    One intra-op thread (as tests/test_dpo.py::test_default_dpo_learns): on the shared CPU machine two
+    spinning OpenMP threads per process made steps ~9x slower; the thread count changes only the order
+    of float sums."""
+    run = cli("stage=ppo", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"})
     assert_ok(run)
     s = run.summary
     assert s["reward_mean_last"] > s["reward_mean_first"] + 0.1, s
