@@ -169,26 +169,32 @@ MID = ["model.config.n_layer=6", "model.config.n_embd=512", "model.config.n_head
        "data.n_train=4000"]
 
 
-def ddp_scaling(steps: int, repeats: int) -> str:
-    """Same per-process batch: 1 process (torch's 2 threads) vs 2 DDP processes (1 thread each)."""
+def paired_tokens_per_sec(repeats: int, base, variant, header: str) -> str:
+    """Alternating pairs of two runs (callables returning `run` results); a markdown table of their
+    tokens/s with the ratio variant / base per pair and the median ratio."""
     rows, ratios = [], []
-    common = [*MID, "data.batch_size=8", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]
     for i in range(repeats):
-        variants = {"one": lambda: run([*common, "strategy=auto"]),
-                    "two": lambda: run([*common, "strategy=ddp", "trainer.devices=2"], threads=1)}
-        order = ["one", "two"] if i % 2 == 0 else ["two", "one"]  # alternate which runs first
-        got = {name: variants[name]() for name in order}
-        one, two = got["one"], got["two"]
-        t1, t2 = one["summary"]["tokens_per_sec"], two["summary"]["tokens_per_sec"]
-        rows.append((t1, t2))
-        ratios.append(t2 / t1)
+        first, second = (base, variant) if i % 2 == 0 else (variant, base)  # alternate which runs first
+        got = {id(f): f() for f in (first, second)}
+        a, b = got[id(base)]["summary"]["tokens_per_sec"], got[id(variant)]["summary"]["tokens_per_sec"]
+        rows.append((a, b))
+        ratios.append(b / a)
     lines = [
-        "| run | 1 process (2 threads) tokens/s | 2 DDP processes (1 thread each) tokens/s | scaling (2 / 1) |",
+        header,
         "|---|---|---|---|",
         *[f"| {i + 1} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |" for i, (a, b) in enumerate(rows)],
         f"| median | | | **{statistics.median(ratios):.2f}x** |",
     ]
     return "\n".join(lines)
+
+
+def ddp_scaling(steps: int, repeats: int) -> str:
+    """Same per-process batch: 1 process (torch's 2 threads) vs 2 DDP processes (1 thread each)."""
+    common = [*MID, "data.batch_size=8", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]
+    return paired_tokens_per_sec(
+        repeats, lambda: run([*common, "strategy=auto"]),
+        lambda: run([*common, "strategy=ddp", "trainer.devices=2"], threads=1),
+        "| run | 1 process (2 threads) tokens/s | 2 DDP processes (1 thread each) tokens/s | scaling (2 / 1) |")
 
 
 # ~200M parameters: GPT-2 layout, 16 layers x 1024 wide (vocabulary of the builtin tokenizer)
@@ -249,23 +255,10 @@ def zero_memory(steps: int, strategies: list[str], extra: list[str], ds_extra: l
 
 
 def cpu_bf16(steps: int, repeats: int) -> str:
-    rows, ratios = [], []
     common = [*MID, "data.batch_size=8", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]
-    for i in range(repeats):
-        variants = {"fp32": lambda: run([*common, "strategy=auto", "precision=32"]),
-                    "bf16": lambda: run([*common, "strategy=cpu_bf16"])}
-        order = ["fp32", "bf16"] if i % 2 == 0 else ["bf16", "fp32"]  # alternate which runs first
-        got = {name: variants[name]() for name in order}
-        a, b = got["fp32"]["summary"]["tokens_per_sec"], got["bf16"]["summary"]["tokens_per_sec"]
-        rows.append((a, b))
-        ratios.append(b / a)
-    lines = [
-        "| run | fp32 (strategy=auto precision=32) tokens/s | strategy=cpu_bf16 (bf16-mixed) tokens/s | ratio |",
-        "|---|---|---|---|",
-        *[f"| {i + 1} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |" for i, (a, b) in enumerate(rows)],
-        f"| median | | | **{statistics.median(ratios):.2f}x** |",
-    ]
-    return "\n".join(lines)
+    return paired_tokens_per_sec(
+        repeats, lambda: run([*common, "strategy=auto", "precision=32"]), lambda: run([*common, "strategy=cpu_bf16"]),
+        "| run | fp32 (strategy=auto precision=32) tokens/s | strategy=cpu_bf16 (bf16-mixed) tokens/s | ratio |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,11 +28,12 @@ BASES: dict[str, list[str]] = {
 }
 _PRETRAIN_SOURCES = ("data/builtin.py", "data/tokenizer.py", "data/formats.py", "data/templates.py",
                      "stages/pretrain.py")
+_SFT_SOURCES = (*_PRETRAIN_SOURCES, "stages/sft.py", "metrics.py", "../conf/stage/sft.yaml")
 # per base: the sources its recipe runs (editing the SFT stage must not rebuild the pretrained base)
 _HASHED_SOURCES: dict[str, tuple[str, ...]] = {
     "tiny-pretrained": _PRETRAIN_SOURCES,
-    "tiny-sft": (*_PRETRAIN_SOURCES, "stages/sft.py", "metrics.py", "../conf/stage/sft.yaml"),
-    "tiny-sft-early": (*_PRETRAIN_SOURCES, "stages/sft.py", "metrics.py", "../conf/stage/sft.yaml"),
+    "tiny-sft": _SFT_SOURCES,
+    "tiny-sft-early": _SFT_SOURCES,
 }
 
 

@@ -13,6 +13,7 @@ from llmlab.losses.ppo import (
     FixedKLController,
     gae_advantages,
     kl_penalized_rewards,
+    leave_one_out_centered,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -25,5 +26,5 @@ __all__ = [
     "IGNORE_INDEX", "causal_lm_loss", "causal_lm_loss_sum", "sequence_logprobs", "token_logprobs",
     "entropy_from_logits", "PairwiseRewardLoss", "pairwise_accuracy", "DPOLoss", "IPOLoss", "DPOOutput",
     "masked_mean", "masked_var", "masked_whiten", "gae_advantages", "ppo_policy_loss", "ppo_value_loss",
-    "AdaptiveKLController", "FixedKLController", "kl_penalized_rewards",
+    "AdaptiveKLController", "FixedKLController", "kl_penalized_rewards", "leave_one_out_centered",
 ]

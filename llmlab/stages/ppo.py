@@ -46,8 +46,8 @@ from torchmetrics import MeanMetric
 from llmlab.data.formats import pad_rows, tokenize_example
 from llmlab.errors import ConfigError
 from llmlab.losses import (AdaptiveKLController, entropy_from_logits, gae_advantages, kl_penalized_rewards,
-                           masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs)
-from llmlab.losses.ppo import leave_one_out_centered
+                           leave_one_out_centered, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
+                           token_logprobs)
 from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, hf_dir, load_reference, summary_extras
