@@ -27,32 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from llmlab.memory import release_and_reset_peak, status_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LLMLAB_BENCH_CACHE", ROOT / "bench" / "out" / "opt1.3b-random-bf16"))
-
-
-def status_mb(field: str = "VmRSS") -> float:
-    """A memory field of /proc/self/status in MB (VmRSS, VmHWM, RssAnon, RssFile)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def release_and_reset_peak() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise) and restart the peak-RSS counter
-    (VmHWM; `echo 5 > /proc/self/clear_refs`, Linux >= 4.0), so the next peak is the step's own."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def peak_mb() -> float:

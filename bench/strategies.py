@@ -28,6 +28,8 @@ from pathlib import Path
 
 import lightning as L
 
+from llmlab.memory import release_and_reset_peak, reset_peak, status_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
 QUIET = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
@@ -38,20 +40,6 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "tr
 # --------------------------------------------------------------------------------------------------
 # The probe (runs inside each rank of llmlab.run)
 # --------------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    try:  # reset the kernel's peak-RSS watermark (VmHWM) of this process
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 class MemoryProbe(L.Callback):
@@ -65,31 +53,25 @@ class MemoryProbe(L.Callback):
         self.phases: list[dict] = []
 
     def on_train_start(self, trainer, pl_module):
-        import ctypes
-        import gc
-
-        gc.collect()
-        try:  # hand memory freed during setup (e.g. the full model before ZeRO-3 partitioned it) back
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        _reset_peak()  # model building and setup are not training
-        self.start_rss_kib = _status_kib("VmRSS")
+        # memory freed during setup (e.g. the full model before ZeRO-3 partitioned it) goes back to the
+        # OS, and model building and setup do not count as training's peak
+        release_and_reset_peak()
+        self.start_rss_mb = status_mb("VmRSS")
         self._t = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        _reset_peak()
+        reset_peak()
         self._phase = {}
 
     def on_after_backward(self, trainer, pl_module):
-        self._phase.update(fwd_bwd_peak_mb=_status_kib("VmHWM") / 1024, after_backward_rss_mb=_status_kib("VmRSS") / 1024)
-        _reset_peak()
+        self._phase.update(fwd_bwd_peak_mb=status_mb("VmHWM"), after_backward_rss_mb=status_mb("VmRSS"))
+        reset_peak()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
         self.times.append(now - self._t)
         self._t = now
-        self._phase.update(step_peak_mb=_status_kib("VmHWM") / 1024, end_rss_mb=_status_kib("VmRSS") / 1024)
+        self._phase.update(step_peak_mb=status_mb("VmHWM"), end_rss_mb=status_mb("VmRSS"))
         self.phases.append(self._phase)
 
     def on_train_end(self, trainer, pl_module):
@@ -98,10 +80,10 @@ class MemoryProbe(L.Callback):
         record = {
             "rank": trainer.global_rank, "world_size": trainer.world_size,
             "step_seconds": self.times,
-            "start_rss_mb": self.start_rss_kib / 1024,
-            "train_peak_rss_mb": max(peaks, default=_status_kib("VmHWM") / 1024),
+            "start_rss_mb": self.start_rss_mb,
+            "train_peak_rss_mb": max(peaks, default=status_mb("VmHWM")),
             "phases": self.phases,
-            "end_rss_mb": _status_kib("VmRSS") / 1024,
+            "end_rss_mb": status_mb("VmRSS"),
             # ZeRO-3 leaves each parameter an empty placeholder; ds_numel is its real size
             "params": sum(getattr(p, "ds_numel", p.numel()) for p in pl_module.model.parameters()),
         }

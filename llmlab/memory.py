@@ -158,3 +158,40 @@ def format_estimate(est: dict) -> str:
             "optimizer {optimizer_states_gib} GiB + activations {activations_gib} GiB = {total_gib} GiB "
             "(precision {precision}, batch {batch_size} x seq {seq_len}, ZeRO-{zero_stage} over {world_size})"
             ).format(**est)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured memory of this process (Linux /proc), for benchmarks that need a step's own peak
+# --------------------------------------------------------------------------------------------------
+
+
+def status_mb(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MB (VmRSS, VmHWM, RssAnon, RssFile); NaN if absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM; `echo 5 > /proc/self/clear_refs`, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def release_and_reset_peak() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), then restart the peak counter, so the
+    next peak is that of what follows (e.g. a training step, not model loading)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    reset_peak()
