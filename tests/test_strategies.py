@@ -188,6 +188,9 @@ def _worker(argv: list[str]) -> None:
         **module.record,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+    from llmlab.train import close_process_group
+
+    close_process_group()  # every rank exits 0 (no gloo threads left at interpreter shutdown)
 
 
 # ------------------------------------------------------------------------------------------------

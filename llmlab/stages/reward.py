@@ -7,6 +7,10 @@ as it did here when loaded with `AutoModelForSequenceClassification.from_pretrai
 A batch of B pairs is one (2B, T) tensor: chosen rows first, then rejected (PreferenceFormat), so one
 forward scores both. Validation: pairwise accuracy (`val/accuracy`; summary.json `val_accuracy`) and
 the mean margin r_chosen - r_rejected (`val/margin`).
+
+Dropout is off by default (`disable_dropout`, as TRL's RewardTrainer): the pairwise loss compares two
+scores of one forward pass, and independent dropout masks on the chosen and rejected rows add noise to
+exactly the difference being learned; the exported model is used without dropout anyway.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from llmlab.losses import PairwiseRewardLoss, pairwise_accuracy
+from llmlab.stages import alignment
 from llmlab.stages.alignment import last_logged, summary_extras
 from llmlab.stages.common import configure_optimizers, log_train
 
@@ -34,8 +39,11 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class RewardModule(L.LightningModule):
     data_format = "preference"
 
-    def __init__(self, model, tokenizer, optimizer, scheduler=None, loss: torch.nn.Module | None = None):
+    def __init__(self, model, tokenizer, optimizer, scheduler=None, loss: torch.nn.Module | None = None,
+                 disable_dropout: bool = True):
         super().__init__()
+        if disable_dropout:
+            alignment.disable_dropout(model)
         self.model, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss_fn = loss if loss is not None else PairwiseRewardLoss()
