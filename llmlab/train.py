@@ -110,7 +110,8 @@ def train(cfg: DictConfig) -> float | None:
     # SeedPerRank: several processes draw different dropout masks / samples (same model init everywhere)
     # NonFiniteGuard: NaN/inf updates skipped on all ranks; a streak of them stops the run (diverged)
     guard = NonFiniteGuard(cfg.trainer.get("max_bad_steps", 3))
-    callbacks = [summary, SeedPerRank(cfg.seed), guard, *_instantiate_dict(cfg.callbacks)]
+    # (the guard runs before RunSummary so each step's `train/skipped_steps` is recorded with that step)
+    callbacks = [guard, summary, SeedPerRank(cfg.seed), *_instantiate_dict(cfg.callbacks)]
     if cfg.stop_at_step:
         from llmlab.callbacks.stop import StopAtStep
 

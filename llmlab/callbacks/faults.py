@@ -9,7 +9,8 @@ rollouts, DPO's reference) are untouched.
     python -m llmlab.run stage=sft +callbacks.nan._target_=llmlab.callbacks.faults.InjectNaN \
         +callbacks.nan.step=3 +callbacks.nan.rank=1 +callbacks.nan.count=-1
 
-step: first global step (optimizer steps done) to poison; count: how many steps (-1: every step from
+step: the first optimizer step to poison, 1-based as history.json and the guard's messages count
+(the forwards of step k run while `trainer.global_step == k - 1`); count: how many steps (-1: every step from
 `step` on); rank: the process to poison (null: all).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ class InjectNaN(L.Callback):
             return False
         if self.rank is not None and trainer.global_rank != int(self.rank):
             return False
-        s = trainer.global_step
+        s = trainer.global_step + 1  # the optimizer step this forward belongs to, 1-based as history.json
         return s >= self.step and (self.count < 0 or s < self.step + self.count)
 
     def on_train_start(self, trainer, pl_module):

@@ -76,7 +76,7 @@ class NonFiniteGuard(L.Callback):
         self._end_step(trainer, pl_module)  # manual optimization: the previous step of this batch
         if (g := self.guard(pl_module)) is not None:
             g.begin_step()
-            self._step = trainer.global_step
+            self._step = trainer.global_step + 1  # the update being made, 1-based as history.json counts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._end_step(trainer, pl_module)
