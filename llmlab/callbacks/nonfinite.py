@@ -86,13 +86,14 @@ class NonFiniteGuard(L.Callback):
         g = self.guard(pl_module)
         if g is None or not g._open:
             return
-        if not g.end_step(skipped_elsewhere=deepspeed_skipped(trainer)):
+        by_strategy = g._decision is None and deepspeed_skipped(trainer)
+        if not g.end_step(skipped_elsewhere=by_strategy):
             self.streak_start = None
             return
         if self.streak_start is None:
             self.streak_start = self._step
-        log.warning("non-finite loss or gradients at step %d: update skipped on all ranks (%d in a row)",
-                    self._step, g.bad_streak)
+        log.warning("non-finite loss or gradients at step %d: update skipped on all ranks (%d in a row%s)",
+                    self._step, g.bad_streak, "; by DeepSpeed's overflow check" if by_strategy else "")
         self._skip_checkpoint_now(trainer)
         if g.bad_streak >= self.max_bad_steps and self.diverged_at is None:
             self.diverged_at = trainer.global_step
