@@ -27,29 +27,46 @@ STAGES = {
 }
 
 
-def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint holds: a Lightning file, or DeepSpeed's directory (rank 0's model states)."""
+def _tensors(obj, prefix: str = ""):
+    """Every tensor inside a loaded checkpoint object (dicts, lists), with a path-like name."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """A Lightning checkpoint file, or every file of DeepSpeed's checkpoint directory (model states and
+    each rank's optimizer states: under ZeRO-3 the weights live in the fp32 partitions there)."""
     path = Path(path)
     if path.is_dir():
         tag = (path / "latest").read_text().strip()
-        ckpt = torch.load(path / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v for k, v in ckpt["module"].items() if torch.is_tensor(v)}
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        return sorted((path / tag).glob("*.pt"))
+    return [path]
 
 
 def checkpoint_step(path: Path) -> int:
-    path = Path(path)
-    if path.is_dir():
-        tag = (path / "latest").read_text().strip()
-        return torch.load(path / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["global_step"]
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return _load(checkpoint_files(path)[0])["global_step"]
 
 
 def assert_finite(path: Path) -> None:
-    tensors = checkpoint_tensors(path)
-    assert tensors
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    assert not bad, f"non-finite weights in {path}: {bad[:5]}"
+    """Every floating tensor of the model and optimizer (weights, moments, fp32 partitions) is finite."""
+    n, bad = 0, []
+    for file in checkpoint_files(path):
+        for name, t in _tensors(_load(file)):
+            if t.is_floating_point() and not name.startswith("/callbacks"):  # ModelCheckpoint's kth_value is inf
+                n += 1
+                if not torch.isfinite(t).all():
+                    bad.append(f"{file.name}:{name}")
+    assert n and not bad, f"non-finite tensors in {path}: {bad[:5]}"
 
 
 def skipped_history(run_dir: Path) -> list[int]:
