@@ -233,3 +233,24 @@ def test_two_processes_zero2_nan_streak_on_one_rank_diverges(tmp_path):
     ckpt = Path(s["last_good_checkpoint"])
     assert ckpt == result.run_dir / "checkpoints" / "last.ckpt" and checkpoint_step(ckpt) == 3
     assert_finite(ckpt)
+
+
+@pytest.mark.slow
+def test_multirun_records_a_diverged_job_and_goes_on(tmp_path):
+    """A sweep job that diverges before any checkpoint: recorded (status diverged, no checkpoint, none
+    written at its end), and the next job still runs; the sweep exits 0."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = [*STAGES["sft"], *QUICK, NAN, "+callbacks.nan.step=2", "+callbacks.nan.count=-1,1"]
+    proc = subprocess.run([sys.executable, "-m", "llmlab.run", "-m", *args, f"hydra.sweep.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    first, second = (json.loads((tmp_path / str(i) / "summary.json").read_text()) for i in (0, 1))
+    assert first["status"] == "diverged" and first["diverged_at_step"] == 4 and first["last_good_checkpoint"] is None
+    assert not (tmp_path / "0" / "checkpoints" / "last.ckpt").exists()
+    assert second["status"] == "finished" and second["skipped_steps"] == 1 and second["global_step"] == 6

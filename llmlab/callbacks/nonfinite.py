@@ -42,7 +42,8 @@ class NonFiniteGuard(L.Callback):
             raise ConfigError(f"trainer.max_bad_steps={max_bad_steps}: use 1 or more")
         self.max_bad_steps = int(max_bad_steps)
         self.diverged_at: int | None = None     # global step at which the run was stopped
-        self.streak_start: int | None = None    # global step of the first update of the current streak
+        self.streak_start: int | None = None    # step of the first update of the current streak
+        self.last_good: str | None = None       # newest checkpoint when the run diverged
         self._resumed_skipped = 0
 
     @staticmethod
@@ -94,38 +95,46 @@ class NonFiniteGuard(L.Callback):
             self.streak_start = self._step
         log.warning("non-finite loss or gradients at step %d: update skipped on all ranks (%d in a row%s)",
                     self._step, g.bad_streak, "; by DeepSpeed's overflow check" if by_strategy else "")
-        self._skip_checkpoint_now(trainer)
+        self._hold_checkpoints(trainer)
         if g.bad_streak >= self.max_bad_steps and self.diverged_at is None:
             self.diverged_at = trainer.global_step
+            self.last_good = self._newest_checkpoint(trainer)  # all written before the streak (held since)
             trainer.should_stop = True  # every rank took the same (all-reduced) decisions
 
-    @staticmethod
-    def _skip_checkpoint_now(trainer) -> None:
-        """No checkpoint at a skipped step: the newest one then predates the bad streak.
+    def _hold_checkpoints(self, trainer) -> None:
+        """No checkpoint at a skipped step, nor at the end of a diverged run: the newest checkpoint
+        then predates the bad streak, and `resume=auto` restarts before it.
 
-        ModelCheckpoint saves after this hook (checkpoint callbacks run last) unless it thinks it
-        already saved at this global step; telling it so is enough (weights are finite either way,
-        the guard never applies a bad update, but `resume=auto` should restart before the streak).
+        Weights are finite either way (the guard never applies a bad update); this is about which step
+        a resume starts from. ModelCheckpoint saves after this hook (Lightning runs checkpoint callbacks
+        last) unless it already saved at this global step, and at train end unless it saved at all;
+        setting those two records is the only veto it offers (Lightning 2.6 private attributes).
         """
         for cb in trainer.checkpoint_callbacks:
             if hasattr(cb, "_last_global_step_saved"):
                 cb._last_global_step_saved = trainer.global_step
+            if self.diverged_at is not None and hasattr(cb, "_last_checkpoint_saved"):
+                cb._last_checkpoint_saved = cb._last_checkpoint_saved or "(held: run diverged)"
 
-    # --- the outcome ---
-    def last_good_checkpoint(self, trainer) -> str | None:
+    @staticmethod
+    def _newest_checkpoint(trainer) -> str | None:
         cb = trainer.checkpoint_callback
         return (getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") or None) if cb else None
 
+    # --- the outcome ---
     def outcome(self, trainer) -> dict:
         """Keys for summary.json."""
         out = {"skipped_steps": self._skipped}
         if self.diverged_at is not None:
             out.update(status="diverged", diverged_at_step=self.diverged_at,
-                       bad_streak_start=self.streak_start, last_good_checkpoint=self.last_good_checkpoint(trainer))
+                       bad_streak_start=self.streak_start, last_good_checkpoint=self.last_good)
         return out
 
     def on_train_end(self, trainer, pl_module):
         from llmlab.callbacks.summary import RunSummary
+
+        if self.diverged_at is not None:
+            self._hold_checkpoints(trainer)  # ModelCheckpoint.on_train_end runs after this hook
 
         for cb in trainer.callbacks:
             if isinstance(cb, RunSummary):
