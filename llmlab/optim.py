@@ -1,9 +1,12 @@
 """Optimizer parameter groups and learning-rate schedules (warmup + cosine / linear / constant)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+log = logging.getLogger("llmlab")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -85,9 +88,12 @@ class StepGuard:
     stay), so weights can never become non-finite; Lightning still counts the step (global_step, LR
     schedule and the data position advance, so resume stays exact).
 
-    ZeRO calls the base step once per parameter (sub-)group within one optimizer step; the callback
-    (`llmlab.callbacks.nonfinite.NonFiniteGuard`) opens a step window (`begin_step`) so the decision
-    taken at the first call holds for the rest of that step. Without a window each call is one step.
+    ZeRO calls the base step once per parameter (sub-)group within one optimizer step, each group's
+    gradients made just before its call; the callback (`llmlab.callbacks.nonfinite.NonFiniteGuard`)
+    opens a step window (`begin_step`) so the collective decision taken at the first call holds for
+    the rest of that step (same all-reduce count on every rank). A later group that still turns out
+    non-finite is not applied on that rank. DeepSpeed's own global-norm check (on by default in fp32)
+    drops such steps before any group. Without a window each call is one step.
     """
 
     def __init__(self):
@@ -110,6 +116,12 @@ class StepGuard:
         """Skip this update? Collective (all-reduce) the first time it is asked within a step."""
         if self._decision is None:
             self._decision = any_rank(self.loss_bad or not grads_finite(optimizer))
+        elif not self._decision and not grads_finite(optimizer):
+            # a later ZeRO group of a step decided "apply" went non-finite (DeepSpeed's own norm check
+            # off): never apply NaN, but keep the step's collective decision (and counts) as it is
+            log.warning("non-finite gradients in a later parameter group of an applied step: that group's "
+                        "update is skipped on this rank only")
+            return True
         decision = self._decision
         if not self._open:  # no window: each call is a step of its own
             self._finish(decision)

@@ -136,8 +136,12 @@ def test_guard_counts_a_non_finite_loss_and_decides_once_per_step():
     assert guard.end_step() is True
     assert guard.skipped == 1 and torch.equal(model.weight, before)
     guard.begin_step()
+    opt.step()  # first group: finite, decided "apply"
+    applied = model.weight.clone()
+    model.weight.grad[0, 0] = float("nan")  # a later group goes NaN: not applied, decision kept
     opt.step()
     assert guard.end_step() is False and guard.skipped == 1
+    assert torch.equal(model.weight, applied) and torch.isfinite(model.weight).all()
 
 
 # ------------------------------------------------------------------------------------- one process
