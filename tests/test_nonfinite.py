@@ -7,13 +7,16 @@ zero2 and zero3 with the fault on one rank only.
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import FAST, assert_ok
+from tests.conftest import FAST, ROOT, assert_ok
 
 NAN = "+callbacks.nan._target_=llmlab.callbacks.faults.InjectNaN"
 QUICK = ["callbacks.samples.prompts=[]", "callbacks.hf_export=null", "trainer.log_every_n_steps=1"]
@@ -71,8 +74,6 @@ def assert_finite(path: Path) -> None:
 
 def skipped_history(run_dir: Path) -> list[int]:
     """Optimizer steps (1-based) whose logged train/loss is NaN: the poisoned ones."""
-    import json
-
     history = json.loads((Path(run_dir) / "history.json").read_text())
     return [s for s, v in history["train/loss"] if v is None or math.isnan(v)]
 
@@ -243,17 +244,10 @@ def test_two_processes_zero2_nan_streak_on_one_rank_diverges(tmp_path):
 def test_multirun_records_a_diverged_job_and_goes_on(tmp_path):
     """A sweep job that diverges before any checkpoint: recorded (status diverged, no checkpoint, none
     written at its end), and the next job still runs; the sweep exits 0."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     args = [*STAGES["sft"], *QUICK, NAN, "+callbacks.nan.step=2", "+callbacks.nan.count=-1,1"]
     proc = subprocess.run([sys.executable, "-m", "llmlab.run", "-m", *args, f"hydra.sweep.dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     first, second = (json.loads((tmp_path / str(i) / "summary.json").read_text()) for i in (0, 1))
     assert first["status"] == "diverged" and first["diverged_at_step"] == 4 and first["last_good_checkpoint"] is None
     assert not (tmp_path / "0" / "checkpoints" / "last.ckpt").exists()
