@@ -51,10 +51,18 @@ OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, r
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from llmlab.callbacks.nonfinite import RunDiverged
     from llmlab.train import USER_ERRORS, record_failure, train
 
     try:
         return train(cfg)
+    except RunDiverged as err:  # not a user error (exit 2) nor a crash: exit 1, summary.json says why
+        if _is_multirun():  # the sweep goes on; summary.json already records status=diverged
+            log.error("job diverged: %s", err)
+            return math.nan
+        if err.report:
+            print(f"llmlab: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except Exception as err:  # noqa: BLE001 - every failure is reported once, in one place
         user_error = isinstance(err, USER_ERRORS)
         if _is_multirun():  # a failed sweep job must not stop the sweep: record it and go on

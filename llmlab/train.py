@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
 
     from llmlab import checks
+    from llmlab.callbacks.nonfinite import NonFiniteGuard
     from llmlab.callbacks.summary import RunSummary
     from llmlab.data.datamodule import LLMDataModule
     from llmlab.models import build_tokenizer, count_params
@@ -122,7 +123,10 @@ def train(cfg: DictConfig) -> float | None:
 
     summary = RunSummary(run_dir, info)
     # SeedPerRank: several processes draw different dropout masks / samples (same model init everywhere)
-    callbacks = [summary, SeedPerRank(cfg.seed), *_instantiate_dict(cfg.callbacks)]
+    # NonFiniteGuard: NaN/inf updates skipped on all ranks; a streak of them stops the run (diverged)
+    guard = NonFiniteGuard(cfg.trainer.get("max_bad_steps", 3))
+    # (the guard runs before RunSummary so each step's `train/skipped_steps` is recorded with that step)
+    callbacks = [guard, summary, SeedPerRank(cfg.seed), *_instantiate_dict(cfg.callbacks)]
     if cfg.stop_at_step:
         from llmlab.callbacks.stop import StopAtStep
 
@@ -131,12 +135,16 @@ def train(cfg: DictConfig) -> float | None:
     strategy = instantiate(cfg.strategy)
     # a stage may need Trainer settings adjusted (ppo: manual optimization clips its own gradients)
     stage_trainer_kwargs = module.trainer_overrides(cfg.trainer) if hasattr(module, "trainer_overrides") else {}
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=strategy,
+    trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_bad_steps"}
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, strategy=strategy,
                                      **stage_trainer_kwargs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
     close_process_group()
 
+    diverged = guard.error(trainer)  # run.py: one line, exit 1 (summary.json says status=diverged)
     if not trainer.is_global_zero:
+        if diverged:
+            raise diverged
         return None
     result = json.loads((run_dir / "summary.json").read_text())
     for cb in callbacks:  # generated samples go into the summary too
@@ -146,5 +154,7 @@ def train(cfg: DictConfig) -> float | None:
         result["val_predictions"] = module.predictions
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("summary: %s", {k: v for k, v in result.items() if k not in ("samples", "val_predictions")})
+    if diverged:
+        raise diverged
     metric = result.get(cfg.optimized_metric) if cfg.optimized_metric else None
     return float(metric) if isinstance(metric, (int, float)) and math.isfinite(metric) else None

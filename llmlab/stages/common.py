@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from llmlab.data.packing import block_causal_mask
-from llmlab.optim import param_groups
+from llmlab.optim import guard_optimizer, param_groups
 from llmlab.peft import uses_virtual_tokens
 
 
@@ -49,9 +49,14 @@ def _virtual_token_logits(model, batch: dict, packing: str) -> torch.Tensor:
 
 
 def configure_optimizers(module, optimizer_factory, scheduler_factory):
-    """AdamW-style groups (no decay on 1-D params) + a per-step LR schedule over the whole run."""
+    """AdamW-style groups (no decay on 1-D params) + a per-step LR schedule over the whole run.
+
+    The optimizer skips a non-finite update on all ranks together (`llmlab.optim.guard_optimizer`);
+    its guard is `module.step_guard`, read by `llmlab.callbacks.nonfinite.NonFiniteGuard`.
+    """
     weight_decay = getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
     optimizer = optimizer_factory(param_groups(module, weight_decay))
+    module.step_guard = guard_optimizer(optimizer)
     if scheduler_factory is None:
         return optimizer
     scheduler = scheduler_factory(optimizer, total_steps=module.trainer.estimated_stepping_batches)

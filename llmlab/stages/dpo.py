@@ -10,7 +10,8 @@ A batch of B pairs is one (2B, T) tensor (chosen rows, then rejected), so one po
 reference forward score both. Logged: loss, implicit rewards beta * (log pi - log ref) of chosen and
 rejected, reward accuracy (`val/reward_accuracy`) and margin (`val/reward_margin`), and the exact
 match of greedy answers to the held-out prompts (`val/exact_match`, same metric as stage=sft).
-A step whose loss is not finite is skipped (counted in `train/skipped_steps`), never applied.
+A step whose loss is not finite is skipped on all ranks by the shared guard (`llmlab.optim.StepGuard`,
+counted in `train/skipped_steps`), never applied.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import logging
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric
 
 from llmlab.losses import DPOLoss, causal_lm_loss, sequence_logprobs
 from llmlab.metrics import ExactMatch
@@ -56,7 +57,6 @@ class DPOModule(L.LightningModule):
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_chosen, self.val_rejected, self.val_logps_chosen = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_exact_match = ExactMatch()
-        self.skipped_steps = SumMetric()
 
     # ------------------------------------------------------------------ log-probs
     def policy_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +111,6 @@ class DPOModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, out, _ = self._losses(batch)
-        if not torch.isfinite(loss):  # NaN/inf: skip the update rather than poison the weights
-            self.skipped_steps.update(1.0)
-            self.log("train/skipped_steps", self.skipped_steps)
-            log.warning("dpo: non-finite loss at step %d; update skipped", self.global_step)
-            return None
         chosen, rejected = out.chosen_rewards, out.rejected_rewards  # (B,), (B,)
         # per optimizer step: means over micro-batches and ranks
         log_train(self, "train/loss", loss, prog_bar=True)
