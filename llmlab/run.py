@@ -51,22 +51,41 @@ OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, r
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from llmlab.train import USER_ERRORS, record_failure, train
-
     try:
+        # pure-config rules first (no torch/lightning import: a typo fails in ~1 s, not ~10 s)
+        from llmlab.checks import check_settings
+
+        check_settings(cfg)
+        from llmlab.train import train
+
         return train(cfg)
     except Exception as err:  # noqa: BLE001 - every failure is reported once, in one place
-        user_error = isinstance(err, USER_ERRORS)
+        from llmlab.errors import fail, one_line
+        from llmlab.redact import redact_text
+
+        user_error = is_user_error(err)
         if _is_multirun():  # a failed sweep job must not stop the sweep: record it and go on
+            from llmlab.train import record_failure
+
             record_failure(cfg, err)
-            log.error("job failed: %s: %s", type(err).__name__, err, exc_info=not user_error)
+            log.error("job failed: %s: %s", type(err).__name__, redact_text(one_line(err)), exc_info=not user_error)
             return math.nan
         if user_error:
-            print(f"llmlab: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            fail(err)
         raise
 
 
+def is_user_error(err: BaseException) -> bool:
+    """ConfigError / DataError / a missing file: the user's input, reported as one line (exit 2)."""
+    from llmlab.data.sources import DataError
+    from llmlab.errors import ConfigError
+
+    return isinstance(err, (ConfigError, DataError, FileNotFoundError))
+
+
 if __name__ == "__main__":
+    from llmlab.errors import guard_hydra
+
     sys.argv = quote_numeric_choices(sys.argv)
+    guard_hydra("train")
     main()

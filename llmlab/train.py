@@ -77,7 +77,10 @@ def train(cfg: DictConfig) -> float | None:
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # credentials typed as overrides (+wandb_api_key=..., URLs with user:pass@) never reach the disk
+    from llmlab.redact import redacted_yaml
+
+    (run_dir / "config_resolved.yaml").write_text(redacted_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
