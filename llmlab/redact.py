@@ -54,3 +54,34 @@ def redacted_yaml(cfg, resolve: bool = True) -> str:
 
     plain = OmegaConf.to_container(cfg, resolve=resolve)
     return OmegaConf.to_yaml(OmegaConf.create(redact(plain)))
+
+
+def redact_file(path) -> None:
+    """Mask secrets in a text file in place (Hydra's .hydra/*.yaml, multirun.yaml); untouched if clean."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return
+    clean = redact_text(text)
+    if clean != text:
+        path.write_text(clean)
+
+
+def redact_hydra_outputs() -> None:
+    """Mask secrets in what Hydra wrote for this job before calling it: <run dir>/.hydra/{config,hydra,
+    overrides}.yaml and, in a sweep, <sweep dir>/multirun.yaml (they hold the command line verbatim)."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.output_subdir is not None:
+        for f in sorted((Path(hc.runtime.output_dir) / str(hc.output_subdir)).glob("*.yaml")):
+            redact_file(f)
+    if hc.sweep.dir:
+        redact_file(Path(str(hc.sweep.dir)) / "multirun.yaml")

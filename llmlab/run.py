@@ -51,6 +51,9 @@ OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, r
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from llmlab.redact import redact_hydra_outputs
+
+    redact_hydra_outputs()  # Hydra wrote the command line verbatim: no credentials on disk
     try:
         # pure-config rules first (no torch/lightning import: a typo fails in ~1 s, not ~10 s)
         from llmlab.checks import check_settings
