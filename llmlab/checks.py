@@ -89,10 +89,6 @@ def check_data(cfg) -> None:
             check_files(d.val_files, "data.val_files")
     if d.get("packing") not in (None, "document", "concat"):
         raise ConfigError(f"data.packing={d.packing!r}: use document or concat")
-    positions = _model_positions(cfg.model)
-    if positions is not None and d.block_size > positions:
-        raise ConfigError(f"data.block_size={d.block_size} exceeds the model's {positions} positions "
-                          f"(model={cfg.model.name}); lower data.block_size to at most {positions}")
 
 
 def _architecture_on_meta(cfg):
@@ -399,6 +395,12 @@ def check_data_settings(cfg) -> None:
     template = d.get("prompt_template")
     if stage != "pretrain" and template is not None:
         check_template_text(str(template), "data.prompt_template")
+    positions = _model_positions(cfg.model)
+    if not cfg.get("dry_run") and positions is not None and isinstance(d.get("block_size"), int) \
+            and d.block_size > positions:
+        source = f"model.pretrained={cfg.model.pretrained}" if local_config(cfg.model) else f"model={cfg.model.name}"
+        raise ConfigError(f"data.block_size={d.block_size} exceeds the model's {positions} positions "
+                          f"({source}); lower data.block_size to at most {positions}")
 
 
 def check_template_text(template: str, setting: str) -> None:

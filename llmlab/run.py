@@ -74,8 +74,38 @@ def main(cfg: DictConfig) -> float | None:
             log.error("job failed: %s: %s", type(err).__name__, redact_text(one_line(err)), exc_info=not user_error)
             return math.nan
         if user_error:
+            restore_hydra_dir(_HYDRA_DIR_BEFORE)
             fail(err)
         raise
+
+
+# An existing run dir (resume: hydra.run.dir=<run dir>) gets its .hydra/*.yaml rewritten by Hydra before
+# the checks run; a refused command puts them back, so it leaves the run dir byte-identical.
+_HYDRA_DIR_BEFORE: dict = {}
+
+
+def snapshot_hydra_dir(argv: list[str]) -> dict:
+    """{path: bytes} of <hydra.run.dir>/.hydra/* named on the command line, when that dir exists."""
+    from pathlib import Path
+
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            d = Path(arg.split("=", 1)[1]).expanduser() / ".hydra"
+            if d.is_dir():
+                return {"dir": d, "files": {f: f.read_bytes() for f in d.iterdir() if f.is_file()}}
+    return {}
+
+
+def restore_hydra_dir(snapshot: dict) -> None:
+    """Put an existing run's .hydra files back as they were (and drop files Hydra added)."""
+    if not snapshot:
+        return
+    for f in snapshot["dir"].iterdir():
+        if f.is_file() and f not in snapshot["files"]:
+            f.unlink()
+    for f, data in snapshot["files"].items():
+        if not f.is_file() or f.read_bytes() != data:
+            f.write_bytes(data)
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -90,5 +120,6 @@ if __name__ == "__main__":
     from llmlab.errors import guard_hydra
 
     sys.argv = quote_numeric_choices(sys.argv)
+    _HYDRA_DIR_BEFORE.update(snapshot_hydra_dir(sys.argv[1:]))
     guard_hydra("train")
     main()
