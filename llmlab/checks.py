@@ -388,6 +388,12 @@ def check_data_settings(cfg) -> None:
         v = d.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"data.{key}={v!r}: give an integer >= 1")
+    if d.get("source") == "text" and not cfg.get("dry_run"):  # local files exist, readable types
+        from llmlab.data.sources import check_files
+
+        check_files(d.get("train_files"), "data.train_files")
+        if d.get("val_files"):
+            check_files(d.val_files, "data.val_files")
     for key in FIELD_KEYS:
         if key in d and (d.get(key) is None or str(d.get(key)).strip() == ""):
             raise ConfigError(f"data.{key} is null: name the record field to read, e.g. data.{key}="
@@ -447,6 +453,9 @@ def check_stage_settings(cfg) -> None:
         raise ConfigError(f"strategy.load_full_weights=true only applies to ZeRO-3 (strategy=zero3), not "
                           f"strategy={strategy.get('name', '?')}: resume a single-file checkpoint with the strategy it "
                           f"was written with (e.g. strategy=ddp), or use strategy=zero3")
+    if cfg.get("resume") not in (None, "none", "auto"):
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (continue from the run dir's last checkpoint), "
+                          f"or ckpt_path=<file>")
     ckpt = cfg.get("ckpt_path")
     if ckpt and not Path(str(ckpt)).expanduser().exists():
         raise ConfigError(f"ckpt_path={ckpt}: no such checkpoint file (or DeepSpeed checkpoint directory)")

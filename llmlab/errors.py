@@ -88,6 +88,8 @@ def _composed_keys(config_name: str, argv: list[str]) -> list[str]:
 def hydra_message(err: BaseException, config_name: str, argv: list[str]) -> str:
     """Hydra's own text (and its OmegaConf cause) on one line, plus a "did you mean" for a bad key."""
     text = one_line(str(err).split("Config search path")[0])  # the search path is Hydra's internals
+    if getattr(err, "override", None) and err.override not in text:  # OverrideParseException: name it
+        text = f"cannot parse the override {err.override!r}: {text}"
     cause = err.__cause__
     if cause is not None and one_line(cause) not in text:
         text = f"{text}; {one_line(cause)}"

@@ -152,23 +152,23 @@ def export_model(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = 
 
 def _load_run(run_dir: Path, ckpt: Path | None):
     """Rebuild a run's model from config_resolved.yaml and load its trained weights."""
-    import torch
     from omegaconf import OmegaConf
 
-    from llmlab.builder import build_stage
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
+    state = None
+    if ckpt.is_file():  # read (safely) before the model is built: a wrong file fails in seconds
+        state = _load_state_dict(ckpt)
+    elif ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    from llmlab.builder import build_stage  # lightning, transformers: only once the weights are readable
     from llmlab.models import build_tokenizer
 
-    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
     tokenizer = build_tokenizer(cfg.model)
     module = build_stage(cfg, tokenizer)
-    ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
-    if ckpt.is_file() or ckpt.is_dir():
-        if ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-        else:
-            state = _load_state_dict(ckpt)
+    if state is not None:
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         missing = trainable - set(state)
         if missing:

@@ -164,7 +164,7 @@ def _override_list(value, setting: str) -> list[str]:
         return []
     if not isinstance(value, (list, ListConfig)) or not all(isinstance(o, str) and "=" in o for o in value):
         raise PipelineError(f"{setting}={value}: give a list of llmlab.run overrides, e.g. "
-                            f"{setting}='[trainer.max_steps=10,data.batch_size=8]'")
+                            f"{setting}=\"['trainer.max_steps=10','data.batch_size=8']\"")
     return [str(o) for o in value]
 
 
