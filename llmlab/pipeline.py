@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llmlab.errors import fail, guard_hydra
-from llmlab.redact import redact, redact_text
+from llmlab.redact import redact, redact_logs, redact_text
 
 log = logging.getLogger("llmlab.pipeline")
 
@@ -251,4 +251,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     guard_hydra("pipeline")
+    redact_logs()
     main()

@@ -85,3 +85,28 @@ def redact_hydra_outputs() -> None:
             redact_file(f)
     if hc.sweep.dir:
         redact_file(Path(str(hc.sweep.dir)) / "multirun.yaml")
+
+
+def redact_logs() -> None:
+    """Mask secrets in every log record of this process (Hydra's launcher logs each job's overrides,
+    e.g. `#0 : +wandb_api_key=...`). A record factory survives Hydra's logging.config.dictConfig, which
+    replaces handlers and filters."""
+    import logging
+
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_llmlab_redact", False):
+        return
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's business, not ours
+            return record
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return record
+
+    factory._llmlab_redact = True
+    logging.setLogRecordFactory(factory)

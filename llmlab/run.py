@@ -118,8 +118,10 @@ def is_user_error(err: BaseException) -> bool:
 
 if __name__ == "__main__":
     from llmlab.errors import guard_hydra
+    from llmlab.redact import redact_logs
 
     sys.argv = quote_numeric_choices(sys.argv)
     _HYDRA_DIR_BEFORE.update(snapshot_hydra_dir(sys.argv[1:]))
     guard_hydra("train")
+    redact_logs()
     main()
