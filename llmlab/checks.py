@@ -555,6 +555,7 @@ def check_settings(cfg) -> None:
     mistyped number or name fails in about a second."""
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
+    check_launcher(cfg)
     check_trainer(cfg)
     check_precision(cfg)
     check_optimization(cfg)

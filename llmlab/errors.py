@@ -114,6 +114,12 @@ def guard_hydra(config_name: str) -> None:
         return
     original = hydra_utils.run_and_report
     user_errors = (ConfigCompositionException, MissingConfigException, OverrideParseException, ConfigKeyError)
+    try:  # llmlab's sweeper: a search space the user wrote that cannot be searched
+        from hydra_plugins.llmlab_optuna._search_space import SearchSpaceError
+
+        user_errors += (SearchSpaceError,)
+    except ImportError:
+        pass
 
     def run_and_report(func):
         def guarded():
