@@ -162,6 +162,7 @@ def _load_run(run_dir: Path, ckpt: Path | None):
     elif ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_deepspeed_pickles(ckpt)  # DeepSpeed unpickles its shards with weights_only=False
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     from llmlab.builder import build_stage  # lightning, transformers: only once the weights are readable
     from llmlab.models import build_tokenizer
@@ -220,6 +221,27 @@ def _load_state_dict(ckpt: Path) -> dict:
     except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, OSError) as err:
         raise ConfigError(f"--ckpt {ckpt}: not a Lightning checkpoint llmlab can read safely (weights_only=True; "
                           f"{type(err).__name__}); pass checkpoints/last.ckpt of a run") from None
+
+
+# the only non-tensor classes DeepSpeed pickles into its shards (optimizer states); plain data
+DEEPSPEED_GLOBALS = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
+def check_deepspeed_pickles(ckpt_dir: Path) -> None:
+    """DeepSpeed's zero_to_fp32 loads shards with weights_only=False: first list each shard's pickled
+    globals without unpickling it (torch.serialization.get_unsafe_globals_in_checkpoint) and refuse
+    any beyond DeepSpeed's own data classes (e.g. os.system in a crafted file)."""
+    import torch
+
+    for f in sorted(Path(ckpt_dir).rglob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
+        except Exception as err:  # noqa: BLE001 - not a torch file at all
+            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} is not a readable DeepSpeed shard ({type(err).__name__})") from None
+        if unsafe - DEEPSPEED_GLOBALS:
+            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} pickles {sorted(unsafe - DEEPSPEED_GLOBALS)[0]}, which a "
+                              f"DeepSpeed checkpoint never holds; refusing to unpickle it")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -137,6 +137,26 @@ def test_export_refuses_a_pickled_payload(secret_run, tmp_path):
     assert "Traceback" not in proc.stderr and not marker.exists() and not (tmp_path / "out").exists()
 
 
+def test_export_refuses_a_deepspeed_dir_with_a_payload(secret_run, tmp_path):
+    """DeepSpeed unpickles its shards with weights_only=False: llmlab.export lists their globals first
+    and refuses a shard that would run a command."""
+    import torch
+
+    _, run_dir, _ = secret_run
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    shards = tmp_path / "last.ckpt" / "checkpoint"
+    shards.mkdir(parents=True)
+    torch.save({"module": {}, "x": Payload()}, shards / "mp_rank_00_model_states.pt")
+    proc = _py("llmlab.export", str(run_dir), "--ckpt", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "refusing to unpickle" in proc.stderr.strip().splitlines()[-1] and not marker.exists()
+
+
 def _custom_code_model(root: Path, marker: Path) -> Path:
     """A local model dir whose config.json maps to Python files that would create `marker` on import."""
     d = root / "custom_model"
