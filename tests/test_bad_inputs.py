@@ -254,3 +254,23 @@ def test_hub_load_errors_are_rephrased():
     err = hub_error("MODEL", "x/y", OSError("disk full\nmore"))
     assert str(err) == ("MODEL=x/y: cannot load it (OSError: disk full); pass a local directory with config.json "
                         "and weights, or check the hub name")
+
+
+def test_load_full_weights_is_accepted_where_it_works(catalog):
+    """The resume check suggests strategy.load_full_weights=true for a single-file checkpoint: it must
+    then accept it with ZeRO-3 (the only stage where Lightning loads full weights), and refuse ZeRO-2."""
+    from omegaconf import OmegaConf
+
+    from llmlab.errors import ConfigError
+    from llmlab.strategies import check_checkpoint_for_strategy
+
+    ckpt = Path(catalog["places"]["run"]) / "checkpoints" / "last.ckpt"
+    zero3 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero3.yaml")
+    with pytest.raises(ConfigError, match="strategy.load_full_weights=true"):
+        check_checkpoint_for_strategy(ckpt, zero3)
+    zero3.load_full_weights = True
+    check_checkpoint_for_strategy(ckpt, zero3)
+    zero2 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero2.yaml")
+    zero2.load_full_weights = True
+    with pytest.raises(ConfigError):
+        check_checkpoint_for_strategy(ckpt, zero2)
