@@ -560,8 +560,8 @@ def check_settings(cfg) -> None:
     check_precision(cfg)
     check_optimization(cfg)
     check_peft_numbers(cfg)
-    check_data_settings(cfg)
     check_stage_settings(cfg)
+    check_data_settings(cfg)  # reads model.pretrained (a base model may be built to resolve it): late
     check_model_settings(cfg)
     check_model(cfg)
     check_hub(cfg)

@@ -274,3 +274,21 @@ def test_load_full_weights_is_accepted_where_it_works(catalog):
     zero2.load_full_weights = True
     with pytest.raises(ConfigError):
         check_checkpoint_for_strategy(ckpt, zero2)
+
+
+def test_ppo_constructor_names_the_setting():
+    """PPOModule built directly (not through the CLI checks): ConfigError naming the setting."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmlab.data.tokenizer import builtin_tokenizer
+    from llmlab.errors import ConfigError
+    from llmlab.stages.ppo import PPOModule
+
+    tok = builtin_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tok), n_positions=64))
+    opt = lambda params: torch.optim.AdamW(params, lr=1e-3)  # noqa: E731
+    with pytest.raises(ConfigError, match=r"stage.module.response_length=\[4, 2\]"):
+        PPOModule(model, tok, opt, rule_reward="llmlab.data.builtin.rule_reward", response_length=[4, 2])
+    with pytest.raises(ConfigError, match="stage.rule_reward=llmlab.data.builtin.no_such_reward"):
+        PPOModule(model, tok, opt, rule_reward="llmlab.data.builtin.no_such_reward")
