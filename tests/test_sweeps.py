@@ -58,14 +58,14 @@ def test_multirun_records_failed_job_and_report_lists_every_job(tmp_path):
     md = (sweep / "report.md").read_text()
     assert md.strip() in rep.stdout
     assert f"**Best: job {best}**" in md and f"| **{best}** ★ | finished |" in md
-    assert "| 2 | failed | -1.0 |" in md and "ValueError: Invalid learning rate: -1.0" in md
+    assert "| 2 | failed | -1.0 |" in md and "ConfigError: stage.module.optimizer.lr=-1.0" in md
     assert "`trainer.max_steps=6`" in md  # shared overrides listed once, above the table
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [(row["job"], row["status"], row["best"]) for row in rows] == [
         ("0", "finished", str(best == 0)), ("1", "finished", str(best == 1)), ("2", "failed", "False")]
     assert rows[0]["stage.module.optimizer.lr"] == "0.001"  # as Hydra wrote it in overrides.yaml
     assert float(rows[best]["val_loss_last"]) == pytest.approx(summaries[best]["val_loss_last"], rel=1e-3)
-    assert "Invalid learning rate" in rows[2]["error"]
+    assert "stage.module.optimizer.lr=-1.0" in rows[2]["error"]
     assert (sweep / "report.png").stat().st_size > 10_000
 
 
