@@ -369,7 +369,8 @@ def check_model_settings(cfg) -> None:
         raise ConfigError(f"model.dtype={m.get('dtype')!r}: use one of float32, bfloat16, float16, auto or null")
     if m.get("trust_remote_code"):
         raise ConfigError("model.trust_remote_code=true would run Python code shipped with the model; llmlab "
-                          "does not allow it: use a model transformers supports natively (model.trust_remote_code=false)")
+                          "does not allow it: use a model transformers supports natively "
+                          "(model.trust_remote_code=false)")
     config = local_config(m)
     if config is None:
         return
@@ -418,7 +419,8 @@ def check_template_text(template: str, setting: str) -> None:
         template.format(prompt="")
     except (KeyError, ValueError, IndexError, AttributeError) as err:
         raise ConfigError(f"{setting}={template!r}: braces other than {{prompt}} must be doubled to be literal "
-                          f"({{{{ and }}}}), e.g. 'JSON {{{{\"q\": {{prompt}}}}}}' ({type(err).__name__}: {err})") from None
+                          f"({{{{ and }}}}), e.g. 'JSON {{{{\"q\": {{prompt}}}}}}' "
+                          f"({type(err).__name__}: {err})") from None
 
 
 def check_stage_settings(cfg) -> None:
@@ -526,7 +528,8 @@ def check_hub(cfg) -> None:
     if not missing:
         return
     setting, name = missing[0]
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     if offline:
         raise ConfigError(f"{setting}={name}: not in the local Hugging Face cache ({hub_cache_dir()}) and "
@@ -540,7 +543,8 @@ def hub_error(setting: str, name: str, err: BaseException) -> ConfigError:
     """A transformers/huggingface_hub load failure (typo'd repo, gated repo, missing files) as one line."""
     kind = type(err).__name__
     text = str(err).strip().splitlines()[0] if str(err).strip() else kind
-    if kind in ("RepositoryNotFoundError", "GatedRepoError") or "is not a local folder and is not a valid model" in str(err):
+    not_found = "is not a local folder and is not a valid model" in str(err)
+    if kind in ("RepositoryNotFoundError", "GatedRepoError") or not_found:
         return ConfigError(f"{setting}={name}: no such model on the Hugging Face hub (or it is private/gated); "
                            f"check the spelling (e.g. facebook/opt-1.3b), log in with `hf auth login` for gated "
                            f"models, or pass a local directory")

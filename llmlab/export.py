@@ -238,7 +238,8 @@ def check_deepspeed_pickles(ckpt_dir: Path) -> None:
         try:
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
         except Exception as err:  # noqa: BLE001 - not a torch file at all
-            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} is not a readable DeepSpeed shard ({type(err).__name__})") from None
+            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} is not a readable DeepSpeed shard "
+                              f"({type(err).__name__})") from None
         if unsafe - DEEPSPEED_GLOBALS:
             raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} pickles {sorted(unsafe - DEEPSPEED_GLOBALS)[0]}, which a "
                               f"DeepSpeed checkpoint never holds; refusing to unpickle it")
@@ -248,7 +249,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one `llmlab: error:` line (exit 2), like every llmlab entry point."""
 
     def error(self, message):
-        fail(f"{message} (usage: {self.format_usage().strip().removeprefix('usage: ')})")
+        fail(f"{message} (usage: {' '.join(self.format_usage().split()).removeprefix('usage: ')})")
 
 
 def check_args(args) -> str:

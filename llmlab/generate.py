@@ -253,7 +253,8 @@ def run(argv: list[str]) -> int:
     template = settings["template"]
     template = run_template if template == "auto" else (None if template in ("none", "null", "") else template)
     if template is not None:
-        check_template_text(template, "template" if settings["template"] != "auto" else "the run's data.prompt_template")
+        setting = "template" if settings["template"] != "auto" else "the run's data.prompt_template"
+        check_template_text(template, setting)
     import torch
 
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None

@@ -308,7 +308,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one `llmlab: error:` line (exit 2), like every llmlab entry point."""
 
     def error(self, message):
-        fail(f"{message} (usage: {self.format_usage().strip().removeprefix('usage: ')})")
+        fail(f"{message} (usage: {' '.join(self.format_usage().split()).removeprefix('usage: ')})")
 
 
 def main(argv: list[str] | None = None) -> int:
