@@ -520,23 +520,29 @@ def check_hub(cfg) -> None:
     names = []
     if m.get("init") == "pretrained" and m.get("pretrained"):
         names.append(("model.pretrained", str(m.pretrained)))
-    tok = m.get("tokenizer")
-    if tok and tok != "builtin" and (m.get("init") == "scratch" or str(tok) != str(m.get("pretrained"))):
-        names.append(("model.tokenizer", str(tok)))
+    # the tokenizer comes from model.tokenizer, else model.pretrained; a shapes-only dry run builds none
+    shapes_only = cfg.get("dry_run") and m.get("init") == "scratch" and "vocab_size" in (m.get("config") or {})
+    tok = m.get("tokenizer") or m.get("pretrained")
+    if tok and tok != "builtin" and not shapes_only and str(tok) not in [n for _, n in names]:
+        names.append(("model.tokenizer" if m.get("tokenizer") else "model.pretrained", str(tok)))
     hub = [(k, n) for k, n in names if not Path(n).expanduser().exists() and not n.startswith(("/", ".", "~"))]
     missing = [(k, n) for k, n in hub if not in_hub_cache(n)]
     if not missing:
         return
     setting, name = missing[0]
+    weights = setting == "model.pretrained" and m.get("init") == "pretrained"
+    fixes = HUB_FIXES.replace("NAME", name) if weights else (
+        f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) and pass "
+        f"model.tokenizer=<local dir>, or use the byte-level model.tokenizer=builtin")
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
                   for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     if offline:
         raise ConfigError(f"{setting}={name}: not in the local Hugging Face cache ({hub_cache_dir()}) and "
-                          f"HF_HUB_OFFLINE=1; {HUB_FIXES.replace('NAME', name)}")
+                          f"HF_HUB_OFFLINE=1; {fixes}")
     if not hub_reachable():
         raise ConfigError(f"{setting}={name}: the Hugging Face hub ({endpoint}) cannot be reached and the model is "
-                          f"not in the local cache ({hub_cache_dir()}); {HUB_FIXES.replace('NAME', name)}")
+                          f"not in the local cache ({hub_cache_dir()}); {fixes}")
 
 
 def hub_error(setting: str, name: str, err: BaseException) -> ConfigError:

@@ -79,6 +79,9 @@ CASES = [
          env={"HF_HUB_OFFLINE": "1"}, max_seconds=20),
     Case("run-hub-tokenizer-offline", "llmlab.run", ["model.tokenizer=gpt2-typo"],
          ["model.tokenizer=gpt2-typo", "cannot be reached"], env=OFFLINE_HUB, max_seconds=20),
+    Case("run-scratch-tokenizer-offline", "llmlab.run", ["model=opt1.3b", "model.init=scratch"],
+         ["model.pretrained=facebook/opt-1.3b", "cannot be reached", "model.tokenizer=builtin"], env=OFFLINE_HUB,
+         max_seconds=20),
     # ---- numbers and names
     Case("run-negative-lr", "llmlab.run", ["stage.module.optimizer.lr=-1"], ["stage.module.optimizer.lr=-1", "positive"]),
     Case("run-text-lr", "llmlab.run", ["stage.module.optimizer.lr=fast"], ["stage.module.optimizer.lr='fast'", "number"]),
