@@ -9,23 +9,37 @@ from llmlab.errors import ConfigError
 STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
 
 
+def local_model_dir(model_cfg) -> Path | None:
+    """`model.pretrained` as a local directory (init=pretrained), else None (a hub name, or scratch)."""
+    path = model_cfg.get("pretrained") if model_cfg.get("init") == "pretrained" else None
+    if not path:
+        return None
+    path = Path(str(path)).expanduser()
+    return path if path.is_dir() else None
+
+
+def local_config(model_cfg) -> dict | None:
+    """A local model directory's config.json (the architecture that will load), else None."""
+    path = local_model_dir(model_cfg)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.pretrained={path}: config.json is not readable JSON ({err}); re-export "
+                          f"the model with save_pretrained") from None
+
+
 def _model_positions(model_cfg) -> int | None:
-    """Max positions of the configured architecture, without loading weights or touching the network.
+    """Max positions of the architecture that will be built, without loading weights or the network.
 
-    The `config:` values in the model file describe the architecture for hub models too; a local
-    directory's config.json is read when there are none.
+    A local directory's config.json wins (it is what from_pretrained loads: `model=gpt2
+    model.pretrained=<a llama dir>` is a llama); else the `config:` values of the model file.
     """
-    from llmlab.models import max_positions
-
-    arch = dict(model_cfg.get("config") or {})
+    arch = local_config(model_cfg) or dict(model_cfg.get("config") or {})
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if isinstance(arch.get(key), int):
+        if isinstance(arch.get(key), int) and arch[key] > 0:
             return arch[key]
-    path = model_cfg.get("pretrained")
-    if model_cfg.init == "pretrained" and path and Path(path).is_dir():
-        from transformers import AutoConfig
-
-        return max_positions(AutoConfig.from_pretrained(path))
     return None
 
 
@@ -75,10 +89,6 @@ def check_data(cfg) -> None:
             check_files(d.val_files, "data.val_files")
     if d.get("packing") not in (None, "document", "concat"):
         raise ConfigError(f"data.packing={d.packing!r}: use document or concat")
-    positions = _model_positions(cfg.model)
-    if positions is not None and d.block_size > positions:
-        raise ConfigError(f"data.block_size={d.block_size} exceeds the model's {positions} positions "
-                          f"(model={cfg.model.name}); lower data.block_size to at most {positions}")
 
 
 def _architecture_on_meta(cfg):
@@ -89,12 +99,13 @@ def _architecture_on_meta(cfg):
     from llmlab.models import architecture_config
 
     m, head = cfg.model, cfg.stage.get("head", "causal_lm")
-    if m.get("config"):
-        config = architecture_config(m, None, head)
-    elif m.init == "pretrained" and Path(str(m.pretrained)).expanduser().is_dir():
+    local = local_model_dir(m)
+    if local is not None:  # what from_pretrained will load, whatever the yaml `config:` says
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(Path(str(m.pretrained)).expanduser()))
+        config = AutoConfig.from_pretrained(str(local), trust_remote_code=False)
+    elif m.get("config"):
+        config = architecture_config(m, None, head)
     else:
         return None
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -274,9 +285,300 @@ def check_strategy(cfg) -> None:
     check_run(cfg)
 
 
-def check_config(cfg) -> None:
+# --------------------------------------------------------------------------------------------------
+# settings: pure-config rules, run before torch/lightning/transformers are imported (fail in ~1 s)
+# --------------------------------------------------------------------------------------------------
+
+DTYPES = (None, "auto", "float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant")
+FIELD_KEYS = ("text_field", "prompt_field", "response_field", "instruction_field", "input_field", "output_field",
+              "messages_field", "chosen_field", "rejected_field")
+
+
+def _number(value, setting: str, example: str) -> float:
+    """A numeric setting as float; ConfigError naming it when it is text or null."""
+    if isinstance(value, bool):
+        value = None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{setting}={value!r} is not a number; e.g. {setting}={example}") from None
+
+
+def check_trainer(cfg) -> None:
+    """trainer.max_steps / val_check_interval / devices: numbers Lightning would refuse mid-setup."""
+    t = cfg.trainer
+    steps = t.get("max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps > 0 or steps == -1):
+        raise ConfigError(f"trainer.max_steps={steps!r}: give a number of optimizer steps >= 1 (or -1 with "
+                          f"trainer.max_epochs=N), e.g. trainer.max_steps=100")
+    vci = t.get("val_check_interval")
+    if vci is not None and (isinstance(vci, bool) or not isinstance(vci, (int, float)) or vci <= 0):
+        raise ConfigError(f"trainer.val_check_interval={vci!r}: give a step interval >= 1 (or a fraction of an "
+                          f"epoch in (0, 1]), e.g. trainer.val_check_interval=100")
+    for key in ("accumulate_grad_batches", "num_nodes"):
+        v = t.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"trainer.{key}={v!r}: give an integer >= 1")
+
+
+def check_optimization(cfg) -> None:
+    """stage.module.optimizer.lr and the warmup schedule of llmlab.optim."""
+    module = cfg.stage.get("module") or {}
+    opt = module.get("optimizer") or {}
+    if "lr" in opt:
+        lr = _number(opt.lr, "stage.module.optimizer.lr", "3e-4")
+        if not lr > 0 or lr != lr or lr == float("inf"):
+            raise ConfigError(f"stage.module.optimizer.lr={opt.lr}: the learning rate must be a positive number, "
+                              f"e.g. stage.module.optimizer.lr=3e-4")
+    if "weight_decay" in opt and _number(opt.weight_decay, "stage.module.optimizer.weight_decay", "0.01") < 0:
+        raise ConfigError(f"stage.module.optimizer.weight_decay={opt.weight_decay}: must be >= 0")
+    sched = module.get("scheduler") or {}
+    if str(sched.get("_target_", "")) == "llmlab.optim.warmup_schedule":
+        name = sched.get("name", "cosine")
+        if name not in SCHEDULES:
+            raise ConfigError(f"stage.module.scheduler.name={name!r}: use one of {', '.join(SCHEDULES)}")
+        warmup = sched.get("warmup_steps", 0)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ConfigError(f"stage.module.scheduler.warmup_steps={warmup!r}: give an integer >= 0")
+        ratio = _number(sched.get("min_lr_ratio", 0.0), "stage.module.scheduler.min_lr_ratio", "0.1")
+        if not 0 <= ratio <= 1:
+            raise ConfigError(f"stage.module.scheduler.min_lr_ratio={ratio}: give a fraction in [0, 1]")
+
+
+def check_peft_numbers(cfg) -> None:
+    """peft.r / alpha / dropout of the LoRA family (PEFT itself fails late with a traceback)."""
+    p = cfg.get("peft") or {}
+    if p.get("method") in (None, "none"):
+        return
+    if "r" in p and (isinstance(p.r, bool) or not isinstance(p.r, int) or p.r < 1):
+        raise ConfigError(f"peft.r={p.r!r}: the LoRA rank must be an integer >= 1, e.g. peft.r=8 (or peft=none "
+                          f"for full fine-tuning)")
+    if "alpha" in p and _number(p.alpha, "peft.alpha", "16") <= 0:
+        raise ConfigError(f"peft.alpha={p.alpha}: must be > 0 (the update is scaled by alpha/r), e.g. peft.alpha=16")
+    if "dropout" in p and not 0 <= _number(p.dropout, "peft.dropout", "0.05") < 1:
+        raise ConfigError(f"peft.dropout={p.dropout}: give a probability in [0, 1)")
+
+
+def check_model_settings(cfg) -> None:
+    """model.init / dtype / trust_remote_code, and a local model directory's own config.json."""
+    m = cfg.model
+    if m.get("init") not in ("scratch", "pretrained"):
+        raise ConfigError(f"model.init={m.get('init')!r}: use scratch or pretrained")
+    if m.get("dtype") not in DTYPES:
+        raise ConfigError(f"model.dtype={m.get('dtype')!r}: use one of float32, bfloat16, float16, auto or null")
+    if m.get("trust_remote_code"):
+        raise ConfigError("model.trust_remote_code=true would run Python code shipped with the model; llmlab "
+                          "does not allow it: use a model transformers supports natively "
+                          "(model.trust_remote_code=false)")
+    config = local_config(m)
+    if config is None:
+        return
+    where = f"model.pretrained={m.pretrained}"
+    if config.get("auto_map"):
+        raise ConfigError(f"{where}: its config.json maps to custom code (auto_map), which llmlab does not run "
+                          f"(trust_remote_code stays off); use a model of a built-in transformers architecture")
+    if not config.get("model_type"):
+        raise ConfigError(f"{where}: config.json has no model_type; re-export the model with save_pretrained")
+
+
+def check_data_settings(cfg) -> None:
+    """Sizes, field names and the prompt template of the data node."""
+    d, stage = cfg.data, cfg.stage.name
+    for key in ("block_size", "batch_size"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"data.{key}={v!r}: give an integer >= 1")
+    if d.get("source") == "text" and not cfg.get("dry_run"):  # local files exist, readable types
+        from llmlab.data.sources import check_files
+
+        check_files(d.get("train_files"), "data.train_files")
+        if d.get("val_files"):
+            check_files(d.val_files, "data.val_files")
+    for key in FIELD_KEYS:
+        if key in d and (d.get(key) is None or str(d.get(key)).strip() == ""):
+            raise ConfigError(f"data.{key} is null: name the record field to read, e.g. data.{key}="
+                              f"{key.removesuffix('_field')}")
+    template = d.get("prompt_template")
+    if stage != "pretrain" and template is not None:
+        check_template_text(str(template), "data.prompt_template")
+    positions = _model_positions(cfg.model)
+    if not cfg.get("dry_run") and positions is not None and isinstance(d.get("block_size"), int) \
+            and d.block_size > positions:
+        source = f"model.pretrained={cfg.model.pretrained}" if local_config(cfg.model) else f"model={cfg.model.name}"
+        raise ConfigError(f"data.block_size={d.block_size} exceeds the model's {positions} positions "
+                          f"({source}); lower data.block_size to at most {positions}")
+
+
+def check_template_text(template: str, setting: str) -> None:
+    """A prompt template: one `{prompt}` placeholder; any other brace must be doubled ({{ and }})."""
+    example = f"{setting}='Question: {{prompt}}\\n\\nAnswer: '"
+    if "{prompt}" not in template:
+        raise ConfigError(f"{setting}={template!r} has no {{prompt}} placeholder; e.g. {example}")
+    try:
+        template.format(prompt="")
+    except (KeyError, ValueError, IndexError, AttributeError) as err:
+        raise ConfigError(f"{setting}={template!r}: braces other than {{prompt}} must be doubled to be literal "
+                          f"({{{{ and }}}}), e.g. 'JSON {{{{\"q\": {{prompt}}}}}}' "
+                          f"({type(err).__name__}: {err})") from None
+
+
+def check_stage_settings(cfg) -> None:
+    """PPO's response budget and reward source, resume settings, DeepSpeed's load_full_weights."""
+    import importlib.util
+
+    module = cfg.stage.get("module") or {}
+    if cfg.stage.name == "ppo":
+        if "response_length" in module:
+            from omegaconf import ListConfig
+
+            value = module.response_length
+            ok = isinstance(value, (list, ListConfig)) and len(value) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value) and 1 <= value[0] <= value[1]
+            if not ok:
+                raise ConfigError(f"stage.module.response_length={value}: give [min, max] token budgets with 1 <= "
+                                  f"min <= max, e.g. stage.module.response_length=[8,16]")
+        rule = module.get("rule_reward")
+        if rule and not module.get("reward_model"):
+            mod, _, fn = str(rule).rpartition(".")
+            try:
+                found = bool(mod and fn) and importlib.util.find_spec(mod) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise ConfigError(f"stage.rule_reward={rule}: no such module to import; give the dotted path of a "
+                                  f"function(response, answer) -> float, e.g. llmlab.data.builtin.rule_reward")
+    strategy = cfg.get("strategy") or {}
+    stage_ds = ((strategy.get("stage") if "stage" in strategy else None)
+                if "deepspeed" in str(strategy.get("_target_", "")) else None)
+    if strategy.get("load_full_weights") and stage_ds != 3:
+        raise ConfigError(f"strategy.load_full_weights=true only applies to ZeRO-3 (strategy=zero3), not "
+                          f"strategy={strategy.get('name', '?')}: resume a single-file checkpoint with the strategy it "
+                          f"was written with (e.g. strategy=ddp), or use strategy=zero3")
+    if cfg.get("resume") not in (None, "none", "auto"):
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (continue from the run dir's last checkpoint), "
+                          f"or ckpt_path=<file>")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(str(ckpt)).expanduser().exists():
+        raise ConfigError(f"ckpt_path={ckpt}: no such checkpoint file (or DeepSpeed checkpoint directory)")
+
+
+# -------------------------------------------------------------------------------------------- the hub
+
+HUB_FIXES = ("download it where the hub is reachable (huggingface-cli download NAME --local-dir DIR) and "
+             "pass model.pretrained=<local dir>, or train from random weights with model.init=scratch")
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub caches downloads (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub)."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def in_hub_cache(name: str) -> bool:
+    """True when a hub repo's files are already downloaded (any snapshot with a config or tokenizer file)."""
+    snapshots = hub_cache_dir() / f"models--{name.replace('/', '--')}" / "snapshots"
+    wanted = ("config.json", "tokenizer_config.json", "tokenizer.json")
+    return snapshots.is_dir() and any((s / f).exists() for s in snapshots.iterdir() for f in wanted)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint (HF_ENDPOINT respected), given up after `timeout` seconds
+    (DNS included): without network this answers in seconds instead of a minute of download retries."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def check_hub(cfg) -> None:
+    """A hub name (not a local dir) must be in the local cache or the hub reachable: else one line now,
+    not 60 s of retries then a transformers traceback."""
+    import os
+
+    m = cfg.model
+    names = []
+    if m.get("init") == "pretrained" and m.get("pretrained"):
+        names.append(("model.pretrained", str(m.pretrained)))
+    # the tokenizer comes from model.tokenizer, else model.pretrained; a shapes-only dry run builds none
+    shapes_only = cfg.get("dry_run") and m.get("init") == "scratch" and "vocab_size" in (m.get("config") or {})
+    tok = m.get("tokenizer") or m.get("pretrained")
+    if tok and tok != "builtin" and not shapes_only and str(tok) not in [n for _, n in names]:
+        names.append(("model.tokenizer" if m.get("tokenizer") else "model.pretrained", str(tok)))
+    hub = [(k, n) for k, n in names if not Path(n).expanduser().exists() and not n.startswith(("/", ".", "~"))]
+    missing = [(k, n) for k, n in hub if not in_hub_cache(n)]
+    if not missing:
+        return
+    setting, name = missing[0]
+    weights = setting == "model.pretrained" and m.get("init") == "pretrained"
+    fixes = HUB_FIXES.replace("NAME", name) if weights else (
+        f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) and pass "
+        f"model.tokenizer=<local dir>, or use the byte-level model.tokenizer=builtin")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if offline:
+        raise ConfigError(f"{setting}={name}: not in the local Hugging Face cache ({hub_cache_dir()}) and "
+                          f"HF_HUB_OFFLINE=1; {fixes}")
+    if not hub_reachable():
+        raise ConfigError(f"{setting}={name}: the Hugging Face hub ({endpoint}) cannot be reached and the model is "
+                          f"not in the local cache ({hub_cache_dir()}); {fixes}")
+
+
+def hub_error(setting: str, name: str, err: BaseException) -> ConfigError:
+    """A transformers/huggingface_hub load failure (typo'd repo, gated repo, missing files) as one line."""
+    kind = type(err).__name__
+    text = str(err).strip().splitlines()[0] if str(err).strip() else kind
+    not_found = "is not a local folder and is not a valid model" in str(err)
+    if kind in ("RepositoryNotFoundError", "GatedRepoError") or not_found:
+        return ConfigError(f"{setting}={name}: no such model on the Hugging Face hub (or it is private/gated); "
+                           f"check the spelling (e.g. facebook/opt-1.3b), log in with `hf auth login` for gated "
+                           f"models, or pass a local directory")
+    if kind == "RevisionNotFoundError":
+        return ConfigError(f"{setting}={name}: no such revision on the hub; check model.revision")
+    return ConfigError(f"{setting}={name}: cannot load it ({kind}: {text}); pass a local directory with "
+                       f"config.json and weights, or check the hub name")
+
+
+def check_settings(cfg) -> None:
+    """Every rule that needs the config alone (no torch, lightning or transformers): runs first, so a
+    mistyped number or name fails in about a second."""
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
+    check_launcher(cfg)
+    check_trainer(cfg)
+    check_precision(cfg)
+    check_optimization(cfg)
+    check_peft_numbers(cfg)
+    check_stage_settings(cfg)
+    check_data_settings(cfg)  # reads model.pretrained (a base model may be built to resolve it): late
+    check_model_settings(cfg)
+    check_model(cfg)
+    check_hub(cfg)
+
+
+def check_config(cfg) -> None:
+    check_settings(cfg)
     check_launcher(cfg)
     check_precision(cfg)
     check_devices(cfg)

@@ -27,6 +27,8 @@ import logging
 import sys
 from pathlib import Path
 
+from llmlab.errors import ConfigError, fail
+
 log = logging.getLogger("llmlab")
 
 
@@ -150,27 +152,29 @@ def export_model(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = 
 
 def _load_run(run_dir: Path, ckpt: Path | None):
     """Rebuild a run's model from config_resolved.yaml and load its trained weights."""
-    import torch
     from omegaconf import OmegaConf
 
-    from llmlab.builder import build_stage
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
+    state = None
+    if ckpt.is_file():  # read (safely) before the model is built: a wrong file fails in seconds
+        state = _load_state_dict(ckpt)
+    elif ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        check_deepspeed_pickles(ckpt)  # DeepSpeed unpickles its shards with weights_only=False
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    from llmlab.builder import build_stage  # lightning, transformers: only once the weights are readable
     from llmlab.models import build_tokenizer
 
-    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
     tokenizer = build_tokenizer(cfg.model)
     module = build_stage(cfg, tokenizer)
-    ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
-    if ckpt.is_file() or ckpt.is_dir():
-        if ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-        else:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    if state is not None:
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         missing = trainable - set(state)
         if missing:
-            raise SystemExit(f"llmlab.export: {ckpt} lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]})")
+            raise ConfigError(f"--ckpt {ckpt} lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]}): it is "
+                              f"not a checkpoint of this run; pass this run's checkpoint")
         module.load_state_dict({k: v for k, v in state.items() if k in trainable}, strict=False)
         log.info("export: weights from %s", ckpt)
         return module.model, tokenizer
@@ -181,7 +185,7 @@ def _load_run(run_dir: Path, ckpt: Path | None):
         model = import_peft().PeftModel.from_pretrained(module.model.get_base_model(), str(adapter))
         log.info("export: adapter from %s", adapter)
         return model, tokenizer
-    raise SystemExit(f"llmlab.export: {run_dir} has neither {ckpt} nor hf_adapter/; pass --ckpt PATH")
+    raise ConfigError(f"{run_dir} has neither {ckpt} nor hf_adapter/; pass --ckpt PATH")
 
 
 def _load_adapter(adapter_dir: Path, base: str | None, dtype):
@@ -193,14 +197,86 @@ def _load_adapter(adapter_dir: Path, base: str | None, dtype):
 
     base = base or json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
-        raise SystemExit(f"llmlab.export: {adapter_dir}/adapter_config.json names no base model; pass --base")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    return import_peft().PeftModel.from_pretrained(model, str(adapter_dir)), AutoTokenizer.from_pretrained(tok_dir)
+        raise ConfigError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH_OR_HUB_NAME")
+    from llmlab.checks import hub_error
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False)
+        tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise hub_error("--base", base, err) from None
+    return import_peft().PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer
+
+
+def _load_state_dict(ckpt: Path) -> dict:
+    """The `state_dict` of a Lightning checkpoint file, unpickled with weights_only=True (tensors and
+    plain containers only: a crafted checkpoint cannot run code)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, OSError) as err:
+        raise ConfigError(f"--ckpt {ckpt}: not a Lightning checkpoint llmlab can read safely (weights_only=True; "
+                          f"{type(err).__name__}); pass checkpoints/last.ckpt of a run") from None
+
+
+# the only non-tensor classes DeepSpeed pickles into its shards (optimizer states); plain data
+DEEPSPEED_GLOBALS = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
+def check_deepspeed_pickles(ckpt_dir: Path) -> None:
+    """DeepSpeed's zero_to_fp32 loads shards with weights_only=False: first list each shard's pickled
+    globals without unpickling it (torch.serialization.get_unsafe_globals_in_checkpoint) and refuse
+    any beyond DeepSpeed's own data classes (e.g. os.system in a crafted file)."""
+    import torch
+
+    for f in sorted(Path(ckpt_dir).rglob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
+        except Exception as err:  # noqa: BLE001 - not a torch file at all
+            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} is not a readable DeepSpeed shard "
+                              f"({type(err).__name__})") from None
+        if unsafe - DEEPSPEED_GLOBALS:
+            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} pickles {sorted(unsafe - DEEPSPEED_GLOBALS)[0]}, which a "
+                              f"DeepSpeed checkpoint never holds; refusing to unpickle it")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `llmlab: error:` line (exit 2), like every llmlab entry point."""
+
+    def error(self, message):
+        fail(f"{message} (usage: {' '.join(self.format_usage().split()).removeprefix('usage: ')})")
+
+
+def check_args(args) -> str:
+    """What the arguments point at ('run' or 'adapter'), checked before torch loads; ConfigError else."""
+    path = args.path
+    if not path.exists():
+        raise ConfigError(f"{path}: no such directory; give a run directory or a PEFT adapter directory")
+    kind = ("run" if (path / "config_resolved.yaml").is_file() else
+            "adapter" if (path / "adapter_config.json").is_file() else None)
+    if kind is None:
+        raise ConfigError(f"{path}: neither a run directory (config_resolved.yaml) nor an adapter "
+                          f"(adapter_config.json)")
+    if kind == "adapter" and args.out is None:
+        raise ConfigError(f"{path} is an adapter directory: give --out DIR for the merged model")
+    if kind == "run" and args.base is not None:
+        raise ConfigError("--base is for an adapter directory; a run directory rebuilds its own base model")
+    if args.ckpt is not None and kind == "adapter":
+        raise ConfigError("--ckpt is for a run directory; an adapter directory has its weights")
+    if args.ckpt is not None and not (args.ckpt.is_file() or args.ckpt.is_dir()):
+        raise ConfigError(f"--ckpt {args.ckpt}: no such checkpoint file (or DeepSpeed checkpoint directory)")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory for merged/ and adapter/")
+    return kind
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmlab.export", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m llmlab.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a run directory, or a PEFT adapter directory")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/export)")
     parser.add_argument("--ckpt", type=Path, default=None, help="Lightning checkpoint (default checkpoints/last.ckpt)")
@@ -209,20 +285,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the merged weights (default: as trained; QLoRA: its compute dtype)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import torch
+    try:
+        kind = check_args(args)
+        import torch
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    path = args.path
-    if (path / "config_resolved.yaml").is_file():
-        model, tokenizer = _load_run(path, args.ckpt)
-        out = args.out or path / "export"
-    elif (path / "adapter_config.json").is_file():
-        if args.out is None:
-            parser.error("an adapter directory needs --out DIR")
-        model, tokenizer = _load_adapter(path, args.base, dtype)
-        out = args.out
-    else:
-        parser.error(f"{path}: neither a run directory (config_resolved.yaml) nor an adapter (adapter_config.json)")
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        path = args.path
+        if kind == "run":
+            model, tokenizer = _load_run(path, args.ckpt)
+            out = args.out or path / "export"
+        else:
+            model, tokenizer = _load_adapter(path, args.base, dtype)
+            out = args.out
+    except ConfigError as err:
+        fail(err)
     result = export_model(model, tokenizer, out / "merged", out / "adapter", dtype)
     for kind, where in result.items():
         if where:

@@ -27,6 +27,9 @@ import json
 import sys
 from pathlib import Path
 
+from llmlab.checks import check_template_text
+from llmlab.errors import ConfigError, fail
+
 DEFAULTS = dict(prompt=[], prompts_file=None, template="auto", max_new_tokens=64, num_beams=1, do_sample=False,
                 temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, stop=[], seed=0, batch_size=8,
                 dtype=None, out=None)
@@ -46,50 +49,115 @@ def _parse_value(raw: str):
 
 def parse_args(argv: list[str]) -> tuple[str, dict]:
     """MODEL then key=value settings (values parsed as YAML, as Hydra does); `prompt` may repeat."""
-    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
-        raise SystemExit(__doc__)
+    import difflib
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
+    if not argv or "=" in argv[0]:
+        raise ConfigError("give the model first: python -m llmlab.generate MODEL prompt=TEXT (MODEL: a run dir, "
+                          "an HF model directory or a hub name; --help lists the settings)")
     model, settings = argv[0], dict(DEFAULTS)
     prompts = []
     for item in argv[1:]:
         if "=" not in item:
-            raise SystemExit(f"llmlab.generate: expected key=value, got {item!r}")
+            raise ConfigError(f"{item!r}: settings are key=value, e.g. prompt='{item}'")
         key, raw = item.split("=", 1)
         if key not in DEFAULTS:
-            raise SystemExit(f"llmlab.generate: unknown setting {key!r}; known: {sorted(DEFAULTS)}")
+            close = difflib.get_close_matches(key, list(DEFAULTS), n=1)
+            hint = f"did you mean {close[0]}=?" if close else f"known: {', '.join(sorted(DEFAULTS))}"
+            raise ConfigError(f"unknown setting {key!r} ({item}); {hint}")
         if key in ("prompt", "template"):  # free text: never parsed
             value = raw
         else:
             value = _parse_value(raw)
         if key == "prompt":
+            if not raw.strip():
+                raise ConfigError("prompt= is empty: give the text to continue, e.g. prompt='the reverse of abc is'")
             prompts.append(value)
         else:
             settings[key] = value
     settings["prompt"] = prompts
     if isinstance(settings["stop"], str):
         settings["stop"] = [settings["stop"]]
+    check_settings(settings)
     return model, settings
 
 
+def _int_setting(settings: dict, key: str, low: int) -> None:
+    value = settings[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}={value!r}: give an integer >= {low}, e.g. {key}={max(low, DEFAULTS[key])}")
+
+
+def _float_setting(settings: dict, key: str, low: float, high: float, low_open: bool = False) -> None:
+    value = settings[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        low < value <= high if low_open else low <= value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ConfigError(f"{key}={value!r}: give a number in {interval}, e.g. {key}={DEFAULTS[key]}")
+
+
+def check_settings(settings: dict) -> None:
+    """Decoding settings as HF generate needs them: checked before the model loads."""
+    for key, low in (("max_new_tokens", 1), ("num_beams", 1), ("top_k", 0), ("batch_size", 1), ("seed", 0)):
+        _int_setting(settings, key, low)
+    _float_setting(settings, "temperature", 0.0, 100.0, low_open=True)
+    _float_setting(settings, "top_p", 0.0, 1.0, low_open=True)
+    _float_setting(settings, "repetition_penalty", 0.0, 100.0, low_open=True)
+    for key in ("do_sample",):
+        if not isinstance(settings[key], bool):
+            raise ConfigError(f"{key}={settings[key]!r}: use true or false")
+    if settings["dtype"] not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={settings['dtype']!r}: use float32, bfloat16 or float16 (or leave it unset)")
+    if not isinstance(settings["stop"], list) or not all(isinstance(x, str) for x in settings["stop"]):
+        raise ConfigError(f"stop={settings['stop']!r}: give a list of strings, e.g. stop='[\".\", \"\\n\"]'")
+    out = settings.get("out")
+    if out is not None and (not isinstance(out, str) or Path(out).is_dir()):
+        raise ConfigError(f"out={out!r}: give a file path for the JSONL results (not a directory)")
+    template = settings["template"]
+    if template not in ("auto", "none", "null", ""):
+        check_template_text(template, "template")
+
+
 def read_prompts(settings: dict) -> list[str]:
+    """The prompts of prompt= and prompts_file= (.txt: one per line; .jsonl: field `prompt`)."""
     prompts = list(settings["prompt"])
     path = settings.get("prompts_file")
     if path:
-        path = Path(path)
+        path = Path(str(path)).expanduser()
         if not path.is_file():
-            raise SystemExit(f"llmlab.generate: prompts_file={path}: no such file")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+            raise ConfigError(f"prompts_file={path}: no such file; give a .txt (one prompt per line) or .jsonl "
+                              f"(field `prompt`)")
+        try:
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"prompts_file={path}: cannot read it as text ({type(err).__name__})") from None
         if path.suffix == ".jsonl":
-            prompts += [json.loads(line)["prompt"] for line in lines]
+            for i, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise ConfigError(f"prompts_file={path}: line {i} is not JSON; a .jsonl file has one object "
+                                      f"per line, e.g. {{\"prompt\": \"the reverse of abc is\"}}") from None
+                prompt = record.get("prompt") if isinstance(record, dict) else None
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise ConfigError(f"prompts_file={path}: line {i} has no non-empty string field `prompt`; "
+                                      f"e.g. {{\"prompt\": \"the reverse of abc is\"}}")
+                prompts.append(prompt)
         else:
             prompts += lines
+        if not lines:
+            raise ConfigError(f"prompts_file={path} is empty: give one prompt per line")
     if not prompts:
-        raise SystemExit("llmlab.generate: give prompt=TEXT or prompts_file=PATH")
+        raise ConfigError("no prompt: give prompt=TEXT or prompts_file=PATH")
     return prompts
 
 
 def resolve_model(path: str) -> tuple[str, str | None]:
     """(directory or hub name to load, the run's prompt template or None)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     template = None
     if (p / "config_resolved.yaml").is_file():  # a run directory
         from omegaconf import OmegaConf
@@ -100,23 +168,47 @@ def resolve_model(path: str) -> tuple[str, str | None]:
         for sub in ("hf", "hf_adapter"):
             if (p / sub / "config.json").is_file() or (p / sub / "adapter_config.json").is_file():
                 return str(p / sub), template
-        raise SystemExit(f"llmlab.generate: {p} has no hf/ or hf_adapter/ (did training finish? "
-                         f"`python -m llmlab.export {p}` exports from its checkpoint)")
+        raise ConfigError(f"{p} is a run dir without hf/ or hf_adapter/ (did training finish?); export it first: "
+                          f"python -m llmlab.export {p}")
+    if p.is_dir():
+        if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+            raise ConfigError(f"MODEL={path}: a directory without config.json or adapter_config.json; give a run "
+                              f"dir, an HF model directory or a PEFT adapter directory")
+        if (p / "config.json").is_file():
+            config = json.loads((p / "config.json").read_text() or "{}")
+            if config.get("auto_map"):
+                raise ConfigError(f"MODEL={path}: its config.json maps to custom code (auto_map), which llmlab does "
+                                  f"not run (trust_remote_code stays off)")
+        return str(p), template
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise ConfigError(f"MODEL={path}: no such directory; give a run dir, an HF model directory or a hub name")
+    from llmlab.checks import HUB_FIXES, hub_reachable, in_hub_cache
+
+    if not in_hub_cache(path) and not hub_reachable():
+        fixes = HUB_FIXES.replace("NAME", path).split(", or train")[0].replace("model.pretrained=", "MODEL=")
+        raise ConfigError(f"MODEL={path}: the Hugging Face hub cannot be reached and the model is not in the "
+                          f"local cache; {fixes}")
     return path, template
 
 
 def load(path: str, dtype=None):
-    """Model (eval mode) and tokenizer; PEFT adapter directories load with their base."""
+    """Model (eval mode) and tokenizer; PEFT adapter directories load with their base. Never runs code
+    shipped with a model (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        from llmlab.peft import import_peft
+    from llmlab.checks import hub_error
 
-        model = import_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    p = Path(path)
+    try:
+        if (p / "adapter_config.json").is_file():
+            from llmlab.peft import import_peft
+
+            model = import_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise hub_error("MODEL", path, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -153,16 +245,18 @@ def generate(model, tokenizer, prompts: list[str], settings: dict) -> list[str]:
     return [cut_at_stop(t, stop) for t in texts]
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    path, settings = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str]) -> int:
+    """Check everything the user typed (settings, prompts, model path) before torch loads, then generate."""
+    path, settings = parse_args(argv)
     prompts = read_prompts(settings)
     model_path, run_template = resolve_model(path)
     template = settings["template"]
     template = run_template if template == "auto" else (None if template in ("none", "null", "") else template)
-    if template is not None and "{prompt}" not in template:
-        raise SystemExit(f"llmlab.generate: template={template!r} has no {{prompt}} placeholder")
+    if template is not None:
+        setting = "template" if settings["template"] != "auto" else "the run's data.prompt_template"
+        check_template_text(template, setting)
+    import torch
+
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
     model, tokenizer = load(model_path, dtype)
     rendered = [template.format(prompt=p) if template else p for p in prompts]
@@ -172,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings.get("out"):
         Path(settings["out"]).write_text("\n".join(lines) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llmlab: error: ...` (one line, exit 2) for anything the user typed or pointed at."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        fail(err)
 
 
 if __name__ == "__main__":

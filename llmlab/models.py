@@ -27,11 +27,14 @@ def build_tokenizer(model_cfg):
         return builtin_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        source,
-        revision=model_cfg.get("revision"),
-        trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-    )
+    from llmlab.checks import hub_error
+
+    setting = "model.tokenizer" if model_cfg.get("tokenizer") else "model.pretrained"
+    try:
+        # trust_remote_code stays off whatever the config says: code shipped with a model never runs
+        tok = AutoTokenizer.from_pretrained(source, revision=model_cfg.get("revision"), trust_remote_code=False)
+    except (OSError, ValueError) as err:  # a typo'd hub name, a dir without tokenizer files
+        raise hub_error(setting, source, err) from None
     if tok.pad_token is None:  # GPT-2/Llama ship without one; padding is masked everywhere, so EOS is safe
         tok.pad_token = tok.eos_token
     return tok
@@ -70,15 +73,20 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
             raise ValueError("quantization needs init=pretrained weights to quantize")
         model = auto.from_config(config, dtype=dtype) if dtype else auto.from_config(config)
     else:
+        from llmlab.checks import hub_error
+
         extra = {"num_labels": 1} if head == "sequence_classification" else {}
-        model = auto.from_pretrained(
-            model_cfg.pretrained,
-            revision=model_cfg.get("revision"),
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-            dtype=dtype,
-            quantization_config=quantization_config,
-            **extra,
-        )
+        try:
+            model = auto.from_pretrained(
+                model_cfg.pretrained,
+                revision=model_cfg.get("revision"),
+                trust_remote_code=False,  # whatever the config says: code shipped with a model never runs
+                dtype=dtype,
+                quantization_config=quantization_config,
+                **extra,
+            )
+        except OSError as err:  # a typo'd hub name, missing weights: one line naming the setting
+            raise hub_error("model.pretrained", str(model_cfg.pretrained), err) from None
     if head == "sequence_classification" and tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # needed to find each row's last token
     return model

@@ -29,6 +29,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llmlab.errors import fail, guard_hydra
+from llmlab.redact import redact, redact_logs, redact_text
+
 log = logging.getLogger("llmlab.pipeline")
 
 # summary.json keys worth comparing, per stage kind (first -> last)
@@ -42,7 +45,11 @@ HEADLINES = {
 
 
 class PipelineError(RuntimeError):
-    pass
+    """The chain cannot go on; `code` is the exit status (2: the user's input, as for llmlab.run)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
 
 
 def _hf(run_dir: Path) -> Path:
@@ -60,7 +67,7 @@ def stage_finished(run_dir: Path, overrides: list[str]) -> bool:
         recorded = json.loads((run_dir / "pipeline_stage.json").read_text())
     except (OSError, ValueError):
         return False
-    return (summary.get("status") == "finished" and recorded.get("overrides") == overrides
+    return (summary.get("status") == "finished" and recorded.get("overrides") == redact(overrides)
             and (_hf(run_dir) / "config.json").is_file())
 
 
@@ -79,21 +86,22 @@ def _error_of(run_dir: Path, stderr_tail: str) -> str:
 def run_stage(index: int, total: int, name: str, overrides: list[str], run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "llmlab.run", *overrides, f"hydra.run.dir={run_dir}"]
-    log.info("[%d/%d] %s: %s", index, total, name, " ".join(overrides))
+    log.info("[%d/%d] %s: %s", index, total, name, redact_text(" ".join(overrides)))
     (run_dir / "pipeline_stage.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(run_dir / "stage.log", "w") as out:
-        out.write("$ " + " ".join(cmd) + "\n")
+        out.write("$ " + redact_text(" ".join(cmd)) + "\n")
         out.flush()
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not (_hf(run_dir) / "config.json").is_file():
         tail = "\n".join((run_dir / "stage.log").read_text().splitlines()[-40:])
         reason = _error_of(run_dir, tail) if proc.returncode != 0 else "it exported no hf/ model"
-        raise PipelineError(f"stage {index}/{total} '{name}' failed (exit {proc.returncode}): {reason}\n"
-                            f"  run dir: {run_dir} (log: {run_dir / 'stage.log'})\n"
-                            f"  later stages were not run; fix the cause and run the same command again "
-                            f"(finished stages are skipped)")
-    (run_dir / "pipeline_stage.json").write_text(json.dumps({"name": name, "overrides": overrides,
+        reason = reason.removeprefix("llmlab: error: ")
+        raise PipelineError(f"stage {index}/{total} '{name}' failed (exit {proc.returncode}): {reason}; "
+                            f"run dir: {run_dir} (log: {run_dir / 'stage.log'}); later stages were not run; fix "
+                            f"the cause and run the same command again (finished stages are skipped)",
+                            code=2 if proc.returncode == 2 else 1)
+    (run_dir / "pipeline_stage.json").write_text(json.dumps({"name": name, "overrides": redact(overrides),
                                                              "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
 
 
@@ -148,6 +156,18 @@ def write_summary(cfg, out_dir: Path, entries: list[dict], status: str) -> dict:
     return summary
 
 
+def _override_list(value, setting: str) -> list[str]:
+    """A list of `key=value` overrides (a bare string would be split into characters)."""
+    from omegaconf import ListConfig
+
+    if value is None:
+        return []
+    if not isinstance(value, (list, ListConfig)) or not all(isinstance(o, str) and "=" in o for o in value):
+        raise PipelineError(f"{setting}={value}: give a list of llmlab.run overrides, e.g. "
+                            f"{setting}=\"['trainer.max_steps=10','data.batch_size=8']\"")
+    return [str(o) for o in value]
+
+
 def run_pipeline(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,9 +183,20 @@ def run_pipeline(cfg: DictConfig) -> dict:
         given.setdefault(base_stages[0], str(cfg.base))
     unknown = sorted(set(given) - set(names))
     if unknown:
-        raise PipelineError(f"given.{unknown[0]}: no such stage in pipeline={cfg.pipeline.name} ({names})")
-    common = [str(o) for o in (cfg.get("overrides") or [])]
-    per_stage = {k: [str(o) for o in v] for k, v in (cfg.get("stage_overrides") or {}).items()}
+        raise PipelineError(f"given.{unknown[0]}: no such stage in pipeline={cfg.pipeline.name}; stages: "
+                            f"{', '.join(names)}")
+    for name, path in given.items():  # before anything runs: a typo'd dir must not cost earlier stages
+        p = Path(path).expanduser()
+        if not ((p / "hf" / "config.json").is_file() or (p / "config.json").is_file()):
+            setting = "base" if cfg.get("base") and str(cfg.base) == path else f"given.{name}"
+            raise PipelineError(f"{setting}={path}: no exported model there (config.json, or a run dir with "
+                                f"hf/config.json); give a finished run dir or an HF model directory")
+    common = _override_list(cfg.get("overrides"), "overrides")
+    per_stage = {k: _override_list(v, f"stage_overrides.{k}") for k, v in (cfg.get("stage_overrides") or {}).items()}
+    unknown = sorted(set(per_stage) - set(names))
+    if unknown:
+        raise PipelineError(f"stage_overrides.{unknown[0]}: no such stage in pipeline={cfg.pipeline.name}; "
+                            f"stages: {', '.join(names)}")
 
     outputs: dict[str, str] = {}
     entries: list[dict] = []
@@ -214,10 +245,11 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = run_pipeline(cfg)
     except PipelineError as err:
-        print(f"llmlab.pipeline: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail(err, code=err.code)
     print((Path(summary["out_dir"]) / "pipeline_summary.md").read_text())
 
 
 if __name__ == "__main__":
+    guard_hydra("pipeline")
+    redact_logs()
     main()

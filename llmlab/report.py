@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 import sys
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from llmlab.errors import ConfigError, fail
+from llmlab.redact import redact_text
 
 FINISHED, FAILED, RUNNING, PENDING = "finished", "failed", "running/missing", "pending"
 TAIL_KEYS = ("global_step", "world_size", "tokens_per_sec", "wall_seconds")
@@ -108,8 +112,9 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         error = summary.get("error", "") if status == FAILED else ""
         if status == RUNNING and trial and trial.get("state") == "FAIL":  # e.g. interrupted by a kill
             status, error = FAILED, str(trial.get("error", "")).splitlines()[0] if trial.get("error") else ""
-        jobs.append(Job(d.name, d, [str(o) for o in overrides], status, summary, error,
-                        _read_json(d / "history.json") or {}))
+        # what users typed may hold credentials (+wandb_api_key=..., storage URLs): never into the report
+        jobs.append(Job(d.name, d, [redact_text(str(o)) for o in overrides], status, summary,
+                        redact_text(str(error)), _read_json(d / "history.json") or {}))
     planned = _planned_grid(sweep_dir)
     if planned:
         have = {j.name for j in jobs}
@@ -273,12 +278,20 @@ def report(sweep_dir: str | Path, out: str | Path | None = None, metric: str | N
     """Write report.md/.csv/.png; returns {"jobs", "best", "markdown", "paths"}."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir}: no such sweep dir")
+        raise ConfigError(f"{sweep_dir}: no such sweep dir; give a sweep dir such as outputs/<task>/multiruns/<time> "
+                          f"or outputs/hparams_search/<study>")
     jobs = load_jobs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir}: no job dirs (<n>/.hydra) here; give a sweep dir such as "
-                                f"outputs/<task>/multiruns/<time> or outputs/hparams_search/<study>")
+        raise ConfigError(f"{sweep_dir}: no job dirs (<n>/.hydra) here; give a sweep dir such as "
+                          f"outputs/<task>/multiruns/<time> or outputs/hparams_search/<study>")
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for report.md/.csv/.png")
     default_metric, default_direction = _sweep_settings(sweep_dir)
+    known = sorted({k for j in jobs for k, v in j.summary.items() if _number(v) is not None})
+    if metric and known and metric not in known:
+        close = difflib.get_close_matches(metric, known, n=1)
+        raise ConfigError(f"--metric {metric}: no job's summary.json has it; "
+                          + (f"did you mean --metric {close[0]}?" if close else f"use one of {', '.join(known)}"))
     metric, direction = metric or default_metric, direction or default_direction
     best = best_job(jobs, metric, direction)
     out = Path(out) if out else sweep_dir
@@ -291,8 +304,15 @@ def report(sweep_dir: str | Path, out: str | Path | None = None, metric: str | N
     return {"jobs": jobs, "best": best, "markdown": md, "paths": paths}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `llmlab: error:` line (exit 2), like every llmlab entry point."""
+
+    def error(self, message):
+        fail(f"{message} (usage: {' '.join(self.format_usage().split()).removeprefix('usage: ')})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmlab.report", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m llmlab.report", description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir", help="a multirun dir (outputs/<task>/multiruns/<time>, hparams_search/<study>)")
     p.add_argument("--out", help="write report.* here instead of the sweep dir")
     p.add_argument("--metric", help="summary.json key that ranks jobs (default: the sweep's optimized_metric)")
@@ -301,9 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         res = report(args.sweep_dir, args.out, args.metric, "maximize" if args.maximize else None, args.curve)
-    except FileNotFoundError as err:
-        print(f"llmlab.report: error: {err}", file=sys.stderr)
-        return 2
+    except ConfigError as err:
+        fail(err)
     print(res["markdown"])
     print(f"written: {', '.join(str(v) for v in res['paths'].values())}", file=sys.stderr)
     return 0

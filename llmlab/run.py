@@ -51,30 +51,87 @@ OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, r
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from llmlab.callbacks.nonfinite import RunDiverged
-    from llmlab.train import USER_ERRORS, record_failure, train
+    from llmlab.errors import RunDiverged
+    from llmlab.redact import redact_hydra_outputs
 
+    redact_hydra_outputs()  # Hydra wrote the command line verbatim: no credentials on disk
     try:
+        # pure-config rules first (no torch/lightning import: a typo fails in ~1 s, not ~10 s)
+        from llmlab.checks import check_settings
+
+        check_settings(cfg)
+        from llmlab.train import train
+
         return train(cfg)
     except RunDiverged as err:  # not a user error (exit 2) nor a crash: exit 1, summary.json says why
         if _is_multirun():  # the sweep goes on; summary.json already records status=diverged
             log.error("job diverged: %s", err)
             return math.nan
-        if err.report:
-            print(f"llmlab: error: {err}", file=sys.stderr)
+        if err.report:  # rank 0 says it once; the other ranks exit quietly
+            from llmlab.errors import fail
+
+            fail(err, code=1)
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 - every failure is reported once, in one place
-        user_error = isinstance(err, USER_ERRORS)
+        from llmlab.errors import fail, one_line
+        from llmlab.redact import redact_text
+
+        user_error = is_user_error(err)
         if _is_multirun():  # a failed sweep job must not stop the sweep: record it and go on
+            from llmlab.train import record_failure
+
             record_failure(cfg, err)
-            log.error("job failed: %s: %s", type(err).__name__, err, exc_info=not user_error)
+            log.error("job failed: %s: %s", type(err).__name__, redact_text(one_line(err)), exc_info=not user_error)
             return math.nan
         if user_error:
-            print(f"llmlab: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            restore_hydra_dir(_HYDRA_DIR_BEFORE)
+            fail(err)
         raise
 
 
+# An existing run dir (resume: hydra.run.dir=<run dir>) gets its .hydra/*.yaml rewritten by Hydra before
+# the checks run; a refused command puts them back, so it leaves the run dir byte-identical.
+_HYDRA_DIR_BEFORE: dict = {}
+
+
+def snapshot_hydra_dir(argv: list[str]) -> dict:
+    """{path: bytes} of <hydra.run.dir>/.hydra/* named on the command line, when that dir exists."""
+    from pathlib import Path
+
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            d = Path(arg.split("=", 1)[1]).expanduser() / ".hydra"
+            if d.is_dir():
+                return {"dir": d, "files": {f: f.read_bytes() for f in d.iterdir() if f.is_file()}}
+    return {}
+
+
+def restore_hydra_dir(snapshot: dict) -> None:
+    """Put an existing run's .hydra files back as they were (and drop files Hydra added)."""
+    if not snapshot:
+        return
+    for f in snapshot["dir"].iterdir():
+        if f.is_file() and f not in snapshot["files"]:
+            f.unlink()
+    for f, data in snapshot["files"].items():
+        if not f.is_file() or f.read_bytes() != data:
+            f.write_bytes(data)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """ConfigError / DataError / a missing file: the user's input, reported as one line (exit 2)."""
+    from llmlab.data.sources import DataError
+    from llmlab.errors import ConfigError
+
+    return isinstance(err, (ConfigError, DataError, FileNotFoundError))
+
+
 if __name__ == "__main__":
+    from llmlab.errors import guard_hydra
+    from llmlab.redact import redact_logs
+
     sys.argv = quote_numeric_choices(sys.argv)
+    _HYDRA_DIR_BEFORE.update(snapshot_hydra_dir(sys.argv[1:]))
+    guard_hydra("train")
+    redact_logs()
     main()

@@ -609,11 +609,12 @@ def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
         )
     from pathlib import Path
 
-    if Path(path).is_file() and _is_deepspeed(strategy_cfg):
+    full_weights = bool(getattr(strategy_cfg, "get", lambda *_: False)("load_full_weights", False))
+    if Path(path).is_file() and _is_deepspeed(strategy_cfg) and not (full_weights and is_zero3(strategy_cfg)):
         raise StrategyConfigError(
             f"{path} is a single-file checkpoint; strategy={name} (DeepSpeed) resumes from the sharded "
             "checkpoint directories it writes. Resume with the strategy it was written with (e.g. "
-            "strategy=ddp), or set strategy.load_full_weights=true to start from its weights only."
+            "strategy=ddp), or with strategy=zero3 set strategy.load_full_weights=true to load it (ZeRO-3 only)."
         )
 
 

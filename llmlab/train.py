@@ -25,10 +25,12 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
     """A failed job leaves summary.json with status=failed and its error (read by llmlab.report)."""
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"stage": cfg.stage.name, "status": "failed", "error": f"{type(err).__name__}: {err}",
+    from llmlab.redact import redact_text  # an error may quote a setting's value (a URL with user:pass@)
+
+    summary = {"stage": cfg.stage.name, "status": "failed", "error": redact_text(f"{type(err).__name__}: {err}"),
                "run_dir": str(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+    (run_dir / "error.txt").write_text(redact_text("".join(traceback.format_exception(err))))
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -93,7 +95,10 @@ def train(cfg: DictConfig) -> float | None:
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # credentials typed as overrides (+wandb_api_key=..., URLs with user:pass@) never reach the disk
+    from llmlab.redact import redacted_yaml
+
+    (run_dir / "config_resolved.yaml").write_text(redacted_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 

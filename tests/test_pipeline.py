@@ -107,7 +107,7 @@ def test_given_base_and_failed_stage_stops_the_chain(rlhf_run, tmp_path):
     out = tmp_path / "rlhf_fail"
     bad = pipeline(out, "pipeline=rlhf", f"base={src / '1_pretrain'}", REDUCED_OVERRIDES, PPO_ONLY,
                    "+stage_overrides.rm=['data.block_size=100000']")
-    assert bad.returncode == 1
+    assert bad.returncode == 2  # the stage refused a setting: a user error (llmlab.run exit 2)
     assert "stage 3/4 'rm' failed" in bad.stderr and "data.block_size" in bad.stderr
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert [s["status"] for s in summary["stages"]][:1] == ["given"]

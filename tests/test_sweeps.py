@@ -38,7 +38,7 @@ def job_dirs(sweep: Path) -> list[Path]:
 
 
 def test_multirun_records_failed_job_and_report_lists_every_job(tmp_path):
-    """3 jobs, one with a value that only fails at run time (AdamW refuses lr=-1): the sweep completes,
+    """3 jobs, one with a value refused by the job's checks (lr=-1): the sweep completes,
     the failure is recorded, and the report ranks the two others."""
     sweep = tmp_path / "sweep"
     r = llmlab("-m", *tiny(), "stage.module.optimizer.lr=1e-3,3e-3,-1.0", f"hydra.sweep.dir={sweep}")
@@ -47,7 +47,7 @@ def test_multirun_records_failed_job_and_report_lists_every_job(tmp_path):
     assert [d.name for d in dirs] == ["0", "1", "2"]
     summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
     assert [s["status"] for s in summaries] == ["finished", "finished", "failed"]
-    assert "Invalid learning rate: -1.0" in summaries[2]["error"]
+    assert "stage.module.optimizer.lr=-1.0: the learning rate must be a positive number" in summaries[2]["error"]
     assert "Traceback" in (dirs[2] / "error.txt").read_text()
     assert all(s["global_step"] == 6 for s in summaries[:2])
     assert yaml.safe_load((dirs[2] / ".hydra" / "overrides.yaml").read_text())[-1] == "stage.module.optimizer.lr=-1.0"
@@ -58,14 +58,14 @@ def test_multirun_records_failed_job_and_report_lists_every_job(tmp_path):
     md = (sweep / "report.md").read_text()
     assert md.strip() in rep.stdout
     assert f"**Best: job {best}**" in md and f"| **{best}** ★ | finished |" in md
-    assert "| 2 | failed | -1.0 |" in md and "ValueError: Invalid learning rate: -1.0" in md
+    assert "| 2 | failed | -1.0 |" in md and "ConfigError: stage.module.optimizer.lr=-1.0" in md
     assert "`trainer.max_steps=6`" in md  # shared overrides listed once, above the table
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [(row["job"], row["status"], row["best"]) for row in rows] == [
         ("0", "finished", str(best == 0)), ("1", "finished", str(best == 1)), ("2", "failed", "False")]
     assert rows[0]["stage.module.optimizer.lr"] == "0.001"  # as Hydra wrote it in overrides.yaml
     assert float(rows[best]["val_loss_last"]) == pytest.approx(summaries[best]["val_loss_last"], rel=1e-3)
-    assert "Invalid learning rate" in rows[2]["error"]
+    assert "stage.module.optimizer.lr=-1.0" in rows[2]["error"]
     assert (sweep / "report.png").stat().st_size > 10_000
 
 

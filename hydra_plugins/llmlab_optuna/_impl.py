@@ -32,6 +32,8 @@ from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from llmlab.redact import redact, redact_text, redacted_yaml
+
 from ._search_space import Param, SearchSpaceError, build_search_space
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,8 @@ class LlmlabOptunaSweeperImpl:
         )
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+        # credentials (a storage URL's password, +*_api_key overrides) are masked on disk
+        (self.sweep_dir / "multirun.yaml").write_text(redacted_yaml(self.config, resolve=False))
         self._acquire_lock()
         try:
             return self._run(search, fixed, distributions)
@@ -190,7 +193,7 @@ class LlmlabOptunaSweeperImpl:
         assert self.sweep_dir is not None
         spec = self.storage_spec
         if spec and "://" in str(spec):
-            self._storage_desc = str(spec)
+            self._storage_desc = redact_text(str(spec))  # logged and written: no password
             return str(spec)  # optuna builds the RDBStorage from the URL
         path = Path(spec) if spec else Path(DEFAULT_JOURNAL)
         if not path.is_absolute():
@@ -432,7 +435,7 @@ class LlmlabOptunaSweeperImpl:
         ]
         path = self.sweep_dir / RESULTS_FILE
         tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(res, sort_keys=False, default_flow_style=False))
+        tmp.write_text(yaml.safe_dump(redact(res), sort_keys=False, default_flow_style=False))
         os.replace(tmp, path)
 
 

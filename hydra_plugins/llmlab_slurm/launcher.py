@@ -32,6 +32,8 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from llmlab.redact import redact_text
+
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _Base
 except ImportError:  # pragma: no cover - the optional `slurm` extra is not installed
@@ -195,7 +197,7 @@ class LlmlabSlurmLauncher(_Base):  # type: ignore[misc, valid-type]
             for i, job in zip(members, submitted):
                 jobs[i] = job
                 log.info("\t#%d : %s -> Slurm job %s (%d node(s) x %d task(s)%s)", initial_job_idx + i,
-                         " ".join(filter_overrides(job_overrides[i])), job.job_id, params["nodes"],
+                         redact_text(" ".join(filter_overrides(job_overrides[i]))), job.job_id, params["nodes"],
                          params["tasks_per_node"],
                          f", {params['gpus_per_node']} GPU(s)/node" if params.get("gpus_per_node") else "")
 
@@ -214,8 +216,8 @@ class LlmlabSlurmLauncher(_Base):  # type: ignore[misc, valid-type]
     def _failed(self, job: Any, overrides: Sequence[str], job_dir: Path, err: BaseException) -> JobReturn:
         """A job that ended without a result (killed, out of memory, node failure)."""
         first = str(err).strip().splitlines()
-        message = f"Slurm job {job.job_id} ended without a result: {type(err).__name__}: " \
-                  f"{first[0] if first else ''}"
+        message = redact_text(f"Slurm job {job.job_id} ended without a result: {type(err).__name__}: "
+                              f"{first[0] if first else ''}")
         log.error("%s (log: %s)", message, getattr(job.paths, "stderr", "?"))
         summary_path = job_dir / "summary.json"
         summary: Dict[str, Any] = {}
@@ -229,7 +231,7 @@ class LlmlabSlurmLauncher(_Base):  # type: ignore[misc, valid-type]
                            slurm_log=str(getattr(job.paths, "stderr", "")), run_dir=str(job_dir))
             job_dir.mkdir(parents=True, exist_ok=True)
             summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-            (job_dir / "error.txt").write_text(f"{message}\n\n{err}\n")
+            (job_dir / "error.txt").write_text(f"{message}\n\n{redact_text(str(err))}\n")
         metric = self.config.get("optimized_metric") if self.config is not None else None
         value = summary.get(metric) if metric and summary.get("status") == "finished" else None
         return JobReturn(overrides=list(overrides), working_dir=str(job_dir), status=JobStatus.COMPLETED,

@@ -17,15 +17,9 @@ import logging
 
 import lightning as L
 
+from llmlab.errors import RunDiverged
+
 log = logging.getLogger("llmlab")
-
-
-class RunDiverged(RuntimeError):
-    """The run stopped after too many non-finite steps in a row (exit code 1: not a user error)."""
-
-    def __init__(self, message: str, report: bool = True):
-        super().__init__(message)
-        self.report = report  # rank 0 prints the one-line error; other ranks exit quietly
 
 
 def deepspeed_skipped(trainer) -> bool:

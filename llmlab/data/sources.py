@@ -34,7 +34,7 @@ def check_files(files, setting: str) -> list[Path]:
         raise DataError(f"{setting} is empty: give one or more local files, e.g. {setting}=/path/train.jsonl")
     for p in paths:
         if not p.is_file():
-            raise DataError(f"{setting}: file not found: {p}")
+            raise DataError(f"{setting}: file not found: {p}; give existing local files ({', '.join(sorted(FILE_TYPES))})")
         if p.stat().st_size == 0:
             raise DataError(f"{setting}: {p} is empty; give a file with data")
         if p.suffix.lower() not in FILE_TYPES:

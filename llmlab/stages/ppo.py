@@ -59,20 +59,39 @@ from llmlab.strategies import generation_context
 log = logging.getLogger("llmlab")
 
 
+def response_length_bounds(value) -> tuple[int, int]:
+    """(min, max) tokens per response from stage.module.response_length=[min, max], 1 <= min <= max."""
+    try:
+        lo, hi = (int(x) for x in value)
+    except (TypeError, ValueError):
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"stage.module.response_length={value}: give [min, max] token budgets with 1 <= min <= "
+                          f"max, e.g. stage.module.response_length=[8,16]")
+    return lo, hi
+
+
 # ---------------------------------------------------------------------------------------- rewards
 class RuleReward:
     """A checkable reward `fn(response, answer) -> float` (default: llmlab.data.builtin.rule_reward)."""
 
     def __init__(self, fn: str = "llmlab.data.builtin.rule_reward"):
-        self.name, self.fn = fn, get_method(fn)
+        try:
+            self.name, self.fn = fn, get_method(fn)
+        except Exception as err:  # noqa: BLE001 - Hydra wraps import errors in several types
+            raise ConfigError(f"stage.rule_reward={fn}: cannot import it ({type(err).__name__}); give the dotted "
+                              f"path of a function(response, answer) -> float, e.g. llmlab.data.builtin.rule_reward "
+                              f"(or stage.reward_model=<stage=rm run dir>)") from None
+        if not callable(self.fn):
+            raise ConfigError(f"stage.rule_reward={fn} is not a function; give a function(response, answer) -> float")
 
     def to(self, device):
         return self
 
     def __call__(self, prompts: list[str], responses: list[str], answers: list) -> torch.Tensor:
         if any(a is None for a in answers):
-            raise ValueError(f"rule_reward={self.name} needs a reference answer per prompt "
-                             f"(data.answer_field); use reward_model=<path> for data without answers")
+            raise ConfigError(f"stage.rule_reward={self.name} needs a reference answer per prompt "
+                              f"(data.answer_field); use stage.reward_model=<path> for data without answers")
         return torch.tensor([float(self.fn(r, a)) for r, a in zip(responses, answers)])
 
 
@@ -180,11 +199,9 @@ class PPOModule(L.LightningModule):
         elif rule_reward:
             self.reward = RuleReward(rule_reward)
         else:
-            raise ValueError("stage=ppo needs a reward: stage.reward_model=<run dir or HF path> or "
-                             "stage.rule_reward=<function>")
-        lo, hi = (int(x) for x in response_length)
-        if not 1 <= lo <= hi:
-            raise ValueError(f"stage.module.response_length={list(response_length)}: need 1 <= min <= max")
+            raise ConfigError("stage=ppo needs a reward: stage.reward_model=<run dir or HF path> or "
+                              "stage.rule_reward=<function>")
+        lo, hi = response_length_bounds(response_length)
         self.response_length = (lo, hi)
         self.rollout_batch_size, self.mini_batch_size, self.ppo_epochs = rollout_batch_size, mini_batch_size, ppo_epochs
         if temperature <= 0:
