@@ -141,3 +141,59 @@ def test_step_mean_is_the_token_weighted_mean_of_the_step():
     assert float(sum(shares) / 3) == pytest.approx(39.0 / 15)
     assert float(step_mean(module, sums[1], {}, "tokens", counts[1])) == pytest.approx(3.0)  # no step counts
     assert float(for_backward(module, torch.tensor(2.0))) == 2.0  # DDP / single process: Lightning's 1/3 only
+
+
+# ---------------------------------------------------------------- against TRL's SFTTrainer
+def test_sft_step_with_accumulation_equals_trl_sfttrainer(tmp_path):
+    """One SGD step, batch 2 x accumulation 3, on the same six prompt/completion rows (TRL's own
+    tokenization and collation): llmlab's SFTModule under a real Lightning Trainer with the datamodule's
+    StepTargets == TRL 1.16's SFTTrainer (HF Trainer's num_items_in_batch), fp32. Without StepTargets
+    (per-micro-batch means, the old behaviour) the weights end up far from TRL's."""
+    import copy
+    from functools import partial
+
+    import lightning as L
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import SFTConfig, SFTTrainer
+
+    from llmlab.data.datamodule import StepTargets
+    from llmlab.data.formats import lm_targets
+    from llmlab.data.tokenizer import builtin_tokenizer
+    from llmlab.stages.sft import SFTModule
+
+    tok = builtin_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=160, vocab_size=len(tok), resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                     bos_token_id=tok.bos_token_id)
+    init = GPT2LMHeadModel(cfg).state_dict()
+    rows = [{"prompt": f"p{i}: ", "completion": _text(n, i)} for i, n in enumerate(LENGTHS)]
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                     max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                     weight_decay=0.0, report_to=[], use_cpu=True, bf16=False, save_strategy="no", max_length=None,
+                     completion_only_loss=True, packing=False)
+    trl_model = GPT2LMHeadModel(cfg)
+    trl_model.load_state_dict(init)
+    trainer = SFTTrainer(model=trl_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])  # (6, T), labels -100 off the completion
+    trainer.train()
+    want = {k: v.detach().clone() for k, v in trl_model.state_dict().items()}
+
+    examples = [{k: batch[k][i] for k in ("input_ids", "labels", "attention_mask")} for i in range(6)]
+    collate = lambda ex: {k: torch.stack([e[k] for e in ex]) for k in ex[0]}  # noqa: E731
+
+    def llmlab_step(wrap: bool) -> dict:
+        model = GPT2LMHeadModel(cfg)
+        model.load_state_dict(copy.deepcopy(init))
+        module = SFTModule(model, tok, optimizer=partial(torch.optim.SGD, lr=1.0), eval_generation=False)
+        loader = DataLoader(examples, batch_size=2, collate_fn=collate)
+        trainer = L.Trainer(max_steps=1, accumulate_grad_batches=3, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=str(tmp_path))
+        trainer.fit(module, train_dataloaders=StepTargets(loader, lm_targets, 3) if wrap else loader)
+        return model.state_dict()
+
+    assert max_diff(llmlab_step(wrap=True), want) < 1e-5
+    assert max_diff(llmlab_step(wrap=False), want) > 1e-2
