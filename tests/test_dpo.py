@@ -165,8 +165,9 @@ def test_ipo_equals_trl_ipo(tmp_path):
         trl_loss = float(trainer._compute_loss(trainer.model, inputs, return_outputs=False))
 
     real = inputs["attention_mask"] == 1  # (12, T)
-    batch = {"input_ids": inputs["input_ids"], "labels": inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100),
-             "segment_ids": torch.where(real, 0, -1), "position_ids": torch.arange(real.shape[1]).expand_as(real) * real}
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)  # completion + EOS are targets
+    batch = {"input_ids": inputs["input_ids"], "labels": labels, "segment_ids": torch.where(real, 0, -1),
+             "position_ids": torch.arange(real.shape[1]).expand_as(real) * real}  # llmlab's collator layout
     losses = {}
     for normalized in (True, False):
         module = dpo_module(model, tok, loss=IPOLoss(beta=0.1, length_normalized=normalized),

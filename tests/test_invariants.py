@@ -29,7 +29,8 @@ LAYOUTS = {
     "batch6": ["data.batch_size=6"],
     "batch2_accum3": ["data.batch_size=2", "trainer.accumulate_grad_batches=3"],
     "ddp2_batch3": ["trainer.devices=2", "strategy=ddp", "data.batch_size=3"],
-    "ddp2_batch1_accum3": ["trainer.devices=2", "strategy=ddp", "data.batch_size=1", "trainer.accumulate_grad_batches=3"],
+    "ddp2_batch1_accum3": ["trainer.devices=2", "strategy=ddp", "data.batch_size=1",
+                           "trainer.accumulate_grad_batches=3"],
     # DeepSpeed divides by its gradient_accumulation_steps on top of Lightning (common.for_backward)
     "zero2_batch1_accum3": ["trainer.devices=2", "strategy=zero2", "data.batch_size=1",
                             "trainer.accumulate_grad_batches=3"],
@@ -100,7 +101,7 @@ def test_target_counts_per_format():
 
     labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8], [1, 2, 3, 4], [-100, 9, -100, -100]])  # (4, 4)
     batch = {"input_ids": torch.zeros(4, 4, dtype=torch.long), "labels": labels}
-    assert TARGET_COUNTS["sft"](batch) == {"tokens": 2 + 2 + 3 + 1}  # labels[:, 1:] != -100 (position 0 predicts nothing)
+    assert TARGET_COUNTS["sft"](batch) == {"tokens": 2 + 2 + 3 + 1}  # labels[:, 1:] != -100: position 0 is no target
     assert TARGET_COUNTS["lm"](batch) == TARGET_COUNTS["sft"](batch)
     assert TARGET_COUNTS["preference"](batch) == {"pairs": 2, "tokens": 2 + 2}  # chosen rows = the first half
     assert "prompt" not in TARGET_COUNTS  # PPO builds its own mini-batches (PPOModule.token_normalizer)
@@ -177,7 +178,7 @@ def test_sft_step_with_accumulation_equals_trl_sfttrainer(tmp_path):
     trl_model = GPT2LMHeadModel(cfg)
     trl_model.load_state_dict(init)
     trainer = SFTTrainer(model=trl_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])  # (6, T), labels -100 off the completion
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])  # (6, T); labels -100 but completion
     trainer.train()
     want = {k: v.detach().clone() for k, v in trl_model.state_dict().items()}
 

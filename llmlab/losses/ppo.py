@@ -76,8 +76,9 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: max(-A r, -A clip(r, 1-c, 1+c)).
 
     Returns (loss, clip_fraction, approx_kl); the loss is a token sum / `n_tokens` (the masked mean
-    when None, see `masked_token_sum_mean`), the two statistics are this batch's masked means. approx_kl uses the k3 estimator (r - 1) - log r of
-    KL(old || new) (Schulman, "Approximating KL Divergence", 2020): unbiased and never negative.
+    when None, see `masked_token_sum_mean`), the two statistics are this batch's masked means.
+    approx_kl uses the k3 estimator (r - 1) - log r of KL(old || new) (Schulman, "Approximating KL
+    Divergence", 2020): unbiased and never negative.
     """
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)
