@@ -156,6 +156,23 @@ def test_ipo_hand_value():
     close(out.rejected_rewards, [-0.5, -2.0])
 
 
+def test_ipo_length_normalized_by_default_hand_value():
+    # IPO takes each answer's mean log-prob per response token (TRL's convention; the stage feeds
+    # sequence_logprobs(average=loss.average_logps)). Vocab 2, logits = log-probs. Chosen: 2 response
+    # tokens, policy p=0.8 each, reference 0.5: mean ratio log 1.6. Rejected: 1 token, policy 0.2,
+    # reference 0.5: ratio log 0.4. h = log 1.6 - log 0.4 = log 4; beta=0.5 -> (log 4 - 1)^2 = 0.1492233.
+    # Summed form: h = 2 log 1.6 - log 0.4 = 1.8562980 -> 0.8562980^2 = 0.7332462.
+    lp = lambda p: [math.log(p), math.log(1 - p)]  # noqa: E731  logits whose log-softmax is themselves
+    labels = t([[-100, 0, 0], [-100, 0, -100]])  # (2, 3): chosen row, rejected row; targets are token 0
+    policy = t([[lp(0.8), lp(0.8), lp(0.5)], [lp(0.2), lp(0.5), lp(0.5)]])  # (2, 3, 2): logits[:, t] scores t+1
+    ref = t([[lp(0.5)] * 3, [lp(0.5)] * 3])
+    for loss_fn, want in ((IPOLoss(beta=0.5), 0.1492233), (IPOLoss(beta=0.5, length_normalized=False), 0.7332462)):
+        pol = sequence_logprobs(policy, labels, average=loss_fn.average_logps)  # (2,)
+        rf = sequence_logprobs(ref, labels, average=loss_fn.average_logps)
+        close(loss_fn(pol[:1], pol[1:], rf[:1], rf[1:]).loss, want)
+    assert IPOLoss().average_logps and not DPOLoss().average_logps
+
+
 @pytest.mark.parametrize("loss_fn", [DPOLoss(beta=0.1), DPOLoss(beta=0.1, label_smoothing=0.2), IPOLoss(beta=0.1)])
 def test_preference_losses_nan_safe_for_huge_values(loss_fn):
     pc = t([-1e6, 0.0, -1e9], requires_grad=True)
@@ -225,6 +242,25 @@ def test_ppo_policy_loss_hand_values():
     close(kl, 0.1213798)
     loss.backward()  # clipped tokens get no gradient; unclipped ones get -A r / 4
     close(logprobs.grad, [[0.0, -0.125, 0.0, -0.55, 0.0]])
+
+
+def test_ppo_token_losses_are_one_big_batch_over_ranks():
+    # two "ranks" with 1 and 4 response tokens: each divides its token sum by global count / world
+    # (= 5 / 2); the mean of the two (what DDP does to gradients) is the loss of the whole mini-batch.
+    # One rank with n_tokens = mask.sum() is the plain masked mean (unchanged numbers).
+    lp, old, adv = t([[0.1, 0.0, 0.3, -0.2]] * 2), t([[0.0, 0.1, 0.1, 0.0]] * 2), t([[1.0, -2.0, 0.5, 3.0]] * 2)
+    mask = t([[1, 0, 0, 0], [1, 1, 1, 1]])
+    whole = ppo_policy_loss(lp, old, adv, mask)[0]
+    close(ppo_policy_loss(lp, old, adv, mask, n_tokens=mask.sum())[0], whole)
+    ranks = [ppo_policy_loss(lp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], n_tokens=5 / 2)[0] for i in (0, 1)]
+    close((ranks[0] + ranks[1]) / 2, whole)
+    per_rank_means = [ppo_policy_loss(lp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1])[0] for i in (0, 1)]
+    assert abs(float((per_rank_means[0] + per_rank_means[1]) / 2 - whole)) > 0.1  # the old, unweighted mean
+    values, returns = t([[1.0, 2.0, 0.0, 0.5]] * 2), torch.zeros(2, 4)
+    whole_v = ppo_value_loss(values, values, returns, mask)[0]
+    ranks_v = [ppo_value_loss(values[i:i + 1], values[i:i + 1], returns[i:i + 1], mask[i:i + 1], n_tokens=2.5)[0]
+               for i in (0, 1)]
+    close((ranks_v[0] + ranks_v[1]) / 2, whole_v)
 
 
 def test_ppo_value_loss_hand_values():

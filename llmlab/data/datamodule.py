@@ -1,13 +1,15 @@
 """The one LightningDataModule: a source (data group) x a format (chosen by the stage)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from llmlab.data.formats import FORMATS
+from llmlab.data.formats import FORMATS, TARGET_COUNTS
 from llmlab.data.sources import DataError, load_split
 
 
@@ -50,6 +52,52 @@ class ResumableSampler(Sampler[int]):
         return self.length
 
 
+def global_sums(counts: list[dict[str, int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Sum per-micro-batch counts ({name: int}, same names in each) over the micro-batches and, when
+    torch.distributed is initialized, over all ranks (a collective: every rank calls it in lockstep).
+    Returns {name: 0-dim int64 tensor on the CPU}."""
+    names = sorted(counts[0])
+    totals = torch.tensor([sum(c[k] for c in counts) for k in names], dtype=torch.int64, device=device)  # (K,)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return dict(zip(names, totals.cpu()))
+
+
+class StepTargets:
+    """The train dataloader, with each micro-batch carrying the global target counts of its optimizer step.
+
+    Reads one optimizer step ahead: `accumulate` micro-batches (the remainder at the end, grouped as
+    Lightning groups accumulation: consecutive from the first batch), counts their loss targets with
+    `count` (formats.TARGET_COUNTS), sums them over the micro-batches and ranks, and adds them to every
+    micro-batch as `step_<name>` (e.g. `step_tokens`, `step_pairs`). Stages divide their loss sums by
+    these, so a step is one big batch's token-weighted mean however it is split (HF Trainer's
+    `num_items_in_batch`). Sample order is the wrapped loader's: resume is unaffected. The look-ahead
+    holds only token-id batches; ranks must yield the same number of batches (ResumableSampler does).
+    """
+
+    def __init__(self, loader: DataLoader, count, accumulate: int, device: torch.device | str = "cpu"):
+        self.loader, self.count, self.accumulate, self.device = loader, count, max(int(accumulate), 1), device
+
+    @property
+    def sampler(self):  # Lightning calls sampler.set_epoch through these
+        return self.loader.sampler
+
+    @property
+    def batch_sampler(self):
+        return self.loader.batch_sampler
+
+    def __len__(self) -> int:  # TypeError for iterable datasets, as DataLoader (Lightning checks has_len)
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while group := list(itertools.islice(batches, self.accumulate)):
+            totals = global_sums([self.count(b) for b in group], self.device)
+            for batch in group:
+                batch.update({f"step_{name}": total for name, total in totals.items()})
+                yield batch
+
+
 class LLMDataModule(L.LightningDataModule):
     def __init__(self, data_cfg, data_format: str, tokenizer, seed: int = 0, format_kwargs: dict | None = None):
         super().__init__()
@@ -81,6 +129,13 @@ class LLMDataModule(L.LightningDataModule):
         return trainer.global_step * trainer.accumulate_grad_batches * self.cfg.batch_size * world
 
     def train_dataloader(self):
+        loader = self._train_loader()
+        count, trainer = TARGET_COUNTS.get(self.data_format), self.trainer
+        if count is None or trainer is None:
+            return loader
+        return StepTargets(loader, count, trainer.accumulate_grad_batches, trainer.strategy.root_device)
+
+    def _train_loader(self) -> DataLoader:
         rank, world = self._rank_world()
         if isinstance(self.train_set, IterableDataset):
             self.train_set.rank, self.train_set.world_size = rank, world

@@ -254,3 +254,25 @@ class PromptFormat:
 
 
 FORMATS.update({"sft": SFTFormat, "preference": PreferenceFormat, "prompt": PromptFormat})
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss targets per batch: what one optimizer step's losses are averaged over (see datamodule.StepTargets)
+# --------------------------------------------------------------------------------------------------
+def lm_targets(batch: dict) -> dict[str, int]:
+    """Next-token targets of a causal-LM batch (lm, sft): labels[:, 1:] that are not IGNORE_INDEX.
+
+    The same count `losses.causal_lm_loss_sum` returns, so a loss sum over the step divided by the
+    step's total is the token-weighted mean of one big batch."""
+    return {"tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
+
+
+def preference_targets(batch: dict) -> dict[str, int]:
+    """A (2B, T) preference batch: B pairs (the DPO term averages over pairs) and the target tokens of
+    the chosen rows [0, B) (the NLL term averages over those tokens)."""
+    B = batch["input_ids"].shape[0] // 2
+    return {"pairs": B, "tokens": int((batch["labels"][:B, 1:] != IGNORE_INDEX).sum())}
+
+
+# data format -> counting function; formats without one (prompt: PPO builds its own batches) get no counts
+TARGET_COUNTS = {"lm": lm_targets, "sft": lm_targets, "preference": preference_targets}

@@ -1,7 +1,9 @@
 """Direct preference optimisation losses on sequence log-probs (see ``lm.sequence_logprobs``).
 
 Both take h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)), the implicit reward
-margin, and differ only in what they do with it; pick one with Hydra ``_target_``.
+margin, and differ only in what they do with it; pick one with Hydra ``_target_``. A loss's
+``average_logps`` attribute says which log-probs the stage must feed it: per-sequence sums (False) or
+means per response token (True).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class DPOLoss(nn.Module):
     -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
     """
 
+    average_logps = False  # summed log-probs of each answer
+
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
         super().__init__()
         self.beta, self.label_smoothing = beta, label_smoothing
@@ -49,11 +53,21 @@ class IPOLoss(nn.Module):
 
     A squared loss regresses the margin to a finite target instead of pushing it to infinity, so
     the policy cannot drift arbitrarily far from the reference on deterministic preferences.
+
+    ``length_normalized`` (default): h is built from each answer's mean log-prob per response token,
+    TRL's convention (confirmed by the IPO authors to TRL; the paper's results use it), so the
+    squared margin does not grow with answer length and beta means the same for short and long
+    answers. ``length_normalized=false`` is the summed form (log-probs summed over the answer).
     """
 
-    def __init__(self, beta: float = 0.1):
+    def __init__(self, beta: float = 0.1, length_normalized: bool = True):
         super().__init__()
-        self.beta = beta
+        self.beta, self.length_normalized = beta, length_normalized
+
+    @property
+    def average_logps(self) -> bool:
+        """The stage feeds mean per-token log-probs when length-normalised, sums otherwise."""
+        return self.length_normalized
 
     def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                 ref_chosen_logps: Tensor, ref_rejected_logps: Tensor) -> DPOOutput:

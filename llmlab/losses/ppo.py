@@ -58,18 +58,33 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
     return advantages, advantages + values
 
 
+def masked_token_sum_mean(x: Tensor, mask: Tensor, n_tokens: Tensor | float | None = None) -> Tensor:
+    """Sum of x over the masked tokens / n_tokens; the masked mean when n_tokens is None.
+
+    Under DDP/ZeRO the ranks' gradients are averaged, so each rank passes n_tokens = the mini-batch's
+    global token count / world size (PPOModule.token_normalizer): the update is then the token mean of
+    the whole global mini-batch, not a mean of per-rank means. One rank: n_tokens = mask.sum()."""
+    if n_tokens is None:
+        return masked_mean(x, mask)
+    mask = mask.to(x.dtype)
+    total = torch.where(mask != 0, x * mask, 0.0).sum()
+    return total / torch.as_tensor(n_tokens, dtype=x.dtype, device=x.device).clamp_min(1e-8)
+
+
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                    clip_range: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
+                    clip_range: float = 0.2, n_tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: max(-A r, -A clip(r, 1-c, 1+c)).
 
-    Returns (loss, clip_fraction, approx_kl). approx_kl uses the k3 estimator (r - 1) - log r of
-    KL(old || new) (Schulman, "Approximating KL Divergence", 2020): unbiased and never negative.
+    Returns (loss, clip_fraction, approx_kl); the loss is a token sum / `n_tokens` (the masked mean
+    when None, see `masked_token_sum_mean`), the two statistics are this batch's masked means.
+    approx_kl uses the k3 estimator (r - 1) - log r of KL(old || new) (Schulman, "Approximating KL
+    Divergence", 2020): unbiased and never negative.
     """
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio  # (B, T)
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_token_sum_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
@@ -77,14 +92,14 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
 
 
 def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                   clip_range_value: float = 0.2) -> tuple[Tensor, Tensor]:
+                   clip_range_value: float = 0.2, n_tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), as in
     OpenAI baselines' PPO2: the value head may not move further than c from its rollout estimate.
-    Returns (loss, value_clip_fraction)."""
+    Returns (loss, value_clip_fraction); the loss over tokens as in `ppo_policy_loss`."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)  # (B, T)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    loss = 0.5 * masked_token_sum_mean(torch.maximum(unclipped_err, clipped_err), mask, n_tokens)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_err > unclipped_err).float(), mask)
     return loss, clip_fraction

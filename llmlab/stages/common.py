@@ -63,6 +63,39 @@ def configure_optimizers(module, optimizer_factory, scheduler_factory):
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def step_mean(module, total: torch.Tensor, batch: dict, key: str, count) -> torch.Tensor:
+    """This micro-batch's share of the optimizer step's mean: total x (micro-batches x ranks) / step count.
+
+    `total` is a sum over this micro-batch's `count` targets (tokens, pairs). Lightning divides the
+    returned loss by `accumulate_grad_batches` and DDP/ZeRO average gradients over ranks, so what is
+    optimized is sum over the step / the step's global count (`batch["step_<key>"]`, from
+    datamodule.StepTargets): the same update as one big batch, however it is split. The mean of the
+    returned values over the step's micro-batches and ranks is that same number, so `log_train` of it
+    logs the step's token-weighted mean. Without the key (a batch not from the datamodule, validation)
+    it is the plain per-batch mean, total / count.
+    """
+    step_count = batch.get(f"step_{key}")
+    trainer = module._trainer
+    if step_count is None or trainer is None:
+        return total / torch.as_tensor(count).clamp_min(1)
+    micro_batches_x_ranks = trainer.accumulate_grad_batches * trainer.world_size
+    return total * micro_batches_x_ranks / step_count.to(total.device).clamp_min(1)
+
+
+def for_backward(module, loss: torch.Tensor) -> torch.Tensor:
+    """The loss a `training_step` returns, given the loss it means (and logs).
+
+    Lightning divides the returned loss by `accumulate_grad_batches`; under DeepSpeed the engine's
+    `backward` divides it by its gradient_accumulation_steps (set from the same number) once more
+    (lightning/pytorch/plugins/precision/deepspeed.py calls `engine.backward(loss)` with
+    scale_wrt_gas=True), so without this the gradient of a ZeRO run would be 1/accumulation of DDP's.
+    """
+    trainer = module._trainer
+    if trainer is not None and trainer.strategy.handles_gradient_accumulation:
+        return loss * trainer.accumulate_grad_batches
+    return loss
+
+
 def log_train(module, name: str, value, prog_bar: bool = False) -> None:
     """Log a training scalar once per optimizer step: its mean over the step's micro-batches and ranks.
 
@@ -71,7 +104,8 @@ def log_train(module, name: str, value, prog_bar: bool = False) -> None:
     of them: Lightning scales each micro-batch's loss by 1/accumulation and DDP/DeepSpeed average the
     ranks' gradients. So batch 8 x accumulation 1, batch 4 x accumulation 2, and 2 ranks x batch 4 log
     the same number (axolotl#2262). Collective under DDP/DeepSpeed (`sync_dist`): every rank calls it
-    for the same micro-batches.
+    for the same micro-batches. Losses from `step_mean` are already weighted so that this plain mean
+    over micro-batches and ranks is the step's token-weighted mean.
     """
     trainer = module._trainer
     value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))

@@ -21,11 +21,11 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from llmlab.losses import DPOLoss, causal_lm_loss, sequence_logprobs
+from llmlab.losses import DPOLoss, causal_lm_loss_sum, sequence_logprobs
 from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, last_logged, load_reference, summary_extras
-from llmlab.stages.common import configure_optimizers, forward_logits, log_train
+from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
 from llmlab.stages.sft import greedy_answers
 
 log = logging.getLogger("llmlab")
@@ -59,10 +59,19 @@ class DPOModule(L.LightningModule):
         self.val_exact_match = ExactMatch()
 
     # ------------------------------------------------------------------ log-probs
+    @property
+    def average_logps(self) -> bool:
+        """Whether the loss wants each sequence's mean log-prob per response token instead of the sum
+        (the loss declares it: `average_logps`, e.g. IPO's length-normalised form)."""
+        return bool(getattr(self.loss_fn, "average_logps", False))
+
+    def _sequence_logps(self, logits, labels) -> torch.Tensor:
+        return sequence_logprobs(logits, labels, average=self.average_logps)  # (2B,)
+
     def policy_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of response-token log-probs (2B,), logits (2B, T, V)) under the policy."""
+        """(response log-probs (2B,): sums, or means if the loss asks, and logits (2B, T, V)) under the policy."""
         logits = forward_logits(self.model, batch, self.packing)
-        return sequence_logprobs(logits, batch["labels"]), logits
+        return self._sequence_logps(logits, batch["labels"]), logits
 
     def reference_logps(self, batch) -> torch.Tensor:
         """(2B,) under the reference: from the precomputed cache, else a no-grad forward."""
@@ -73,7 +82,7 @@ class DPOModule(L.LightningModule):
             if self.reference.copy is None and not self.reference.shares_policy:
                 raise RuntimeError("a pair missing from the precomputed reference log-probs")
         with self.reference.model() as ref:
-            return sequence_logprobs(forward_logits(ref, batch, self.packing), batch["labels"])
+            return self._sequence_logps(forward_logits(ref, batch, self.packing), batch["labels"])
 
     @torch.no_grad()
     def _precompute(self, dataset, collate, batch_size: int) -> None:
@@ -81,7 +90,7 @@ class DPOModule(L.LightningModule):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.reference.model() as ref:
-                logps = sequence_logprobs(forward_logits(ref, batch, self.packing), batch["labels"])
+                logps = self._sequence_logps(forward_logits(ref, batch, self.packing), batch["labels"])
             for ids, seg, lp in zip(batch["input_ids"], batch["segment_ids"], logps.tolist()):
                 self.ref_cache[_row_key(ids, seg)] = lp
 
@@ -104,9 +113,11 @@ class DPOModule(L.LightningModule):
         reference = self.reference_logps(batch)  # (2B,)
         B = policy.shape[0] // 2
         out = self.loss_fn(policy[:B], policy[B:], reference[:B], reference[B:])
-        loss = out.loss
+        # both terms as the step's means (over its pairs, over its chosen tokens), whatever the split
+        loss = step_mean(self, out.loss * B, batch, "pairs", B)  # out.loss is a mean over the B pairs
         if self.sft_weight:  # RPO-style NLL on the chosen answers keeps them likely
-            loss = loss + self.sft_weight * causal_lm_loss(logits[:B], batch["labels"][:B])
+            nll_sum, n_tokens = causal_lm_loss_sum(logits[:B], batch["labels"][:B])
+            loss = loss + self.sft_weight * step_mean(self, nll_sum, batch, "tokens", n_tokens)
         return loss, out, policy[:B].detach()
 
     def training_step(self, batch, batch_idx):
@@ -118,7 +129,7 @@ class DPOModule(L.LightningModule):
         log_train(self, "train/reward_margin", (chosen - rejected).mean())
         log_train(self, "train/rewards_chosen", chosen.mean())
         log_train(self, "train/rewards_rejected", rejected.mean())
-        return loss
+        return for_backward(self, loss)
 
     def validation_step(self, batch, batch_idx):
         loss, out, logps_chosen = self._losses(batch)

@@ -346,10 +346,11 @@ class PPOModule(L.LightningModule):
                 logprobs = self.response_logprobs(logits, ro["input_ids"][idx], P)  # (b, R)
                 values = values[:, P - 1:-1].float()  # (b, R)
                 mask = ro["mask"][idx]
+                n_tokens = self.token_normalizer(mask)  # token mean over the global mini-batch
                 pg_loss, clip_frac, approx_kl = ppo_policy_loss(logprobs, ro["logprobs"][idx], ro["advantages"][idx],
-                                                                mask, self.clip_range)
+                                                                mask, self.clip_range, n_tokens)
                 vf_loss, vf_clip_frac = ppo_value_loss(values, ro["values"][idx], ro["returns"][idx], mask,
-                                                       self.clip_range_value)
+                                                       self.clip_range_value, n_tokens)
                 loss = pg_loss + self.vf_coef * vf_loss
                 optimizer.zero_grad()
                 self.manual_backward(loss)
@@ -366,6 +367,16 @@ class PPOModule(L.LightningModule):
                     and self.mean_over_ranks(sum(epoch_kl) / len(epoch_kl)) > 1.5 * self.target_kl):
                 break  # TRL's early stopping: the policy moved too far from the rollout policy
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+    def token_normalizer(self, mask: torch.Tensor) -> torch.Tensor:
+        """What a rank divides its token-loss sum by: the mini-batch's response tokens over all ranks /
+        the number of ranks. DDP/ZeRO average the ranks' gradients, so the update is the token mean of
+        the global mini-batch (as one big batch), not a mean of per-rank means. One rank: mask.sum().
+        Collective (every rank calls it for every mini-batch)."""
+        count = mask.sum().float()
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return count
+        return self.trainer.strategy.reduce(count, reduce_op="mean")
 
     def mean_over_ranks(self, value: float) -> float:
         """The mean of a per-process scalar over all processes (DDP / DeepSpeed), so decisions taken from

@@ -12,9 +12,9 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from llmlab.losses import causal_lm_loss, causal_lm_loss_sum
+from llmlab.losses import causal_lm_loss_sum
 from llmlab.metrics import ExactMatch
-from llmlab.stages.common import configure_optimizers, forward_logits, log_train
+from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -60,9 +60,10 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         logits = forward_logits(self.model, batch, self.packing)  # (B, T, V)
-        loss = causal_lm_loss(logits, batch["labels"])
-        log_train(self, "train/loss", loss, prog_bar=True)  # mean over micro-batches and ranks
-        return loss
+        loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
+        loss = step_mean(self, loss_sum, batch, "tokens", n_tokens)  # token-weighted over the whole step
+        log_train(self, "train/loss", loss, prog_bar=True)  # = the step's token-weighted mean
+        return for_backward(self, loss)
 
     def on_validation_epoch_start(self):
         self.predictions = []
