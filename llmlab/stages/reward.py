@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 from llmlab.losses import PairwiseRewardLoss, pairwise_accuracy
 from llmlab.stages import alignment
 from llmlab.stages.alignment import last_logged, summary_extras
-from llmlab.stages.common import configure_optimizers, log_train
+from llmlab.stages.common import configure_optimizers, for_backward, log_train, step_mean
 
 
 def sequence_scores(model, batch: dict) -> torch.Tensor:
@@ -59,11 +59,13 @@ class RewardModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, r_chosen, r_rejected = self._step(batch)
-        # per optimizer step: means over micro-batches and ranks
+        n_pairs = r_chosen.numel()
+        # the optimizer step's mean over all its pairs (micro-batches and ranks), as one big batch
+        loss = step_mean(self, loss * n_pairs, batch, "pairs", n_pairs)
         log_train(self, "train/loss", loss, prog_bar=True)
         log_train(self, "train/accuracy", pairwise_accuracy(r_chosen, r_rejected))
         log_train(self, "train/margin", (r_chosen - r_rejected).mean())
-        return loss
+        return for_backward(self, loss)  # DeepSpeed divides by the accumulation once more
 
     def validation_step(self, batch, batch_idx):
         loss, r_chosen, r_rejected = self._step(batch)
