@@ -67,7 +67,7 @@ def test_rm_encoder_base(cli, tmp_path):
 def test_rm_refuses_data_without_pairs(cli, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text('{"prompt": "reverse abc", "response": "cba"}\n' * 20)
-    run = cli("stage=rm", "model=tiny", "data=text", f"data.train_files={data}")
+    run = cli("stage=rm", "model=tiny", "data=text", "data.block_size=128", f"data.train_files={data}")
     assert run.returncode == 2
     assert "chosen" in run.stderr and "data.chosen_field" in run.stderr and "Traceback" not in run.stderr
 
