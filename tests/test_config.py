@@ -245,3 +245,45 @@ def test_help_and_cfg_are_fast_and_do_not_import_torch():
     assert elapsed < 5, elapsed  # target under 2 s on an idle machine; margin for a loaded CI box
     help_ = subprocess.run([sys.executable, "-m", "llmlab.run", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0 and "stage: " in help_.stdout and "peft: " in help_.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# the cached bases' fingerprint covers everything that determines them
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    import shutil
+
+    for tree in ("llmlab", "conf"):
+        shutil.copytree(ROOT / tree, tmp_path / tree, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+# files the old fingerprint left out (a change there could pass on a stale cached base)
+WAS_LEFT_OUT = ["llmlab/stages/common.py", "llmlab/losses/__init__.py", "llmlab/models.py", "llmlab/train.py",
+                "conf/model/tiny.yaml", "conf/trainer/default.yaml", "conf/data/builtin.yaml", "conf/train.yaml"]
+
+
+def test_base_fingerprint_changes_with_any_source_or_config(project_copy):
+    digest = bases.sources_digest.__wrapped__  # uncached: files change under it here
+    assert digest(project_copy) == digest(ROOT)  # by content, not location
+    before = digest(project_copy)
+    for rel in WAS_LEFT_OUT:
+        path = project_copy / rel
+        original = path.read_text()
+        path.write_text(original + ("\n_changed = 1\n" if rel.endswith(".py") else "\nchanged_value: 1\n"))
+        assert digest(project_copy) != before, rel
+        path.write_text(original)
+    assert digest(project_copy) == before
+    # a comment or docstring edit keeps the cached bases
+    for rel in ("llmlab/models.py", "conf/model/tiny.yaml"):
+        path = project_copy / rel
+        path.write_text("# a reworded comment\n" + path.read_text())
+    models = project_copy / "llmlab/models.py"
+    models.write_text(models.read_text().replace('"""Build tokenizers', '"""Reworded: build tokenizers', 1))
+    assert digest(project_copy) == before
+    # the names' fingerprints differ (their recipes do) and each is stable
+    prints = {name: bases._fingerprint(name) for name in bases.BASES}
+    assert len(set(prints.values())) == len(prints) and prints == {n: bases._fingerprint(n) for n in bases.BASES}
