@@ -3,19 +3,26 @@
 `stage=sft` starts from a pretrained tiny model, `stage=rm|dpo|ppo` from an SFT'd one. Rather than
 shipping weights, llmlab builds them with its own recipes (`python -m llmlab.run <overrides>`), once,
 into `$LLMLAB_CACHE/bases/<name>-<hash>/hf` (default cache: ~/.cache/llmlab). The hash covers the
-recipe overrides and the source of the package's data/model code, so a change rebuilds.
+recipe overrides, every source file of the package and every config file (by meaning: comments and
+docstrings aside) and the versions of the libraries that train it, so any change that could alter a
+base rebuilds it on next use (a few minutes, once).
 Config files refer to them through the resolver `${llmlab_base:<name>}` (registered in llmlab.run).
 """
 from __future__ import annotations
 
+import ast
 import fcntl
+import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 log = logging.getLogger("llmlab")
 
@@ -26,28 +33,59 @@ BASES: dict[str, list[str]] = {
     # the SFT recipe stopped early: a real SFT policy that is still imperfect, so PPO has headroom
     "tiny-sft-early": ["stage=sft", "model=tiny_base", "seed=0", "trainer.max_steps=400"],
 }
-_PRETRAIN_SOURCES = ("data/builtin.py", "data/tokenizer.py", "data/formats.py", "data/templates.py",
-                     "stages/pretrain.py")
-_SFT_SOURCES = (*_PRETRAIN_SOURCES, "stages/sft.py", "metrics.py", "../conf/stage/sft.yaml")
-# per base: the sources its recipe runs (editing the SFT stage must not rebuild the pretrained base)
-_HASHED_SOURCES: dict[str, tuple[str, ...]] = {
-    "tiny-pretrained": _PRETRAIN_SOURCES,
-    "tiny-sft": _SFT_SOURCES,
-    "tiny-sft-early": _SFT_SOURCES,
-}
+# what else determines a base's weights: the libraries that train it
+_LIBRARIES = ("torch", "transformers", "lightning", "peft", "hydra-core", "omegaconf")
+_PROJECT = Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LLMLAB_CACHE", Path.home() / ".cache" / "llmlab"))
 
 
-def _fingerprint(name: str) -> str:
+def _meaning(path: Path) -> bytes:
+    """A file's content up to comments and formatting: Python as its syntax tree without docstrings,
+    YAML as its parsed data. Rewording a comment does not rebuild a base; any code or value change does."""
+    text = path.read_text()
+    if path.suffix == ".py":
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        return ast.dump(tree).encode()
+    return json.dumps(yaml.safe_load(text), sort_keys=True, default=str).encode()
+
+
+@functools.lru_cache(maxsize=8)
+def sources_digest(project: Path = _PROJECT) -> str:
+    """Hash of everything in the project a recipe can run or read: every llmlab/**/*.py and every
+    conf/**/*.yaml (the whole trees: simplest, and nothing that matters can be left out), by path and
+    meaning. Cached per process: sources do not change under a running process."""
+    h = hashlib.sha256()
+    files = sorted([*(project / "llmlab").rglob("*.py"), *(project / "conf").rglob("*.yaml")])
+    for path in files:
+        h.update(path.relative_to(project).as_posix().encode() + b"\0" + _meaning(path) + b"\0")
+    return h.hexdigest()
+
+
+def _library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return " ".join(f"{name}={_version(name)}" for name in _LIBRARIES)
+
+
+def _fingerprint(name: str, project: Path = _PROJECT) -> str:
+    """The recipe's overrides + the project's sources and config tree + the library versions."""
     h = hashlib.sha256(" ".join(BASES[name]).encode())
-    root = Path(__file__).parent
-    for rel in _HASHED_SOURCES.get(name, _PRETRAIN_SOURCES):
-        p = root / rel
-        if p.exists():
-            h.update(p.read_bytes())
+    h.update(sources_digest(project).encode())
+    h.update(_library_versions().encode())
     return h.hexdigest()[:10]
 
 

@@ -59,6 +59,22 @@ def _weight_bytes(param, train_dtype_bytes: int | None) -> float:
     return param.numel() * param.element_size()
 
 
+def weights_bytes(model, cast_bytes: int | None = None, four_bit: bool = False) -> float:
+    """Bytes of the model's parameters; `cast_bytes`: floating weights at that size (bf16-true: 2);
+    `four_bit`: frozen linear weights counted as NF4 although `model` is not quantized (a QLoRA dry run
+    builds the architecture on the meta device), so a dry run states what the real run will hold."""
+    as_four_bit = _frozen_linear_weights(model) if four_bit else set()
+    weights = 0.0
+    for p in model.parameters():
+        if id(p) in as_four_bit:
+            weights += _four_bit_bytes(p.numel())
+        elif four_bit and not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
+            weights += p.numel() * 2  # frozen embeddings in the bf16 compute dtype (peft.upcast=norms)
+        else:
+            weights += _weight_bytes(p, cast_bytes)
+    return weights
+
+
 def optimizer_states_per_param(optimizer_target: str | None, optimizer_kwargs: dict | None = None) -> int:
     name = (optimizer_target or "").rsplit(".", 1)[-1].lower()
     if name.startswith("sgd"):
@@ -84,16 +100,10 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
     precision = str(precision)
     true_half = precision in ("bf16-true", "16-true", "bf16", "16")
     cast_bytes = 2 if true_half else None  # mixed/32: weights stay as built (fp32 unless model.dtype)
-    as_four_bit = _frozen_linear_weights(model) if four_bit else set()
-    weights = grads = 0.0
+    weights = weights_bytes(model, cast_bytes, four_bit)
+    grads = 0.0
     trainable = 0
     for p in model.parameters():
-        if id(p) in as_four_bit:
-            weights += _four_bit_bytes(p.numel())
-        elif four_bit and not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
-            weights += p.numel() * 2  # frozen embeddings in the bf16 compute dtype (peft.upcast=norms)
-        else:
-            weights += _weight_bytes(p, cast_bytes)
         if p.requires_grad:
             size = cast_bytes or p.element_size()
             grads += p.numel() * size

@@ -6,6 +6,7 @@ One builder for every size: the tiny test model and OPT-1.3B differ only in thei
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -92,17 +93,47 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
     return model
 
 
+def _weights_in(p: torch.nn.Parameter) -> int:
+    """How many weights a parameter represents. A bitsandbytes 4-bit parameter stores two weights per
+    byte in a packed tensor whose dtype is `quant_storage` (uint8, or bf16/fp32 under ZeRO-3), so its
+    numel is not its size: the quant state records the original shape. A ZeRO-3 partitioned parameter
+    keeps its full size in `ds_numel`."""
+    if p.__class__.__name__ == "Params4bit":
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        return math.prod(shape) if shape is not None else p.numel() * p.element_size() * 2
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, trainable). 4-bit weights count as their logical size (bitsandbytes packs 2 per byte)."""
+    """(total, trainable) weights of the model as designed: 4-bit weights count as the weights they
+    represent, so a QLoRA model reports its unquantized model's count (`param_bytes` says the storage)."""
     total = trainable = 0
     for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2
+        n = _weights_in(p)
         total += n
         if p.requires_grad:
             trainable += n
     return total, trainable
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes the parameters occupy as held now: each tensor's storage (4-bit weights packed) plus the
+    4-bit quantization constants (absmax per block, the nested ones and their code books)."""
+    total, seen = 0, set()
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += int(getattr(t, "ds_numel", t.numel())) * t.element_size()
+
+    for p in model.parameters():
+        add(p)
+        qs = getattr(p, "quant_state", None) if p.__class__.__name__ == "Params4bit" else None
+        for state in (qs, getattr(qs, "state2", None)):
+            for name in ("absmax", "code", "offset"):
+                add(getattr(state, name, None))
+    return total
 
 
 def max_positions(config) -> int | None:

@@ -79,6 +79,16 @@ def _instantiate_dict(node) -> list:
     return [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
 
+def _param_bytes(cfg: DictConfig, model) -> int:
+    """Bytes of the parameters as loaded; a dry run on the meta device (nothing loaded) states what a
+    real run would load: 4-bit linear weights under QLoRA (llmlab/memory.py)."""
+    from llmlab.memory import weights_bytes
+    from llmlab.models import param_bytes
+
+    on_meta = any(p.is_meta for p in model.parameters())
+    return int(weights_bytes(model, four_bit=cfg.peft.method == "qlora")) if on_meta else param_bytes(model)
+
+
 def train(cfg: DictConfig) -> float | None:
     import lightning as L
     import torch
@@ -119,8 +129,9 @@ def train(cfg: DictConfig) -> float | None:
         "peft": cfg.peft.method,
         "precision": cfg.trainer.precision,
         "strategy": cfg.strategy.name,
-        "total_params": total,
+        "total_params": total,  # weights the model has (4-bit ones counted as weights, not packed bytes)
         "trainable_params": trainable,
+        "param_bytes": _param_bytes(cfg, module.model),  # what they occupy as loaded
     }
     log.info("model %s: %s params, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
     if cfg.dry_run:

@@ -1,72 +1,236 @@
-"""Every file under conf/ composes; every experiment passes validation (no network, no weights)."""
+"""Every file under conf/ composes AND resolves (interpolations included); every experiment and every
+pipeline stage passes llmlab's checks (no network, no weights); the conf tree is what users are told.
+
+`${llmlab_base:<name>}` (the cached tiny bases) would build a base for minutes on first use; here it is
+replaced, for the duration of each test, by a resolver that returns the very path the real one
+returns (`bases.base_path`: same name, same fingerprint) without building it.
+"""
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 
-from llmlab import checks
+from llmlab import bases, checks
 from tests.conftest import CONF, ROOT
 
-# groups whose files are chosen as `group=name`; hydra/ and pipeline roots are handled separately
-SKIP_DIRS = {"hydra"}
-ROOTS = {"train.yaml"}
+# groups whose choice is made in a root's defaults list, not with `group=name` on the command line
+ROOT_ONLY_GROUPS = {"hydra"}
+# groups the README table lists by example only (named recipes, data presets, searches)
+README_EXAMPLES_ONLY = {"experiment", "hparams_search", "data", "pipeline"}
 
 
-def group_choices():
-    out = []
-    for path in sorted(CONF.rglob("*.yaml")):
-        rel = path.relative_to(CONF)
-        if rel.parts[0] in SKIP_DIRS or len(rel.parts) == 1:
-            continue
-        group = "/".join(rel.parts[:-1])
-        out.append((group, path.stem))
-    return out
+def conf_files() -> list[str]:
+    """Every yaml under conf/, from the file system (the list the tests below cover)."""
+    return sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
 
 
-def test_every_conf_file_is_covered():
-    files = {p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
-    covered = {f"{g}/{c}.yaml" for g, c in group_choices()} | {f for f in files if f.startswith("hydra/")}
-    roots = {f for f in files if "/" not in f}
-    assert files - covered - roots == set()
+def group_choices() -> list[tuple[str, str]]:
+    return [(f.rsplit("/", 1)[0], f.rsplit("/", 1)[1].removesuffix(".yaml")) for f in conf_files() if "/" in f]
 
 
-def _compose(overrides, config_name="train"):
+def choice_override(group: str, choice: str) -> str:
+    return f"{group}='{choice}'" if choice.isdigit() else f"{group}={choice}"
+
+
+@pytest.fixture(autouse=True)
+def bases_without_building():
+    """`${llmlab_base:x}` -> the cached base's path, not built; the real resolver is put back after."""
+    from llmlab import run  # registers the real resolver on import
+
+    OmegaConf.register_new_resolver("llmlab_base", lambda name: str(bases.base_path(name)), replace=True)
+    yield
+    OmegaConf.register_new_resolver("llmlab_base", run._base_resolver, use_cache=True, replace=True)
+
+
+def compose_resolved(overrides, config_name="train") -> tuple:
+    """Compose like the CLI does and resolve every interpolation (hydra:, oc.env:, llmlab_base:)."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    # what Hydra fills in when it launches a job (a sweep's first job), and what @hydra.main does:
+    # `${hydra:...}` resolves against the hydra node
+    with open_dict(cfg):
+        cfg.hydra.job.num, cfg.hydra.job.id = 0, "0"
+        cfg.hydra.runtime.output_dir = str(cfg.hydra.run.dir)
+    HydraConfig.instance().set_config(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    return cfg, plain
 
 
-@pytest.mark.parametrize("group,choice", group_choices(), ids=lambda x: str(x))
-def test_conf_file_composes(group, choice):
-    if group in ("pipeline",):
-        pytest.skip("pipeline configs are composed by tests/test_pipeline.py")
-    overrides = [f"{group}='{choice}'" if choice.isdigit() else f"{group}={choice}"]
-    if group == "data" and choice in ("text",):
-        overrides.append("data.train_files=/nonexistent.jsonl")
-    cfg = _compose(overrides)
-    # resolve everything that does not need a run (hydra runtime, cached bases) to catch typos
-    plain = OmegaConf.to_container(cfg, resolve=False)
+def _missing(plain, prefix="") -> list[str]:
+    """Keys still `???` after resolution (required values the user must give)."""
+    if isinstance(plain, dict):
+        return [m for k, v in plain.items() for m in _missing(v, f"{prefix}{k}.")]
+    if isinstance(plain, list):
+        return [m for i, v in enumerate(plain) for m in _missing(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if plain == "???" else []
+
+
+# ------------------------------------------------------------------------------------------------
+# the conf tree against what users are told (independent of the walk above)
+# ------------------------------------------------------------------------------------------------
+
+
+def _help_groups() -> dict[str, set[str]]:
+    """`python -m llmlab.run --help`: the groups and choices Hydra's config repository lists."""
+    out = subprocess.run([sys.executable, "-m", "llmlab.run", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    section = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    return {m.group(1): set(m.group(2).split(", "))
+            for m in re.finditer(r"^([\w/]+): (.+)$", section, re.M)}
+
+
+def _readme_groups() -> dict[str, set[str]]:
+    """README.md's `Config groups` table: the choices named in each row's second column."""
+    text = (ROOT / "README.md").read_text().split("## Config groups")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([\w/]+)` \| (.*?) \|", text, re.M)
+    # a choice is a backticked name outside parentheses: `hub` (with `streaming`) names `hub`
+    return {g: set(re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", cell))) for g, cell in rows}
+
+
+def _hydra_main_roots() -> set[str]:
+    """The root configs the entry points load (`@hydra.main(config_name=...)` in llmlab/*.py)."""
+    roots = set()
+    for path in (ROOT / "llmlab").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "config_name" and isinstance(node.value, ast.Constant):
+                roots.add(f"{node.value.value}.yaml")
+    return roots
+
+
+def test_conf_tree_is_what_help_readme_and_entry_points_say():
+    """A file added without being listed (orphan) or listed without a file (missing) fails here."""
+    files = conf_files()
+    walked: dict[str, set[str]] = {}
+    for group, choice in group_choices():
+        walked.setdefault(group, set()).add(choice)
+    # root files: exactly the configs an entry point loads
+    assert {f for f in files if "/" not in f} == _hydra_main_roots() == {"train.yaml", "pipeline.yaml"}
+    # every group and choice Hydra offers on --help is a file, and every file is offered
+    help_groups = _help_groups()
+    assert {g: c for g, c in walked.items() if g not in ROOT_ONLY_GROUPS} == help_groups
+    # the README table: every choice it names exists; groups it enumerates are complete
+    readme = _readme_groups()
+    assert set(readme) >= set(help_groups) - {"paths", "pipeline"}, sorted(set(help_groups) - set(readme))
+    for group, named in readme.items():
+        if group in README_EXAMPLES_ONLY:
+            assert named <= walked[group], (group, named - walked[group])
+        else:
+            assert named == walked[group], (group, named ^ walked[group])
+
+
+# ------------------------------------------------------------------------------------------------
+# every file composes and resolves
+# ------------------------------------------------------------------------------------------------
+
+# data files with required values (`???`) the user gives on the command line
+REQUIRED = {("data", "text"): ["data.train_files=/data/train.jsonl"], ("data", "hub"): ["data.name=some/dataset"]}
+
+
+@pytest.mark.parametrize("group,choice", [gc for gc in group_choices() if gc[0] != "pipeline"], ids=str)
+def test_conf_file_composes_and_resolves(group, choice):
+    overrides = [] if group in ROOT_ONLY_GROUPS else [choice_override(group, choice)]
+    cfg, plain = compose_resolved([*overrides, *REQUIRED.get((group, choice), [])])
+    assert plain["hydra"]["runtime"]["choices"][group] == choice  # this file is the one composed
+    assert _missing({k: v for k, v in plain.items() if k != "hydra"}) == []
     assert plain["stage"]["name"] in checks.STAGES
+    if group == "model" and str(plain["model"].get("pretrained", "")).startswith(str(bases.cache_dir())):
+        assert plain["model"]["pretrained"].endswith("/hf")  # a cached base's path, fingerprinted
+
+
+def test_missing_required_value_is_reported():
+    """The `???` check above can fail: data=text without train_files leaves one."""
+    _, plain = compose_resolved(["data=text"])
+    assert _missing(plain["data"]) == ["train_files"]
+
+
+# ------------------------------------------------------------------------------------------------
+# experiments and pipelines validate
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Directories standing in for earlier runs' outputs: a causal LM and a reward model config.json
+    (configs only, no weights: the checks read configs)."""
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("stand_ins")
+    AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259, num_labels=1,
+                         architectures=["GPT2ForSequenceClassification"]).save_pretrained(root / "rm")
+    AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259,
+                         architectures=["GPT2LMHeadModel"]).save_pretrained(root / "lm")
+    return root
 
 
 def experiment_names():
     return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+# what an experiment leaves to the caller (the pipeline passes {rm} to the PPO recipe)
+EXPERIMENT_NEEDS = {"rlhf_opt1.3b": lambda d: [f"stage.reward_model={d / 'rm'}"]}
+
+
 @pytest.mark.parametrize("name", experiment_names())
-def test_experiment_validates(name):
-    cfg = _compose([f"experiment={name}"])
-    OmegaConf.resolve(cfg.stage)
-    checks.check_precision(cfg)
-    checks.check_model(cfg)
-    # data checks that need no network (hub data is only opened at run time)
-    if cfg.data.source == "text":
-        pytest.skip("local-file experiment: data checked at run time")
-    assert checks._model_positions(cfg.model) is None or cfg.data.block_size <= checks._model_positions(cfg.model)
+def test_experiment_resolves_and_validates(name, stand_ins):
+    cfg, plain = compose_resolved([f"experiment={name}", *EXPERIMENT_NEEDS.get(name, lambda d: [])(stand_ins)])
+    assert _missing({k: v for k, v in plain.items() if k != "hydra"}) == []
+    assert plain["task_name"] == name
+    validate(cfg)
+
+
+def validate(cfg) -> None:
+    """checks.check_config: every rule (hub data/models are opened only at run time). A GPU recipe on a
+    machine without one is refused for that reason alone: its other rules are checked one by one."""
+    import torch
+
+    if str(cfg.trainer.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        with pytest.raises(checks.ConfigError, match="no CUDA GPU is visible"):
+            checks.check_config(cfg)
+        for check in (checks.check_precision, checks.check_strategy, checks.check_model, checks.check_peft,
+                      checks.check_template, checks.check_preference, checks.check_data):
+            check(cfg)
+    else:
+        checks.check_config(cfg)
+
+
+def test_experiment_check_can_fail(stand_ins):
+    """The PPO recipe without its reward model is refused: validation above is not a formality."""
+    cfg, _ = compose_resolved(["experiment=rlhf_opt1.3b"])
+    with pytest.raises(checks.ConfigError, match="no reward source"):
+        checks.check_config(cfg)
+
+
+def pipeline_names():
+    return sorted(p.stem for p in (CONF / "pipeline").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", pipeline_names())
+def test_pipeline_resolves_and_every_stage_validates(name, stand_ins):
+    from llmlab.pipeline import substitute
+
+    _, plain = compose_resolved([f"pipeline={name}"], config_name="pipeline")
+    stages = plain["pipeline"]["stages"]
+    names = [s["name"] for s in stages]
+    assert plain["pipeline"]["name"] == name and len(set(names)) == len(names)
+    assert plain["out_dir"].endswith(f"pipelines/{name}")
+    # each stage's model input stands in as the kind of model it is (a reward model for stage.reward_model)
+    outputs = {n: str(stand_ins / ("rm" if n == "rm" or n.endswith("_rm") else "lm")) for n in names}
+    for i, stage in enumerate(stages):
+        refs = {r for o in stage["overrides"] for r in re.findall(r"\{(\w+)\}", str(o))}
+        assert refs <= set(names[:i]), (stage["name"], refs)  # only earlier stages are referred to
+        overrides = [substitute(str(o), outputs) for o in stage["overrides"]]
+        cfg, run_plain = compose_resolved(overrides)
+        assert _missing({k: v for k, v in run_plain.items() if k != "hydra"}) == [], stage["name"]
+        validate(cfg)
 
 
 def test_help_and_cfg_are_fast_and_do_not_import_torch():
@@ -81,3 +245,45 @@ def test_help_and_cfg_are_fast_and_do_not_import_torch():
     assert elapsed < 5, elapsed  # target under 2 s on an idle machine; margin for a loaded CI box
     help_ = subprocess.run([sys.executable, "-m", "llmlab.run", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0 and "stage: " in help_.stdout and "peft: " in help_.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# the cached bases' fingerprint covers everything that determines them
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    import shutil
+
+    for tree in ("llmlab", "conf"):
+        shutil.copytree(ROOT / tree, tmp_path / tree, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+# files the old fingerprint left out (a change there could pass on a stale cached base)
+WAS_LEFT_OUT = ["llmlab/stages/common.py", "llmlab/losses/__init__.py", "llmlab/models.py", "llmlab/train.py",
+                "conf/model/tiny.yaml", "conf/trainer/default.yaml", "conf/data/builtin.yaml", "conf/train.yaml"]
+
+
+def test_base_fingerprint_changes_with_any_source_or_config(project_copy):
+    digest = bases.sources_digest.__wrapped__  # uncached: files change under it here
+    assert digest(project_copy) == digest(ROOT)  # by content, not location
+    before = digest(project_copy)
+    for rel in WAS_LEFT_OUT:
+        path = project_copy / rel
+        original = path.read_text()
+        path.write_text(original + ("\n_changed = 1\n" if rel.endswith(".py") else "\nchanged_value: 1\n"))
+        assert digest(project_copy) != before, rel
+        path.write_text(original)
+    assert digest(project_copy) == before
+    # a comment or docstring edit keeps the cached bases
+    for rel in ("llmlab/models.py", "conf/model/tiny.yaml"):
+        path = project_copy / rel
+        path.write_text("# a reworded comment\n" + path.read_text())
+    models = project_copy / "llmlab/models.py"
+    models.write_text(models.read_text().replace('"""Build tokenizers', '"""Reworded: build tokenizers', 1))
+    assert digest(project_copy) == before
+    # the names' fingerprints differ (their recipes do) and each is stable
+    prints = {name: bases._fingerprint(name) for name in bases.BASES}
+    assert len(set(prints.values())) == len(prints) and prints == {n: bases._fingerprint(n) for n in bases.BASES}

@@ -296,8 +296,8 @@ def test_sft_validation_generation_under_zero3_equals_ddp(runs_root):
         assert_close([v for _, v in z], [v for _, v in d], rel=1e-4)
     # the generated answers themselves (a few are kept in summary.json): same text, not blank
     z_pred, d_pred = zero3.summary.get("val_predictions"), ddp.summary.get("val_predictions")
-    if z_pred is not None:
-        assert z_pred == d_pred and any(p["generated"].strip() for p in z_pred), (z_pred, d_pred)
+    assert z_pred and d_pred, "summary.json lacks val_predictions"
+    assert z_pred == d_pred and any(p["generated"].strip() for p in z_pred), (z_pred, d_pred)
     assert_close(losses(zero3), losses(ddp))
 
 

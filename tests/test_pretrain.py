@@ -34,6 +34,37 @@ def test_summary_has_every_key_and_loss_fell(default_run):
     assert s["tokens_per_sec"] > 0 and s["total_params"] == s["trainable_params"] > 0
 
 
+def initial_module(run_dir):
+    """The stage module as `llmlab.train.train` builds it before fitting, from the run's resolved config:
+    seed, tokenizer, data (its generation draws no torch randomness before the model, as there), model."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from llmlab.builder import build_stage, stage_class
+    from llmlab.data.datamodule import LLMDataModule
+    from llmlab.models import build_tokenizer
+
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = build_tokenizer(cfg.model)
+    LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tokenizer, seed=cfg.seed).setup("fit")
+    return build_stage(cfg, tokenizer)
+
+
+def validation_loss(module, run_dir) -> float:
+    """The run's validation (same data, same batches) on `module`, through Lightning."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from llmlab.data.datamodule import LLMDataModule
+
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    dm = LLMDataModule(cfg.data, module.data_format, module.tokenizer, seed=cfg.seed)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=cfg.trainer.limit_val_batches)
+    return trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
+
+
 def test_run_outputs_exist(default_run):
     d = default_run.dir
     for name in ("config_resolved.yaml", "metrics.csv", "loss.png", "checkpoints/last.ckpt", "hf/config.json"):
@@ -49,10 +80,12 @@ def test_parameters_changed_and_hf_export_round_trip(default_run, tmp_path):
     d = default_run.dir
     trained = AutoModelForCausalLM.from_pretrained(d / "hf").eval()
     tok = AutoTokenizer.from_pretrained(d / "hf")
-    # the same architecture from scratch with the run's seed: what training started from
-    torch.manual_seed(0)
-    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d / "hf"))
-    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(fresh.named_parameters())[n])]
+    # what training started from, rebuilt as train.py builds it (the run's config and seed); it is
+    # the start because it scores the run's own "before step 0" validation loss
+    start = initial_module(d)
+    assert validation_loss(start, d) == pytest.approx(default_run.summary["val_loss_first"], rel=1e-5)
+    initial = dict(start.model.named_parameters())
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, initial[n])]
     assert len(changed) == len(list(trained.parameters()))
     # logits of hf/ equal the trained Lightning module's (weights from last.ckpt)
     ckpt = torch.load(d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)

@@ -102,7 +102,8 @@ def test_report_on_a_partial_sweep(tmp_path):
     assert res["best"].name == "0"
     md = res["markdown"]
     assert "4 jobs: 1 finished, 1 failed, 1 running/missing, 1 pending" in md
-    assert "| 3 | pending | 0.004 |" in md  # as Hydra writes it in overrides.yaml and "RuntimeError: out of memory" in md
+    assert "| 3 | pending | 0.004 |" in md  # as Hydra writes it in overrides.yaml
+    assert "RuntimeError: out of memory" in md
     assert res["paths"]["png"].stat().st_size > 10_000
     # an empty dir is an error that says what to give
     (tmp_path / "empty").mkdir()

@@ -73,14 +73,23 @@ def load_split(cfg, kind: str, split: str, seed: int):
         from datasets import load_dataset
 
         hub_split = cfg.split if split == "train" else (cfg.get("val_split") or cfg.split)
+        # data.data_files: a hub dataset's own files, or local ones read by a packaged builder
+        # (data.name=json|parquet|text|csv): how the streaming path is tested offline
         ds = load_dataset(cfg.name, cfg.get("config_name"), split=hub_split, streaming=bool(cfg.streaming),
-                          revision=cfg.get("revision"))
+                          revision=cfg.get("revision"), data_files=_plain(cfg.get("data_files")))
         if cfg.get("val_split"):
             return ds
         if cfg.streaming:  # no random split of a stream: hold out its first n_val records instead
             return ds.take(cfg.n_val) if split != "train" else ds.skip(cfg.n_val)
         return _split(ds, cfg.val_fraction, seed, split)
     raise DataError(f"data.source={source!r} is unknown; use builtin, text or hub")
+
+
+def _plain(value):
+    """OmegaConf lists/dicts -> Python ones (what `datasets` accepts); None stays None."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _split(ds, val_fraction: float, seed: int, split: str):
