@@ -416,10 +416,10 @@ def check_resume(cfg, ckpt_path: Any) -> None:
         log.warning("resume: %s was written under a different config, accepted by resume_allow: %s", ckpt_path, changes)
         return
     fixes = []
-    if [k for k in blocked if k not in never]:
-        fixes.append(f"accept the changes with resume_allow=[{','.join(k for k in diffs if k not in never)}]")
     if never:
-        fixes.append(f"{', '.join(never)} cannot change on resume (the saved weights/optimizer state would not fit): "
-                     "restore them, or start a new run dir (hydra.run.dir=...)")
+        fixes.append(f"{', '.join(never)} cannot change on resume (the saved weights/optimizer shards would not "
+                     "fit): restore the old values or start a new run dir (hydra.run.dir=...)")
+    if [k for k in blocked if k not in never]:
+        fixes.append(f"accept the{' other' if never else ''} changes with resume_allow=[{','.join(k for k in diffs if k not in never)}]")
     raise ConfigError(f"resume from {ckpt_path}: the run config differs from the one it was written under: "
-                      f"{changes}. To go on: {'; or '.join(fixes)}.")
+                      f"{changes}. {'; '.join(fixes)}.")
