@@ -237,3 +237,16 @@ def test_changed_config_on_resume_is_refused_before_loading(finished_run, tmp_pa
     assert_ok(accepted)
     assert accepted.summary["global_step"] == 6
     assert "accepted by resume_allow: data.batch_size: 16 -> 8" in accepted.stdout + accepted.stderr
+
+
+def test_sampler_position_moves_with_complete_passes_not_epoch_numbers():
+    """Lightning may call set_epoch(1) on a resumed run's fresh sampler before anything was consumed
+    (a checkpoint at the last batch of a resumed run): the order must continue from `start`."""
+    from llmlab.data.datamodule import ResumableSampler
+
+    full = list(ResumableSampler(10, seed=3, length=12))
+    resumed = ResumableSampler(10, seed=3, start=7, length=3)
+    resumed.set_epoch(1)
+    assert list(resumed) == full[7:10]
+    two_passes = ResumableSampler(10, seed=3, length=6)
+    assert list(two_passes) + list(two_passes) == full  # a second pass continues the global order

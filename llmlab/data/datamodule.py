@@ -26,9 +26,14 @@ class ResumableSampler(Sampler[int]):
         self.rank, self.world_size, self.start = rank, world_size, start
         self.length = length if length is not None else math.ceil(n / world_size)
         self.epoch = 0
+        self.passes = 0  # complete passes over this sampler: each continues the global order
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch-based runs: each epoch continues the global order (Lightning calls this)."""
+        """Lightning calls this each epoch. Not used for the position: a checkpoint written at the last
+        batch of a resumed run's (remaining-steps) sampler makes Lightning, on the next resume, declare
+        the restored epoch over and start the next with nothing consumed; an epoch-based offset then
+        skipped data (seen: stop at 3, resume and stop at 7, resume -> steps 8-10 differed).
+        Complete passes (`passes`) are what moves the position on."""
         self.epoch = epoch
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -37,7 +42,7 @@ class ResumableSampler(Sampler[int]):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
 
     def __iter__(self):
-        p = self.start + self.epoch * self.length * self.world_size + self.rank
+        p = self.start + self.passes * self.length * self.world_size + self.rank
         epoch, order = -1, None
         for _ in range(self.length):
             if p // self.n != epoch:
@@ -45,6 +50,7 @@ class ResumableSampler(Sampler[int]):
                 order = self._order(epoch)
             yield int(order[p % self.n])
             p += self.world_size
+        self.passes += 1
 
     def __len__(self) -> int:
         return self.length
