@@ -423,3 +423,27 @@ def check_resume(cfg, ckpt_path: Any) -> None:
         fixes.append(f"accept the{' other' if never else ''} changes with resume_allow=[{','.join(k for k in diffs if k not in never)}]")
     raise ConfigError(f"resume from {ckpt_path}: the run config differs from the one it was written under: "
                       f"{changes}. {'; '.join(fixes)}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the weights (llmlab.export)
+# --------------------------------------------------------------------------------------------------
+
+
+def load_weights(path: Any) -> dict:
+    """The LightningModule state dict (`model.` keys) of any checkpoint kind, full tensors on CPU:
+    a file (`state_dict`; also FSDP with state_dict_type=full), a DeepSpeed directory (shards gathered
+    to fp32), a sharded FSDP directory (torch.distributed.checkpoint, read without a process group)."""
+    import torch
+
+    path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+    if is_fsdp_checkpoint(path):
+        # Lightning's FSDPStrategy.save_checkpoint stores the module state under "model"
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(path)["model"]
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]

@@ -4,8 +4,9 @@
     python -m llmlab.export ADAPTER_DIR --out DIR [--base PATH_OR_HUB_NAME]
 
 RUN_DIR is a run's output directory: the model is rebuilt from its `config_resolved.yaml` and the
-trained weights are read from `--ckpt` (default `checkpoints/last.ckpt`; so a run stopped before its
-end can be exported too), else from its `hf_adapter/`. Writes `<out>/adapter` (PEFT runs only) and
+trained weights are read from `--ckpt` (default: the newest intact checkpoint of the run, as
+`resume=auto` picks it; so a run stopped before its end can be exported too; DeepSpeed and sharded
+FSDP directories are gathered into full weights), else from its `hf_adapter/`. Writes `<out>/adapter` (PEFT runs only) and
 `<out>/merged` (default out: `<RUN_DIR>/export`). ADAPTER_DIR is a PEFT adapter directory (with
 adapter_config.json); it is merged into its base model (`--base`, default the adapter's
 `base_model_name_or_path`).
@@ -127,19 +128,26 @@ def export_model(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = 
     """
     from llmlab.peft import is_peft_model
 
+    from llmlab.atomic import atomic_dir
+
+    # each directory is written as <dir>.partial and renamed into place when complete (a kill -9
+    # mid-export leaves the previous export, never a torn one)
     merged_dir = Path(merged_dir)
     if not is_peft_model(model):
-        model.save_pretrained(str(merged_dir))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(merged_dir))
+        with atomic_dir(merged_dir) as tmp:
+            model.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
         return {"merged": str(merged_dir), "adapter": None}
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else merged_dir.with_name(merged_dir.name + "_adapter")
-    save_adapter(model, tokenizer, adapter_dir)
+    with atomic_dir(adapter_dir) as tmp:
+        save_adapter(model, tokenizer, tmp)
     if not can_merge(model):
         log.info("export: %s has nothing to merge (virtual tokens); adapter only: %s",
                  model.active_peft_config.peft_type, adapter_dir)
         return {"merged": None, "adapter": str(adapter_dir)}
-    save_merged(model, tokenizer, adapter_dir, merged_dir, dtype)
+    with atomic_dir(merged_dir) as tmp:
+        save_merged(model, tokenizer, adapter_dir, tmp, dtype)
     return {"merged": str(merged_dir), "adapter": str(adapter_dir)}
 
 
@@ -150,7 +158,6 @@ def export_model(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = 
 
 def _load_run(run_dir: Path, ckpt: Path | None):
     """Rebuild a run's model from config_resolved.yaml and load its trained weights."""
-    import torch
     from omegaconf import OmegaConf
 
     from llmlab.builder import build_stage
@@ -159,14 +166,15 @@ def _load_run(run_dir: Path, ckpt: Path | None):
     cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
     tokenizer = build_tokenizer(cfg.model)
     module = build_stage(cfg, tokenizer)
-    ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
-    if ckpt.is_file() or ckpt.is_dir():
-        if ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from llmlab.checkpoints import checkpoint_problem, find_resume_checkpoint, load_weights
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-        else:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    if ckpt is None:  # the newest intact checkpoint (last.ckpt, or its .partial/.prev when that is torn)
+        ckpt = find_resume_checkpoint(run_dir) or run_dir / "checkpoints" / "last.ckpt"
+    elif ckpt.exists() and (problem := checkpoint_problem(ckpt)):
+        raise SystemExit(f"llmlab.export: {ckpt} is incomplete or corrupt ({problem})")
+    if ckpt.is_file() or ckpt.is_dir():
+        # a file, a DeepSpeed directory (shards gathered here) or a sharded FSDP directory
+        state = load_weights(ckpt)
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         missing = trainable - set(state)
         if missing:
