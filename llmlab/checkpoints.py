@@ -185,14 +185,6 @@ def checkpoint_problem(path: Any) -> str | None:
     return "it does not exist"
 
 
-def checkpoint_step(path: Any) -> int | None:
-    """The global step a whole directory checkpoint was written at (from its manifest), else None."""
-    try:
-        return int(json.loads((Path(path) / MANIFEST).read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +412,8 @@ def check_resume(cfg, ckpt_path: Any) -> None:
         fixes.append(f"{', '.join(never)} cannot change on resume (the saved weights/optimizer shards would not "
                      "fit): restore the old values or start a new run dir (hydra.run.dir=...)")
     if [k for k in blocked if k not in never]:
-        fixes.append(f"accept the{' other' if never else ''} changes with resume_allow=[{','.join(k for k in diffs if k not in never)}]")
+        acceptable = ",".join(k for k in diffs if k not in never)
+        fixes.append(f"accept the{' other' if never else ''} changes with resume_allow=[{acceptable}]")
     raise ConfigError(f"resume from {ckpt_path}: the run config differs from the one it was written under: "
                       f"{changes}. {'; '.join(fixes)}.")
 

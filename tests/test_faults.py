@@ -78,7 +78,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model weights of checkpoints/last.ckpt (a DeepSpeed directory: rank 0's full fp32 module)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_dir():
-        return torch.load(last / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        states = last / "checkpoint" / "mp_rank_00_model_states.pt"
+        return torch.load(states, map_location="cpu", weights_only=False)["module"]
     return torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
 
 
