@@ -6,10 +6,10 @@
 RUN_DIR is a run's output directory: the model is rebuilt from its `config_resolved.yaml` and the
 trained weights are read from `--ckpt` (default: the newest intact checkpoint of the run, as
 `resume=auto` picks it; so a run stopped before its end can be exported too; DeepSpeed and sharded
-FSDP directories are gathered into full weights), else from its `hf_adapter/`. Writes `<out>/adapter`
-(PEFT runs only) and
-`<out>/merged` (default out: `<RUN_DIR>/export`). ADAPTER_DIR is a PEFT adapter directory (with
-adapter_config.json); it is merged into its base model (`--base`, default the adapter's
+FSDP directories are gathered into full weights), else from its `hf_adapter/`. Writes
+`<out>/adapter` (PEFT runs only) and `<out>/merged` (default out: `<RUN_DIR>/export`), each written
+as `<dir>.partial` and renamed into place when complete. ADAPTER_DIR is a PEFT adapter directory
+(with adapter_config.json); it is merged into its base model (`--base`, default the adapter's
 `base_model_name_or_path`).
 
 What is merged: the adapter's update is folded into the base weights with PEFT's own merge (LoRA,
