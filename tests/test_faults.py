@@ -251,17 +251,21 @@ def test_changed_config_on_resume_is_refused_before_loading(finished_run, tmp_pa
     assert "accepted by resume_allow: data.batch_size: 16 -> 8" in accepted.stdout + accepted.stderr
 
 
-def test_sampler_position_moves_with_complete_passes_not_epoch_numbers():
-    """Lightning may call set_epoch(1) on a resumed run's fresh sampler before anything was consumed
-    (a checkpoint at the last batch of a resumed run): the order must continue from `start`."""
+def test_sampler_position_follows_consumed_samples_not_epoch_numbers():
+    """In a run the sampler starts each iteration at the samples consumed so far (a function of the
+    trainer's global step): after a second resume Lightning may end the restored epoch early and call
+    set_epoch(1) on a fresh iteration; the order must continue exactly where training stopped."""
     from llmlab.data.datamodule import ResumableSampler
 
     full = list(ResumableSampler(10, seed=3, length=12))
-    resumed = ResumableSampler(10, seed=3, start=7, length=3)
+    consumed = [7]
+    resumed = ResumableSampler(10, seed=3, start=lambda: consumed[0], length=3)
     resumed.set_epoch(1)
     assert list(resumed) == full[7:10]
-    two_passes = ResumableSampler(10, seed=3, length=6)
-    assert list(two_passes) + list(two_passes) == full  # a second pass continues the global order
+    consumed[0] = 9  # an "epoch" ended after 2 of its 3 samples: the next iteration goes on from 9
+    assert list(resumed)[:3] == full[9:12]
+    two_passes = ResumableSampler(10, seed=3, length=6)  # a fixed start: each pass continues the order
+    assert list(two_passes) + list(two_passes) == full
 
 
 # ------------------------------------------------------------------------------------------------
