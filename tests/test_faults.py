@@ -111,10 +111,11 @@ def save_id(path: Path) -> tuple | None:
 
 @pytest.mark.parametrize("kind", ["pretrain", "sft", pytest.param("zero2", marks=pytest.mark.distributed)])
 def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, kind):
-    """3 SIGKILLs at random moments of training (after 1 or 2 of the process's saves, then 0-0.4 s
-    more: inside a step or inside a save), each run started with resume=auto; the final run ends at
-    max_steps with the uninterrupted run's per-step losses and final weights."""
-    overrides = [*STAGES[kind], "trainer.max_steps=12"]
+    """3 SIGKILLs at random moments of training (after 2 or 3 of the process's saves, then a random
+    fraction of the time between its last two saves: inside a step or inside a save), each run started
+    with resume=auto; the final run ends at max_steps with the uninterrupted run's per-step losses and
+    final weights."""
+    overrides = [*STAGES[kind], "trainer.max_steps=16"]
     full = run_cli(tmp_path / "full", *overrides, env=clean_env())
     assert_ok(full)
     seed = int(os.environ.get("LLMLAB_FAULT_SEED", time.time_ns() % 10**6))
@@ -122,22 +123,23 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, kind
     last = run_dir / "checkpoints" / "last.ckpt"
     killed_running = 0
     for _ in range(3):
-        saves, delay = rng.choice([1, 2]), rng.uniform(0.0, 0.4)
+        saves, fraction = rng.choice([2, 3]), rng.random()
         proc = start(run_dir, *overrides, "resume=auto")
         try:
-            seen, ids = 0, {save_id(last)}
-            while seen < saves and proc.poll() is None:
+            ids, times = {save_id(last)}, []
+            while len(times) < saves and proc.poll() is None:
                 if (now := save_id(last)) not in ids:
                     ids.add(now)
-                    seen += 1
-                time.sleep(0.01)
-            time.sleep(delay)
+                    times.append(time.monotonic())
+                time.sleep(0.005)
+            if len(times) >= 2:
+                time.sleep(fraction * (times[-1] - times[-2]))
         finally:
             killed_running += kill9(proc)
     assert killed_running == 3, f"every kill should land while the run trains (seed {seed})"
     resumed = run_cli(run_dir, *overrides, "resume=auto", env=clean_env())
     assert_ok(resumed)
-    assert resumed.summary["global_step"] == 12
+    assert resumed.summary["global_step"] == 16
     assert_same_run(run_dir, tmp_path / "full")
 
 
