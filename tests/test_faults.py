@@ -275,6 +275,7 @@ def test_sampler_position_follows_consumed_samples_not_epoch_numbers():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP save in one process, on purpose
 def test_fsdp_sharded_checkpoint_is_resumable_kind_and_exports(finished_run, tmp_path):
     """A sharded FSDP checkpoint as Lightning's FSDPStrategy.save_checkpoint lays it out (the module
     state under "model" in a torch.distributed.checkpoint directory, the rest in meta.pt), written
