@@ -4,10 +4,12 @@
     python -m llmlab.export ADAPTER_DIR --out DIR [--base PATH_OR_HUB_NAME]
 
 RUN_DIR is a run's output directory: the model is rebuilt from its `config_resolved.yaml` and the
-trained weights are read from `--ckpt` (default `checkpoints/last.ckpt`; so a run stopped before its
-end can be exported too), else from its `hf_adapter/`. Writes `<out>/adapter` (PEFT runs only) and
-`<out>/merged` (default out: `<RUN_DIR>/export`). ADAPTER_DIR is a PEFT adapter directory (with
-adapter_config.json); it is merged into its base model (`--base`, default the adapter's
+trained weights are read from `--ckpt` (default: the newest intact checkpoint of the run, as
+`resume=auto` picks it; so a run stopped before its end can be exported too; DeepSpeed and sharded
+FSDP directories are gathered into full weights), else from its `hf_adapter/`. Writes
+`<out>/adapter` (PEFT runs only) and `<out>/merged` (default out: `<RUN_DIR>/export`), each written
+as `<dir>.partial` and renamed into place when complete. ADAPTER_DIR is a PEFT adapter directory
+(with adapter_config.json); it is merged into its base model (`--base`, default the adapter's
 `base_model_name_or_path`).
 
 What is merged: the adapter's update is folded into the base weights with PEFT's own merge (LoRA,
@@ -129,19 +131,26 @@ def export_model(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = 
     """
     from llmlab.peft import is_peft_model
 
+    from llmlab.atomic import atomic_dir
+
+    # each directory is written as <dir>.partial and renamed into place when complete (a kill -9
+    # mid-export leaves the previous export, never a torn one)
     merged_dir = Path(merged_dir)
     if not is_peft_model(model):
-        model.save_pretrained(str(merged_dir))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(merged_dir))
+        with atomic_dir(merged_dir) as tmp:
+            model.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
         return {"merged": str(merged_dir), "adapter": None}
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else merged_dir.with_name(merged_dir.name + "_adapter")
-    save_adapter(model, tokenizer, adapter_dir)
+    with atomic_dir(adapter_dir) as tmp:
+        save_adapter(model, tokenizer, tmp)
     if not can_merge(model):
         log.info("export: %s has nothing to merge (virtual tokens); adapter only: %s",
                  model.active_peft_config.peft_type, adapter_dir)
         return {"merged": None, "adapter": str(adapter_dir)}
-    save_merged(model, tokenizer, adapter_dir, merged_dir, dtype)
+    with atomic_dir(merged_dir) as tmp:
+        save_merged(model, tokenizer, adapter_dir, tmp, dtype)
     return {"merged": str(merged_dir), "adapter": str(adapter_dir)}
 
 
@@ -154,16 +163,20 @@ def _load_run(run_dir: Path, ckpt: Path | None):
     """Rebuild a run's model from config_resolved.yaml and load its trained weights."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
-    ckpt = ckpt or (run_dir / "checkpoints" / "last.ckpt")
-    state = None
-    if ckpt.is_file():  # read (safely) before the model is built: a wrong file fails in seconds
-        state = _load_state_dict(ckpt)
-    elif ckpt.is_dir():  # DeepSpeed (strategy=zero*): a directory of per-rank shards, gathered here
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from llmlab.checkpoints import checkpoint_problem, find_resume_checkpoint, load_weights
 
-        check_deepspeed_pickles(ckpt)  # DeepSpeed unpickles its shards with weights_only=False
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    if ckpt is None:  # the newest intact checkpoint (last.ckpt, or its .partial/.prev when that is torn)
+        ckpt = find_resume_checkpoint(run_dir) or run_dir / "checkpoints" / "last.ckpt"
+    elif ckpt.exists() and (problem := checkpoint_problem(ckpt)):
+        raise ConfigError(f"--ckpt {ckpt}: not a Lightning checkpoint llmlab can read (incomplete or corrupt: "
+                          f"{problem}); pass an intact one, "
+                          f"e.g. checkpoints/last.ckpt.prev")
+    state = None
+    if ckpt.is_file() or ckpt.is_dir():
+        # read (safely: weights_only, DeepSpeed shards scanned first) before the model is built, so a
+        # wrong file fails in seconds: a file, a DeepSpeed directory (shards gathered here) or sharded FSDP
+        state = load_weights(ckpt)
     from llmlab.builder import build_stage  # lightning, transformers: only once the weights are readable
     from llmlab.models import build_tokenizer
 
@@ -207,42 +220,6 @@ def _load_adapter(adapter_dir: Path, base: str | None, dtype):
     except (OSError, ValueError) as err:
         raise hub_error("--base", base, err) from None
     return import_peft().PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer
-
-
-def _load_state_dict(ckpt: Path) -> dict:
-    """The `state_dict` of a Lightning checkpoint file, unpickled with weights_only=True (tensors and
-    plain containers only: a crafted checkpoint cannot run code)."""
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, OSError) as err:
-        raise ConfigError(f"--ckpt {ckpt}: not a Lightning checkpoint llmlab can read safely (weights_only=True; "
-                          f"{type(err).__name__}); pass checkpoints/last.ckpt of a run") from None
-
-
-# the only non-tensor classes DeepSpeed pickles into its shards (optimizer states); plain data
-DEEPSPEED_GLOBALS = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                     "deepspeed.utils.tensor_fragment.fragment_address"}
-
-
-def check_deepspeed_pickles(ckpt_dir: Path) -> None:
-    """DeepSpeed's zero_to_fp32 loads shards with weights_only=False: first list each shard's pickled
-    globals without unpickling it (torch.serialization.get_unsafe_globals_in_checkpoint) and refuse
-    any beyond DeepSpeed's own data classes (e.g. os.system in a crafted file)."""
-    import torch
-
-    for f in sorted(Path(ckpt_dir).rglob("*.pt")):
-        try:
-            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
-        except Exception as err:  # noqa: BLE001 - not a torch file at all
-            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} is not a readable DeepSpeed shard "
-                              f"({type(err).__name__})") from None
-        if unsafe - DEEPSPEED_GLOBALS:
-            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} pickles {sorted(unsafe - DEEPSPEED_GLOBALS)[0]}, which a "
-                              f"DeepSpeed checkpoint never holds; refusing to unpickle it")
 
 
 class _Parser(argparse.ArgumentParser):

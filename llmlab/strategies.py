@@ -24,8 +24,8 @@ Run-level pieces used by llmlab.checks / builder / train:
 - `check_run`: every strategy rule of a composed config, before any weights load (StrategyConfigError
   is a ConfigError: one line, exit 2).
 - `peft_for_strategy` / `quant_storage_for`: QLoRA's 4-bit storage dtype under ZeRO-3, automatically.
-- `is_checkpoint`, `check_checkpoint_for_strategy`, `checkpoint_mtime`: DeepSpeed checkpoints are
-  directories; resuming needs the kind the strategy reads.
+- `is_checkpoint`, `check_checkpoint_for_strategy`, `checkpoint_mtime`: re-exported from
+  llmlab.checkpoints (finding, validating and choosing checkpoints lives there).
 - `SeedPerRank`: different random streams per rank once training starts.
 """
 
@@ -45,6 +45,15 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 
 from llmlab.errors import ConfigError
+
+# the checkpoint helpers live in llmlab.checkpoints; these names stay importable from here
+from llmlab.checkpoints import (  # noqa: E402,F401
+    check_checkpoint_for_strategy,
+    checkpoint_mtime,
+    is_checkpoint,
+    is_deepspeed_checkpoint,
+    is_fsdp_checkpoint,
+)
 
 __all__ = [
     "CPUDeepSpeedStrategy",
@@ -561,61 +570,6 @@ class SeedPerRank(L.Callback):
             random.seed(rank_seed)
             np.random.seed(rank_seed % 2**32)
             torch.manual_seed(rank_seed)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: DeepSpeed writes directories
-# --------------------------------------------------------------------------------------------------
-
-
-def is_deepspeed_checkpoint(path: Any) -> bool:
-    """A DeepSpeed checkpoint as Lightning writes it: a directory (`last.ckpt/`) with a `latest` tag file
-    and one subdirectory per tag holding the per-rank model/optimizer shards."""
-    from pathlib import Path
-
-    path = Path(path)
-    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
-
-
-def is_checkpoint(path: Any) -> bool:
-    """A Lightning checkpoint: a file (ddp/auto/cpu_bf16) or a DeepSpeed checkpoint directory."""
-    from pathlib import Path
-
-    return Path(path).is_file() or is_deepspeed_checkpoint(path)
-
-
-def checkpoint_mtime(path: Any) -> float:
-    """When a checkpoint was last written: a file's mtime; for a DeepSpeed directory its newest file's
-    (DeepSpeed rewrites files inside an existing directory, which leaves the directory's own mtime)."""
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir():
-        return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
-    return path.stat().st_mtime
-
-
-def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
-    """Resuming needs the checkpoint kind the strategy reads: DeepSpeed restores its own sharded
-    directories (the same ZeRO stage and number of processes: its optimizer shards are per rank),
-    the other strategies read single files."""
-    name = _strategy_name(strategy_cfg)
-    if is_deepspeed_checkpoint(path) and not _is_deepspeed(strategy_cfg):
-        raise StrategyConfigError(
-            f"{path} is a DeepSpeed checkpoint directory, which strategy={name} cannot resume; resume with "
-            "the strategy (zero1/zero2/zero3) and trainer.devices it was written with, or convert it to one "
-            "file first: python -c \"from lightning.pytorch.utilities.deepspeed import "
-            f"convert_zero_checkpoint_to_fp32_state_dict as c; c('{path}', 'full.ckpt')\" (weights only)."
-        )
-    from pathlib import Path
-
-    full_weights = bool(getattr(strategy_cfg, "get", lambda *_: False)("load_full_weights", False))
-    if Path(path).is_file() and _is_deepspeed(strategy_cfg) and not (full_weights and is_zero3(strategy_cfg)):
-        raise StrategyConfigError(
-            f"{path} is a single-file checkpoint; strategy={name} (DeepSpeed) resumes from the sharded "
-            "checkpoint directories it writes. Resume with the strategy it was written with (e.g. "
-            "strategy=ddp), or with strategy=zero3 set strategy.load_full_weights=true to load it (ZeRO-3 only)."
-        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmlab.atomic import atomic_write_text
 from llmlab.data.sources import DataError
 from llmlab.errors import ConfigError
 
@@ -29,33 +30,16 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
 
     summary = {"stage": cfg.stage.name, "status": "failed", "error": redact_text(f"{type(err).__name__}: {err}"),
                "run_dir": str(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     (run_dir / "error.txt").write_text(redact_text("".join(traceback.format_exception(err))))
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    # a checkpoint is a file, or a directory under DeepSpeed (each rank's shards); the strategy must
-    # be able to read the kind found (llmlab.strategies.check_checkpoint_for_strategy says the fix)
-    from llmlab.strategies import check_checkpoint_for_strategy, checkpoint_mtime, is_checkpoint
+    """The checkpoint to resume from (ckpt_path, or the newest intact one for resume=auto); see
+    llmlab.checkpoints: a torn or corrupt one is skipped (resume=auto) or refused (ckpt_path)."""
+    from llmlab.checkpoints import resolve_ckpt_path as resolve
 
-    if cfg.ckpt_path:
-        if not is_checkpoint(cfg.ckpt_path):
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (or DeepSpeed checkpoint directory)")
-        check_checkpoint_for_strategy(cfg.ckpt_path, cfg.strategy)
-        return str(cfg.ckpt_path)
-    if cfg.resume == "auto":
-        # last.ckpt, or the checkpoint Lightning wrote on a Slurm pre-emption signal (hpc_ckpt_N.ckpt
-        # in the run dir), whichever is newer
-        run_dir = run_dir_of(cfg)
-        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if is_checkpoint(p)]
-        if not found:
-            return None
-        path = max(found, key=checkpoint_mtime)
-        check_checkpoint_for_strategy(path, cfg.strategy)
-        return str(path)
-    if cfg.resume not in (None, "none"):
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file>")
-    return None
+    return resolve(cfg)
 
 
 def close_process_group() -> None:
@@ -103,12 +87,19 @@ def train(cfg: DictConfig) -> float | None:
     from llmlab.strategies import SeedPerRank
 
     checks.check_config(cfg)  # every cross-group rule, before any weights load
+    # resume: the checkpoint must be intact and made under the same model/data/batch/world size; the
+    # run dir's config_resolved.yaml (what the checkpoints were made under) is kept until that holds
+    ckpt_path = None if cfg.dry_run else resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        from llmlab.checkpoints import check_resume
+
+        check_resume(cfg, ckpt_path)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # credentials typed as overrides (+wandb_api_key=..., URLs with user:pass@) never reach the disk
     from llmlab.redact import redacted_yaml
 
-    (run_dir / "config_resolved.yaml").write_text(redacted_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "config_resolved.yaml", redacted_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
@@ -154,7 +145,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_bad_steps"}
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, strategy=strategy,
                                      **stage_trainer_kwargs)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     close_process_group()
 
     diverged = guard.error(trainer)  # run.py: one line, exit 1 (summary.json says status=diverged)
@@ -168,7 +159,7 @@ def train(cfg: DictConfig) -> float | None:
             result["samples"] = cb.samples
     if getattr(module, "predictions", None):  # sft: a few (prompt, generated, answer) of the last validation
         result["val_predictions"] = module.predictions
-    (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2) + "\n")
     log.info("summary: %s", {k: v for k, v in result.items() if k not in ("samples", "val_predictions")})
     if diverged:
         raise diverged

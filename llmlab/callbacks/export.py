@@ -18,6 +18,7 @@ class HFExport(L.Callback):
     Under ZeRO-3 every rank holds only shards of each parameter: the export is collective. All ranks
     gather the full weights (a PEFT model: all of it, the merge needs the base; a full model: one
     layer at a time) and rank 0 writes. Saved naively on rank 0, `hf/` would hold empty tensors.
+    `hf/` and `hf_adapter/` are written under `.partial` names and renamed into place when complete.
     """
 
     def __init__(self, path: str):
@@ -38,8 +39,16 @@ class HFExport(L.Callback):
             with gathered_parameters(model):
                 if trainer.is_global_zero:
                     export_model(model, tokenizer, self.path, adapter_dir=adapter_dir)
-        else:
-            save_pretrained_gathered(model, str(self.path))
-            if trainer.is_global_zero and tokenizer is not None:
-                tokenizer.save_pretrained(str(self.path))
+        else:  # written as hf.partial by all ranks, renamed into place by rank 0 when complete
+            from llmlab.atomic import remove, replace_path, sibling
+
+            tmp = sibling(self.path, ".partial")
+            if trainer.is_global_zero:
+                remove(tmp)
+            trainer.strategy.barrier("hf_export_prepare")
+            save_pretrained_gathered(model, str(tmp))
+            if trainer.is_global_zero:
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+                replace_path(tmp, self.path)
         trainer.strategy.barrier("hf_export")

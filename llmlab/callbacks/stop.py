@@ -16,5 +16,7 @@ class StopAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step and not trainer.should_stop:
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            from llmlab.checkpoints import save_checkpoint_atomic  # survives kill -9, keeps the previous
+
+            save_checkpoint_atomic(trainer, self.dirpath / "last.ckpt")
             trainer.should_stop = True

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from llmlab.atomic import atomic_write_text
 from llmlab.stages.common import count_tokens
 
 
@@ -101,8 +102,9 @@ class RunSummary(L.Callback):
     def write(self, trainer) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         summary = self.summary(trainer)
-        (self.run_dir / self.filename).write_text(json.dumps(summary, indent=2) + "\n")
-        (self.run_dir / "history.json").write_text(json.dumps(self.history) + "\n")
+        # a kill -9 while writing leaves the previous file whole, never a torn one
+        atomic_write_text(self.run_dir / self.filename, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "history.json", json.dumps(self.history) + "\n")
         plot_losses(self.history, self.run_dir / "loss.png")
         return summary
 

@@ -19,18 +19,24 @@ class ResumableSampler(Sampler[int]):
     Global sample position p (counted over all ranks) maps to index perm_e[p % n] with
     e = p // n and perm_e a permutation seeded by (seed, e). Rank r takes positions r, r+W, r+2W, ...
     Resuming sets `start` to the number of samples already consumed globally, derived from the
-    restored global step, so training continues exactly where it stopped.
+    restored global step, so training continues exactly where it stopped. In a run, `start` is a
+    function (the trainer's consumed samples) read each time an iteration begins: after a resume,
+    Lightning's restored in-epoch batch count can end an "epoch" before this sampler's pass ends (a
+    checkpoint of a resumed run, whose sampler covered only the remaining steps), and a position derived
+    from epoch numbers or passes then repeated or skipped data (seen: stop at 3, resume and stop at 7,
+    resume: steps 8-10 differed from the uninterrupted run). The consumed count is always right.
     """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 start: int = 0, length: int | None = None):
+                 start=0, length: int | None = None):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size, self.start = rank, world_size, start
         self.length = length if length is not None else math.ceil(n / world_size)
         self.epoch = 0
+        self.passes = 0  # complete passes (a fixed `start`: each pass continues the global order)
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch-based runs: each epoch continues the global order (Lightning calls this)."""
+        """Lightning calls this each epoch; the position does not depend on it (see the class docstring)."""
         self.epoch = epoch
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -39,7 +45,10 @@ class ResumableSampler(Sampler[int]):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
 
     def __iter__(self):
-        p = self.start + self.epoch * self.length * self.world_size + self.rank
+        if callable(self.start):  # samples consumed globally so far (the trainer's global step)
+            p = self.start() + self.rank
+        else:
+            p = self.start + self.passes * self.length * self.world_size + self.rank
         epoch, order = -1, None
         for _ in range(self.length):
             if p // self.n != epoch:
@@ -47,6 +56,7 @@ class ResumableSampler(Sampler[int]):
                 order = self._order(epoch)
             yield int(order[p % self.n])
             p += self.world_size
+        self.passes += 1
 
     def __len__(self) -> int:
         return self.length
@@ -149,7 +159,7 @@ class LLMDataModule(L.LightningDataModule):
             accumulate = trainer.accumulate_grad_batches
             length = (max_steps - trainer.global_step) * accumulate * self.cfg.batch_size
         sampler = ResumableSampler(len(self.train_set), self.seed, shuffle=True, rank=rank, world_size=world,
-                                   start=self.consumed_samples(), length=length)
+                                   start=self.consumed_samples, length=length)
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler,
                           collate_fn=self.format.collate, num_workers=self.cfg.num_workers, drop_last=True)
 
