@@ -471,10 +471,10 @@ def check_deepspeed_pickles(ckpt_dir: Path) -> None:
         try:
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
         except Exception as err:  # noqa: BLE001 - not a torch file at all
-            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} is not a readable DeepSpeed shard "
+            raise ConfigError(f"{ckpt_dir}: {f.name} is not a readable DeepSpeed shard "
                               f"({type(err).__name__})") from None
         if unsafe - DEEPSPEED_GLOBALS:
-            raise ConfigError(f"--ckpt {ckpt_dir}: {f.name} pickles {sorted(unsafe - DEEPSPEED_GLOBALS)[0]}, which a "
+            raise ConfigError(f"{ckpt_dir}: {f.name} pickles {sorted(unsafe - DEEPSPEED_GLOBALS)[0]}, which a "
                               f"DeepSpeed checkpoint never holds; refusing to unpickle it")
 
 

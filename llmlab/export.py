@@ -176,7 +176,10 @@ def _load_run(run_dir: Path, ckpt: Path | None):
     if ckpt.is_file() or ckpt.is_dir():
         # read (safely: weights_only, DeepSpeed shards scanned first) before the model is built, so a
         # wrong file fails in seconds: a file, a DeepSpeed directory (shards gathered here) or sharded FSDP
-        state = load_weights(ckpt)
+        try:
+            state = load_weights(ckpt)
+        except ConfigError as err:  # name the argument the user gave
+            raise ConfigError(f"--ckpt {err}") from None
     from llmlab.builder import build_stage  # lightning, transformers: only once the weights are readable
     from llmlab.models import build_tokenizer
 

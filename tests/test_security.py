@@ -152,6 +152,7 @@ def test_export_refuses_a_deepspeed_dir_with_a_payload(secret_run, tmp_path):
     shards = tmp_path / "last.ckpt" / "checkpoint"
     shards.mkdir(parents=True)
     torch.save({"module": {}, "x": Payload()}, shards / "mp_rank_00_model_states.pt")
+    (tmp_path / "last.ckpt" / "latest").write_text("checkpoint")  # structurally whole: the pickle scan refuses it
     proc = _py("llmlab.export", str(run_dir), "--ckpt", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "refusing to unpickle" in proc.stderr.strip().splitlines()[-1] and not marker.exists()
