@@ -139,11 +139,17 @@ class ModelReward:
 
 # ---------------------------------------------------------------------------------------- model parts
 class ValueHead(nn.Module):
-    """V(s_t): a linear layer on the last hidden state, (B, T, H) -> (B, T)."""
+    """V(s_t): a linear layer on the last hidden state, (B, T, H) -> (B, T).
+
+    Starts at V = 0 (weight and bias zero): the first advantages are then the (group-centred) returns
+    themselves, not returns minus random value-head noise of the same size as the reward; measured on
+    the built-in task from tiny_sft_early, one seed each: reward gain +0.016 with the default init,
+    +0.037 with zeros (conf/stage/ppo.yaml)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
