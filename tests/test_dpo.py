@@ -181,7 +181,9 @@ def test_reference_with_other_tokenizer_is_refused(cli, tmp_path):
 @pytest.mark.slow
 def test_default_dpo_learns(cli):
     """Issue targets with the defaults: held-out reward accuracy >= 0.8 and the DPO policy's held-out
-    exact match not below the SFT policy's (its value before the first step).
+    exact match not below the SFT policy's (its value before the first step). Measured over 3 seeds
+    (conf/stage/dpo.yaml): accuracy mean 0.88, worst 0.87 (200 pairs: one standard error ~0.024, so
+    0.8 is ~3 below the worst); exact match 0.955 -> 0.98-0.99.
 
     One intra-op thread: on a shared CPU machine two spinning OpenMP threads per process made the
     same run ~8x slower; the thread count changes only the order of float sums, not what is learned."""
