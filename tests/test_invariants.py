@@ -115,9 +115,12 @@ def test_step_targets_groups_as_lightning_and_keeps_order():
 
     rows = [{"labels": torch.tensor([-100] * (10 - n) + list(range(n)))} for n in range(1, 11)]  # n - ... targets
     collate = lambda ex: {"labels": torch.stack([e["labels"] for e in ex])}  # noqa: E731
-    loader = DataLoader(rows, batch_size=2, sampler=ResumableSampler(10, seed=3, length=7 * 2), collate_fn=collate)
-    wrapped = StepTargets(loader, lm_targets, accumulate=3)
-    plain, batches = list(loader), list(wrapped)
+    def loader():  # a fresh sampler each: a second pass of one sampler is the next epoch (another order)
+        return DataLoader(rows, batch_size=2, sampler=ResumableSampler(10, seed=3, length=7 * 2), collate_fn=collate)
+
+    plain, wrapped = list(loader()), StepTargets(loader(), lm_targets, accumulate=3)
+    batches = list(wrapped)
+    loader = wrapped.loader
     assert len(wrapped) == len(loader) == 7 and wrapped.sampler is loader.sampler
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(plain, batches))  # same order
     counts = [lm_targets(b)["tokens"] for b in plain]
