@@ -60,6 +60,13 @@ def test_cell_behaves_as_documented(outcomes, key):
     outcome, documented = outcomes[key], _documented().get(key)
     assert outcome.status != "FAIL", f"{key}: {outcome.detail}"
     assert documented is not None, f"{key} is not in docs/support-matrix.md; run: python -m tests.support_matrix"
-    assert outcome.status == documented["status"], (key, outcome.detail, documented)
+    # a combination that ran and exported is "pass" or "ran" by the direction of a 2-step loss, which
+    # differs between machines' float paths (seen: rm qlora zero3 0.693 -> 0.691 documented, 0.690 -> 0.703
+    # rerun): CI asserts it still runs; the document's ✅/⚠️ is judged on its own numbers (test above)
+    worked = {"pass", "ran"}
+    if documented["status"] in worked:
+        assert outcome.status in worked, (key, outcome.detail, documented)
+    else:
+        assert outcome.status == documented["status"], (key, outcome.detail, documented)
     if outcome.status == "refused":  # the same reason, up to paths that differ between machines
         assert outcome.detail.split(":")[0] == documented["detail"].split(":")[0], (outcome.detail, documented)
