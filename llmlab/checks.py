@@ -423,6 +423,18 @@ def check_template_text(template: str, setting: str) -> None:
                           f"({type(err).__name__}: {err})") from None
 
 
+def response_length_bounds(value) -> tuple[int, int]:
+    """(min, max) tokens per PPO response from stage.module.response_length=[min, max], 1 <= min <= max."""
+    from omegaconf import ListConfig
+
+    ok = isinstance(value, (list, tuple, ListConfig)) and len(value) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value) and 1 <= value[0] <= value[1]
+    if not ok:
+        raise ConfigError(f"stage.module.response_length={value}: give [min, max] token budgets with 1 <= "
+                          f"min <= max, e.g. stage.module.response_length=[8,16]")
+    return int(value[0]), int(value[1])
+
+
 def check_stage_settings(cfg) -> None:
     """PPO's response budget and reward source, resume settings, DeepSpeed's load_full_weights."""
     import importlib.util
@@ -430,14 +442,7 @@ def check_stage_settings(cfg) -> None:
     module = cfg.stage.get("module") or {}
     if cfg.stage.name == "ppo":
         if "response_length" in module:
-            from omegaconf import ListConfig
-
-            value = module.response_length
-            ok = isinstance(value, (list, ListConfig)) and len(value) == 2 and all(
-                isinstance(x, int) and not isinstance(x, bool) for x in value) and 1 <= value[0] <= value[1]
-            if not ok:
-                raise ConfigError(f"stage.module.response_length={value}: give [min, max] token budgets with 1 <= "
-                                  f"min <= max, e.g. stage.module.response_length=[8,16]")
+            response_length_bounds(module.response_length)
         rule = module.get("rule_reward")
         if rule and not module.get("reward_model"):
             mod, _, fn = str(rule).rpartition(".")
@@ -465,18 +470,19 @@ def check_stage_settings(cfg) -> None:
 
 # -------------------------------------------------------------------------------------------- the hub
 
-HUB_FIXES = ("download it where the hub is reachable (huggingface-cli download NAME --local-dir DIR) and "
-             "pass model.pretrained=<local dir>, or train from random weights with model.init=scratch")
+def hub_fixes(name: str, setting: str, alternative: str | None = None) -> str:
+    """How to use a hub model on a machine that cannot reach the hub: download it where the hub is
+    reachable and pass the local directory as `setting` (or the `alternative`)."""
+    text = (f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) and pass "
+            f"{setting}=<local dir>")
+    return f"{text}, or {alternative}" if alternative else text
 
 
 def hub_cache_dir() -> Path:
-    """Where huggingface_hub caches downloads (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub)."""
-    import os
+    """Where huggingface_hub caches downloads (its own resolution of HF_HUB_CACHE / HF_HOME; a light import)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
 
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    return Path(HF_HUB_CACHE).expanduser()
 
 
 def in_hub_cache(name: str) -> bool:
@@ -531,9 +537,8 @@ def check_hub(cfg) -> None:
         return
     setting, name = missing[0]
     weights = setting == "model.pretrained" and m.get("init") == "pretrained"
-    fixes = HUB_FIXES.replace("NAME", name) if weights else (
-        f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) and pass "
-        f"model.tokenizer=<local dir>, or use the byte-level model.tokenizer=builtin")
+    fixes = (hub_fixes(name, "model.pretrained", "train from random weights with model.init=scratch") if weights
+             else hub_fixes(name, "model.tokenizer", "use the byte-level model.tokenizer=builtin"))
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
                   for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"

@@ -182,10 +182,10 @@ def resolve_model(path: str) -> tuple[str, str | None]:
         return str(p), template
     if path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise ConfigError(f"MODEL={path}: no such directory; give a run dir, an HF model directory or a hub name")
-    from llmlab.checks import HUB_FIXES, hub_reachable, in_hub_cache
+    from llmlab.checks import hub_fixes, hub_reachable, in_hub_cache
 
     if not in_hub_cache(path) and not hub_reachable():
-        fixes = HUB_FIXES.replace("NAME", path).split(", or train")[0].replace("model.pretrained=", "MODEL=")
+        fixes = hub_fixes(path, "MODEL")
         raise ConfigError(f"MODEL={path}: the Hugging Face hub cannot be reached and the model is not in the "
                           f"local cache; {fixes}")
     return path, template

@@ -11,11 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from llmlab.atomic import atomic_write_text
-from llmlab.data.sources import DataError
-from llmlab.errors import ConfigError
 
 log = logging.getLogger("llmlab")
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -32,14 +29,6 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
                "run_dir": str(run_dir)}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     (run_dir / "error.txt").write_text(redact_text("".join(traceback.format_exception(err))))
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from (ckpt_path, or the newest intact one for resume=auto); see
-    llmlab.checkpoints: a torn or corrupt one is skipped (resume=auto) or refused (ckpt_path)."""
-    from llmlab.checkpoints import resolve_ckpt_path as resolve
-
-    return resolve(cfg)
 
 
 def close_process_group() -> None:
@@ -89,10 +78,10 @@ def train(cfg: DictConfig) -> float | None:
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     # resume: the checkpoint must be intact and made under the same model/data/batch/world size; the
     # run dir's config_resolved.yaml (what the checkpoints were made under) is kept until that holds
+    from llmlab.checkpoints import check_resume, resolve_ckpt_path  # torn/corrupt: skipped or refused
+
     ckpt_path = None if cfg.dry_run else resolve_ckpt_path(cfg)
     if ckpt_path is not None:
-        from llmlab.checkpoints import check_resume
-
         check_resume(cfg, ckpt_path)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -125,14 +125,11 @@ class NonFiniteGuard(L.Callback):
         return out
 
     def on_train_end(self, trainer, pl_module):
-        from llmlab.callbacks.summary import RunSummary
+        from llmlab.stages.alignment import summary_extras
 
         if self.diverged_at is not None:
             self._hold_checkpoints(trainer)  # ModelCheckpoint.on_train_end runs after this hook
-
-        for cb in trainer.callbacks:
-            if isinstance(cb, RunSummary):
-                cb.extra.update(self.outcome(trainer))
+        summary_extras(trainer, self.outcome(trainer))
 
     def error(self, trainer) -> RunDiverged | None:
         """The error a diverged run ends with (None when it did not diverge)."""

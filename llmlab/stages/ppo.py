@@ -43,6 +43,7 @@ from hydra.utils import get_method
 from torch import nn
 from torchmetrics import MeanMetric
 
+from llmlab.checks import response_length_bounds
 from llmlab.data.formats import pad_rows, tokenize_example
 from llmlab.errors import ConfigError
 from llmlab.losses import (AdaptiveKLController, entropy_from_logits, gae_advantages, kl_penalized_rewards,
@@ -57,18 +58,6 @@ from llmlab.stages.sft import greedy_answers
 from llmlab.strategies import generation_context
 
 log = logging.getLogger("llmlab")
-
-
-def response_length_bounds(value) -> tuple[int, int]:
-    """(min, max) tokens per response from stage.module.response_length=[min, max], 1 <= min <= max."""
-    try:
-        lo, hi = (int(x) for x in value)
-    except (TypeError, ValueError):
-        lo = hi = 0
-    if not 1 <= lo <= hi:
-        raise ConfigError(f"stage.module.response_length={value}: give [min, max] token budgets with 1 <= min <= "
-                          f"max, e.g. stage.module.response_length=[8,16]")
-    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------- rewards
