@@ -129,34 +129,40 @@ def test_ipo_and_precompute_run(cli):
     assert run.summary["global_step"] == 6
 
 
-def test_ipo_equals_trl_ipo(tmp_path):
-    """llmlab's default IPO (length-normalised) is TRL 1.16's `loss_type="ipo"` on the same policy, reference
-    and tokens: TRL's DPOTrainer._compute_loss on its own collated batch, llmlab's DPO stage on that batch.
-    fp32 on both sides (TRL's configs default to bf16 autocast on a CPU that has it). The summed form
-    (length_normalized=false) differs on these answers of 2..37 tokens."""
+def _trl_loss_and_llmlab_batch(tmp_path, model, tok, **trl_args):
+    """TRL 1.16's DPOTrainer._compute_loss on its own collated batch of six pairs (answers of 2..37 tokens),
+    and that same batch in llmlab's collator layout. The reference is another tiny model (saved to
+    tmp_path/ref), so the margins are not zero. fp32 on both sides (TRL's configs default to bf16 autocast
+    on a CPU that has it)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from llmlab.losses import IPOLoss
-
-    model, tok = tiny_lm(0)
-    ref, _ = tiny_lm(1)  # a different reference, so the margins are not zero
+    ref, _ = tiny_lm(1)
     ref.save_pretrained(tmp_path / "ref")
     tok.save_pretrained(tmp_path / "ref")
     rows = [{"prompt": f"Question: p{i}\n\nAnswer: ", "chosen": "abcdefgh"[: 1 + i] * (i + 1),
              "rejected": "ba" * (i + 1)} for i in range(6)]
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=["ipo"], beta=0.1, report_to=[], use_cpu=True,
-                     bf16=False, per_device_train_batch_size=6, max_length=None)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, report_to=[], use_cpu=True, bf16=False,
+                     per_device_train_batch_size=6, max_length=None, **trl_args)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok)
     inputs = next(iter(trainer.get_train_dataloader()))  # (12, T): chosen rows, then rejected; right-padded
     with torch.no_grad():
         trl_loss = float(trainer._compute_loss(trainer.model, inputs, return_outputs=False))
-
     real = inputs["attention_mask"] == 1  # (12, T)
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)  # completion + EOS are targets
     batch = {"input_ids": inputs["input_ids"], "labels": labels, "segment_ids": torch.where(real, 0, -1),
              "position_ids": torch.arange(real.shape[1]).expand_as(real) * real}  # llmlab's collator layout
+    return trl_loss, batch
+
+
+def test_ipo_equals_trl_ipo(tmp_path):
+    """llmlab's default IPO (length-normalised) is TRL 1.16's `loss_type="ipo"` on the same policy, reference
+    and tokens. The summed form (length_normalized=false) differs on these answers of 2..37 tokens."""
+    from llmlab.losses import IPOLoss
+
+    model, tok = tiny_lm(0)
+    trl_loss, batch = _trl_loss_and_llmlab_batch(tmp_path, model, tok, loss_type=["ipo"])
     losses = {}
     for normalized in (True, False):
         module = dpo_module(model, tok, loss=IPOLoss(beta=0.1, length_normalized=normalized),
@@ -165,6 +171,22 @@ def test_ipo_equals_trl_ipo(tmp_path):
             losses[normalized] = float(module._losses(batch)[0])
     assert losses[True] == pytest.approx(trl_loss, rel=1e-5)
     assert abs(losses[False] - trl_loss) > 0.01 * trl_loss
+
+
+def test_default_dpo_loss_equals_trl_sigmoid_plus_sft(tmp_path):
+    """The dpo stage's default loss (sigmoid DPO + sft_weight x the NLL of the chosen answers, token mean
+    over the batch, conf/stage/dpo.yaml) is TRL 1.16's loss_type=["sigmoid", "sft"] with loss_weights
+    [1, sft_weight] on the same policy, reference and tokens; without the NLL term it is not."""
+    model, tok = tiny_lm(0)
+    trl_loss, batch = _trl_loss_and_llmlab_batch(tmp_path, model, tok, loss_type=["sigmoid", "sft"],
+                                                 loss_weights=[1.0, 10.0])
+    losses = {}
+    for weight in (10.0, 0.0):
+        module = dpo_module(model, tok, sft_weight=weight, reference_model=str(tmp_path / "ref"))
+        with torch.no_grad():
+            losses[weight] = float(module._losses(batch)[0])
+    assert losses[10.0] == pytest.approx(trl_loss, rel=1e-5)
+    assert abs(losses[0.0] - trl_loss) > 0.01 * trl_loss
 
 
 def test_reference_with_other_tokenizer_is_refused(cli, tmp_path):

@@ -89,3 +89,41 @@ def test_default_rm_learns(cli):
     run = cli("stage=rm", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"})
     assert_ok(run)
     assert run.summary["val_accuracy"] >= 0.8, run.summary
+
+
+def test_rm_loss_equals_trl_reward_trainer(tmp_path):
+    import copy
+
+    """The rm stage's loss is TRL 1.16's RewardTrainer loss on the same model and tokens: TRL's own
+    collated batch (chosen rows, then rejected) scored in training mode by both, so dropout matters: both
+    turn it off by default (disable_dropout), with it on the two forward passes would not agree."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from llmlab.data.tokenizer import builtin_tokenizer
+    from llmlab.stages.reward import RewardModule
+
+    tok = builtin_tokenizer()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), num_labels=1,
+                                  pad_token_id=tok.pad_token_id, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    model = AutoModelForSequenceClassification.from_config(config)
+    ours = copy.deepcopy(model)  # dropout 0.3 on: TRL turns off its own copy's, RewardModule this one's
+    rows = [{"chosen": f"Question: p{i}\n\nAnswer: " + "abcdefgh"[: 1 + i] * (i + 1),
+             "rejected": f"Question: p{i}\n\nAnswer: " + "ba" * (i + 1)} for i in range(6)]
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
+                        per_device_train_batch_size=6, max_length=None)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    inputs = next(iter(trainer.get_train_dataloader()))  # (12, T): chosen rows, then rejected
+    trainer.model.train()
+    torch.manual_seed(1)
+    trl_loss = float(trainer.compute_loss(trainer.model, dict(inputs)))
+
+    module = RewardModule(ours, tok, optimizer=None)
+    batch = {"input_ids": inputs["input_ids"], "segment_ids": torch.where(inputs["attention_mask"] == 1, 0, -1)}
+    module.model.train()
+    torch.manual_seed(2)  # other dropout draws would give other numbers, were dropout on
+    loss = float(module._step(batch)[0])
+    assert loss == pytest.approx(trl_loss, rel=1e-5)
+    assert all(m.p == 0.0 for m in module.model.modules() if isinstance(m, torch.nn.Dropout))
