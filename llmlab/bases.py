@@ -81,8 +81,11 @@ def _library_versions() -> str:
     return " ".join(f"{name}={_version(name)}" for name in _LIBRARIES)
 
 
-def _fingerprint(name: str, project: Path = _PROJECT) -> str:
-    """The recipe's overrides + the project's sources and config tree + the library versions."""
+def _fingerprint(name: str, project: Path | None = None) -> str:
+    """The recipe's overrides + the project's sources and config tree + the library versions.
+    `LLMLAB_BASES_SOURCE=<checkout>` hashes another checkout's tree instead (development: worktrees that
+    change code share the bases of a fixed checkout rather than each rebuilding them on every edit)."""
+    project = project or Path(os.environ.get("LLMLAB_BASES_SOURCE") or _PROJECT)
     h = hashlib.sha256(" ".join(BASES[name]).encode())
     h.update(sources_digest(project).encode())
     h.update(_library_versions().encode())
