@@ -40,12 +40,16 @@ from llmlab.errors import ConfigError, fail
 log = logging.getLogger("llmlab")
 
 
-def _base_tensor(module_tensor):
-    """A base weight as a plain tensor; bitsandbytes 4-bit weights are de-quantized."""
+def _base_tensor(module_tensor, module=None):
+    """A base weight as a plain tensor; bitsandbytes 4-bit and 8-bit (LLM.int8) weights are de-quantized."""
     if type(module_tensor).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(module_tensor.data, module_tensor.quant_state)
+    if type(module_tensor).__name__ == "Int8Params":
+        # int8 (out, in) with one absmax per row (SCB, on the weight or the layer's state): W = q * SCB / 127
+        scb = module_tensor.SCB if getattr(module_tensor, "SCB", None) is not None else module.state.SCB
+        return module_tensor.data.float() * scb.float()[:, None] / 127.0
     return module_tensor.detach()
 
 
@@ -71,7 +75,9 @@ def plain_base_model(peft_model, dtype=None):
     quantized = hasattr(config, "quantization_config")
     if quantized:
         compute = getattr(base, "hf_quantizer", None)
-        compute = compute.quantization_config.bnb_4bit_compute_dtype if compute is not None else torch.bfloat16
+        compute = compute.quantization_config if compute is not None else None
+        eight_bit = bool(getattr(compute, "load_in_8bit", False))  # LLM.int8: computes in fp32 / fp16
+        compute = torch.float32 if eight_bit else (compute.bnb_4bit_compute_dtype if compute is not None else torch.bfloat16)
         dtype = dtype or compute
         del config.quantization_config
     with torch.device("meta"):
@@ -85,10 +91,11 @@ def plain_base_model(peft_model, dtype=None):
         found = next((c for c in candidates if c in source), None)
         if found is None:
             raise KeyError(f"export: no base tensor for {key!r}")
-        four_bit = type(source[found]).__name__ == "Params4bit"
-        tensor = _base_tensor(source[found])
+        four_bit = type(source[found]).__name__ in ("Params4bit", "Int8Params")
+        owner = found.rpartition(".")[0]
+        tensor = _base_tensor(source[found], base.get_submodule(owner) if four_bit else None)
         if four_bit and leaf == "weight" and _is_conv1d(plain, head):
-            # bitsandbytes holds GPT-2's Conv1D (in, out) weights as Linear4bit (out, in): de-quantized
+            # bitsandbytes holds GPT-2's Conv1D (in, out) weights as Linear4bit/8bitLt (out, in): de-quantized
             # they come back transposed (square ones too, so the shape alone cannot tell)
             tensor = tensor.t()
         tensor = tensor.reshape(meta.shape)  # 4-bit storage is flat (N*K/2, 1) until de-quantized
