@@ -99,7 +99,7 @@ def test_quantized_export_keeps_held_out_exact_match(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     qdir = tmp_path / "quantized-int8"
     assert f"load with: from llmlab.quantize import load_quantized; model = load_quantized('{qdir}')" in proc.stdout
-    assert "MiB int8 weights vs" in proc.stdout
+    assert "iB int8 weights vs" in proc.stdout and "for the float32 export" in proc.stdout
     model = load_quantized(qdir)  # the documented call
 
     tok = AutoTokenizer.from_pretrained(base)
