@@ -152,6 +152,19 @@ def check_peft(cfg) -> None:
                               f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
                               f"or {true_dtype}")
         # qlora x strategy (ZeRO-3 needs float storage: set automatically) lives in check_strategy
+    if method == "lora_int8":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("peft=lora_int8 needs bitsandbytes (LLM.int8): pip install 'llmlab[bnb]' "
+                              "(bitsandbytes>=0.45), or use peft=lora")
+        if cfg.model.init != "pretrained" and not cfg.dry_run:
+            raise ConfigError(f"peft=lora_int8 quantizes pretrained weights as they load, but model.init="
+                              f"{cfg.model.init}; use model.init=pretrained (or peft=lora)")
+        strategy = cfg.get("strategy") or {}
+        target = str(strategy.get("_target_", ""))
+        if "deepspeed" in target.lower() or "fsdp" in target.lower():
+            raise ConfigError(f"peft=lora_int8 with strategy={strategy.get('name', target)}: bitsandbytes int8 "
+                              f"weights x DeepSpeed/FSDP sharding is not supported by llmlab; use strategy=ddp "
+                              f"(or the default), or peft=qlora (4-bit, works with strategy=zero3)")
     if method in peft_lib.PROMPT_LEARNING:
         if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
             raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
