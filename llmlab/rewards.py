@@ -202,7 +202,12 @@ class Rewards:
     def __call__(self, prompts: list[str], completions: list[str], **fields) -> tuple[torch.Tensor, dict]:
         per_function, total = {}, torch.zeros(len(completions))
         for name, fn in self.functions.items():
-            values = check_rewards(fn(prompts, completions, **fields), len(completions), name)
+            try:
+                out = fn(prompts, completions, **fields)
+            except TypeError as err:  # a signature that does not take (prompts, completions, **fields)
+                raise ConfigError(f"reward.{name}: calling it failed ({err}); a reward takes (prompts, completions, "
+                                  f"**fields) with fields {sorted(fields)}") from None
+            values = check_rewards(out, len(completions), name)
             per_function[name] = values
             total = total + self.weights[name] * values
         return total, per_function

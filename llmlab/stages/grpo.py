@@ -391,7 +391,9 @@ class GRPOModule(L.LightningModule):
         zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
                                  self.val_max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
-        score, _ = self.rewards(batch["prompts"], answers, answer=batch["answers"])
+        lengths = [len(ids) + 1 for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]  # + EOS
+        score, _ = self.rewards(batch["prompts"], answers, answer=batch["answers"], completion_tokens=lengths,
+                                truncated=[n > self.val_max_new_tokens for n in lengths])
         self.val_reward.update(score.mean(), weight=score.numel())
         self.log("val/reward_mean", self.val_reward, prog_bar=True)
         if all(a is not None for a in batch["answers"]):
