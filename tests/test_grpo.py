@@ -182,6 +182,7 @@ def test_grpo_kill9_then_resume_equals_uninterrupted(tmp_path):
     wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt.prev").exists(), proc)
     kill9(proc)
     assert save_id(last) is not None
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] < 6  # killed mid-run
     resumed = run_cli(run_dir, *overrides, "resume=auto", env=clean_env())
     assert_ok(resumed)
 
