@@ -150,8 +150,9 @@ def test_old_and_reference_logprobs_when_needed():
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", ["none", "lora", "qlora"])
 def test_grpo_runs(cli, peft):
-    extra = ["precision=bf16-true"] if peft == "qlora" else []
-    run = cli(*TINY, f"peft={peft}", *extra, "trainer.max_steps=3", "trainer.val_check_interval=3",
+    # QLoRA quantizes pretrained weights: the cached tiny SFT base, not a scratch model
+    tiny = [a for a in TINY if not a.startswith("model")] + ["model=tiny_sft_early"] if peft == "qlora" else TINY
+    run = cli(*tiny, f"peft={peft}", "trainer.max_steps=3", "trainer.val_check_interval=3",
               "stage.module.beta=0.04", "stage.module.num_iterations=1")
     assert_ok(run)
     s = run.summary
