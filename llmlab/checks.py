@@ -259,7 +259,7 @@ def check_preference(cfg) -> None:
                 raise ConfigError(f"stage={stage.name} needs preference pairs, but {f} has no field(s) {missing} "
                                   f"(fields: {sorted(record)}); set data.chosen_field / data.rejected_field")
     if stage.name == "ppo":
-        if not module.get("reward_model") and not module.get("rule_reward"):
+        if not module.get("reward_model") and not module.get("rule_reward") and not cfg.get("reward"):
             raise ConfigError("stage=ppo has no reward source: set stage.reward_model=<stage=rm run dir or HF "
                               "path of a sequence classifier>, or stage.rule_reward=<function(response, "
                               "answer)>, e.g. llmlab.data.builtin.rule_reward with data=builtin")
