@@ -477,6 +477,10 @@ def check_reward_settings(cfg) -> None:
     from omegaconf import OmegaConf
 
     group = cfg.get("reward") or {}
+    missing = sorted(OmegaConf.missing_keys(group)) if group else []
+    if missing:
+        key = missing[0] if missing[0].startswith("reward.") else f"reward.{missing[0]}"
+        raise ConfigError(f"{key}: has no value (???); set it, e.g. {key}=<value>")
     for name in group:
         node = group[name]
         target = node.get("_target_") if OmegaConf.is_dict(node) else None

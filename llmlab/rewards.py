@@ -239,7 +239,8 @@ def build_rewards(group, required: bool = True) -> Rewards | None:
     if isinstance(group, DictConfig):
         missing = sorted(OmegaConf.missing_keys(group))
         if missing:
-            raise ConfigError(f"reward.{missing[0]}: has no value (???); set it, e.g. reward.{missing[0]}=<value>")
+            key = missing[0] if missing[0].startswith("reward.") else f"reward.{missing[0]}"
+            raise ConfigError(f"{key}: has no value (???); set it, e.g. {key}=<value>")
         group = OmegaConf.to_container(group, resolve=True)
     if not group:
         if not required:
