@@ -172,6 +172,11 @@ class PPOModule(L.LightningModule):
             out["val_check_interval"] = max(1, interval // self.steps_per_iteration)
         return out
 
+    def batches_done(self) -> int:
+        """Prompt batches (iterations) consumed: where the resumable sampler continues (an iteration is
+        several optimizer steps, so global_step x batch would skip prompts on resume)."""
+        return len(self.history)
+
     def on_fit_start(self):
         self.reward.to(self.device)
 
