@@ -209,3 +209,23 @@ def test_default_grpo_learns(cli):
     s = run.summary
     assert s["reward_mean_last"] > s["reward_mean_first"], s
     assert s["val_exact_match_last"] >= s["val_exact_match_first"] - 0.02, s
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batches_give_the_whole_batch_gradient(loss_type):
+    """micro_batch_size=8 (3 forwards, accumulated) == the whole rollout of 24 in one forward."""
+    from llmlab.rewards import Rewards, UserReward
+
+    model, tok = tiny_lm()
+    reward = Rewards({"len": UserReward("tests.test_grpo:char_length")})
+    ro = grpo_module(model, tok, reward, loss_type=loss_type).rollout(prompt_batch(tok))
+    grads = []
+    for micro in (None, 8):
+        module = grpo_module(model, tok, reward, loss_type=loss_type, micro_batch_size=micro)
+        optimizer = offline(module)
+        model.zero_grad()
+        optimizer.step = lambda: grads.append([p.grad.clone() for p in model.parameters()])
+        module._init_rng()
+        module.policy_update(ro)
+    for whole, split in zip(*grads):
+        torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)
