@@ -133,7 +133,7 @@ def mc_choices(pair: dict, x: str, task: str) -> list[str]:
 
 
 def write_builtin_data(data_dir: Path, n: int, seed: int, template: str, eos: str) -> None:
-    """llmlab_builtin_em.jsonl: the SFT validation instances `sft_examples(n, "val", seed)` (what
+    """llmlab_builtin_em.jsonl: the SFT validation instances `sft_examples(n, "validation", seed)` (what
     stage=sft/dpo validate on, in that order); llmlab_builtin_mc.jsonl: the preference validation
     pairs with four choices, each ending with the EOS token text."""
     import random
@@ -142,11 +142,11 @@ def write_builtin_data(data_dir: Path, n: int, seed: int, template: str, eos: st
 
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "llmlab_builtin_em.jsonl", "w") as f:
-        for ex in sft_examples(n, "val", seed):
+        for ex in sft_examples(n, "validation", seed):
             f.write(json.dumps({"context": template.format(prompt=ex["prompt"]), "answer": ex["response"]}) + "\n")
     rng = random.Random(f"{seed}/llmlab_builtin_mc")
     with open(data_dir / "llmlab_builtin_mc.jsonl", "w") as f:
-        for pair in preference_pairs(n, "val", seed):
+        for pair in preference_pairs(n, "validation", seed):
             task, x = pair["prompt"].split(" ", 1)
             choices = mc_choices(pair, x, task)
             rng.shuffle(choices)
@@ -187,6 +187,15 @@ def tidy_results(res: dict) -> dict:
     return out
 
 
+def prefix_token(tokenizer) -> int | None:
+    """The token a document is scored from (rolling log-likelihood, empty contexts): the BOS the tokenizer
+    itself starts sequences with (Llama), else EOS (GPT-2's convention; llmlab's byte tokenizer defines a
+    BOS that no llmlab data uses, and lm-eval would pick it by default)."""
+    ids = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and ids and ids[0] == bos else tokenizer.eos_token_id
+
+
 def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_size: int = 8,
              gen_kwargs: dict | None = None, template: str | None = None, autocast_dtype=None,
              seed: int = 0, log_samples: bool = False) -> dict:
@@ -222,7 +231,8 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
             metadata["text_file"] = str(Path(str(task_set.text_file)).expanduser().resolve())
         manager = TaskManager(include_path=str(TASK_DIR), include_defaults=stock, metadata=metadata)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size),
-                  mixed_precision_dtype=autocast_dtype, device=str(next(model.parameters()).device))
+                  prefix_token_id=prefix_token(tokenizer), mixed_precision_dtype=autocast_dtype,
+                  device=str(next(model.parameters()).device))
         res = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
             gen_kwargs=dict(gen_kwargs) if gen_kwargs else None, log_samples=log_samples, random_seed=seed,
