@@ -8,11 +8,12 @@ It runs at the end of a validation whose step is a multiple of `every_n_steps` (
 the one before step 0 included), and logs `val/<task>/<metric>` (summary.json: `val_<task>_<metric>_first`
 / `_last`; metrics.csv, TensorBoard, W&B through Lightning's loggers).
 
-Distributed: every rank evaluates the same documents with the same weights (lm-eval sees one process;
-no collective runs inside it), so every rank logs the same numbers and no rank waits on another. Under
-ZeRO-3 the ranks hold shards: the evaluation runs inside `strategies.generation_context` (all ranks
-gather the full weights once, DeepSpeed's per-layer hooks off), which needs the whole model in each
-process's memory. The cost is the evaluation's time on every rank (not divided between them).
+Distributed (DDP, ZeRO): rank 0 evaluates (lm-eval sees one process, no collective runs inside it; it
+returns results on local rank 0 only), the other ranks wait, then rank 0's numbers are broadcast and
+every rank logs them. Under ZeRO-3 the ranks hold shards: all ranks enter
+`strategies.generation_context` (the full weights gathered once, DeepSpeed's per-layer hooks off, so
+rank 0's forwards need no other rank), which needs the whole model in each process's memory. The cost
+is the evaluation's time on rank 0, during which the others idle.
 """
 from __future__ import annotations
 
@@ -84,10 +85,15 @@ class LMEvalCallback(L.Callback):
         from llmlab.strategies import generation_context
 
         autocast = torch.bfloat16 if str(trainer.precision).startswith("bf16-mixed") else None
+        result = None
         with generation_context(pl_module.model, trainer.strategy):  # ZeRO-3: gathered; else a no-op
-            result = evaluate(pl_module.model, pl_module.tokenizer, self.task_set, limit=self.limit,
-                              num_fewshot=self.num_fewshot, batch_size=self.batch_size,
-                              gen_kwargs=self.gen_kwargs or None, template=self.template, autocast_dtype=autocast)
+            if trainer.is_global_zero:  # lm-eval returns results on local rank 0 only (LOCAL_RANK)
+                result = evaluate(pl_module.model, pl_module.tokenizer, self.task_set, limit=self.limit,
+                                  num_fewshot=self.num_fewshot, batch_size=self.batch_size,
+                                  gen_kwargs=self.gen_kwargs or None, template=self.template,
+                                  autocast_dtype=autocast)
+            if trainer.world_size > 1:  # the other ranks wait here, then log the same numbers
+                result = trainer.strategy.broadcast(result, src=0)
         for task, r in result["tasks"].items():
             for name, value in r["metrics"].items():
                 if value is not None:
