@@ -198,3 +198,22 @@ def test_peft_run_evaluated_as_exported(cli, method, load, every, steps):
     # and into the run's own logger (metrics.csv)
     header = (run.dir / "metrics.csv").read_text().splitlines()[0]
     assert "eval/llmlab_builtin_mc/acc" in header
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_callback_under_zero3_logs_what_the_exported_model_scores(cli):
+    """2 processes, ZeRO-3 (shards): the callback gathers the weights (generation_context), rank 0
+    evaluates, every rank logs rank 0's numbers; the last ones equal lm-eval on the exported hf/.
+    (Measured by hand: a DDP run of the same command logs the same numbers.)"""
+    from llmlab.evaluation import evaluate
+    from llmlab.generate import load
+
+    run = cli("stage=sft", "model=tiny_base", "strategy=zero3", "trainer.devices=2", *FAST, "callbacks=with_eval",
+              "callbacks.lm_eval.limit=16")
+    assert_ok(run)
+    history = json.loads((run.dir / "history.json").read_text())
+    assert [p[0] for p in history["val/llmlab_builtin_mc/acc"]] == [0, 3, 6]
+    model, tokenizer = load(str(run.dir / "hf"))
+    after = evaluate(model, tokenizer, OmegaConf.load(CONF / "eval" / "builtin.yaml"), limit=16)
+    assert after["tasks"]["llmlab_builtin_mc"]["metrics"]["acc"] == run.summary["val_llmlab_builtin_mc_acc_last"]
