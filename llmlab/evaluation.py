@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llmlab.errors import ConfigError
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 TASK_DIR = Path(__file__).resolve().parent / "eval_tasks"  # llmlab's own task YAMLs (shipped in the package)
 DEFAULT_TEMPLATE = "Question: {prompt}\n\nAnswer: "  # conf/data/builtin.yaml's prompt_template
 
@@ -74,8 +75,10 @@ def hub_offline() -> bool:
     return not hub_reachable()
 
 
-def check_task_set(task_set) -> None:
-    """Config-only checks of a task set node (conf/eval/*.yaml), before any model loads."""
+def check_task_set(task_set, setting: str | None = None) -> None:
+    """Config-only checks of a task set node (conf/eval/*.yaml), before any model loads; `setting` names
+    where it was chosen (default `eval=<name>`)."""
+    setting = setting or f"eval={task_set.get('name')}"
     tasks = list(task_set.get("tasks") or [])
     if not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ConfigError(f"eval.tasks={tasks}: give a list of lm-eval task names, e.g. eval.tasks=[arc_easy]")
@@ -90,7 +93,7 @@ def check_task_set(task_set) -> None:
             raise ConfigError(f"eval.tasks: unknown lm-eval task {bad[0]!r}; {hint}")
     stock = [t for t in tasks if t not in ours]
     if stock and hub_offline():
-        raise ConfigError(f"eval={task_set.get('name')}: tasks {', '.join(stock)} download their datasets from "
+        raise ConfigError(f"{setting}: tasks {', '.join(stock)} download their datasets from "
                           f"the Hugging Face hub, which is offline here (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE or no "
                           f"network); run it with internet access, or use eval=builtin / eval=perplexity offline")
     if "llmlab_perplexity" in tasks:
@@ -109,6 +112,40 @@ def check_task_set(task_set) -> None:
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(f"eval.text_file={text_file}: cannot read it ({type(err).__name__}); a .jsonl has "
                               f"one object with a `text` field per line") from None
+
+
+def load_task_set(task_set, setting: str = "callbacks.lm_eval.task_set"):
+    """A task set node: a conf/eval name ("builtin"), or a mapping like conf/eval/*.yaml."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(task_set, (dict, DictConfig)):
+        return OmegaConf.create(task_set)
+    path = CONF / "eval" / f"{task_set}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONF / "eval").glob("*.yaml"))
+        close = difflib.get_close_matches(str(task_set), names, n=1)
+        raise ConfigError(f"{setting}={task_set!r}: no such task set; "
+                          f"{'did you mean ' + close[0] + '?' if close else 'known: ' + ', '.join(names)}")
+    return OmegaConf.load(path)
+
+
+def check_eval_callbacks(cfg) -> None:
+    """llmlab.run: an LMEvalCallback in `callbacks` is checked with the config alone (no torch), so a
+    typo'd task or a hub task set offline fails in seconds, not after the model and data are built."""
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or not str(node.get("_target_", "")).endswith("LMEvalCallback"):
+            continue
+        task_set = load_task_set(node.get("task_set", "builtin"), f"callbacks.{name}.task_set")
+        if node.get("text_file"):
+            task_set.text_file = node.text_file
+        check_task_set(task_set, f"callbacks.{name}.task_set={task_set.get('name')}")
+        every, interval = node.get("every_n_steps"), cfg.trainer.get("val_check_interval")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"callbacks.{name}.every_n_steps={every!r}: give an integer >= 1 (a multiple of "
+                              f"trainer.val_check_interval) or null (every validation)")
+        if every and isinstance(interval, int) and every % interval:
+            raise ConfigError(f"callbacks.{name}.every_n_steps={every}: it runs after a validation, so give a "
+                              f"multiple of trainer.val_check_interval={interval}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -190,6 +190,12 @@ CASES = [
     Case("eval-perplexity-without-file", "llmlab.eval", ["{run}", "eval=perplexity"], ["eval.text_file"]),
     Case("eval-adapter-of-full-run", "llmlab.eval", ["{run}", "load=adapter"], ["load=adapter", "hf_adapter"]),
     Case("eval-missing-model-dir", "llmlab.eval", ["/no/such/model"], ["MODEL=/no/such/model"]),
+    Case("run-eval-callback-course-offline", "llmlab.run", ["callbacks=with_eval", "callbacks.lm_eval.task_set=course"],
+         ["callbacks.lm_eval.task_set=course", "hub"], env={"HF_DATASETS_OFFLINE": "1"}, max_seconds=20),
+    Case("run-eval-callback-task-set-typo", "llmlab.run", ["callbacks=with_eval", "callbacks.lm_eval.task_set=buildin"],
+         ["callbacks.lm_eval.task_set='buildin'", "did you mean builtin?"]),
+    Case("run-eval-callback-every-n", "llmlab.run", ["callbacks=with_eval", "callbacks.lm_eval.every_n_steps=7"],
+         ["callbacks.lm_eval.every_n_steps=7", "trainer.val_check_interval"]),
 ]
 
 

@@ -18,31 +18,12 @@ is the evaluation's time on rank 0, during which the others idle.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
 
+from llmlab.evaluation import load_task_set
+
 log = logging.getLogger("llmlab")
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def load_task_set(task_set):
-    """A task set node: a conf/eval name ("builtin"), or a mapping like conf/eval/*.yaml."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from llmlab.errors import ConfigError
-
-    if isinstance(task_set, (dict, DictConfig)):
-        return OmegaConf.create(task_set)
-    path = CONF / "eval" / f"{task_set}.yaml"
-    if not path.is_file():
-        import difflib
-
-        names = sorted(p.stem for p in (CONF / "eval").glob("*.yaml"))
-        close = difflib.get_close_matches(str(task_set), names, n=1)
-        raise ConfigError(f"callbacks.lm_eval.task_set={task_set!r}: no such task set; "
-                          f"{'did you mean ' + close[0] + '?' if close else 'known: ' + ', '.join(names)}")
-    return OmegaConf.load(path)
 
 
 class LMEvalCallback(L.Callback):
