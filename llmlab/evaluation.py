@@ -270,8 +270,8 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size),
                   prefix_token_id=prefix_token(tokenizer), mixed_precision_dtype=autocast_dtype,
                   device=str(next(model.parameters()).device))
-        res = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+        res = _keeping_rng_state(
+            lm_eval.simple_evaluate, model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
             gen_kwargs=dict(gen_kwargs) if gen_kwargs else None, log_samples=log_samples, random_seed=seed,
             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
     model.train(was_training)
@@ -280,6 +280,23 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
     if log_samples:
         out["samples"] = res.get("samples")
     return out
+
+
+def _keeping_rng_state(fn, *args, **kwargs):
+    """lm-eval seeds python, numpy and torch's global generators; during training (the callback) that
+    would reset dropout's randomness at every evaluation: their states are put back afterwards."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
