@@ -34,8 +34,8 @@ def check_eval_settings(cfg: DictConfig) -> None:
 
     if cfg.load not in ("auto", "merged", "adapter"):
         raise ConfigError(f"load={cfg.load!r}: use auto, merged (hf/) or adapter (base + hf_adapter/)")
-    if cfg.precision not in ("auto", "32", 32, "bf16-mixed"):
-        raise ConfigError(f"precision={cfg.precision!r}: use auto, 32 or bf16-mixed")
+    if cfg.autocast not in ("auto", "bf16", "none", None):
+        raise ConfigError(f"autocast={cfg.autocast!r}: use auto (a run's own precision), bf16 or none")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size!r}: give an integer >= 1, e.g. batch_size=8")
     if cfg.num_fewshot is not None and (not isinstance(cfg.num_fewshot, int) or cfg.num_fewshot < 0):
@@ -180,15 +180,15 @@ def evaluate_cli(cfg: DictConfig) -> dict:
     from llmlab.evaluation import evaluate, flat_metrics
 
     model, tokenizer, run_cfg, loaded = load_model(cfg)
-    precision = str(cfg.precision)
-    if precision == "auto":
-        precision = str(run_cfg.trainer.precision) if run_cfg is not None else "32"
-    autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+    mode = str(cfg.autocast)
+    if mode == "auto":
+        mode = "bf16" if run_cfg is not None and str(run_cfg.trainer.precision) == "bf16-mixed" else "none"
+    autocast = torch.bfloat16 if mode == "bf16" else None
     result = evaluate(model, tokenizer, cfg.eval, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
                       batch_size=cfg.batch_size, gen_kwargs=OmegaConf.to_container(cfg.gen_kwargs) or None,
                       template=run_template(cfg, run_cfg), autocast_dtype=autocast, seed=cfg.seed)
     path = Path(str(cfg.path)).expanduser()
-    result.update(model=str(cfg.path), loaded=loaded, precision=precision, batch_size=cfg.batch_size,
+    result.update(model=str(cfg.path), loaded=loaded, autocast=mode, batch_size=cfg.batch_size,
                   data=OmegaConf.to_container(cfg.eval.get("data") or {}))
     out = Path(str(cfg.out)).expanduser() if cfg.out else (path / "eval.json" if run_cfg is not None else
                                                            Path("eval.json"))
