@@ -2,6 +2,7 @@
 
     python -m llmlab.export RUN_DIR [--out DIR] [--ckpt PATH] [--dtype bfloat16]
     python -m llmlab.export ADAPTER_DIR --out DIR [--base PATH_OR_HUB_NAME]
+    python -m llmlab.export RUN_DIR quantize=int8            (also: HF_MODEL_DIR quantize=int8 --out DIR)
 
 RUN_DIR is a run's output directory: the model is rebuilt from its `config_resolved.yaml` and the
 trained weights are read from `--ckpt` (default: the newest intact checkpoint of the run, as
@@ -19,6 +20,11 @@ rounding. Prefix and prompt tuning have nothing to merge (their virtual tokens a
 adapter is written, loadable with `peft.AutoPeftModelForCausalLM.from_pretrained` (llmlab.generate
 does this).
 
+`quantize=int8` (or `--quantize int8`) also writes `<out>/quantized-int8`: the merged model with int8
+weights for CPU deployment (llmlab.quantize: what is quantized, why that library, the format), loaded
+back with `from llmlab.quantize import load_quantized; model = load_quantized(DIR)`; its size on disk is
+printed against the unquantized export's. An HF model directory (config.json) is quantized directly.
+
 The run's own `hf/` (written by llmlab.callbacks.export.HFExport at the end of training) is the same
 merged model, and `hf_adapter/` the adapter.
 """
@@ -34,12 +40,16 @@ from llmlab.errors import ConfigError, fail
 log = logging.getLogger("llmlab")
 
 
-def _base_tensor(module_tensor):
-    """A base weight as a plain tensor; bitsandbytes 4-bit weights are de-quantized."""
+def _base_tensor(module_tensor, module=None):
+    """A base weight as a plain tensor; bitsandbytes 4-bit and 8-bit (LLM.int8) weights are de-quantized."""
     if type(module_tensor).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(module_tensor.data, module_tensor.quant_state)
+    if type(module_tensor).__name__ == "Int8Params":
+        # int8 (out, in) with one absmax per row (SCB, on the weight or the layer's state): W = q * SCB / 127
+        scb = module_tensor.SCB if getattr(module_tensor, "SCB", None) is not None else module.state.SCB
+        return module_tensor.data.float() * scb.float()[:, None] / 127.0
     return module_tensor.detach()
 
 
@@ -65,7 +75,9 @@ def plain_base_model(peft_model, dtype=None):
     quantized = hasattr(config, "quantization_config")
     if quantized:
         compute = getattr(base, "hf_quantizer", None)
-        compute = compute.quantization_config.bnb_4bit_compute_dtype if compute is not None else torch.bfloat16
+        compute = compute.quantization_config if compute is not None else None
+        eight_bit = bool(getattr(compute, "load_in_8bit", False))  # LLM.int8: computes in fp32 / fp16
+        compute = torch.float32 if eight_bit else (compute.bnb_4bit_compute_dtype if compute is not None else torch.bfloat16)
         dtype = dtype or compute
         del config.quantization_config
     with torch.device("meta"):
@@ -79,10 +91,11 @@ def plain_base_model(peft_model, dtype=None):
         found = next((c for c in candidates if c in source), None)
         if found is None:
             raise KeyError(f"export: no base tensor for {key!r}")
-        four_bit = type(source[found]).__name__ == "Params4bit"
-        tensor = _base_tensor(source[found])
+        four_bit = type(source[found]).__name__ in ("Params4bit", "Int8Params")
+        owner = found.rpartition(".")[0]
+        tensor = _base_tensor(source[found], base.get_submodule(owner) if four_bit else None)
         if four_bit and leaf == "weight" and _is_conv1d(plain, head):
-            # bitsandbytes holds GPT-2's Conv1D (in, out) weights as Linear4bit (out, in): de-quantized
+            # bitsandbytes holds GPT-2's Conv1D (in, out) weights as Linear4bit/8bitLt (out, in): de-quantized
             # they come back transposed (square ones too, so the shape alone cannot tell)
             tensor = tensor.t()
         tensor = tensor.reshape(meta.shape)  # 4-bit storage is flat (N*K/2, 1) until de-quantized
@@ -238,16 +251,25 @@ def check_args(args) -> str:
     if not path.exists():
         raise ConfigError(f"{path}: no such directory; give a run directory or a PEFT adapter directory")
     kind = ("run" if (path / "config_resolved.yaml").is_file() else
-            "adapter" if (path / "adapter_config.json").is_file() else None)
+            "adapter" if (path / "adapter_config.json").is_file() else
+            "model" if (path / "config.json").is_file() and args.quantize else None)
+    if args.quantize:
+        from llmlab.quantize import check_method
+
+        check_method(args.quantize)
     if kind is None:
         raise ConfigError(f"{path}: neither a run directory (config_resolved.yaml) nor an adapter "
-                          f"(adapter_config.json)")
+                          f"(adapter_config.json){'' if args.quantize else ' (an HF model directory only with quantize=int8)'}")
+    if kind == "model" and args.out is None:
+        raise ConfigError(f"{path} is an HF model directory: give --out DIR for quantized-{args.quantize}/")
     if kind == "adapter" and args.out is None:
         raise ConfigError(f"{path} is an adapter directory: give --out DIR for the merged model")
     if kind == "run" and args.base is not None:
         raise ConfigError("--base is for an adapter directory; a run directory rebuilds its own base model")
-    if args.ckpt is not None and kind == "adapter":
-        raise ConfigError("--ckpt is for a run directory; an adapter directory has its weights")
+    if args.ckpt is not None and kind in ("adapter", "model"):
+        raise ConfigError(f"--ckpt is for a run directory; an {kind} directory has its weights")
+    if args.base is not None and kind == "model":
+        raise ConfigError("--base is for an adapter directory; an HF model directory is the model")
     if args.ckpt is not None and not (args.ckpt.is_file() or args.ckpt.is_dir()):
         raise ConfigError(f"--ckpt {args.ckpt}: no such checkpoint file (or DeepSpeed checkpoint directory)")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -263,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="base model for an adapter directory")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the merged weights (default: as trained; QLoRA: its compute dtype)")
+    parser.add_argument("--quantize", default=None, metavar="int8",
+                        help="also write <out>/quantized-int8 for CPU deployment (same as quantize=int8)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Hydra-style `quantize=int8`, as the other entry points take settings
+    argv = [a for item in argv for a in (["--quantize", item.split("=", 1)[1]] if item.startswith("quantize=") else [item])]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -271,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
         dtype = getattr(torch, args.dtype) if args.dtype else None
         path = args.path
+        if kind == "model":
+            return _quantize(path, None, args.out / f"quantized-{args.quantize}", args.quantize)
         if kind == "run":
             model, tokenizer = _load_run(path, args.ckpt)
             out = args.out or path / "export"
@@ -283,6 +312,37 @@ def main(argv: list[str] | None = None) -> int:
     for kind, where in result.items():
         if where:
             print(f"{kind}: {where}")
+    if args.quantize:
+        if result["merged"] is None:
+            fail(f"quantize={args.quantize}: {args.path} has no merged model (prefix/prompt tuning: virtual tokens "
+                 f"only); quantize a full or LoRA-family run")
+        return _quantize(Path(result["merged"]), tokenizer, out / f"quantized-{args.quantize}", args.quantize)
+    return 0
+
+
+def _quantize(model_dir: Path, tokenizer, out: Path, method: str) -> int:
+    """Quantize the exported model in `model_dir` into `out`; print where, the load call and the sizes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab.quantize import human, quantize_int8, save_quantized
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        weights = [f for f in model_dir.iterdir() if f.suffix in (".safetensors", ".bin")]
+        reference = {f"export_{dtype}_on_disk": sum(f.stat().st_size for f in weights),
+                     "fp32_params": 4 * n_params, "bf16_params": 2 * n_params}
+        model, info = quantize_int8(model)
+    except ConfigError as err:
+        fail(err)
+    summary = save_quantized(model, info, tokenizer, out, reference)
+    print(f"quantized: {out}")
+    print(f"load with: {summary['load']}")
+    print(f"size: {human(summary['size_bytes'])} int8 weights vs {human(reference[f'export_{dtype}_on_disk'])} "
+          f"for the {dtype} export ({model_dir}); parameters alone: fp32 {human(reference['fp32_params'])}, "
+          f"bf16 {human(reference['bf16_params'])}")
     return 0
 
 

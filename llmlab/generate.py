@@ -199,6 +199,17 @@ def load(path: str, dtype=None):
     from llmlab.checks import hub_error
 
     p = Path(path)
+    from llmlab.quantize import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(p):  # python -m llmlab.export ... quantize=int8: int8 weights, fp32 activations
+        if dtype is not None and dtype != torch_float32():
+            raise ConfigError(f"dtype={str(dtype).removeprefix('torch.')}: {path} is an int8 quantized export, "
+                              f"which computes in float32; leave dtype unset")
+        model = load_quantized(p)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
     try:
         if (p / "adapter_config.json").is_file():
             from llmlab.peft import import_peft
@@ -212,6 +223,12 @@ def load(path: str, dtype=None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -5,6 +5,9 @@ Methods (conf/peft/<method>.yaml, `method:` names the one in use):
 - dora: LoRA with a learned magnitude per output (Liu et al. 2024), `use_dora=True` in PEFT
 - qlora: LoRA on a base loaded 4-bit NF4 with double quantization and bf16 compute (Dettmers et al.
   2023); the quantization happens at load time (`quantization_config`), so it needs init=pretrained
+- lora_int8: LoRA on a base loaded in 8 bit (bitsandbytes LLM.int8, Dettmers et al. 2022: int8 weights with
+  per-row scales, outlier features above `threshold` in fp16), as the course's PPO / fine-tuning chapters
+  load their bases; the quantization happens at load time, so it needs init=pretrained
 - ia3: learned rescaling of keys, values and feed-forward activations (Liu et al. 2022)
 - prefix: trained key/value prefixes in every layer (Li & Liang 2021)
 - prompt: trained soft-prompt embeddings prepended to the input (Lester et al. 2021)
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import logging
 
-METHODS = ("none", "lora", "dora", "qlora", "ia3", "prefix", "prompt")
+METHODS = ("none", "lora", "dora", "qlora", "lora_int8", "ia3", "prefix", "prompt")
+QUANTIZED_BASE = ("qlora", "lora_int8")  # the base is quantized as it loads (bitsandbytes)
 PROMPT_LEARNING = ("prefix", "prompt")  # prepend virtual tokens: attention masks must be 2-D
 
 # model_type -> default modules (the course's choice for OPT; what PEFT itself uses for the others)
@@ -57,19 +61,23 @@ def import_peft():
 
 
 def _method_family(method: str) -> str:
-    return "lora" if method in ("lora", "dora", "qlora") else method
+    return "lora" if method in ("lora", "dora", "qlora", "lora_int8") else method
 
 
 def quantization_config(peft_cfg, precision: str | None = None):
-    """A transformers `BitsAndBytesConfig` when the PEFT method quantizes the base (qlora), else None.
+    """A transformers `BitsAndBytesConfig` when the PEFT method quantizes the base (qlora: 4-bit NF4;
+    lora_int8: LLM.int8), else None.
 
     `bnb_4bit_quant_storage` (peft.quantization.quant_storage) packs the 4-bit weights into a float
     dtype: bfloat16 lets DeepSpeed ZeRO-3 partition them like ordinary bf16 parameters.
     """
-    if peft_cfg.method != "qlora":
+    if peft_cfg.method not in QUANTIZED_BASE:
         return None
     import torch
     from transformers import BitsAndBytesConfig
+
+    if peft_cfg.method == "lora_int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(peft_cfg.quantization.threshold))
 
     q = peft_cfg.quantization
     return BitsAndBytesConfig(
@@ -139,7 +147,7 @@ def peft_config(peft_cfg, model_type: str, head: str = "causal_lm"):
     method = peft_cfg.method
     task_type = "CAUSAL_LM" if head == "causal_lm" else "SEQ_CLS"
     modules_to_save = list(peft_cfg.modules_to_save) if peft_cfg.get("modules_to_save") else None
-    if method in ("lora", "dora", "qlora"):
+    if _method_family(method) == "lora":
         return peft.LoraConfig(
             r=peft_cfg.r,
             lora_alpha=peft_cfg.alpha,
@@ -182,16 +190,17 @@ def apply_peft(model, peft_cfg, head: str = "causal_lm"):
         return model
     peft = import_peft()
 
-    if method == "qlora" and next(model.parameters()).is_meta:
+    if method in QUANTIZED_BASE and next(model.parameters()).is_meta:
         pass  # dry run on the meta device: shapes only, counted as LoRA on a 4-bit base (llmlab/memory.py)
-    elif method == "qlora":
-        if not getattr(model, "is_loaded_in_4bit", False):
-            raise ValueError("peft=qlora needs a model loaded in 4 bit (quantization_config from "
+    elif method in QUANTIZED_BASE:
+        bits = 4 if method == "qlora" else 8
+        if not getattr(model, f"is_loaded_in_{bits}bit", False):
+            raise ValueError(f"peft={method} needs a model loaded in {bits} bit (quantization_config from "
                              "llmlab.peft.quantization_config)")
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(peft_cfg.gradient_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False})
-        if peft_cfg.get("upcast", "norms") == "norms":
+        if method == "qlora" and peft_cfg.get("upcast", "norms") == "norms":
             _frozen_matrices_to_compute_dtype(model, peft_cfg)
     config = peft_config(peft_cfg, model.config.model_type, head)
     return peft.get_peft_model(model, config)

@@ -97,6 +97,24 @@ def test_export_cli_from_checkpoint_matches_hf(lora_run, tmp_path):
     torch.testing.assert_close(a, b)
 
 
+def test_export_cli_quantize_int8_from_a_run(lora_run, tmp_path):
+    """`python -m llmlab.export RUN quantize=int8`: merged + quantized-int8, which loads with the printed call
+    and computes the merged model's logits up to int8 rounding (tests/test_quantize.py: exact match)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab.quantize import load_quantized
+
+    out = tmp_path / "exp"
+    proc = py("llmlab.export", str(lora_run.dir), "--out", str(out), "quantize=int8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"load_quantized('{out / 'quantized-int8'}')" in proc.stdout
+    enc = ids_for(AutoTokenizer.from_pretrained(out / "quantized-int8"))
+    with torch.no_grad():
+        m = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(**enc).logits
+        q = load_quantized(out / "quantized-int8")(**enc).logits
+    assert (q - m).abs().max() < 0.05 * m.abs().max()
+
+
 def test_export_cli_merges_an_adapter_directory(lora_run, base_dir, tmp_path):
     proc = py("llmlab.export", str(lora_run.dir / "hf_adapter"), "--out", str(tmp_path / "m"), "--base", str(base_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
