@@ -655,6 +655,9 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
     check_launcher(cfg)
     check_trainer(cfg)
+    from llmlab.evaluation import check_eval_callbacks  # lm-eval during training: task names, hub
+
+    check_eval_callbacks(cfg)
     check_precision(cfg)
     check_optimization(cfg)
     check_peft_numbers(cfg)

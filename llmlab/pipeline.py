@@ -15,6 +15,8 @@ summary.json and logs (`stage.log`).
   `+given.<stage>=<dir>` replaces any stage with an existing run.
 - `<out_dir>/pipeline_summary.json` and `pipeline_summary.md` compare the stages (headline metrics
   first -> last, and the held-out exact match of every policy along the chain).
+- The `eval` step (the chain's `eval:` node; llmlab/eval_compare.py): one lm-eval task set on the
+  starting model and after every stage -> `eval_comparison.md` / `.png` ("did this stage help?").
 """
 from __future__ import annotations
 
@@ -245,6 +247,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
         write_summary(cfg, out_dir, entries, "failed")
         raise
     summary = write_summary(cfg, out_dir, entries, "finished")
+    from llmlab.eval_compare import run_eval_step  # "did this stage help?" (pipeline.eval; null: off)
+
+    summary["eval_comparison"] = run_eval_step(cfg, out_dir, entries)
     log.info("pipeline %s finished: %s", cfg.pipeline.name, out_dir / "pipeline_summary.md")
     return summary
 
@@ -256,6 +261,8 @@ def main(cfg: DictConfig) -> None:
     except PipelineError as err:
         fail(err, code=err.code)
     print((Path(summary["out_dir"]) / "pipeline_summary.md").read_text())
+    if summary.get("eval_comparison"):
+        print((Path(summary["out_dir"]) / "eval_comparison.md").read_text())
 
 
 if __name__ == "__main__":

@@ -199,6 +199,27 @@ CASES = [
          ["--metric val_los_last", "did you mean --metric val_loss_last?"]),
     Case("report-out-is-a-file", "llmlab.report", ["{sweep}", "--out", "{run}/summary.json"], ["--out", "is a file"]),
     Case("report-unknown-flag", "llmlab.report", ["{sweep}", "--maximise"], ["--maximise"]),
+    # ---- llmlab.eval (lm-eval): checked before any model loads
+    Case("eval-no-model", "llmlab.eval", [], ["give the model first"]),
+    Case("eval-unknown-task", "llmlab.eval", ["{run}", "eval.tasks=[arc_easyy]"],
+         ["eval.tasks", "'arc_easyy'", "close ones: arc_easy"], max_seconds=20),
+    Case("eval-unknown-own-task", "llmlab.eval", ["{run}", "eval.tasks=[llmlab_builtin_mcc]"],
+         ["'llmlab_builtin_mcc'", "llmlab_builtin_mc"]),
+    Case("eval-course-offline", "llmlab.eval", ["{run}", "eval=course"], ["eval=course", "hub", "offline",
+                                                                             "eval=builtin"],
+         env={"HF_DATASETS_OFFLINE": "1"}, max_seconds=20),
+    Case("eval-run-without-export", "llmlab.eval", ["{tmp}/noexport"], ["without an export", "llmlab.export"]),
+    Case("eval-unknown-task-set", "llmlab.eval", ["{run}", "eval=corse"], ["eval/corse", "course"]),
+    Case("eval-setting-typo", "llmlab.eval", ["{run}", "limt=5"], ["limt", "did you mean limit?"]),
+    Case("eval-perplexity-without-file", "llmlab.eval", ["{run}", "eval=perplexity"], ["eval.text_file"]),
+    Case("eval-adapter-of-full-run", "llmlab.eval", ["{run}", "load=adapter"], ["load=adapter", "hf_adapter"]),
+    Case("eval-missing-model-dir", "llmlab.eval", ["/no/such/model"], ["MODEL=/no/such/model"]),
+    Case("run-eval-callback-course-offline", "llmlab.run", ["callbacks=with_eval", "callbacks.lm_eval.task_set=course"],
+         ["callbacks.lm_eval.task_set=course", "hub"], env={"HF_DATASETS_OFFLINE": "1"}, max_seconds=20),
+    Case("run-eval-callback-task-set-typo", "llmlab.run", ["callbacks=with_eval", "callbacks.lm_eval.task_set=buildin"],
+         ["callbacks.lm_eval.task_set='buildin'", "did you mean builtin?"]),
+    Case("run-eval-callback-every-n", "llmlab.run", ["callbacks=with_eval", "callbacks.lm_eval.every_n_steps=7"],
+         ["callbacks.lm_eval.every_n_steps=7", "trainer.val_check_interval"]),
 ]
 
 
@@ -213,6 +234,8 @@ def catalog(tmp_path_factory):
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp / "empty_dir").mkdir()
+    (tmp / "noexport").mkdir()  # a run dir whose training never exported (config, no hf/)
+    (tmp / "noexport" / "config_resolved.yaml").write_bytes((run / "config_resolved.yaml").read_bytes())
     (tmp / "empty.txt").write_text("")
     (tmp / "empty_hf_cache").mkdir()
     (tmp / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b",\n')
@@ -237,7 +260,8 @@ def catalog(tmp_path_factory):
 def test_catalog_has_40_cases_across_all_entry_points():
     modules = {c.module for c in CASES}
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
-    assert modules == {"llmlab.run", "llmlab.pipeline", "llmlab.generate", "llmlab.export", "llmlab.report"}
+    assert modules == {"llmlab.run", "llmlab.pipeline", "llmlab.generate", "llmlab.export", "llmlab.report",
+                       "llmlab.eval"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -28,7 +28,8 @@ PPO_ONLY = "+stage_overrides.ppo=" + hydra_list(REDUCED[-5:])
 
 
 def pipeline(out_dir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "llmlab.pipeline", f"out_dir={out_dir}", *args]
+    # the eval step ("did this stage help?") on 16 documents per task: seconds per model
+    cmd = [sys.executable, "-m", "llmlab.pipeline", f"out_dir={out_dir}", "eval_overrides=['limit=16']", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -85,6 +86,13 @@ def test_rlhf_pipeline_runs_end_to_end(rlhf_run):
     assert "val_accuracy" in metrics["rm"] and "reward_mean" in metrics["ppo"]
     assert "sft" in summary["held_out_exact_match"]
     assert "| rm |" in (out / "pipeline_summary.md").read_text()
+    # the eval step: a row per causal-LM stage (rm is a classifier), each evaluated by lm-eval
+    comparison = json.loads((out / "eval_comparison.json").read_text())
+    assert [r["name"] for r in comparison["rows"]] == ["pretrain", "sft", "ppo"]
+    assert all("llmlab_builtin_mc/acc" in r["metrics"] for r in comparison["rows"])
+    table = (out / "eval_comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in ("pretrain", "sft", "ppo")) and "| rm |" not in table
+    assert (out / "eval_comparison.png").stat().st_size > 0
 
 
 def test_restarting_skips_finished_stages(rlhf_run):
@@ -129,6 +137,38 @@ def test_dpo_pipeline_from_a_given_sft(rlhf_run, tmp_path):
     dpo = summary["stages"][1]
     assert dpo["status"] == "finished" and "val_reward_accuracy" in dpo["metrics"]
     assert set(summary["held_out_exact_match"]) == {"before dpo", "dpo"}
+    rows = json.loads((out / "eval_comparison.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["sft", "dpo"]  # the given sft, then the stage run here
+
+
+def test_eval_step_rows_base_then_each_stage(tmp_path):
+    """pipeline=dpo's eval step: base (the model the first stage started from) -> sft -> dpo, a markdown
+    row each with the change from the row above; rlhf leaves rm out. (End to end: the pipeline tests above.)"""
+    from omegaconf import OmegaConf
+
+    from llmlab.eval_compare import comparison_markdown, eval_targets
+
+    base = tmp_path / "base_hf"
+    base.mkdir()
+    run = tmp_path / "1_sft"
+    run.mkdir()
+    OmegaConf.save(OmegaConf.create({"model": {"init": "pretrained", "pretrained": str(base)}}),
+                   run / "config_resolved.yaml")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("pipeline", overrides=["pipeline=dpo"])
+    entries = [{"name": "sft", "status": "finished", "run_dir": str(run)},
+               {"name": "dpo", "status": "skipped (finished earlier)", "run_dir": str(tmp_path / "2_dpo")}]
+    targets = eval_targets(cfg, tmp_path, entries)
+    assert [(t["name"], t["ran"]) for t in targets] == [("base", False), ("sft", True), ("dpo", False)]
+    assert targets[0]["model"] == str(base) and targets[1]["model"] == str(run)
+    rows = [{"name": t["name"], "model": t["model"], "metrics": {"mc/acc": v}} for t, v in zip(targets, [.25, .75, .8])]
+    table = comparison_markdown("dpo", {"task_set": "builtin", "overrides": [], "rows": rows})
+    assert "| base | 0.2500 |" in table and "| sft | 0.7500 (+0.5000) |" in table and "| dpo | 0.8000 (+0.0500) |" in table
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        rlhf = compose("pipeline", overrides=["pipeline=rlhf"])
+    entries = [{"name": n, "status": "given" if n == "pretrain" else "finished", "model": "/m", "run_dir": f"/r/{n}"}
+               for n in ("pretrain", "sft", "rm", "ppo")]
+    assert [t["name"] for t in eval_targets(rlhf, tmp_path, entries)] == ["pretrain", "sft", "ppo"]
 
 
 def test_hydra_run_dir_is_where_the_chain_goes(rlhf_run, tmp_path):
@@ -136,7 +176,7 @@ def test_hydra_run_dir_is_where_the_chain_goes(rlhf_run, tmp_path):
     src, _, first = rlhf_run
     assert first.returncode == 0
     out = tmp_path / "chosen"
-    cmd = [sys.executable, "-m", "llmlab.pipeline", "pipeline=dpo", f"hydra.run.dir={out}",
+    cmd = [sys.executable, "-m", "llmlab.pipeline", "pipeline=dpo", f"hydra.run.dir={out}", "eval_overrides=['limit=16']",
            f"+given.sft={src / '2_sft'}", f"+given.dpo={src / '2_sft'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
