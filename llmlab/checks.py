@@ -6,7 +6,7 @@ from pathlib import Path
 
 from llmlab.errors import ConfigError
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "kto", "orpo", "simpo")
 
 
 def local_model_dir(model_cfg) -> Path | None:
