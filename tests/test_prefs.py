@@ -203,6 +203,8 @@ def test_unpaired_format_from_pairs_and_labels():
     fmt = UnpairedFormat(tok, block_size=64, prompt_template="Question: {prompt}\n\nAnswer: ")
     examples = fmt.build(records, "validation")
     assert len(fmt.build(pairs, "validation")) == 8  # pairs are unpaired the same way (TRL's convention)
+    convo = fmt.build([{"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: go"}], "train")
+    assert [e["answer"] for e in convo] == ["hello", "go"]  # no prompt field: the common prefix is the prompt
     batch = fmt.collate(examples[:3])
     assert batch["input_ids"].shape[0] == 6 and batch["desirable"].tolist() == [True, False, True]
     # row 3 + i: prompt i with the completion of example i - 1 (mod 3)

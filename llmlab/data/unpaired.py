@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.data.formats import _records, left_pad, pad_rows
 from llmlab.data.sources import DataError
 from llmlab.data.templates import PromptRenderer
 from llmlab.losses import IGNORE_INDEX
@@ -51,9 +50,15 @@ class UnpairedFormat:
         """(prompt text, completion text, label) per example."""
         for i, r in enumerate(records):
             if self.completion_field not in r and self.chosen_field in r and self.rejected_field in r:
-                prompt = self.renderer.prompt(r)
-                yield prompt, str(r[self.chosen_field]), True
-                yield prompt, str(r[self.rejected_field]), False
+                chosen, rejected = str(r[self.chosen_field]), str(r[self.rejected_field])
+                if self.renderer.f["prompt"] in r:
+                    prompt = self.renderer.prompt(r)
+                else:  # whole conversations (hh-rlhf): the common prefix is the prompt, as PreferenceFormat
+                    n = next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                             min(len(chosen), len(rejected)))
+                    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+                yield prompt, chosen, True
+                yield prompt, rejected, False
                 continue
             if self.completion_field not in r:
                 raise DataError(f"KTO data needs data.completion_field={self.completion_field!r} and "
@@ -67,6 +72,8 @@ class UnpairedFormat:
                                                                                   self.label_field, i)
 
     def build(self, records, split: str):
+        from llmlab.data.formats import _records  # formats registers this module at its end: import here
+
         examples = []
         for prompt, completion, label in self._unpair(_records(records)):
             prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
@@ -81,6 +88,8 @@ class UnpairedFormat:
         return examples
 
     def collate(self, examples: list[dict]) -> dict:
+        from llmlab.data.formats import left_pad, pad_rows
+
         B = len(examples)
         mismatched = [join(examples[i]["prompt_ids"], examples[(i - 1) % B]["completion_ids"], self.block_size)
                       or examples[i] for i in range(B)]  # prompt i + completion i-1 (too long: the example)
