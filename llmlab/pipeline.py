@@ -171,8 +171,17 @@ def _override_list(value, setting: str) -> list[str]:
     return [str(o) for o in value]
 
 
+def pipeline_dir(cfg: DictConfig) -> Path:
+    """Where the chain's stages go: `hydra.run.dir` (which defaults to `out_dir`), so both
+    `out_dir=X` and `hydra.run.dir=X` put every stage under X."""
+    from hydra.core.hydra_config import HydraConfig
+
+    chosen = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.out_dir
+    return Path(chosen).expanduser().resolve()
+
+
 def run_pipeline(cfg: DictConfig) -> dict:
-    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    out_dir = pipeline_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = list(cfg.pipeline.stages)
     names = [s.name for s in stages]

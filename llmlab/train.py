@@ -63,6 +63,9 @@ def _param_bytes(cfg: DictConfig, model) -> int:
 
 
 def train(cfg: DictConfig) -> float | None:
+    from llmlab.console import quiet_libraries
+
+    quiet_libraries()  # before torch/lightning/transformers speak: no library noise on the console
     import lightning as L
     import torch
     from hydra.utils import instantiate
@@ -123,6 +126,10 @@ def train(cfg: DictConfig) -> float | None:
     guard = NonFiniteGuard(cfg.trainer.get("max_bad_steps", 3))
     # (the guard runs before RunSummary so each step's `train/skipped_steps` is recorded with that step)
     callbacks = [guard, summary, SeedPerRank(cfg.seed), *_instantiate_dict(cfg.callbacks)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        from llmlab.callbacks.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar())
     if cfg.stop_at_step:
         from llmlab.callbacks.stop import StopAtStep
 
@@ -149,7 +156,9 @@ def train(cfg: DictConfig) -> float | None:
     if getattr(module, "predictions", None):  # sft: a few (prompt, generated, answer) of the last validation
         result["val_predictions"] = module.predictions
     atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2) + "\n")
-    log.info("summary: %s", {k: v for k, v in result.items() if k not in ("samples", "val_predictions")})
+    from llmlab.console import print_summary
+
+    print_summary(result, run_dir)
     if diverged:
         raise diverged
     metric = result.get(cfg.optimized_metric) if cfg.optimized_metric else None

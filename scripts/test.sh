@@ -8,4 +8,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     || { echo "llmlab: local Slurm did not start (slurm tests will skip):"; tail -5 /tmp/llmlab-slurm-start.log; }
 fi
 export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# every tier (plain `pytest` runs only the fast one: pyproject.toml addopts); a -m of yours replaces this one
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "slow or not slow" "$@"

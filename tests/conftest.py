@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,21 @@ def cli(tmp_path):
 
 def assert_ok(run: Run) -> None:
     assert run.returncode == 0, f"exit {run.returncode}\nSTDERR:\n{run.stderr[-4000:]}"
+
+
+def _cpu_seconds() -> float:
+    self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """LLMLAB_TEST_TIMES=<file>: append each test's wall and CPU seconds (its own and its subprocesses')
+    as a JSON line. CPU seconds barely depend on the machine's load, so they decide a test's tier."""
+    path = os.environ.get("LLMLAB_TEST_TIMES")
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    yield
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "wall": round(time.perf_counter() - wall, 2),
+                                "cpu": round(_cpu_seconds() - cpu, 2)}) + "\n")

@@ -129,3 +129,16 @@ def test_dpo_pipeline_from_a_given_sft(rlhf_run, tmp_path):
     dpo = summary["stages"][1]
     assert dpo["status"] == "finished" and "val_reward_accuracy" in dpo["metrics"]
     assert set(summary["held_out_exact_match"]) == {"before dpo", "dpo"}
+
+
+def test_hydra_run_dir_is_where_the_chain_goes(rlhf_run, tmp_path):
+    """`hydra.run.dir=X` (the spelling every other entry point takes) puts the chain in X, as out_dir=X."""
+    src, _, first = rlhf_run
+    assert first.returncode == 0
+    out = tmp_path / "chosen"
+    cmd = [sys.executable, "-m", "llmlab.pipeline", "pipeline=dpo", f"hydra.run.dir={out}",
+           f"+given.sft={src / '2_sft'}", f"+given.dpo={src / '2_sft'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert summary["out_dir"] == str(out.resolve()) and [s["status"] for s in summary["stages"]] == ["given"] * 2
