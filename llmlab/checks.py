@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 from llmlab.errors import ConfigError
+from llmlab.preference_rules import check_preference_losses
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
@@ -263,7 +264,7 @@ def check_preference(cfg) -> None:
     """Rules of the preference stages (rm, dpo, ppo), before any weights load."""
     stage, data = cfg.stage, cfg.data
     module = stage.get("module") or {}
-    if stage.name in ("rm", "dpo") and data.source == "text" and not cfg.dry_run:
+    if stage.name in ("rm", "dpo", "orpo", "simpo") and data.source == "text" and not cfg.dry_run:
         chosen, rejected = data.get("chosen_field", "chosen"), data.get("rejected_field", "rejected")
         for f in ([data.train_files] if isinstance(data.train_files, str) else list(data.train_files or [])):
             record = _first_record(Path(str(f)).expanduser())
@@ -271,6 +272,11 @@ def check_preference(cfg) -> None:
             if missing:
                 raise ConfigError(f"stage={stage.name} needs preference pairs, but {f} has no field(s) {missing} "
                                   f"(fields: {sorted(record)}); set data.chosen_field / data.rejected_field")
+    if stage.name == "kto" and data.source == "text" and not cfg.dry_run:
+        from llmlab.preference_rules import check_kto_record
+
+        for f in ([data.train_files] if isinstance(data.train_files, str) else list(data.train_files or [])):
+            check_kto_record(_first_record(Path(str(f)).expanduser()), data, str(f))
     if stage.name == "ppo":
         if not module.get("reward_model") and not module.get("rule_reward") and not cfg.get("reward"):
             raise ConfigError("stage=ppo has no reward source: set stage.reward_model=<stage=rm run dir or HF "
@@ -285,7 +291,7 @@ def check_preference(cfg) -> None:
             raise ConfigError("stage.module.mini_batch_size and stage.module.ppo_epochs must be >= 1")
         # several processes are fine: the KL coefficient and early stopping use all-rank means
         # (PPOModule.mean_over_ranks); rollouts under ZeRO-3 generate on gathered weights
-    if stage.name in ("dpo", "ppo") and module.get("reference_model"):
+    if stage.name in ("dpo", "ppo", "kto") and module.get("reference_model"):
         from llmlab.models import build_tokenizer
         from llmlab.stages.alignment import check_same_tokenizer, hf_dir
 
@@ -662,6 +668,7 @@ def check_settings(cfg) -> None:
     check_optimization(cfg)
     check_peft_numbers(cfg)
     check_stage_settings(cfg)
+    check_preference_losses(cfg)
     check_data_settings(cfg)  # reads model.pretrained (a base model may be built to resolve it): late
     check_model_settings(cfg)
     check_model(cfg)

@@ -42,6 +42,9 @@ HEADLINES = {
     "sft": ["val_exact_match", "val_loss"],
     "rm": ["val_accuracy", "val_margin"],
     "dpo": ["val_reward_accuracy", "val_reward_margin", "val_exact_match"],
+    "kto": ["val_reward_accuracy", "val_reward_margin", "val_kl", "val_exact_match"],
+    "orpo": ["val_reward_accuracy", "val_reward_margin", "val_exact_match"],
+    "simpo": ["val_reward_accuracy", "val_reward_margin", "val_exact_match"],
     "ppo": ["reward_mean", "kl", "val_reward_mean", "val_exact_match"],
 }
 

@@ -108,6 +108,17 @@ CASES = [
     Case("run-null-text-field", "llmlab.run", ["data.text_field=null"], ["data.text_field is null"]),
     Case("run-missing-data-file", "llmlab.run", ["data=text", "data.block_size=64", "data.train_files=/no/such/file.jsonl"],
          ["data.train_files", "/no/such/file.jsonl"]),
+    # ---- the preference family (stage=kto|orpo|simpo): impossible loss/stage/reference combinations, KTO labels
+    Case("run-kto-data-without-labels", "llmlab.run", ["stage=kto", "model=tiny", "data=text", "data.block_size=64",
+                                          "data.train_files={tmp}/kto_nolabel.jsonl"],
+         ["KTO data without labels", "data.label_field='label'"]),
+    Case("run-kto-loss-with-pairs", "llmlab.run", ["stage=dpo", "model=tiny", "stage.module.loss._target_=llmlab.losses.KTOLoss"],
+         ["stage.module.loss._target_=KTOLoss", "use stage=kto"]),
+    Case("run-kto-with-paired-loss", "llmlab.run", ["stage=kto", "model=tiny", "stage.module.loss._target_=llmlab.losses.DPOLoss"],
+         ["stage.module.loss._target_=DPOLoss", "KTOLoss"]),
+    Case("run-reference-free-with-reference", "llmlab.run", ["stage=simpo", "model=tiny", "stage.module.reference_model=/some/run"],
+         ["stage.module.reference_model=/some/run", "no reference model"]),
+    Case("run-kto-batch-of-one", "llmlab.run", ["stage=kto", "model=tiny", "data.batch_size=1"], ["data.batch_size=1", ">= 2"]),
     Case("run-empty-data-file", "llmlab.run", ["data=text", "data.block_size=64", "data.train_files={tmp}/empty.txt"],
          ["data.train_files", "empty"]),
     # ---- models on disk
@@ -240,6 +251,7 @@ def catalog(tmp_path_factory):
     (tmp / "empty_hf_cache").mkdir()
     (tmp / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b",\n')
     (tmp / "noprompt.jsonl").write_text('{"question": "a"}\n')
+    (tmp / "kto_nolabel.jsonl").write_text('{"prompt": "reverse abc", "completion": "cba"}\n')
     llama = tmp / "llama"  # a real llama config.json (64 positions), where the yaml `config:` says gpt2/256
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({

@@ -7,6 +7,7 @@ and rewards computed by rule. The same instances appear in four shapes:
 - pretraining text: documents of prose statements ("the reverse of cabd is dbac."),
 - SFT pairs: {"prompt": "reverse cabd", "response": "dbac"},
 - preference pairs: the correct answer (chosen) vs a plausible wrong one (rejected),
+- unpaired (KTO) examples: each pair's answers as two labelled examples (chosen: true, rejected: false),
 - PPO prompts with a rule reward (`rule_reward`).
 
 Held-out instances never appear in any training split of any stage: an instance is held out when a
@@ -106,6 +107,13 @@ def preference_pairs(n: int, split: str = "train", seed: int = 0) -> list[dict]:
         task, x, y = instance(rng, split)
         out.append({"prompt": f"{task} {x}", "chosen": y, "rejected": _wrong_answer(rng, task, x, y)})
     return out
+
+
+def unpaired_examples(n: int, split: str = "train", seed: int = 0) -> list[dict]:
+    """KTO's unpaired examples from the first n preference pairs (the same instances stage=dpo sees):
+    2n records, {prompt, completion: chosen, label: True} and {prompt, completion: rejected, label: False}."""
+    return [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+            for p in preference_pairs(n, split, seed) for key in ("chosen", "rejected")]
 
 
 def ppo_prompts(n: int, split: str = "train", seed: int = 0) -> list[dict]:

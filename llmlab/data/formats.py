@@ -276,3 +276,8 @@ def preference_targets(batch: dict) -> dict[str, int]:
 
 # data format -> counting function; formats without one (prompt: PPO builds its own batches) get no counts
 TARGET_COUNTS = {"lm": lm_targets, "sft": lm_targets, "preference": preference_targets}
+
+from llmlab.data.unpaired import UnpairedFormat, unpaired_targets  # noqa: E402  (stage=kto; uses the helpers above)
+
+FORMATS["unpaired"] = UnpairedFormat
+TARGET_COUNTS["unpaired"] = unpaired_targets

@@ -13,6 +13,7 @@ BUILTIN_KINDS = {
     "lm": builtin.pretrain_documents,
     "sft": builtin.sft_examples,
     "preference": builtin.preference_pairs,
+    "unpaired": builtin.unpaired_examples,  # stage=kto: n pairs -> 2n labelled examples
     "prompt": builtin.ppo_prompts,
 }
 FILE_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

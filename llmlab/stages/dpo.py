@@ -1,7 +1,8 @@
 """Stage `dpo`: direct preference optimisation against a frozen reference (Rafailov et al. 2023).
 
 The loss is a small module picked by `_target_` (llmlab.losses.DPOLoss: sigmoid, with cDPO label
-smoothing; llmlab.losses.IPOLoss). The reference is the starting checkpoint: under PEFT the same
+smoothing; llmlab.losses.IPOLoss; the reference-free ORPOLoss and SimPOLoss of stage=orpo / stage=simpo,
+for which no reference is built: `needs_reference = False`). The reference is the starting checkpoint: under PEFT the same
 model with its adapter disabled (no second copy), otherwise a frozen copy, or `reference_model=`
 (a run dir or HF path with the same tokenizer). `precompute_reference=true` scores every training and
 validation pair with the reference once before training and then frees the copy.
@@ -51,14 +52,23 @@ class DPOModule(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         if disable_dropout:
             alignment.disable_dropout(model)
-        ref = load_reference(reference_model, tokenizer) if reference_model else None
-        self.reference = FrozenReference(model, ref)
+        # a reference-free loss (ORPO, SimPO: `needs_reference = False`) gets no reference at all: no
+        # frozen copy in memory, no second forward (checks.check_settings refuses reference settings then)
+        self.reference = None
+        if self.needs_reference:
+            ref = load_reference(reference_model, tokenizer) if reference_model else None
+            self.reference = FrozenReference(model, ref)
         self.ref_cache: dict[tuple, float] = {}  # sequence tokens -> reference log-prob (precompute)
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_chosen, self.val_rejected, self.val_logps_chosen = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_exact_match = ExactMatch()
 
     # ------------------------------------------------------------------ log-probs
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares against a reference policy (the loss declares it; DPO, IPO, KTO: yes)."""
+        return bool(getattr(self.loss_fn, "needs_reference", True))
+
     @property
     def average_logps(self) -> bool:
         """Whether the loss wants each sequence's mean log-prob per response token instead of the sum
@@ -95,7 +105,7 @@ class DPOModule(L.LightningModule):
                 self.ref_cache[_row_key(ids, seg)] = lp
 
     def on_fit_start(self):
-        if not self.precompute or self.ref_cache:
+        if not self.precompute or self.ref_cache or self.reference is None:
             return
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "train_set"):
@@ -110,9 +120,12 @@ class DPOModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def _losses(self, batch):
         policy, logits = self.policy_logps(batch)  # (2B,), (2B, T, V)
-        reference = self.reference_logps(batch)  # (2B,)
         B = policy.shape[0] // 2
-        out = self.loss_fn(policy[:B], policy[B:], reference[:B], reference[B:])
+        if self.reference is None:  # reference-free: the loss's rewards come from the policy alone
+            out = self.loss_fn(policy[:B], policy[B:])
+        else:
+            reference = self.reference_logps(batch)  # (2B,)
+            out = self.loss_fn(policy[:B], policy[B:], reference[:B], reference[B:])
         # both terms as the step's means (over its pairs, over its chosen tokens), whatever the split
         loss = step_mean(self, out.loss * B, batch, "pairs", B)  # out.loss is a mean over the B pairs
         if self.sft_weight:  # RPO-style NLL on the chosen answers keeps them likely
