@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from llmlab.pipeline import substitute
+from llmlab.pipeline import stage_report, substitute, write_summary
 from tests.conftest import CONF, FAST, ROOT
 
 # every stage at test size (model.config.* only matters for the stage built from scratch)
@@ -55,6 +55,28 @@ def test_pipeline_config_composes_and_refers_backwards(name):
 def test_substitute_leaves_other_braces():
     assert substitute("model.pretrained={sft}", {"sft": "/x/hf"}) == "model.pretrained=/x/hf"
     assert substitute("data.prompt_template='Q: {prompt}'", {"sft": "/x"}) == "data.prompt_template='Q: {prompt}'"
+
+
+def test_summary_records_each_policy_stages_held_out_exact_match(tmp_path):
+    """The summary keeps, per policy stage, the EM of the model it started from and of the one it ended
+    with (its own held-out prompts), also for a stage given as an existing run dir."""
+    def run_dir(name, stage, first, last):
+        d = tmp_path / name
+        (d / "hf").mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"stage": stage, "status": "finished",
+                                                    "val_exact_match_first": first, "val_exact_match_last": last}))
+        return d
+
+    sft, ppo = run_dir("sft", "sft", 0.0, 0.965), run_dir("ppo", "ppo", 0.97, 0.955)
+    entries = [stage_report("sft", sft, "given", str(sft / "hf")), stage_report("ppo", ppo, "finished")]
+    cfg = type("Cfg", (), {"pipeline": type("P", (), {"name": "rlhf"})})()
+    summary = write_summary(cfg, tmp_path, entries, "finished")
+    assert summary["held_out_exact_match"] == {"before sft": 0.0, "sft": 0.965, "ppo": 0.955}
+    by_stage = summary["held_out_exact_match_by_stage"]
+    assert by_stage["sft"] == {"start": 0.0, "end": 0.965, "change": 0.965}
+    assert by_stage["ppo"]["start"] == 0.97 and by_stage["ppo"]["change"] == pytest.approx(-0.015)
+    assert "ppo 0.97 -> 0.955" in (tmp_path / "pipeline_summary.md").read_text()
+    assert json.loads((tmp_path / "pipeline_summary.json").read_text())["held_out_exact_match_by_stage"] == by_stage
 
 
 @pytest.fixture(scope="module")
