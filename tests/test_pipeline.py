@@ -151,3 +151,26 @@ def test_dpo_pipeline_from_a_given_sft(rlhf_run, tmp_path):
     dpo = summary["stages"][1]
     assert dpo["status"] == "finished" and "val_reward_accuracy" in dpo["metrics"]
     assert set(summary["held_out_exact_match"]) == {"before dpo", "dpo"}
+
+
+@pytest.mark.slow
+def test_rlhf_chain_ppo_keeps_its_sft_models_exact_match(tmp_path):
+    """Issue 10 item 6: the rlhf chain's PPO (with the reward model the chain trains) must not make its
+    SFT model worse on greedy held-out exact match. From the cached tiny-sft base (given, as a run dir) and
+    the chain's own rm stage; PPO reduced to 10 of the chain's 25 iterations, where the conclusion already
+    holds (conf/pipeline/rlhf.yaml): with stage=ppo's defaults 10 iterations took EM 0.955 -> 0.845; with
+    the chain's settings 0.955 -> 0.95 (and over 25 iterations, seeds 1234 / 1: see rlhf.yaml). The margin
+    0.03 is two paired standard errors of 200 held-out prompts' EM change at these settings."""
+    from llmlab.bases import ensure_base
+
+    sft_run = Path(ensure_base("tiny-sft")).parent / "run"
+    out = tmp_path / "rlhf"
+    proc = pipeline(out, "pipeline=rlhf", f"base={ensure_base('tiny-pretrained')}", f"+given.sft={sft_run}",
+                    "overrides=['trainer.enable_progress_bar=false']",
+                    "+stage_overrides.ppo=['trainer.max_steps=80','trainer.val_check_interval=40']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    em = summary["held_out_exact_match_by_stage"]
+    assert em["sft"]["end"] > 0.9, em  # the given SFT run's record is kept
+    assert em["ppo"]["start"] > 0.9 and em["ppo"]["end"] >= em["ppo"]["start"] - 0.03, em
+    assert summary["held_out_exact_match"]["ppo"] == em["ppo"]["end"]
