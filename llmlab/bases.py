@@ -32,6 +32,8 @@ BASES: dict[str, list[str]] = {
     "tiny-sft": ["stage=sft", "model=tiny_base", "seed=0"],
     # the SFT recipe stopped early: a real SFT policy that is still imperfect, so PPO has headroom
     "tiny-sft-early": ["stage=sft", "model=tiny_base", "seed=0", "trainer.max_steps=400"],
+    # stopped earlier still: the start of grpo, which needs headroom on the built-in tasks' reward
+    "tiny-sft-short": ["stage=sft", "model=tiny_base", "seed=0", "trainer.max_steps=200"],
 }
 # what else determines a base's weights: the libraries that train it
 _LIBRARIES = ("torch", "transformers", "lightning", "peft", "hydra-core", "omegaconf")

@@ -32,7 +32,17 @@ def build_stage(cfg, tokenizer):
                         quantization_config=quantization_config(peft_cfg, cfg.trainer.precision))
     model = apply_peft(model, peft_cfg, head=head)
     keep_4bit_layout(model)
-    return instantiate(cfg.stage.module, model=model, tokenizer=tokenizer, _recursive_=True)
+    try:
+        return instantiate(cfg.stage.module, model=model, tokenizer=tokenizer, _recursive_=True)
+    except Exception as err:  # a ConfigError from a nested node (e.g. a reward) arrives wrapped by Hydra
+        from llmlab.errors import ConfigError
+
+        cause = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def keep_4bit_layout(model) -> None:

@@ -6,7 +6,10 @@ from pathlib import Path
 
 from llmlab.errors import ConfigError
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
 
 
 def local_model_dir(model_cfg) -> Path | None:
@@ -256,7 +259,7 @@ def check_preference(cfg) -> None:
                 raise ConfigError(f"stage={stage.name} needs preference pairs, but {f} has no field(s) {missing} "
                                   f"(fields: {sorted(record)}); set data.chosen_field / data.rejected_field")
     if stage.name == "ppo":
-        if not module.get("reward_model") and not module.get("rule_reward"):
+        if not module.get("reward_model") and not module.get("rule_reward") and not cfg.get("reward"):
             raise ConfigError("stage=ppo has no reward source: set stage.reward_model=<stage=rm run dir or HF "
                               "path of a sequence classifier>, or stage.rule_reward=<function(response, "
                               "answer)>, e.g. llmlab.data.builtin.rule_reward with data=builtin")
@@ -435,6 +438,62 @@ def response_length_bounds(value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def check_grpo_args(num_generations, batch_size, mini_batch_size, micro_batch_size, loss_type, scale_rewards,
+                    importance_sampling_level, num_iterations, temperature) -> None:
+    """GRPOModule's settings (its constructor runs this too; here before torch is imported)."""
+    if not isinstance(num_generations, int) or num_generations < 2:
+        raise ConfigError(f"stage.module.num_generations={num_generations}: GRPO compares completions within a "
+                          f"group, it needs >= 2 per prompt; e.g. stage.module.num_generations=8")
+    n = batch_size * num_generations if batch_size else None
+    for key, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
+        if value is not None and (value < 1 or (n and n % value)):
+            raise ConfigError(f"stage.module.{key}={value}: a rollout of {batch_size} prompts x {num_generations} "
+                              f"completions = {n} must divide into batches of {key}; use a divisor of {n} or null")
+    if micro_batch_size and mini_batch_size and mini_batch_size % micro_batch_size:
+        raise ConfigError(f"stage.module.micro_batch_size={micro_batch_size} must divide "
+                          f"stage.module.mini_batch_size={mini_batch_size}")
+    for key, value, allowed in (("loss_type", loss_type, GRPO_LOSS_TYPES), ("scale_rewards", scale_rewards, SCALE_REWARDS),
+                                ("importance_sampling_level", importance_sampling_level, IS_LEVELS)):
+        if value not in allowed:
+            raise ConfigError(f"stage.module.{key}={value}: use one of {', '.join(allowed)}")
+    if num_iterations < 1:
+        raise ConfigError(f"stage.module.num_iterations={num_iterations}: passes over each rollout, need >= 1")
+    if temperature <= 0:
+        raise ConfigError(f"stage.module.temperature={temperature}: rollouts sample, need > 0")
+
+
+def _module_exists(path: str) -> bool:
+    import importlib.util
+
+    mod = path.partition(":")[0] if ":" in path else path.rpartition(".")[0]
+    try:
+        return bool(mod) and importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_reward_settings(cfg) -> None:
+    """The `reward` group (grpo, ppo): every entry's target and function module can be found."""
+    from omegaconf import OmegaConf
+
+    group = cfg.get("reward") or {}
+    missing = sorted(OmegaConf.missing_keys(group)) if group else []
+    if missing:
+        key = missing[0] if missing[0].startswith("reward.") else f"reward.{missing[0]}"
+        raise ConfigError(f"{key}: has no value (???); set it, e.g. {key}=<value>")
+    for name in group:
+        node = group[name]
+        target = node.get("_target_") if OmegaConf.is_dict(node) else None
+        if not target:
+            raise ConfigError(f"reward.{name}: needs a _target_ (a reward class or function path), e.g. reward=task")
+        if not _module_exists(str(target)):
+            raise ConfigError(f"reward.{name}._target_={target}: no such module to import")
+        fn = node.get("fn") if not OmegaConf.is_missing(node, "fn") else None
+        if fn is not None and not _module_exists(str(fn)):
+            raise ConfigError(f"reward.{name}.fn={fn}: no such module to import; give module:function (on "
+                              f"PYTHONPATH) with signature (prompts, completions, **fields) -> list[float]")
+
+
 def check_stage_settings(cfg) -> None:
     """PPO's response budget and reward source, resume settings, DeepSpeed's load_full_weights."""
     import importlib.util
@@ -453,6 +512,17 @@ def check_stage_settings(cfg) -> None:
             if not found:
                 raise ConfigError(f"stage.rule_reward={rule}: no such module to import; give the dotted path of a "
                                   f"function(response, answer) -> float, e.g. llmlab.data.builtin.rule_reward")
+    if cfg.stage.name in ("grpo", "ppo"):
+        check_reward_settings(cfg)
+    if cfg.stage.name == "grpo":
+        m = module
+        check_grpo_args(m.get("num_generations"), cfg.data.get("batch_size"), m.get("mini_batch_size"),
+                        m.get("micro_batch_size"), m.get("loss_type"), m.get("scale_rewards"),
+                        m.get("importance_sampling_level"), int(m.get("num_iterations") or 1),
+                        float(m.get("temperature") or 1.0))
+        if int(cfg.trainer.get("accumulate_grad_batches") or 1) != 1:
+            raise ConfigError("stage=grpo steps its optimizer per mini-batch itself: set "
+                              "trainer.accumulate_grad_batches=1 (use stage.module.micro_batch_size)")
     strategy = cfg.get("strategy") or {}
     stage_ds = ((strategy.get("stage") if "stage" in strategy else None)
                 if "deepspeed" in str(strategy.get("_target_", "")) else None)

@@ -136,7 +136,10 @@ class LLMDataModule(L.LightningDataModule):
         if trainer is None:
             return 0
         _, world = self._rank_world()
-        return trainer.global_step * trainer.accumulate_grad_batches * self.cfg.batch_size * world
+        # a stage that takes several optimizer steps per batch (grpo) says how many batches it consumed
+        done = getattr(trainer.lightning_module, "batches_done", None)
+        batches = done() if callable(done) else trainer.global_step * trainer.accumulate_grad_batches
+        return batches * self.cfg.batch_size * world
 
     def train_dataloader(self):
         loader = self._train_loader()

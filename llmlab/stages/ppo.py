@@ -9,7 +9,7 @@ One training step is one PPO iteration on a batch of B prompts:
    logits / temperature, for the policy and the reference alike (as TRL's PPO trainer);
 2. score: reward per sequence from a reward model (`reward_model=` run dir or HF path, scoring the
    prompt + response text exactly as stage=rm trained it) or from a rule (`rule_reward=`, e.g. the
-   built-in data's checkable reward); per-token log-probs of the policy and of the frozen reference
+   built-in data's checkable reward) or from the `reward` group (llmlab/rewards.py); per-token log-probs of the policy and of the frozen reference
    (PEFT: adapter disabled; else a frozen copy) and values from the value head;
 3. advantages: per-token reward = -kl_coef * (log pi - log ref) + score on the last token, the score
    minus the mean score of the prompt's other responses with `group_baseline` (RLOO's leave-one-out
@@ -39,91 +39,23 @@ import time
 
 import lightning as L
 import torch
-from hydra.utils import get_method
 from torch import nn
 from torchmetrics import MeanMetric
 
 from llmlab.checks import response_length_bounds
-from llmlab.data.formats import pad_rows, tokenize_example
 from llmlab.errors import ConfigError
 from llmlab.losses import (AdaptiveKLController, entropy_from_logits, gae_advantages, kl_penalized_rewards,
                            leave_one_out_centered, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
                            token_logprobs)
 from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
-from llmlab.stages.alignment import FrozenReference, hf_dir, load_reference, summary_extras
+from llmlab.rewards import ModelReward, Rewards, RuleReward, build_rewards
+from llmlab.stages.alignment import FrozenReference, load_reference, summary_extras
 from llmlab.stages.common import configure_optimizers
-from llmlab.stages.reward import sequence_scores
 from llmlab.stages.sft import greedy_answers
 from llmlab.strategies import generation_context
 
 log = logging.getLogger("llmlab")
-
-
-# ---------------------------------------------------------------------------------------- rewards
-class RuleReward:
-    """A checkable reward `fn(response, answer) -> float` (default: llmlab.data.builtin.rule_reward)."""
-
-    def __init__(self, fn: str = "llmlab.data.builtin.rule_reward"):
-        try:
-            self.name, self.fn = fn, get_method(fn)
-        except Exception as err:  # noqa: BLE001 - Hydra wraps import errors in several types
-            raise ConfigError(f"stage.rule_reward={fn}: cannot import it ({type(err).__name__}); give the dotted "
-                              f"path of a function(response, answer) -> float, e.g. llmlab.data.builtin.rule_reward "
-                              f"(or stage.reward_model=<stage=rm run dir>)") from None
-        if not callable(self.fn):
-            raise ConfigError(f"stage.rule_reward={fn} is not a function; give a function(response, answer) -> float")
-
-    def to(self, device):
-        return self
-
-    def __call__(self, prompts: list[str], responses: list[str], answers: list) -> torch.Tensor:
-        if any(a is None for a in answers):
-            raise ConfigError(f"stage.rule_reward={self.name} needs a reference answer per prompt "
-                              f"(data.answer_field); use stage.reward_model=<path> for data without answers")
-        return torch.tensor([float(self.fn(r, a)) for r, a in zip(responses, answers)])
-
-
-class ModelReward:
-    """Scores of a trained reward model (a sequence classifier) on prompt + response.
-
-    Text goes through the reward model's own tokenizer (it may differ from the policy's, e.g.
-    DeBERTa scoring OPT), built as stage=rm built its training rows: prompt, response, EOS.
-    """
-
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = 512):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        source = hf_dir(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = alignment._freeze(AutoModelForSequenceClassification.from_pretrained(source))
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size, self.max_length = batch_size, max_length
-
-    def to(self, device):
-        self.model.to(device)
-        return self
-
-    def _row(self, prompt: str, response: str) -> dict:
-        row = tokenize_example(self.tokenizer, prompt, response, self.max_length)
-        if row is None:  # the response alone is too long: keep its end
-            ids = (self.tokenizer(response, add_special_tokens=False)["input_ids"]
-                   + [self.tokenizer.eos_token_id])[-self.max_length:]
-            row = {"input_ids": ids, "labels": ids}
-        return row
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str], answers=None) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        scores = []
-        for i in range(0, len(prompts), self.batch_size):
-            rows = [self._row(p, r) for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
-            batch = {k: v.to(device) for k, v in pad_rows(rows, self.tokenizer.pad_token_id).items()}
-            scores.append(sequence_scores(self.model, batch).cpu())
-        return torch.cat(scores)
 
 
 # ---------------------------------------------------------------------------------------- model parts
@@ -175,7 +107,7 @@ class PPOModule(L.LightningModule):
     data_format = "prompt"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, *, reward_model: str | None = None,
-                 rule_reward: str | None = None, reward_batch_size: int = 16, reward_max_length: int = 512,
+                 rule_reward: str | None = None, reward=None, reward_batch_size: int = 16, reward_max_length: int = 512,
                  rollout_batch_size: int = 16, mini_batch_size: int = 4, ppo_epochs: int = 4,
                  response_length: tuple[int, int] = (8, 16), temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_at_eos: bool = True, gamma: float = 1.0, lam: float = 0.95,
@@ -189,13 +121,16 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False  # several PPO mini-batch steps per rollout
         self.model, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        # one reward source: the reward_model shortcut, else the `reward` group, else the rule_reward shortcut
         if reward_model:
-            self.reward = ModelReward(reward_model, reward_batch_size, reward_max_length)
+            self.reward = Rewards({"model": ModelReward(reward_model, reward_batch_size, reward_max_length)})
+        elif reward is not None:
+            self.reward = reward if isinstance(reward, Rewards) else build_rewards(reward)
         elif rule_reward:
-            self.reward = RuleReward(rule_reward)
+            self.reward = Rewards({"task": RuleReward(rule_reward)})
         else:
-            raise ConfigError("stage=ppo needs a reward: stage.reward_model=<run dir or HF path> or "
-                              "stage.rule_reward=<function>")
+            raise ConfigError("stage=ppo needs a reward: stage.reward_model=<run dir or HF path>, "
+                              "reward=<group entries> or stage.rule_reward=<function>")
         lo, hi = response_length_bounds(response_length)
         self.response_length = (lo, hi)
         self.rollout_batch_size, self.mini_batch_size, self.ppo_epochs = rollout_batch_size, mini_batch_size, ppo_epochs
@@ -236,6 +171,11 @@ class PPOModule(L.LightningModule):
         if isinstance(interval, int):
             out["val_check_interval"] = max(1, interval // self.steps_per_iteration)
         return out
+
+    def batches_done(self) -> int:
+        """Prompt batches (iterations) consumed: where the resumable sampler continues (an iteration is
+        several optimizer steps, so global_step x batch would skip prompts on resume)."""
+        return len(self.history)
 
     def on_fit_start(self):
         self.reward.to(self.device)
@@ -296,7 +236,8 @@ class PPOModule(L.LightningModule):
         mask = response_mask(responses, budgets, eos if self.stop_at_eos else None)  # (B, R)
         responses = torch.where(mask, responses, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode([r[m] for r, m in zip(responses, mask)], skip_special_tokens=True)
-        score = self.reward(prompts, texts, answers).to(self.device).float()  # (B,)
+        score, per_fn = self.reward(prompts, texts, answer=answers)
+        score = score.to(self.device).float()  # (B,)
         # group_baseline: minus the mean score of the prompt's other responses (RLOO's baseline)
         centered = leave_one_out_centered(score, k) if self.group_baseline else score  # (B,)
 
@@ -323,7 +264,7 @@ class PPOModule(L.LightningModule):
             advantages = masked_whiten(advantages, mask)
         return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, mask=mask,
                     prompt_width=P, logprobs=logprobs, values=values, advantages=advantages.detach(),
-                    returns=returns, score=score, kl=kl.sum(1), entropy=entropy, texts=texts,
+                    returns=returns, score=score, per_fn=per_fn, kl=kl.sum(1), entropy=entropy, texts=texts,
                     t_generate=t_generate, t_rollout=time.perf_counter() - t0)
 
     def ppo_update(self, ro: dict) -> dict:
@@ -395,6 +336,7 @@ class PPOModule(L.LightningModule):
         metrics = {
             "train/reward_mean": reward_mean,
             "train/reward_std": float(ro["score"].std()) if ro["score"].numel() > 1 else 0.0,
+            **({f"train/reward_{k}": float(v.mean()) for k, v in ro["per_fn"].items()} if len(ro["per_fn"]) > 1 else {}),
             "train/kl": kl_mean,
             "train/kl_coef": float(self.kl_ctl.value),
             "train/entropy": float(ro["entropy"]),
@@ -414,7 +356,7 @@ class PPOModule(L.LightningModule):
         zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
                                  self.val_max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
-        score = self.reward(batch["prompts"], answers, batch["answers"]).to(self.device).float()
+        score = self.reward(batch["prompts"], answers, answer=batch["answers"])[0].to(self.device).float()
         self.val_reward.update(score.mean(), weight=score.numel())
         self.log("val/reward_mean", self.val_reward, prog_bar=True)
         if all(a is not None for a in batch["answers"]):
