@@ -43,6 +43,7 @@ HEADLINES = {
     "rm": ["val_accuracy", "val_margin"],
     "dpo": ["val_reward_accuracy", "val_reward_margin", "val_exact_match"],
     "ppo": ["reward_mean", "kl", "val_reward_mean", "val_exact_match"],
+    "grpo": ["reward_mean", "val_reward_mean", "val_exact_match"],
 }
 
 

@@ -49,7 +49,7 @@ def test_pipeline_config_composes_and_refers_backwards(name):
         overrides = [substitute(str(o), {n: f"/tmp/{n}/hf" for n in names}) for o in stage.overrides]
         with initialize_config_dir(str(CONF), version_base="1.3"):
             run_cfg = compose("train", overrides=overrides)
-        assert run_cfg.stage.name in ("pretrain", "sft", "rm", "dpo", "ppo")
+        assert run_cfg.stage.name in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 
 
 def test_substitute_leaves_other_braces():
@@ -174,3 +174,23 @@ def test_rlhf_chain_ppo_keeps_its_sft_models_exact_match(tmp_path):
     assert em["sft"]["end"] > 0.9, em  # the given SFT run's record is kept
     assert em["ppo"]["start"] > 0.9 and em["ppo"]["end"] >= em["ppo"]["start"] - 0.03, em
     assert summary["held_out_exact_match"]["ppo"] == em["ppo"]["end"]
+
+
+@pytest.mark.slow
+def test_grpo_chain_keeps_its_sft_models_exact_match(tmp_path):
+    """pipeline=grpo (sft -> grpo, task reward) from the cached tiny-sft base given as the SFT run: the GRPO
+    stage ends within 0.03 of its start's greedy held-out EM, and the summary records both policies. Reduced
+    to 20 of the stage's 60 rollouts (its full runs: conf/pipeline/grpo.yaml)."""
+    from llmlab.bases import ensure_base
+
+    sft_run = Path(ensure_base("tiny-sft")).parent / "run"
+    out = tmp_path / "grpo"
+    proc = pipeline(out, "pipeline=grpo", f"base={sft_run}", "overrides=['trainer.enable_progress_bar=false']",
+                    "+stage_overrides.grpo=['trainer.max_steps=20','trainer.val_check_interval=20']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["sft", "grpo"]
+    em = summary["held_out_exact_match_by_stage"]
+    assert em["sft"]["end"] > 0.9 and em["grpo"]["start"] > 0.9, em
+    assert em["grpo"]["end"] >= em["grpo"]["start"] - 0.03, em
+    assert "reward_mean" in summary["stages"][1]["metrics"]
