@@ -150,7 +150,9 @@ def test_dpo_pipeline_from_a_given_sft(rlhf_run, tmp_path):
     summary = json.loads((out / "pipeline_summary.json").read_text())
     dpo = summary["stages"][1]
     assert dpo["status"] == "finished" and "val_reward_accuracy" in dpo["metrics"]
-    assert set(summary["held_out_exact_match"]) == {"before dpo", "dpo"}
+    # the given SFT run dir reports its own record too (its summary.json)
+    assert set(summary["held_out_exact_match"]) == {"before sft", "sft", "dpo"}
+    assert set(summary["held_out_exact_match_by_stage"]) == {"sft", "dpo"}
 
 
 @pytest.mark.slow
