@@ -14,7 +14,9 @@ summary.json and logs (`stage.log`).
 - `base=<run dir or HF dir>` replaces the chain's base stage (`base_stage: true`, e.g. pretrain);
   `+given.<stage>=<dir>` replaces any stage with an existing run.
 - `<out_dir>/pipeline_summary.json` and `pipeline_summary.md` compare the stages (headline metrics
-  first -> last, and the held-out exact match of every policy along the chain).
+  first -> last, and the held-out exact match of every policy along the chain). A policy stage's
+  `held_out_exact_match_by_stage` entry holds its start and end model's EM on its own held-out prompts
+  (what an RL stage did to the SFT model it started from).
 - The `eval` step (the chain's `eval:` node; llmlab/eval_compare.py): one lm-eval task set on the
   starting model and after every stage -> `eval_comparison.md` / `.png` ("did this stage help?").
 """
@@ -46,6 +48,7 @@ HEADLINES = {
     "orpo": ["val_reward_accuracy", "val_reward_margin", "val_exact_match"],
     "simpo": ["val_reward_accuracy", "val_reward_margin", "val_exact_match"],
     "ppo": ["reward_mean", "kl", "val_reward_mean", "val_exact_match"],
+    "grpo": ["reward_mean", "val_reward_mean", "val_exact_match"],
 }
 
 
@@ -111,16 +114,18 @@ def run_stage(index: int, total: int, name: str, overrides: list[str], run_dir: 
 
 
 def stage_report(name: str, run_dir: Path | None, status: str, given: str | None = None) -> dict:
+    """One stage's entry; a given stage that is a run dir (summary.json there) reports its metrics too."""
     entry = {"name": name, "status": status, "run_dir": str(run_dir) if run_dir else None}
     if given:
         entry["model"] = given
-        return entry
+        if run_dir is None:
+            return entry
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError, TypeError):
         return entry
     kind = summary.get("stage", name)
-    entry.update(stage=kind, model=str(_hf(run_dir)), global_step=summary.get("global_step"),
+    entry.update(stage=kind, model=given or str(_hf(run_dir)), global_step=summary.get("global_step"),
                  wall_seconds=summary.get("wall_seconds"))
     metrics = {}
     for key in HEADLINES.get(kind, []):
@@ -134,6 +139,20 @@ def stage_report(name: str, run_dir: Path | None, status: str, given: str | None
     return entry
 
 
+def exact_match_by_stage(entries: list[dict]) -> dict:
+    """{stage: {start, end, change}}: greedy held-out exact match of the model each stage started from and
+    of the one it ended with, both on that stage's own held-out prompts (the validation before step 0 and
+    the last one). `change` is what the stage did to the policy (an RL stage must not make it negative)."""
+    out = {}
+    for e in entries:
+        em = (e.get("metrics") or {}).get("val_exact_match")
+        if isinstance(em, dict) and em.get("last") is not None:
+            start, end = em.get("first"), em["last"]
+            out[e["name"]] = {"start": start, "end": end,
+                              "change": None if start is None else round(end - start, 6)}
+    return out
+
+
 def write_summary(cfg, out_dir: Path, entries: list[dict], status: str) -> dict:
     policy_em = {}  # held-out exact match of each policy along the chain
     for e in entries:
@@ -142,8 +161,9 @@ def write_summary(cfg, out_dir: Path, entries: list[dict], status: str) -> dict:
             if not policy_em:
                 policy_em[f"before {e['name']}"] = em["first"]
             policy_em[e["name"]] = em["last"]
+    by_stage = exact_match_by_stage(entries)
     summary = {"pipeline": cfg.pipeline.name, "status": status, "out_dir": str(out_dir), "stages": entries,
-               "held_out_exact_match": policy_em}
+               "held_out_exact_match": policy_em, "held_out_exact_match_by_stage": by_stage}
     (out_dir / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# pipeline {cfg.pipeline.name}: {status}", "", "| stage | status | metric | first | last |",
              "|---|---|---|---|---|"]
@@ -157,6 +177,9 @@ def write_summary(cfg, out_dir: Path, entries: list[dict], status: str) -> dict:
     if policy_em:
         lines += ["", "Held-out exact match along the chain: "
                   + ", ".join(f"{k} {fmt(v)}" for k, v in policy_em.items())]
+    if by_stage:
+        lines += ["", "Held-out exact match per stage (its start -> its end, on the stage's own held-out prompts): "
+                  + ", ".join(f"{k} {fmt(v['start'])} -> {fmt(v['end'])}" for k, v in by_stage.items())]
     (out_dir / "pipeline_summary.md").write_text("\n".join(lines) + "\n")
     return summary
 
@@ -224,7 +247,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 if not (model / "config.json").is_file():
                     raise PipelineError(f"given.{name}={path}: no exported model there (config.json)")
                 outputs[name] = str(model.resolve())
-                entries.append(stage_report(name, None, "given", outputs[name]))
+                entries.append(stage_report(name, path if (path / "summary.json").is_file() else None, "given",
+                                            outputs[name]))
                 log.info("[%d/%d] %s: given %s", i, len(stages), name, outputs[name])
                 continue
             run_dir = out_dir / f"{i}_{name}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from llmlab.pipeline import substitute
+from llmlab.pipeline import stage_report, substitute, write_summary
 from tests.conftest import CONF, FAST, ROOT
 
 # every stage at test size (model.config.* only matters for the stage built from scratch)
@@ -50,12 +50,34 @@ def test_pipeline_config_composes_and_refers_backwards(name):
         overrides = [substitute(str(o), {n: f"/tmp/{n}/hf" for n in names}) for o in stage.overrides]
         with initialize_config_dir(str(CONF), version_base="1.3"):
             run_cfg = compose("train", overrides=overrides)
-        assert run_cfg.stage.name in ("pretrain", "sft", "rm", "dpo", "ppo")
+        assert run_cfg.stage.name in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 
 
 def test_substitute_leaves_other_braces():
     assert substitute("model.pretrained={sft}", {"sft": "/x/hf"}) == "model.pretrained=/x/hf"
     assert substitute("data.prompt_template='Q: {prompt}'", {"sft": "/x"}) == "data.prompt_template='Q: {prompt}'"
+
+
+def test_summary_records_each_policy_stages_held_out_exact_match(tmp_path):
+    """The summary keeps, per policy stage, the EM of the model it started from and of the one it ended
+    with (its own held-out prompts), also for a stage given as an existing run dir."""
+    def run_dir(name, stage, first, last):
+        d = tmp_path / name
+        (d / "hf").mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"stage": stage, "status": "finished",
+                                                    "val_exact_match_first": first, "val_exact_match_last": last}))
+        return d
+
+    sft, ppo = run_dir("sft", "sft", 0.0, 0.965), run_dir("ppo", "ppo", 0.97, 0.955)
+    entries = [stage_report("sft", sft, "given", str(sft / "hf")), stage_report("ppo", ppo, "finished")]
+    cfg = type("Cfg", (), {"pipeline": type("P", (), {"name": "rlhf"})})()
+    summary = write_summary(cfg, tmp_path, entries, "finished")
+    assert summary["held_out_exact_match"] == {"before sft": 0.0, "sft": 0.965, "ppo": 0.955}
+    by_stage = summary["held_out_exact_match_by_stage"]
+    assert by_stage["sft"] == {"start": 0.0, "end": 0.965, "change": 0.965}
+    assert by_stage["ppo"]["start"] == 0.97 and by_stage["ppo"]["change"] == pytest.approx(-0.015)
+    assert "ppo 0.97 -> 0.955" in (tmp_path / "pipeline_summary.md").read_text()
+    assert json.loads((tmp_path / "pipeline_summary.json").read_text())["held_out_exact_match_by_stage"] == by_stage
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +158,9 @@ def test_dpo_pipeline_from_a_given_sft(rlhf_run, tmp_path):
     summary = json.loads((out / "pipeline_summary.json").read_text())
     dpo = summary["stages"][1]
     assert dpo["status"] == "finished" and "val_reward_accuracy" in dpo["metrics"]
-    assert set(summary["held_out_exact_match"]) == {"before dpo", "dpo"}
+    # the given SFT run dir reports its own record too (its summary.json)
+    assert set(summary["held_out_exact_match"]) == {"before sft", "sft", "dpo"}
+    assert set(summary["held_out_exact_match_by_stage"]) == {"sft", "dpo"}
     rows = json.loads((out / "eval_comparison.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["sft", "dpo"]  # the given sft, then the stage run here
 
@@ -182,3 +206,51 @@ def test_hydra_run_dir_is_where_the_chain_goes(rlhf_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["out_dir"] == str(out.resolve()) and [s["status"] for s in summary["stages"]] == ["given"] * 2
+
+
+@pytest.mark.slow
+def test_rlhf_chain_ppo_keeps_its_sft_models_exact_match(tmp_path):
+    """Issue 10 item 6: the rlhf chain's PPO (with the reward model the chain trains) must not make its
+    SFT model worse on greedy held-out exact match. From the cached tiny-sft base (given, as a run dir) and
+    the chain's own rm stage; PPO reduced to 10 of the chain's 25 iterations, where the conclusion already
+    holds (conf/pipeline/rlhf.yaml): with stage=ppo's defaults 10 iterations took EM 0.955 -> 0.845; with
+    the chain's settings 0.955 -> 0.95 (and over 25 iterations, seeds 1234 / 1: see rlhf.yaml). The margin
+    0.03 is two paired standard errors of 200 held-out prompts' EM change at these settings. With this
+    checkout's tiny-sft (EM 0.995) the start is 1.0 and stage=ppo's defaults also stay within the margin
+    at test size (1.0 -> 0.995; bench/RESULTS.md): a guard, not a separation of old and new settings."""
+    from llmlab.bases import ensure_base
+
+    sft_run = Path(ensure_base("tiny-sft")).parent / "run"
+    out = tmp_path / "rlhf"
+    proc = pipeline(out, "pipeline=rlhf", f"base={ensure_base('tiny-pretrained')}", f"+given.sft={sft_run}",
+                    "overrides=['trainer.enable_progress_bar=false']", "eval_overrides=['limit=16']",
+                    "+stage_overrides.ppo=['trainer.max_steps=80','trainer.val_check_interval=40']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    em = summary["held_out_exact_match_by_stage"]
+    assert em["sft"]["end"] > 0.9, em  # the given SFT run's record is kept
+    assert em["ppo"]["start"] > 0.9 and em["ppo"]["end"] >= em["ppo"]["start"] - 0.03, em
+    assert summary["held_out_exact_match"]["ppo"] == em["ppo"]["end"]
+
+
+@pytest.mark.slow
+def test_grpo_chain_keeps_its_sft_models_exact_match(tmp_path):
+    """pipeline=grpo (sft -> grpo, task reward) from the cached tiny-sft base given as the SFT run: the GRPO
+    stage ends within 0.03 of its start's greedy held-out EM, and the summary records both policies. Reduced
+    to 20 of the stage's 60 rollouts (its full runs: conf/pipeline/grpo.yaml)."""
+    from llmlab.bases import ensure_base
+
+    sft_run = Path(ensure_base("tiny-sft")).parent / "run"
+    out = tmp_path / "grpo"
+    proc = pipeline(out, "pipeline=grpo", f"base={sft_run}", "overrides=['trainer.enable_progress_bar=false']",
+                    "eval_overrides=['limit=16']",
+                    "+stage_overrides.grpo=['trainer.max_steps=20','trainer.val_check_interval=20']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["sft", "grpo"]
+    em = summary["held_out_exact_match_by_stage"]
+    assert em["sft"]["end"] > 0.9 and em["grpo"]["start"] > 0.9, em
+    assert em["grpo"]["end"] >= em["grpo"]["start"] - 0.03, em
+    assert "reward_mean" in summary["stages"][1]["metrics"]
+    rows = json.loads((out / "eval_comparison.json").read_text())["rows"]  # lm-eval before and after grpo
+    assert [r["name"] for r in rows] == ["sft", "grpo"]
