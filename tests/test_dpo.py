@@ -109,6 +109,7 @@ def test_precomputed_reference_equals_online():
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_dpo_runs(cli, peft):
     run = cli(*TINY, f"peft={peft}")
     assert_ok(run)
@@ -121,6 +122,7 @@ def test_dpo_runs(cli, peft):
     assert (run.dir / "hf" / "config.json").is_file()
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_ipo_and_precompute_run(cli):
     run = cli(*TINY, "stage.module.loss._target_=llmlab.losses.IPOLoss", "stage.module.precompute_reference=true",
               "data.n_train=64")

@@ -66,6 +66,7 @@ def adapter_model(base_dir, adapter_dir):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_lora_run_writes_merged_hf_and_adapter(lora_run, base_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,6 +83,7 @@ def test_lora_run_writes_merged_hf_and_adapter(lora_run, base_dir):
     assert lora_run.summary["trainable_params"] < lora_run.summary["total_params"] / 10
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_export_cli_from_checkpoint_matches_hf(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,6 +99,7 @@ def test_export_cli_from_checkpoint_matches_hf(lora_run, tmp_path):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_export_cli_quantize_int8_from_a_run(lora_run, tmp_path):
     """`python -m llmlab.export RUN quantize=int8`: merged + quantized-int8, which loads with the printed call
     and computes the merged model's logits up to int8 rounding (tests/test_quantize.py: exact match)."""
@@ -127,6 +130,7 @@ def _generate(path, *settings):
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_generate_cli_decoding_controls(lora_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("reverse abc\nsort dcba\ncopy hhg\n")
@@ -142,6 +146,7 @@ def test_generate_cli_decoding_controls(lora_run, tmp_path):
     assert len(beam) == 1 and (tmp_path / "out.jsonl").read_text().count("\n") == 1
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_generate_cli_stop_sequence_cuts_the_text():
     """On the pretrained tiny base (which continues prose like "the reverse of abc is cba. ..."), a stop
     sequence ends the text before it; without it generation runs on past the sentence."""
@@ -162,6 +167,7 @@ def test_generate_cli_errors_are_clear(lora_run):
     assert proc.returncode != 0 and "prompt=TEXT" in proc.stderr
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_qlora_export_merges_into_dequantized_base(tmp_path, base_dir):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -190,6 +196,7 @@ def test_qlora_export_merges_into_dequantized_base(tmp_path, base_dir):
     assert (a - m).abs().max() < 0.05 * a.abs().max()
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_prefix_run_exports_adapter_and_generate_loads_it(tmp_path, base_dir):
     run = run_cli(tmp_path / "p", *SHORT, *pretrained(base_dir), "peft=prefix", "peft.num_virtual_tokens=4")
     assert_ok(run)

@@ -149,6 +149,7 @@ def test_guard_counts_a_non_finite_loss_and_decides_once_per_step():
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_single_nan_step_is_skipped_and_run_finishes(cli, stage):
     """Every stage runs the guard (ppo: manual optimization): one poisoned step is skipped, the run
     goes on to max_steps, and the checkpoint holds finite weights."""
@@ -165,6 +166,7 @@ def test_single_nan_step_is_skipped_and_run_finishes(cli, stage):
     assert_finite(ckpt)
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_nan_streak_stops_diverged_and_resume_from_last_good_checkpoint(cli, tmp_path):
     """NaN at every step from 5: steps 5-7 skipped, the run stops at step 7 with exit 1 and one error
     line; last.ckpt is still step 3's (no checkpoint at a skipped step), finite, and resumes."""

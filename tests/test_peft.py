@@ -282,6 +282,7 @@ def test_packed_rows_refused_at_run_time_for_virtual_tokens():
     assert forward_logits(module.model, batch).shape == (1, 8, 259)
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_qlora_reports_its_weights_not_packed_storage(tiny_pretrained_dir, tmp_path):
     """summary.json's total_params is the model's weight count: a QLoRA model reports its unquantized
     model's count plus the adapters, whatever dtype packs the 4-bit weights (uint8; bf16 under ZeRO-3,

@@ -88,6 +88,7 @@ def rlhf_run(tmp_path_factory):
     return out, args, first
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_rlhf_pipeline_runs_end_to_end(rlhf_run):
     out, _, proc = rlhf_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,6 +130,7 @@ def test_restarting_skips_finished_stages(rlhf_run):
     assert all(s["status"].startswith("skipped") for s in stages)
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_given_base_and_failed_stage_stops_the_chain(rlhf_run, tmp_path):
     """`base=` replaces pretraining; a failing stage names itself and stops; later stages do not run;
     the fixed command then resumes after the finished stages."""
@@ -149,6 +151,7 @@ def test_given_base_and_failed_stage_stops_the_chain(rlhf_run, tmp_path):
     assert (out / "4_ppo" / "hf" / "config.json").is_file()
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_dpo_pipeline_from_a_given_sft(rlhf_run, tmp_path):
     src, _, first = rlhf_run
     assert first.returncode == 0
@@ -195,6 +198,7 @@ def test_eval_step_rows_base_then_each_stage(tmp_path):
     assert [t["name"] for t in eval_targets(rlhf, tmp_path, entries)] == ["pretrain", "sft", "ppo"]
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_hydra_run_dir_is_where_the_chain_goes(rlhf_run, tmp_path):
     """`hydra.run.dir=X` (the spelling every other entry point takes) puts the chain in X, as out_dir=X."""
     src, _, first = rlhf_run

@@ -188,6 +188,7 @@ def test_value_head_detach_keeps_value_gradients_off_the_trunk(detach):
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_ppo_runs_with_rule_reward(cli, peft):
     run = cli(*TINY, f"peft={peft}")
     assert_ok(run)
@@ -199,6 +200,7 @@ def test_ppo_runs_with_rule_reward(cli, peft):
     assert (run.dir / "hf" / "config.json").is_file()
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_ppo_runs_with_samples_per_prompt_and_group_baseline(cli):
     """8 prompts x 4 responses in one mini-batch of 32: one optimizer step per iteration."""
     run = cli(*TINY, "stage.module.samples_per_prompt=4", "stage.module.group_baseline=true",
@@ -207,6 +209,7 @@ def test_ppo_runs_with_samples_per_prompt_and_group_baseline(cli):
     assert run.summary["global_step"] == 6 and run.summary["ppo_iterations"] == 6
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_ppo_with_a_trained_reward_model(cli):
     rm = cli("stage=rm", "model=tiny", *FAST)
     assert_ok(rm)

@@ -25,6 +25,7 @@ def default_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_summary_has_every_key_and_loss_fell(default_run):
     s = default_run.summary
     assert [k for k in SUMMARY_KEYS if k not in s] == []
@@ -99,6 +100,7 @@ def test_parameters_changed_and_hf_export_round_trip(default_run, tmp_path):
         assert torch.allclose(trained(ids).logits, module_model(ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_resume_continues_step_count_and_loss(cli, tmp_path):
     """Stopped at step 4 and resumed to 8 == an uninterrupted 8-step run (fp32, same seed)."""
     common = [*FAST, "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
@@ -135,6 +137,7 @@ def test_ckpt_path_must_exist(cli):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_bf16_precisions_train(cli, precision):
     run = cli(*FAST, f"precision={precision}")
     assert_ok(run)
@@ -142,6 +145,7 @@ def test_bf16_precisions_train(cli, precision):
     assert s["precision"] == precision and s["train_loss_last"] < s["train_loss_first"]
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_tensorboard_and_wandb_offline_loggers(cli):
     run = cli(*FAST, "logger=wandb", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert_ok(run)

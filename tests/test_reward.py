@@ -24,6 +24,7 @@ def _val_pairs(n_val: int = 32):
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_rm_runs_and_export_scores_as_in_validation(cli, peft):
     from transformers import AutoModelForSequenceClassification
 
@@ -54,6 +55,7 @@ def test_rm_runs_and_export_scores_as_in_validation(cli, peft):
     assert float((chosen - rejected).mean()) == pytest.approx(s["val_margin_last"], abs=1e-4)
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_rm_encoder_base(cli, tmp_path):
     """Any base: an encoder (DeBERTa-v2 architecture, tiny) trains as a reward model too."""
     from transformers import AutoModelForSequenceClassification

@@ -59,6 +59,7 @@ def test_redact_masks_secret_keys_and_url_passwords():
                            "data": {"max_new_tokens": 8}, "db": {"password": "***", "url": "postgresql://u:***@h/d"}}
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_secret_overrides_reach_no_file_and_no_log(secret_run):
     """config_resolved.yaml, Hydra's .hydra/*.yaml, run.log, the console, and llmlab.report's outputs."""
     sweep, run_dir, proc = secret_run
@@ -72,6 +73,7 @@ def test_secret_overrides_reach_no_file_and_no_log(secret_run):
         assert SECRET not in out and PASSWORD not in out
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_optuna_sweep_writes_no_secret(tmp_path):
     """A real 2-trial Optuna sweep on an sqlite storage with a secret override: optimization_results.yaml,
     multirun.yaml, every job dir and the logs hold no secret. (SQLAlchemy refuses an sqlite URL with

@@ -73,6 +73,7 @@ def test_packed_sft_loss_equals_unpacked(tok):
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_short_sft_run_reports_exact_match_and_exports(cli):
     run = cli("stage=sft", *TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "data.n_train=200",
               "data.batch_size=8", "data.n_val=16", "trainer.enable_progress_bar=false", "stage.module.max_new_tokens=8",

@@ -6,6 +6,7 @@ The hub path reads with `datasets.load_dataset(name, data_files=..., streaming=T
 """
 from __future__ import annotations
 
+import pytest
 import json
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def seen(path: Path) -> list[list[int]]:
     return [row for line in path.read_text().splitlines() for row in json.loads(line)["rows"]]
 
 
+@pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
 def test_streamed_local_corpus_trains_and_resumes_at_its_data_position(cli, tmp_path):
     """Stopped at step 4 and resumed with resume=auto: the run trains on exactly the stream's first
     8 x 4 blocks, in order (none repeated, none skipped), and its loss fell."""
