@@ -37,7 +37,6 @@ import torch
 from torchmetrics import MeanMetric
 
 from llmlab.checks import check_grpo_args
-from llmlab.losses import entropy_from_logits, token_logprobs
 from llmlab.losses.grpo import (StepCounts, aggregate, group_advantages,
                                 grpo_token_loss, soft_overlong_penalty, zero_variance_groups)
 from llmlab.metrics import ExactMatch
@@ -47,6 +46,7 @@ from llmlab.stages.alignment import FrozenReference, load_reference, summary_ext
 from llmlab.stages.common import configure_optimizers
 from llmlab.stages.ppo import position_ids_from_mask, response_mask
 from llmlab.stages.sft import greedy_answers
+from llmlab.stages.shared_prefix import can_share_prompt, full_logprobs, logprobs_and_entropy, shared_prompt_logits
 from llmlab.strategies import generation_context
 
 
@@ -61,7 +61,8 @@ class GRPOModule(L.LightningModule):
                  beta: float = 0.0, reference_model: str | None = None, dynamic_sampling: bool = False,
                  max_refill_rounds: int = 2, overlong_buffer: int = 0, overlong_penalty_factor: float = 1.0,
                  mask_truncated_completions: bool = False, max_grad_norm: float | None = 1.0,
-                 disable_dropout: bool = True, val_max_new_tokens: int | None = None, seed: int = 0):
+                 disable_dropout: bool = True, val_max_new_tokens: int | None = None, seed: int = 0,
+                 share_prompt: bool = True):
         super().__init__()
         self.automatic_optimization = False  # num_iterations x mini-batches optimizer steps per rollout
         check_grpo_args(num_generations, rollout_batch_size, mini_batch_size, micro_batch_size, loss_type,
@@ -80,6 +81,7 @@ class GRPOModule(L.LightningModule):
         self.overlong_buffer, self.overlong_penalty_factor = overlong_buffer, overlong_penalty_factor
         self.mask_truncated, self.max_grad_norm, self.seed = mask_truncated_completions, max_grad_norm, seed
         self.val_max_new_tokens = val_max_new_tokens or max_completion_length
+        self.share_prompt = share_prompt  # the prompt's forward once per group (stages/shared_prefix.py)
         if disable_dropout:
             alignment.disable_dropout(model)
         # beta = 0: the loss has no KL term, so no reference is kept (no frozen copy in memory)
@@ -159,16 +161,19 @@ class GRPOModule(L.LightningModule):
         return self.global_sum(value) / world
 
     # ------------------------------------------------------------------ rollout
-    def completion_logprobs(self, model, input_ids, attention_mask, position_ids, P: int, entropy: bool = False):
-        """log pi(completion token t) under logits / temperature (the sampling distribution, as TRL) -> (B, R);
-        with `entropy`, also the per-token entropy (B, R) (no grad)."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits / self.temperature  # (B, T, V)
-        logprobs = token_logprobs(logits, input_ids)[:, P - 1:]
-        if not entropy:
-            return logprobs
-        with torch.no_grad():
-            return logprobs, entropy_from_logits(logits[:, P - 1:-1])
+    def completion_logprobs(self, model, ro: dict, idx, entropy: bool = False):
+        """log pi(completion token t) under logits / temperature (the sampling distribution, as TRL) of the
+        rollout rows `idx` -> (n, R); with `entropy`, also the per-token entropy (n, R) (no grad). The prompt
+        runs once per group when the model allows it (stages/shared_prefix.py: the same numbers)."""
+        P = ro["prompt_width"]
+        if self.share_prompt and can_share_prompt(model):
+            logits = shared_prompt_logits(model, ro["prompt_ids"][idx], ro["prompt_mask"][idx], ro["completions"][idx],
+                                          ro["attention_mask"][idx], ro["position_ids"][idx], idx // self.G,
+                                          self.temperature)
+        else:
+            logits = full_logprobs(model, ro["input_ids"][idx], ro["attention_mask"][idx], ro["position_ids"][idx], P,
+                                   self.temperature)
+        return logprobs_and_entropy(logits, ro["completions"][idx], entropy)
 
     @torch.no_grad()
     def sample_groups(self, batch) -> dict:
@@ -289,30 +294,25 @@ class GRPOModule(L.LightningModule):
         ro["loss_mask"] = ro["mask"] & ~ro["truncated"].unsqueeze(1) if self.mask_truncated else ro["mask"]
         ro["advantages"] = self.advantages(ro["rewards"])
         ro["prompt_width"], ro["refill_rounds"], ro["zero_std_share"] = P, rounds, zero_share
-        args = (ro["input_ids"], ro["attention_mask"], ro["position_ids"], P)
         # old log-probs: needed when the policy moves within the rollout (several passes or mini-batches);
         # otherwise the update's own log-probs, detached, are the same numbers (ratio 1)
         ro["old_logprobs"] = None
         if self.steps_per_iteration > 1:
             was_training = self.model.training
             self.model.train()  # dropout is off: the same numbers as the update's forward
-            ro["old_logprobs"] = torch.cat([self.completion_logprobs(self.model, *self._rows(args, i), P)
+            ro["old_logprobs"] = torch.cat([self.completion_logprobs(self.model, ro, i)
                                             for i in self._split(len(ro["texts"]))])
             self.model.train(was_training)
         ro["ref_logprobs"] = None
         if self.beta:
             with self.reference.model() as ref:
-                ro["ref_logprobs"] = torch.cat([self.completion_logprobs(ref, *self._rows(args, i), P)
+                ro["ref_logprobs"] = torch.cat([self.completion_logprobs(ref, ro, i)
                                                 for i in self._split(len(ro["texts"]))])
         ro["t_generate"], ro["t_rollout"] = t_generate, time.perf_counter() - t0
         return ro
 
     def _split(self, n: int):
         return torch.arange(n, device=self.device).split(self.micro_batch_size)
-
-    @staticmethod
-    def _rows(args, idx):
-        return (args[0][idx], args[1][idx], args[2][idx])
 
     # ------------------------------------------------------------------ update
     def policy_update(self, ro: dict) -> dict:
@@ -347,8 +347,7 @@ class GRPOModule(L.LightningModule):
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
     def micro_batch_loss(self, ro: dict, idx, P: int, counts: StepCounts, want_entropy: bool = False):
-        out = self.completion_logprobs(self.model, ro["input_ids"][idx], ro["attention_mask"][idx],
-                                       ro["position_ids"][idx], P, entropy=want_entropy)
+        out = self.completion_logprobs(self.model, ro, idx, entropy=want_entropy)
         logprobs, entropy = out if want_entropy else (out, None)
         old = ro["old_logprobs"][idx] if ro["old_logprobs"] is not None else logprobs.detach()
         ref = ro["ref_logprobs"][idx] if ro["ref_logprobs"] is not None else None

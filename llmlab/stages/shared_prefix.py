@@ -1,0 +1,68 @@
+"""Completion log-probs with the prompt computed once per group (grpo's update and old/reference passes).
+
+A GRPO rollout repeats each prompt G times (`num_generations`), and on the built-in data the prompt is
+most of the sequence ("Question: reverse cabd\\n\\nAnswer: " ~35 tokens, answers <= 7). The plain forward
+runs every row's prompt again: G x the prompt work. Here the prompt of each group in the micro-batch is run
+once, with gradients, its key/value cache is indexed out to the group's rows (`Cache.reorder_cache`: an
+index_select, differentiable, so the completions' gradient reaches the prompt positions' weights exactly as
+in the full forward), and only the completion tokens run on top of it. Same numbers as the full forward
+(tests/test_grpo_shared_prefix.py: log-probs and gradients), ~(P + R) / (P / G + R) fewer tokens.
+
+Not used (the full forward instead) when the model cannot take a cache this way: prompt learning PEFT
+(prefix / prompt tuning own past_key_values or prepend virtual tokens) and gradient checkpointing (HF turns
+the cache off in training).
+"""
+from __future__ import annotations
+
+import torch
+
+from llmlab.losses import entropy_from_logits
+from llmlab.losses.lm import _gather_logprobs as gather_logprobs
+
+
+def can_share_prompt(model) -> bool:
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict) and any(getattr(c, "is_prompt_learning", False) for c in config.values()):
+        return False
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return not getattr(model, flag, False)
+
+
+def full_logprobs(model, input_ids, attention_mask, position_ids, P: int, temperature: float):
+    """Logits of the R + 1 positions from the prompt's last token (TRL's logits_to_keep) -> (B, R, V)
+    logits / temperature that predict the completion tokens input_ids[:, P:]."""
+    R = input_ids.shape[1] - P
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False, logits_to_keep=R + 1).logits  # (B, R + 1, V)
+    return logits[:, :-1] / temperature
+
+
+def shared_prompt_logits(model, prompt_ids, prompt_mask, completions, attention_mask, position_ids, group,
+                         temperature: float):
+    """(n, R, V) logits / temperature for the completion tokens, the prompt run once per group.
+
+    prompt_ids, prompt_mask: (n, P) left-padded, equal within a group; completions: (n, R);
+    attention_mask, position_ids: (n, P + R) of the whole sequences; group: (n,) group id of each row."""
+    P = prompt_ids.shape[1]
+    groups, inverse = torch.unique(group, return_inverse=True)  # (g,), (n,): row -> its group's slot
+    first = torch.empty_like(groups)
+    first[inverse] = torch.arange(len(group), device=group.device)  # a row of each group (their prompts are equal)
+    out = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=position_ids[first, :P],
+                use_cache=True, logits_to_keep=1)  # logits (g, 1, V): the first completion token's
+    cache = out.past_key_values
+    if cache is None:  # the model would not return a cache: run the rows in full
+        return full_logprobs(model, torch.cat([prompt_ids, completions], 1), attention_mask, position_ids, P,
+                             temperature)
+    cache.reorder_cache(inverse)  # (g, heads, P, d) -> (n, heads, P, d) per layer, differentiable
+    rest = model(input_ids=completions, attention_mask=attention_mask, position_ids=position_ids[:, P:],
+                 past_key_values=cache, use_cache=True).logits  # (n, R, V): predicts tokens 1..R (R unused)
+    return torch.cat([out.logits[inverse], rest[:, :-1]], 1) / temperature  # (n, R, V)
+
+
+def logprobs_and_entropy(logits, completions, entropy: bool):
+    """(n, R, V) logits -> log pi(completions) (n, R), and with `entropy` the per-token entropy (no grad)."""
+    logprobs = gather_logprobs(logits, completions)  # (n, R)
+    if not entropy:
+        return logprobs
+    with torch.no_grad():
+        return logprobs, entropy_from_logits(logits)
