@@ -1,7 +1,8 @@
 """GRPO: llmlab's `stage=grpo` samples/s (rollout + update) vs TRL's GRPOTrainer, the share of time spent
 generating on both sides, and peak memory of grpo with beta = 0 vs beta > 0 and with LoRA.
 
-    python bench/grpo_vs_trl.py speed  [--steps 12] [--prompts 16] [--generations 8] [--length 16] [--repeats 2] [--threads 1]
+    python bench/grpo_vs_trl.py speed  [--steps 12] [--prompts 16] [--generations 8] [--length 16] [--repeats 2]
+                                       [--threads 1] [--ablate]
     python bench/grpo_vs_trl.py memory [--steps 3] [--layers 12] [--width 768] [--threads 1]
 
 speed: the tiny GPT-2 of conf/model/tiny.yaml (4 layers, 128 wide, byte vocabulary), random init (seed 0),
@@ -18,7 +19,8 @@ summary.json's timed steps; TRL: a callback from the end of step 1 to the end of
 samples/s = completions / timed seconds. Generating share: time inside transformers'
 `GenerationMixin.generate` (patched with a timer in both workers; the first rollout's call excluded) over
 the timed seconds. Each side runs in its own subprocess and they alternate (load on this shared machine
-hits both); medians are reported.
+hits both); medians are reported. `--ablate` adds a third side per repeat: llmlab with
+stage.module.share_prompt=false (each row's prompt run in full in generate's prefill and the update, as TRL).
 
 memory: a bigger GPT-2-shaped model (`--layers` x `--width`, byte vocabulary, random init), 4 prompts x 4
 completions of 16 tokens, `--steps` rollouts; peak RSS (summary.json peak_rss_mb) of stage=grpo with
@@ -77,7 +79,8 @@ def llmlab_worker(args) -> dict:
                 "stage.module.beta=0.0", "stage.module.optimizer.lr=1e-4", "stage.module.scheduler=null",
                 "trainer.gradient_clip_val=1.0", f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=0",
                 "trainer.num_sanity_val_steps=0", "~callbacks.model_checkpoint", "~callbacks.hf_export",
-                "callbacks.samples.prompts=[]", "trainer.enable_progress_bar=false", "seed=0", f"hydra.run.dir={tmp}"]
+                "callbacks.samples.prompts=[]", "trainer.enable_progress_bar=false", "seed=0",
+                f"hydra.run.dir={tmp}", *args.override]
     try:
         runpy.run_module("llmlab.run", run_name="__main__")  # as `python -m llmlab.run`
     except SystemExit as exit_:
@@ -134,9 +137,10 @@ def trl_worker(args) -> dict:
             "generate_seconds": sum(calls[timer.calls1:])}
 
 
-def run_worker(side: str, model_dir: Path, args) -> dict:
+def run_worker(side: str, model_dir: Path, args, overrides: tuple = ()) -> dict:
     cmd = [sys.executable, __file__, "speed", f"--{side}-worker", str(model_dir), "--steps", str(args.steps),
-           "--prompts", str(args.prompts), "--generations", str(args.generations), "--length", str(args.length)]
+           "--prompts", str(args.prompts), "--generations", str(args.generations), "--length", str(args.length),
+           *(f"--override={o}" for o in overrides)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(args))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -151,16 +155,25 @@ def speed(args) -> dict:
     from sft_vs_trl import ensure_model
 
     model_dir = ensure_model(ROOT / "bench" / "out" / "tiny-random")
-    ours, theirs = [], []
+    ours, theirs, plain = [], [], []
     for i in range(args.repeats):
         ours.append(run_worker("llmlab", model_dir, args))
         theirs.append(run_worker("trl", model_dir, args))
+        if args.ablate:  # the prompt run for every row, as before stages/shared_prefix.py
+            plain.append(run_worker("llmlab", model_dir, args, ("stage.module.share_prompt=false",)))
         print(f"repeat {i}: llmlab {ours[-1]['samples_per_sec']:.1f} samples/s (generate "
               f"{ours[-1]['generate_share']:.0%}), TRL {theirs[-1]['samples_per_sec']:.1f} samples/s (generate "
-              f"{theirs[-1]['generate_share']:.0%})", flush=True)
+              f"{theirs[-1]['generate_share']:.0%})"
+              + (f", llmlab share_prompt=false {plain[-1]['samples_per_sec']:.1f}" if plain else ""), flush=True)
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     a, b = med(ours, "samples_per_sec"), med(theirs, "samples_per_sec")
-    return {"bench": "grpo_speed", "prompts": args.prompts, "generations": args.generations,
+    ablation = {}
+    if plain:
+        c = med(plain, "samples_per_sec")
+        ablation = {"llmlab_unshared_samples_per_sec": round(c, 1), "unshared_speedup_vs_trl": round(c / b, 3),
+                    "llmlab_unshared_generate_share": round(med(plain, "generate_share"), 3),
+                    "runs_llmlab_unshared": [round(r["samples_per_sec"], 1) for r in plain]}
+    return {**ablation, "bench": "grpo_speed", "prompts": args.prompts, "generations": args.generations,
             "completion_tokens_max": args.length, "steps": args.steps, "threads": args.threads,
             "llmlab_samples_per_sec": round(a, 1), "trl_samples_per_sec": round(b, 1),
             "speedup_vs_trl": round(a / b, 3),
@@ -207,6 +220,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherit)")
+    parser.add_argument("--ablate", action="store_true", help="speed: also llmlab with stage.module.share_prompt=false")
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--llmlab-worker", dest="model_llmlab", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--trl-worker", dest="model_trl", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

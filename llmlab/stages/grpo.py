@@ -46,7 +46,8 @@ from llmlab.stages.alignment import FrozenReference, load_reference, summary_ext
 from llmlab.stages.common import configure_optimizers
 from llmlab.stages.ppo import position_ids_from_mask, response_mask
 from llmlab.stages.sft import greedy_answers
-from llmlab.stages.shared_prefix import can_share_prompt, full_logprobs, logprobs_and_entropy, shared_prompt_logits
+from llmlab.stages.shared_prefix import (can_share_prompt, full_logprobs, logprobs_and_entropy, prefill_prompts,
+                                        shared_prompt_logits)
 from llmlab.strategies import generation_context
 
 
@@ -185,6 +186,9 @@ class GRPOModule(L.LightningModule):
         self.model.eval()
         with generation_context(self.model, self.trainer.strategy if self._trainer else None) as extra, \
                 self.sampling_rng():
+            if self.share_prompt and can_share_prompt(self.model):  # prefill each distinct prompt once
+                extra = {**extra, "past_key_values": prefill_prompts(self.model, batch["prompt_ids"].to(self.device),
+                                                                     batch["prompt_mask"].to(self.device), G)}
             out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                                       max_new_tokens=self.max_completion_length, pad_token_id=pad,
                                       eos_token_id=eos, **self.generation, **extra)  # (N, P + R)

@@ -8,6 +8,9 @@ index_select, differentiable, so the completions' gradient reaches the prompt po
 in the full forward), and only the completion tokens run on top of it. Same numbers as the full forward
 (tests/test_grpo_shared_prefix.py: log-probs and gradients), ~(P + R) / (P / G + R) fewer tokens.
 
+Generation likewise (`prefill_prompts`): the cache of each distinct prompt is computed once and repeated
+G times before `generate` samples the completions.
+
 Not used (the full forward instead) when the model cannot take a cache this way: prompt learning PEFT
 (prefix / prompt tuning own past_key_values or prepend virtual tokens) and gradient checkpointing (HF turns
 the cache off in training).
@@ -24,8 +27,23 @@ def can_share_prompt(model) -> bool:
     config = getattr(model, "peft_config", None)
     if isinstance(config, dict) and any(getattr(c, "is_prompt_learning", False) for c in config.values()):
         return False
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return not getattr(model, flag, False)
+    new_name = hasattr(type(model), "is_activation_checkpointing")  # transformers 5 renamed it
+    return not getattr(model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing", False)
+
+
+def prefill_prompts(model, prompt_ids, prompt_mask, repeats: int):
+    """The key/value cache of all but the last token of each distinct prompt (B, P) -> a cache of B x `repeats`
+    rows (each prompt's rows consecutive, as `repeat_interleave`), for `generate(past_key_values=...)`: it then
+    feeds only the last prompt token and samples as from scratch (the same distribution; the prompt's prefill
+    costs B rows instead of B x repeats)."""
+    if prompt_ids.shape[1] < 2:
+        return None
+    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate computes them
+    cache = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1], position_ids=position_ids[:, :-1],
+                  use_cache=True, logits_to_keep=1).past_key_values
+    if cache is not None:
+        cache.batch_repeat_interleave(repeats)
+    return cache
 
 
 def full_logprobs(model, input_ids, attention_mask, position_ids, P: int, temperature: float):
