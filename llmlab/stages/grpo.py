@@ -20,6 +20,8 @@ One training batch of B prompts is one rollout and `num_iterations` passes over 
    to the reference (PEFT: adapter disabled; beta = 0: no reference is built at all), aggregated per
    `loss_type` with step-global normalisers (losses/grpo.py: micro-batches and ranks are one batch).
    With one pass and one mini-batch the old log-probs are the current ones detached (TRL's shortcut).
+   `share_prompt` (default): generation and every log-prob forward run each group's prompt once and the
+   completions on its cache (stages/shared_prefix.py: the same numbers, G x fewer prompt tokens).
 
 Steps: Lightning counts optimizer steps (`trainer.max_steps`, `val_check_interval`), a rollout is
 num_iterations x ceil(B*G / mini_batch_size) of them. Validation: greedy answers to held-out prompts ->
