@@ -166,7 +166,7 @@ def main():
                     mm[name].append(wall)
                     mm[name + "_cpu"].append(cpu)
                 if v.startswith("llmlab"):
-                    extra = ["+stage.module.optimizer.fused=true"] if v == "llmlab_fused" else []
+                    extra = ["stage.module.optimizer.fused=true"] if v == "llmlab_fused" else []
                     res = llmlab_run(args.steps, p, args.threads, extra)
                 else:
                     res = plain_run(args.steps, p, args.threads, v)
