@@ -12,8 +12,11 @@ forward + backward, with the packed block-diagonal mask as llmlab passes it (den
 as a bool mask, with no mask and is_causal (what a single-document block could use), and per document
 (one is_causal call per document: no dense mask), with the aten kernel each one dispatches to.
 
+`gelu` mode: GPT-2's `gelu_new` (HF writes it as elementwise ops) vs `gelu_pytorch_tanh` (one kernel).
+
     .venv/bin/python bench/profile_step.py step [--precision 32] [--steps 2]
-    .venv/bin/python bench/profile_step.py attention [--reps 5]
+    .venv/bin/python bench/profile_step.py attention [--reps 5]   (then the gelu mode too)
+    .venv/bin/python bench/profile_step.py gelu [--reps 5]
 """
 from __future__ import annotations
 
@@ -177,17 +180,49 @@ def attention_mode(args):
             if "is_causal (one" in name:
                 diff = float("nan")  # a different mask: not comparable on multi-document rows
             print(f"| {name} | {sorted(times)[len(times) // 2] * 1e3:.1f} | {', '.join(kernels)} | {diff:.2e} |")
+    gelu_mode(args)
+
+
+def gelu_mode(args):
+    """GPT-2's activation as HF builds it: `gelu_new` (tanh GELU written as ~8 elementwise torch ops) vs
+    `gelu_pytorch_tanh` (one fused aten::gelu(approximate="tanh") kernel): the same function."""
+    from transformers.activations import ACT2FN
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(8, 256, 3072, dtype=dtype, requires_grad=True)  # the MLP's hidden activations
+        ref = ACT2FN["gelu_new"](x).detach().float()
+        print(f"\n{dtype}: GELU on (8, 256, 3072), forward+backward, median of {args.reps} (x12 layers per step)")
+        print("| activation_function | ms fwd+bwd | max abs diff vs gelu_new |\n|---|---:|---:|")
+        for name in ("gelu_new", "gelu_pytorch_tanh"):
+            fn = ACT2FN[name]
+            for _ in range(2):
+                fn(x).sum().backward()
+            times = []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                fn(x).sum().backward()
+                times.append(time.perf_counter() - t)
+            diff = (fn(x).detach().float() - ref).abs().max().item()
+            print(f"| {name} | {sorted(times)[len(times) // 2] * 1e3:.1f} | {diff:.2e} |")
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["step", "attention"])
+    ap.add_argument("mode", choices=["step", "attention", "gelu"])
     ap.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "bf16-true"])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
-    print(f"load {__import__('os').getloadavg()}")
-    step_mode(args) if args.mode == "step" else attention_mode(args)
+    import os
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_mfu import matmul_flops
+
+    flops = {name: matmul_flops(dt) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"load {os.getloadavg()}; 2048^2 matmul best wall / CPU-time GFLOP/s: "
+          + ", ".join(f"{k} {w / 1e9:.1f} / {c / 1e9:.1f}" for k, (w, c) in flops.items()))
+    {"step": step_mode, "attention": attention_mode, "gelu": gelu_mode}[args.mode](args)
 
 
 if __name__ == "__main__":
