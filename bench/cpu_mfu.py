@@ -127,7 +127,7 @@ def llmlab_run(steps: int, precision: str, threads: int, extra: list[str]) -> di
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env(threads))
         s, c = json.loads((Path(d) / "summary.json").read_text()), json.loads(cpu_file.read_text())
         # RunSummary's tokens/s over the same timed steps, rescaled from wall to CPU seconds
-        return {"tokens_per_sec": s["tokens_per_sec"],
+        return {"tokens_per_sec": s["tokens_per_sec"], "params": s["total_params"],
                 "tokens_per_cpu_sec": s["tokens_per_sec"] * c["wall_seconds"] / c["cpu_seconds"]}
 
 
@@ -165,22 +165,27 @@ def main():
                     wall, cpu = matmul_flops(dtype)
                     mm[name].append(wall)
                     mm[name + "_cpu"].append(cpu)
-                if v.startswith("llmlab"):
-                    extra = ["stage.module.optimizer.fused=true"] if v == "llmlab_fused" else []
-                    res = llmlab_run(args.steps, p, args.threads, extra)
-                else:
-                    res = plain_run(args.steps, p, args.threads, v)
-                    params = res["params"]
+                try:
+                    if v.startswith("llmlab"):
+                        extra = ["stage.module.optimizer.fused=true"] if v == "llmlab_fused" else []
+                        res = llmlab_run(args.steps, p, args.threads, extra)
+                    else:
+                        res = plain_run(args.steps, p, args.threads, v)
+                except subprocess.CalledProcessError as e:  # a failing variant is a result too: say it, go on
+                    err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+                    print(f"repeat {r} {p} {v}: FAILED: {err.strip().splitlines()[-1:] or e}", flush=True)
+                    continue
+                params = res["params"]
                 rows.setdefault((p, v), []).append(res)
-                print(f"repeat {r} {p:10s} {v:14s} {res['tokens_per_sec']:7.1f} tok/s, {res['tokens_per_cpu_sec']:7.1f} "
-                      f"tok/CPU-s  losses {res.get('losses', '')}  (matmul fp32 {mm['fp32'][-1] / 1e9:.1f}, bf16 "
-                      f"{mm['bf16'][-1] / 1e9:.1f} GFLOP/s; load {os.getloadavg()[0]:.2f})", flush=True)
+                print(f"repeat {r} {p:10s} {v:14s} {res['tokens_per_sec']:7.1f} tok/s, "
+                      f"{res['tokens_per_cpu_sec']:7.1f} tok/CPU-s  losses {res.get('losses', '')}  "
+                      f"(matmul fp32 {mm['fp32'][-1] / 1e9:.1f}, bf16 {mm['bf16'][-1] / 1e9:.1f} GFLOP/s; load {os.getloadavg()[0]:.2f})", flush=True)
     fl = {k: statistics.median(v) for k, v in mm.items()}
     print(f"\n{time.time() - t0:.0f} s; params {params:,}; matmul 2048^2 median fp32 {fl['fp32'] / 1e9:.1f} GFLOP/s "
           f"(range {min(mm['fp32']) / 1e9:.1f}-{max(mm['fp32']) / 1e9:.1f}), bf16 {fl['bf16'] / 1e9:.1f} "
           f"(range {min(mm['bf16']) / 1e9:.1f}-{max(mm['bf16']) / 1e9:.1f}); bf16/fp32 matmul "
-          f"{fl['bf16'] / fl['fp32']:.2f}x; by CPU time fp32 {fl['fp32_cpu'] / 1e9:.1f}, bf16 {fl['bf16_cpu'] / 1e9:.1f} "
-          f"({fl['bf16_cpu'] / fl['fp32_cpu']:.2f}x); load now {os.getloadavg()}")
+          f"{fl['bf16'] / fl['fp32']:.2f}x; by CPU time fp32 {fl['fp32_cpu'] / 1e9:.1f}, "
+          f"bf16 {fl['bf16_cpu'] / 1e9:.1f} ({fl['bf16_cpu'] / fl['fp32_cpu']:.2f}x); load now {os.getloadavg()}")
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("tokens_per_sec", "tokens_per_cpu_sec")}
            for k, v in rows.items()}
     print("| precision | variant | tok/s wall | tok/CPU-s | MFU wall | MFU CPU-time |")
@@ -188,7 +193,8 @@ def main():
     for (p, v), m in med.items():
         dt = PRECISIONS[p][2]
         print(f"| {p} | {v} | {m['tokens_per_sec']:.1f} | {m['tokens_per_cpu_sec']:.1f} | "
-              f"{6 * params * m['tokens_per_sec'] / fl[dt]:.2f} | {6 * params * m['tokens_per_cpu_sec'] / fl[dt + '_cpu']:.2f} |")
+              f"{6 * params * m['tokens_per_sec'] / fl[dt]:.2f} | "
+              f"{6 * params * m['tokens_per_cpu_sec'] / fl[dt + '_cpu']:.2f} |")
 
     def ratio(a, b, key):  # median of paired ratios (same repeat)
         return statistics.median(x[key] / y[key] for x, y in zip(rows[a], rows[b]))
@@ -196,7 +202,7 @@ def main():
     for p in args.precisions.split(","):
         for v in args.variants.split(","):
             base = "llmlab" if v.startswith("llmlab") else "plain"
-            if v != base and (p, base) in rows:
+            if v != base and (p, v) in rows and (p, base) in rows:
                 print(f"{v} / {base} at {p}: wall {ratio((p, v), (p, base), 'tokens_per_sec'):.2f}x, "
                       f"CPU {ratio((p, v), (p, base), 'tokens_per_cpu_sec'):.2f}x")
         if (p, "llmlab") in rows and (p, "plain") in rows:

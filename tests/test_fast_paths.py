@@ -64,5 +64,14 @@ def test_fused_gelu_same_losses_as_gelu_new(cli, tmp_path):
         assert_ok(run)
     ref, got = history(tmp_path / "gelu_new"), history(tmp_path / "gelu_pytorch_tanh")
     assert sorted(got) == sorted(ref) == list(range(1, 9)) and ref[8] < ref[1]
+    from hydra import compose, initialize_config_dir
+
+    from llmlab.models import build_model, build_tokenizer
+    from tests.conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):  # the override reaches the model's MLP
+        cfg = compose("train", overrides=[*FAST, "+model.config.activation_function=gelu_pytorch_tanh"])
+    act = build_model(cfg.model, build_tokenizer(cfg.model)).transformer.h[0].mlp.act
+    assert type(act).__name__ == "GELUTanh"
     for step, v in ref.items():
         assert got[step] == pytest.approx(v, rel=1e-4), step
