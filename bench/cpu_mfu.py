@@ -179,7 +179,8 @@ def main():
                 rows.setdefault((p, v), []).append(res)
                 print(f"repeat {r} {p:10s} {v:14s} {res['tokens_per_sec']:7.1f} tok/s, "
                       f"{res['tokens_per_cpu_sec']:7.1f} tok/CPU-s  losses {res.get('losses', '')}  "
-                      f"(matmul fp32 {mm['fp32'][-1] / 1e9:.1f}, bf16 {mm['bf16'][-1] / 1e9:.1f} GFLOP/s; load {os.getloadavg()[0]:.2f})", flush=True)
+                      f"(matmul fp32 {mm['fp32'][-1] / 1e9:.1f}, bf16 {mm['bf16'][-1] / 1e9:.1f} GFLOP/s; "
+                      f"load {os.getloadavg()[0]:.2f})", flush=True)
     fl = {k: statistics.median(v) for k, v in mm.items()}
     print(f"\n{time.time() - t0:.0f} s; params {params:,}; matmul 2048^2 median fp32 {fl['fp32'] / 1e9:.1f} GFLOP/s "
           f"(range {min(mm['fp32']) / 1e9:.1f}-{max(mm['fp32']) / 1e9:.1f}), bf16 {fl['bf16'] / 1e9:.1f} "
