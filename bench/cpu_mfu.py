@@ -12,7 +12,7 @@ Both sides time every step but the first (llmlab's RunSummary rule). Runs altern
 precision so machine noise hits both; ratios are taken within a pair.
 
     .venv/bin/python bench/cpu_mfu.py [--threads 1] [--steps 5] [--repeats 1] [--precisions 32,bf16-mixed,...]
-    extra variants (fast paths): --variants plain_fused,plain_compile,llmlab_fused
+    extra variants (fast paths): --variants llmlab_fused,llmlab_fast,plain_fused,plain_compile
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ PRECISIONS = {
     "bf16-true": (["precision=bf16-true"], "bf16-true", "bf16"),
     "cpu_bf16": (["strategy=cpu_bf16"], "bf16-mixed", "bf16"),
 }
+
+
+FUSED = "stage.module.optimizer.fused=true"
 
 
 def cpu_info() -> dict:
@@ -145,7 +148,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--precisions", default="32,bf16-mixed,bf16-true,cpu_bf16")
     ap.add_argument("--variants", default="llmlab,plain",
-                    help="comma list of llmlab, plain, llmlab_fused (AdamW fused=True), plain_fused, plain_compile")
+                    help="comma list of llmlab, plain, llmlab_fused (AdamW fused=True), llmlab_fast (fused AdamW + "
+                         "gelu_pytorch_tanh), plain_fused, plain_compile")
     ap.add_argument("--tiny", action="store_true", help="smoke test: conf model=tiny at its default batch and block")
     args = ap.parse_args()
     if args.tiny:
@@ -167,7 +171,8 @@ def main():
                     mm[name + "_cpu"].append(cpu)
                 try:
                     if v.startswith("llmlab"):
-                        extra = ["stage.module.optimizer.fused=true"] if v == "llmlab_fused" else []
+                        extra = {"llmlab": [], "llmlab_fused": [FUSED],
+                                 "llmlab_fast": [FUSED, "+model.config.activation_function=gelu_pytorch_tanh"]}[v]
                         res = llmlab_run(args.steps, p, args.threads, extra)
                     else:
                         res = plain_run(args.steps, p, args.threads, v)
