@@ -56,6 +56,12 @@ def configure_optimizers(module, optimizer_factory, scheduler_factory):
     """
     weight_decay = getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
     optimizer = optimizer_factory(param_groups(module, weight_decay))
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # a fused torch optimizer (AdamW(fused=True)) can unscale fp16 gradients inside its step, so
+        # Lightning's mixed-precision plugin refuses gradient clipping with it, even under bf16 where
+        # nothing is scaled. Without the flag GradScaler unscales before clipping (fp16) and bf16 has no
+        # scaler: the fused kernel then gets true gradients, the same update.
+        optimizer._step_supports_amp_scaling = False
     module.step_guard = guard_optimizer(optimizer)
     if scheduler_factory is None:
         return optimizer
