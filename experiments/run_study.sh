@@ -13,7 +13,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=$root${PYTHONPATH:+:$PYT
 out=outputs/experiments/$study
 mkdir -p "$out"
 while IFS='|' read -r label overrides; do
-  label=$(echo "$label" | xargs)
+  label=${label//[[:space:]]/}
   [ -z "$label" ] || [[ $label == \#* ]] && continue
   if [ $# -gt 0 ] && [[ ! " $* " == *" $label "* ]]; then continue; fi
   echo "== $study/$label: $(date -u +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg)" | tee -a "$out/loads.txt"

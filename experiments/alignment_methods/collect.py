@@ -52,7 +52,8 @@ def main() -> None:
     ax2.set(xticks=list(x), xticklabels=names, ylim=(0, 1.05),
             title="before (gray) -> after: held-out reward accuracy (orange)\nor sampled task reward (green)")
     ax2.title.set_fontsize(9)
-    fig.suptitle("start: model=tiny_sft_short; grpo 30 of 60 rollouts, ppo 10 of 50 iterations", fontsize=9)
+    fig.suptitle("start: model=tiny_sft_short; preference stages 75 of 150 steps, grpo 30 of 60 rollouts, "
+                 "ppo 10 of 50 iterations", fontsize=9)
     fig.tight_layout()
     fig.savefig(HERE / STUDY / "alignment_methods.png", dpi=100)
 
