@@ -26,12 +26,16 @@ def main() -> None:
         row = {"method": label, "stage": s["stage"], "model": s["model"], "steps": s["global_step"],
                **{k: s.get(k) for k in KEYS}, "wall_seconds": s["wall_seconds"], "peak_rss_mb": s["peak_rss_mb"],
                "status": s["status"]}
-        # KL to the start as the stage logs it: ppo's per-token KL of its rollouts, kto's reference point
-        row["kl"] = s.get("train_kl_last", s.get("val_kl_last"))
+        # KL to the start as the stage logs it: ppo's KL of its last rollout (train/kl), kto's held-out
+        # reference point (val/kl: its batch KL estimate, clamped at 0 in training); the others log none
+        row["kl"] = s.get("train_kl_last") if s["stage"] == "ppo" else s.get("val_kl_last")
+        # sampled (rollout) task reward, mean over the first / last tenth of the rollouts (RL stages only)
+        row["rollout_reward_first"] = s.get("reward_mean_first")
+        row["rollout_reward_last"] = s.get("reward_mean_last")
         rows.append(row)
     cols = ["method", "steps", "val_exact_match_first", "val_exact_match_last", "val_reward_accuracy_first",
             "val_reward_accuracy_last", "val_reward_margin_last", "val_reward_mean_first", "val_reward_mean_last",
-            "kl", "wall_seconds", "peak_rss_mb"]
+            "rollout_reward_first", "rollout_reward_last", "kl", "wall_seconds", "peak_rss_mb"]
     print(write_results(STUDY, rows, cols))
 
     names = [r["method"] for r in rows]
@@ -46,13 +50,13 @@ def main() -> None:
         if r["val_reward_accuracy_last"] is not None:
             ax2.bar(i - 0.2, r["val_reward_accuracy_first"] or 0, 0.4, color="gray")
             ax2.bar(i + 0.2, r["val_reward_accuracy_last"], 0.4, color="tab:orange")
-        elif r["val_reward_mean_last"] is not None:
-            ax2.bar(i - 0.2, r["val_reward_mean_first"] or 0, 0.4, color="gray")
-            ax2.bar(i + 0.2, r["val_reward_mean_last"], 0.4, color="tab:green")
+        elif r["rollout_reward_last"] is not None:
+            ax2.bar(i - 0.2, r["rollout_reward_first"] or 0, 0.4, color="gray")
+            ax2.bar(i + 0.2, r["rollout_reward_last"], 0.4, color="tab:green")
     ax2.set(xticks=list(x), xticklabels=names, ylim=(0, 1.05),
-            title="before (gray) -> after: held-out reward accuracy (orange)\nor sampled task reward (green)")
+            title="before (gray) -> after: held-out reward accuracy (orange)\nor sampled task reward, first -> last tenth of rollouts (green)")
     ax2.title.set_fontsize(9)
-    fig.suptitle("start: model=tiny_sft_short; preference stages 75 of 150 steps, grpo 30 of 60 rollouts, "
+    fig.suptitle("start: model=tiny_sft_short; preference stages 150 steps (default), grpo 30 of 60 rollouts, "
                  "ppo 10 of 50 iterations", fontsize=9)
     fig.tight_layout()
     fig.savefig(HERE / STUDY / "alignment_methods.png", dpi=100)
