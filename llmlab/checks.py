@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmlab.checks_strategy import check_run
 from llmlab.errors import ConfigError
+from llmlab.precision import weights_dtype
 from llmlab.preference_rules import check_preference_losses
+from llmlab.zero3 import is_deepspeed, strategy_name, zero_stage
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -150,12 +153,12 @@ def check_peft(cfg) -> None:
             raise ConfigError(f"peft=qlora with precision={precision} needs "
                               f"peft.quantization.compute_dtype=bfloat16 (got float16)")
         storage = q.get("quant_storage")
-        true_dtype = {"bf16-true": "bfloat16", "16-true": "float16", "32-true": "float32"}.get(precision)
+        true_dtype = weights_dtype(precision)
         if precision.endswith("-true") and storage not in (None, "uint8", "int8") and storage != true_dtype:
             raise ConfigError(f"precision={precision} casts float tensors, including 4-bit weights packed "
                               f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
                               f"or {true_dtype}")
-        # qlora x strategy (ZeRO-3 needs float storage: set automatically) lives in check_strategy
+        # qlora x strategy (ZeRO-3 needs float storage: set automatically): checks_strategy.check_run
     if method == "lora_int8":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("peft=lora_int8 needs bitsandbytes (LLM.int8): pip install 'llmlab[bnb]' "
@@ -164,9 +167,8 @@ def check_peft(cfg) -> None:
             raise ConfigError(f"peft=lora_int8 quantizes pretrained weights as they load, but model.init="
                               f"{cfg.model.init}; use model.init=pretrained (or peft=lora)")
         strategy = cfg.get("strategy") or {}
-        target = str(strategy.get("_target_", ""))
-        if "deepspeed" in target.lower() or "fsdp" in target.lower():
-            raise ConfigError(f"peft=lora_int8 with strategy={strategy.get('name', target)}: bitsandbytes int8 "
+        if is_deepspeed(strategy) or "fsdp" in str(strategy.get("_target_", "")).lower():
+            raise ConfigError(f"peft=lora_int8 with strategy={strategy_name(strategy)}: bitsandbytes int8 "
                               f"weights x DeepSpeed/FSDP sharding is not supported by llmlab; use strategy=ddp "
                               f"(or the default), or peft=qlora (4-bit, works with strategy=zero3)")
     if method in peft_lib.PROMPT_LEARNING:
@@ -297,14 +299,6 @@ def check_preference(cfg) -> None:
 
         check_same_tokenizer(hf_dir(str(module.reference_model)), build_tokenizer(cfg.model),
                              "stage.module.reference_model")
-
-
-def check_strategy(cfg) -> None:
-    """strategy x trainer x precision x PEFT (llmlab/strategies.py: fsdp on CPU, cpu_bf16's precision
-    and devices, QLoRA's 4-bit storage under DeepSpeed, ...); StrategyConfigError is a ConfigError."""
-    from llmlab.strategies import check_run
-
-    check_run(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,9 +537,7 @@ def check_stage_settings(cfg) -> None:
             raise ConfigError("stage=grpo steps its optimizer per mini-batch itself: set "
                               "trainer.accumulate_grad_batches=1 (use stage.module.micro_batch_size)")
     strategy = cfg.get("strategy") or {}
-    stage_ds = ((strategy.get("stage") if "stage" in strategy else None)
-                if "deepspeed" in str(strategy.get("_target_", "")) else None)
-    if strategy.get("load_full_weights") and stage_ds != 3:
+    if strategy.get("load_full_weights") and zero_stage(strategy) != 3:
         raise ConfigError(f"strategy.load_full_weights=true only applies to ZeRO-3 (strategy=zero3), not "
                           f"strategy={strategy.get('name', '?')}: resume a single-file checkpoint with the strategy it "
                           f"was written with (e.g. strategy=ddp), or use strategy=zero3")
@@ -680,7 +672,7 @@ def check_config(cfg) -> None:
     check_launcher(cfg)
     check_precision(cfg)
     check_devices(cfg)
-    check_strategy(cfg)
+    check_run(cfg)  # strategy x trainer x precision x PEFT (llmlab/checks_strategy.py)
     check_model(cfg)
     check_peft(cfg)
     check_template(cfg)

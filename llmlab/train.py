@@ -76,12 +76,13 @@ def train(cfg: DictConfig) -> float | None:
     from llmlab.data.datamodule import LLMDataModule
     from llmlab.models import build_tokenizer, count_params
     from llmlab.builder import build_stage, stage_class
-    from llmlab.strategies import SeedPerRank
+    from llmlab.callbacks.seed import SeedPerRank
 
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     # resume: the checkpoint must be intact and made under the same model/data/batch/world size; the
     # run dir's config_resolved.yaml (what the checkpoints were made under) is kept until that holds
-    from llmlab.checkpoints import check_resume, resolve_ckpt_path  # torn/corrupt: skipped or refused
+    from llmlab.checkpoints import resolve_ckpt_path  # torn/corrupt: skipped or refused
+    from llmlab.resume import check_resume
 
     ckpt_path = None if cfg.dry_run else resolve_ckpt_path(cfg)
     if ckpt_path is not None:

@@ -325,7 +325,7 @@ def test_load_full_weights_is_accepted_where_it_works(catalog):
     from omegaconf import OmegaConf
 
     from llmlab.errors import ConfigError
-    from llmlab.strategies import check_checkpoint_for_strategy
+    from llmlab.checks_strategy import check_checkpoint_for_strategy
 
     ckpt = Path(catalog["places"]["run"]) / "checkpoints" / "last.ckpt"
     zero3 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero3.yaml")

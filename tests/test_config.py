@@ -207,7 +207,7 @@ def validate(cfg) -> None:
     if str(cfg.trainer.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
         with pytest.raises(checks.ConfigError, match="no CUDA GPU is visible"):
             checks.check_config(cfg)
-        for check in (checks.check_precision, checks.check_strategy, checks.check_model, checks.check_peft,
+        for check in (checks.check_precision, checks.check_run, checks.check_model, checks.check_peft,
                       checks.check_template, checks.check_preference, checks.check_data):
             check(cfg)
     else:

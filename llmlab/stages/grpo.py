@@ -46,8 +46,7 @@ from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference, summary_extras
 from llmlab.stages.common import configure_optimizers
 from llmlab.stages.ppo import position_ids_from_mask, response_mask
-from llmlab.stages.sft import greedy_answers
-from llmlab.strategies import generation_context
+from llmlab.generation import generation_context, greedy_answers
 
 
 class GRPOModule(L.LightningModule):
