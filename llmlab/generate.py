@@ -182,7 +182,7 @@ def resolve_model(path: str) -> tuple[str, str | None]:
         return str(p), template
     if path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise ConfigError(f"MODEL={path}: no such directory; give a run dir, an HF model directory or a hub name")
-    from llmlab.checks import hub_fixes, hub_reachable, in_hub_cache
+    from llmlab.hub import hub_fixes, hub_reachable, in_hub_cache
 
     if not in_hub_cache(path) and not hub_reachable():
         fixes = hub_fixes(path, "MODEL")
@@ -196,7 +196,7 @@ def load(path: str, dtype=None):
     shipped with a model (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmlab.checks import hub_error
+    from llmlab.hub import hub_error
 
     p = Path(path)
     from llmlab.quantize import is_quantized_dir, load_quantized

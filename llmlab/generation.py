@@ -51,6 +51,8 @@ def decode_new(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.
                **generate_kwargs) -> list[str]:
     """`model.generate` on left-padded prompts (B, Tp) in eval mode (the mode is restored), pad/EOS
     from the tokenizer; returns only the new text of each prompt, without special tokens."""
+    if generate_kwargs.get("stop_strings"):
+        generate_kwargs["tokenizer"] = tokenizer  # HF matches stop strings on decoded tokens
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -86,7 +88,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, *, 
     `stop` sequences generation ends at the first one, which is cut from the text."""
     stop = [s for s in (stop or []) if s]
     if stop:
-        generate_kwargs.update(stop_strings=stop, tokenizer=tokenizer)  # HF matches them on decoded tokens
+        generate_kwargs.update(stop_strings=stop)
     size = max(1, int(batch_size)) if batch_size else max(1, len(prompts))
     texts: list[str] = []
     for i in range(0, len(prompts), size):

@@ -74,6 +74,7 @@ def train(cfg: DictConfig) -> float | None:
     from llmlab.callbacks.nonfinite import NonFiniteGuard
     from llmlab.callbacks.summary import RunSummary
     from llmlab.data.datamodule import LLMDataModule
+    from llmlab.dry_run import dry_run_report
     from llmlab.models import build_tokenizer, count_params
     from llmlab.builder import build_stage, stage_class
     from llmlab.callbacks.seed import SeedPerRank
@@ -119,7 +120,7 @@ def train(cfg: DictConfig) -> float | None:
     }
     log.info("model %s: %s params, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
     if cfg.dry_run:
-        return checks.dry_run_report(cfg, module, info, run_dir)
+        return dry_run_report(cfg, module, info, run_dir)
 
     summary = RunSummary(run_dir, info)
     # SeedPerRank: several processes draw different dropout masks / samples (same model init everywhere)

@@ -304,7 +304,7 @@ def test_hub_load_errors_are_rephrased():
     import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from llmlab.checks import hub_error
+    from llmlab.hub import hub_error
 
     response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/facebook/opt-1.3bb"))
     err = hub_error("model.pretrained", "facebook/opt-1.3bb",
