@@ -62,7 +62,7 @@ def main() -> None:
     from llmlab.data.builtin import sft_examples
     from llmlab.data.formats import SFTFormat
     from llmlab.metrics import ExactMatch
-    from llmlab.stages.sft import greedy_answers
+    from llmlab.generation import greedy_answers
 
     t0 = time.perf_counter()
     fmt = SFTFormat(tokenizer, 128, prompt_template=DEFAULT_TEMPLATE)

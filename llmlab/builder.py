@@ -9,7 +9,7 @@ from hydra.utils import get_class, instantiate
 
 from llmlab.models import build_model
 from llmlab.peft import apply_peft, quantization_config
-from llmlab.strategies import peft_for_strategy
+from llmlab.checks_strategy import peft_for_strategy
 
 
 def stage_class(stage_cfg):

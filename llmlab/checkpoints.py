@@ -29,12 +29,8 @@ a test can SIGKILL the run there: `writing` = before this rank's part is written
 have written theirs), `written` = every rank's part on disk, no manifest, nothing renamed,
 `swapping` = the old checkpoint moved to `.prev`, the new one not yet renamed into place.
 
-Resume config check (`check_resume`): each checkpoint records the run config it was made under
-(`checkpoint["llmlab_resume"]`, read with an mmap load: no tensor bytes are read). Resuming under a
-different model, data, peft, stage, batch size, accumulation or world size is a ConfigError listing
-every `key: old -> new`, raised before any weights load; `resume_allow=[data.batch_size,...]` accepts
-the changes that can be accepted (model, peft and stage never: the weights would not fit; world size
-never under DeepSpeed: its optimizer shards are per rank).
+The resume config check (`check_resume`: same model, data, peft, ... as the checkpoint) is in
+llmlab/resume.py.
 """
 from __future__ import annotations
 
@@ -53,7 +49,6 @@ from llmlab.errors import ConfigError
 log = logging.getLogger("llmlab")
 
 MANIFEST = "llmlab_manifest.json"
-RESUME_KEY = "llmlab_resume"  # checkpoint dict key holding the run config snapshot
 PARTIAL, PREV = ".partial", ".prev"
 
 
@@ -92,35 +87,6 @@ def checkpoint_mtime(path: Any) -> float:
     if path.is_dir():
         return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
     return path.stat().st_mtime
-
-
-def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
-    """Resuming needs the checkpoint kind the strategy reads: DeepSpeed restores its own sharded
-    directories (the same ZeRO stage and number of processes: its optimizer shards are per rank),
-    sharded FSDP its torch.distributed.checkpoint directories, the other strategies single files."""
-    from llmlab.strategies import StrategyConfigError, _is_deepspeed, _strategy_name, is_zero3
-
-    name = _strategy_name(strategy_cfg)
-    if is_deepspeed_checkpoint(path) and not _is_deepspeed(strategy_cfg):
-        raise StrategyConfigError(
-            f"{path} is a DeepSpeed checkpoint directory, which strategy={name} cannot resume; resume with "
-            "the strategy (zero1/zero2/zero3) and trainer.devices it was written with, or convert it to one "
-            "file first: python -c \"from lightning.pytorch.utilities.deepspeed import "
-            f"convert_zero_checkpoint_to_fp32_state_dict as c; c('{path}', 'full.ckpt')\" (weights only)."
-        )
-    if is_fsdp_checkpoint(path) and name != "fsdp":
-        raise StrategyConfigError(
-            f"{path} is a sharded FSDP checkpoint directory, which strategy={name} cannot resume; resume with "
-            "strategy=fsdp, or convert it to one file first: python -m lightning.pytorch.utilities."
-            f"consolidate_checkpoint {path} (then ckpt_path=<that file>)."
-        )
-    full_weights = bool(getattr(strategy_cfg, "get", lambda *_: False)("load_full_weights", False))
-    if Path(path).is_file() and _is_deepspeed(strategy_cfg) and not (full_weights and is_zero3(strategy_cfg)):
-        raise StrategyConfigError(
-            f"{path} is a single-file checkpoint; strategy={name} (DeepSpeed) resumes from the sharded "
-            "checkpoint directories it writes. Resume with the strategy it was written with (e.g. "
-            "strategy=ddp), or with strategy=zero3 set strategy.load_full_weights=true to load it (ZeRO-3 only)."
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +252,8 @@ def find_resume_checkpoint(run_dir: Any) -> Path | None:
 def resolve_ckpt_path(cfg) -> str | None:
     """The checkpoint this run resumes from: `ckpt_path=<path>` (must be intact) or `resume=auto`
     (the newest intact one in the run dir); the strategy must be able to read its kind."""
+    from llmlab.checks_strategy import check_checkpoint_for_strategy
+
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
         if not is_checkpoint(path):
@@ -304,123 +272,6 @@ def resolve_ckpt_path(cfg) -> str | None:
     if cfg.resume not in (None, "none"):
         raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file>")
     return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Resume config check
-# --------------------------------------------------------------------------------------------------
-
-# compared on resume: everything under these groups, and these keys
-RESUME_GROUPS = ("model", "data", "peft")
-RESUME_KEYS = ("stage.name", "trainer.accumulate_grad_batches")
-# never compared: they do not change what the checkpoint's state means
-IGNORED = ("data.sample_prompts", "data.val_batch_size", "data.n_val", "data.num_workers")
-# never accepted, even with resume_allow: the checkpoint's weights would not fit, or mean something else
-NEVER_ALLOWED = ("model", "peft", "stage.name")
-_UNSET = "<unset>"
-
-
-def _flatten(prefix: str, node: Any, out: dict) -> None:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _flatten(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = node
-
-
-def _matches(key: str, prefixes: Any) -> bool:
-    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
-
-
-def world_size_of(cfg) -> int | str:
-    """Processes a config asks for: trainer.devices x trainer.num_nodes (a string when devices is 'auto')."""
-    devices, nodes = cfg.trainer.get("devices", 1), int(cfg.trainer.get("num_nodes", 1) or 1)
-    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
-        return int(devices) * nodes
-    if hasattr(devices, "__len__") and not isinstance(devices, str):
-        return len(devices) * nodes
-    return f"{devices}x{nodes}"
-
-
-def run_snapshot(cfg, world_size: int | str | None = None) -> dict:
-    """The flat `key: value` config a checkpoint's state depends on (what `check_resume` compares)."""
-    from omegaconf import OmegaConf
-
-    out: dict = {}
-    for group in RESUME_GROUPS:
-        node = cfg.get(group)
-        _flatten(group, OmegaConf.to_container(node, resolve=True) if node is not None else None, out)
-    for key in RESUME_KEYS:
-        out[key] = OmegaConf.select(cfg, key)
-    out["world_size"] = world_size if world_size is not None else world_size_of(cfg)
-    return {k: v for k, v in out.items() if not _matches(k, IGNORED)}
-
-
-def _checkpoint_dict_file(path: Path) -> Path | None:
-    """The file holding a checkpoint's non-tensor state (for DeepSpeed: rank 0's model states)."""
-    if path.is_file():
-        return path
-    tag_file = path / "latest"
-    if tag_file.is_file():
-        f = path / tag_file.read_text().strip() / "mp_rank_00_model_states.pt"
-        return f if f.is_file() else None
-    return path / "meta.pt" if (path / "meta.pt").is_file() else None  # sharded FSDP
-
-
-def stored_snapshot(path: Any) -> dict | None:
-    """The run config a checkpoint was written under: recorded in the checkpoint (mmap load: tensor
-    bytes are not read), else the `config_resolved.yaml` of the run dir it lies in, else None."""
-    import torch
-
-    path = Path(path)
-    f = _checkpoint_dict_file(path)
-    if f is not None:
-        if is_deepspeed_checkpoint(path):
-            check_deepspeed_pickles(path)  # its shards pickle DeepSpeed's own plain data classes
-        with torch.serialization.safe_globals(_deepspeed_safe_globals() if is_deepspeed_checkpoint(path) else []):
-            state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        if isinstance(state, dict) and RESUME_KEY in state:
-            return dict(state[RESUME_KEY])
-    for run_dir in (path.parent.parent, path.parent):
-        if (run_dir / "config_resolved.yaml").is_file() and (run_dir / "checkpoints").is_dir():
-            from omegaconf import OmegaConf
-
-            return run_snapshot(OmegaConf.load(run_dir / "config_resolved.yaml"))
-    return None
-
-
-def check_resume(cfg, ckpt_path: Any) -> None:
-    """Refuse, before any weights load, to resume `ckpt_path` under a different run config; the error
-    lists every `key: old -> new`. `resume_allow=[keys or groups]` accepts the acceptable ones."""
-    old = stored_snapshot(ckpt_path)
-    if old is None:
-        log.warning("resume: %s records no run config; resuming without checking it", ckpt_path)
-        return
-    new = run_snapshot(cfg)
-    diffs = {k: (old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(set(old) | set(new))
-             if old.get(k, _UNSET) != new.get(k, _UNSET)}
-    if not isinstance(diffs.get("world_size", (0, 0))[1], int):  # devices=auto: Lightning decides
-        diffs.pop("world_size", None)
-    if not diffs:
-        return
-    from llmlab.strategies import _is_deepspeed
-
-    never = [k for k in diffs if _matches(k, NEVER_ALLOWED) or (k == "world_size" and _is_deepspeed(cfg.strategy))]
-    allow = list(cfg.get("resume_allow") or [])
-    blocked = [k for k in diffs if k in never or not _matches(k, allow)]
-    changes = "; ".join(f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in diffs)
-    if not blocked:
-        log.warning("resume: %s was written under a different config, accepted by resume_allow: %s", ckpt_path, changes)
-        return
-    fixes = []
-    if never:
-        fixes.append(f"{', '.join(never)} cannot change on resume (the saved weights/optimizer shards would not "
-                     "fit): restore the old values or start a new run dir (hydra.run.dir=...)")
-    if [k for k in blocked if k not in never]:
-        acceptable = ",".join(k for k in diffs if k not in never)
-        fixes.append(f"accept the{' other' if never else ''} changes with resume_allow=[{acceptable}]")
-    raise ConfigError(f"resume from {ckpt_path}: the run config differs from the one it was written under: "
-                      f"{changes}. {'; '.join(fixes)}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +329,7 @@ def check_deepspeed_pickles(ckpt_dir: Path) -> None:
                               f"DeepSpeed checkpoint never holds; refusing to unpickle it")
 
 
-def _deepspeed_safe_globals() -> list:
+def deepspeed_safe_globals() -> list:
     """DEEPSPEED_GLOBALS as objects, for torch.serialization.safe_globals (weights_only loads)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """An impossible or wrong setting, found before any weights load."""
 
 
+class StrategyConfigError(ConfigError):
+    """A strategy choice that cannot work with the other settings; the message names the override to change."""
+
+
 class RunDiverged(RuntimeError):
     """The run stopped after too many non-finite steps in a row (exit code 1: not a user error)."""
 

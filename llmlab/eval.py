@@ -182,7 +182,9 @@ def evaluate_cli(cfg: DictConfig) -> dict:
     model, tokenizer, run_cfg, loaded = load_model(cfg)
     mode = str(cfg.autocast)
     if mode == "auto":
-        mode = "bf16" if run_cfg is not None and str(run_cfg.trainer.precision) == "bf16-mixed" else "none"
+        from llmlab.precision import autocast_dtype  # as the run validated: bf16-mixed (or bare bf16)
+
+        mode = "bf16" if run_cfg is not None and autocast_dtype(run_cfg.trainer.precision) == "bfloat16" else "none"
     autocast = torch.bfloat16 if mode == "bf16" else None
     result = evaluate(model, tokenizer, cfg.eval, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
                       batch_size=cfg.batch_size, gen_kwargs=OmegaConf.to_container(cfg.gen_kwargs) or None,

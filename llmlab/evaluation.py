@@ -70,7 +70,7 @@ def hub_offline() -> bool:
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
-    from llmlab.checks import hub_reachable
+    from llmlab.hub import hub_reachable
 
     return not hub_reachable()
 

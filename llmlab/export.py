@@ -227,7 +227,7 @@ def _load_adapter(adapter_dir: Path, base: str | None, dtype):
     base = base or json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH_OR_HUB_NAME")
-    from llmlab.checks import hub_error
+    from llmlab.hub import hub_error
 
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False)

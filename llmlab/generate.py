@@ -182,7 +182,7 @@ def resolve_model(path: str) -> tuple[str, str | None]:
         return str(p), template
     if path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise ConfigError(f"MODEL={path}: no such directory; give a run dir, an HF model directory or a hub name")
-    from llmlab.checks import hub_fixes, hub_reachable, in_hub_cache
+    from llmlab.hub import hub_fixes, hub_reachable, in_hub_cache
 
     if not in_hub_cache(path) and not hub_reachable():
         fixes = hub_fixes(path, "MODEL")
@@ -196,7 +196,7 @@ def load(path: str, dtype=None):
     shipped with a model (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmlab.checks import hub_error
+    from llmlab.hub import hub_error
 
     p = Path(path)
     from llmlab.quantize import is_quantized_dir, load_quantized
@@ -231,35 +231,14 @@ def torch_float32():
     return torch.float32
 
 
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """The text up to the first stop sequence (excluded)."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if s and i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
-
-
-def generate(model, tokenizer, prompts: list[str], settings: dict) -> list[str]:
-    import torch
-
-    from llmlab.callbacks.generation import generate_text
-
-    torch.manual_seed(int(settings["seed"]))
+def generation_kwargs(settings: dict) -> dict:
+    """`generate()` keyword arguments of the decoding settings (sampling ones only when sampling)."""
     kwargs = dict(num_beams=int(settings["num_beams"]), do_sample=bool(settings["do_sample"]),
                   repetition_penalty=float(settings["repetition_penalty"]))
     if kwargs["do_sample"]:
         kwargs.update(temperature=float(settings["temperature"]), top_k=int(settings["top_k"]),
                       top_p=float(settings["top_p"]))
-    stop = [s for s in settings["stop"] if s]
-    if stop:
-        kwargs.update(stop_strings=stop)  # generate_text hands HF the tokenizer it needs for these
-    texts = []
-    bs = max(1, int(settings["batch_size"]))
-    for i in range(0, len(prompts), bs):
-        texts += generate_text(model, tokenizer, prompts[i:i + bs], int(settings["max_new_tokens"]), **kwargs)
-    return [cut_at_stop(t, stop) for t in texts]
+    return kwargs
 
 
 def run(argv: list[str]) -> int:
@@ -277,7 +256,13 @@ def run(argv: list[str]) -> int:
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
     model, tokenizer = load(model_path, dtype)
     rendered = [template.format(prompt=p) if template else p for p in prompts]
-    results = [{"prompt": p, "generated": g} for p, g in zip(prompts, generate(model, tokenizer, rendered, settings))]
+    from llmlab.generation import generate_text
+
+    torch.manual_seed(int(settings["seed"]))
+    texts = generate_text(model, tokenizer, rendered, int(settings["max_new_tokens"]),
+                          batch_size=max(1, int(settings["batch_size"])), stop=list(settings["stop"]),
+                          **generation_kwargs(settings))
+    results = [{"prompt": p, "generated": g} for p, g in zip(prompts, texts)]
     lines = [json.dumps(r, ensure_ascii=False) for r in results]
     print("\n".join(lines))
     if settings.get("out"):

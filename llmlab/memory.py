@@ -20,6 +20,9 @@ ZeRO divides per device: stage 1 the optimizer states, stage 2 also gradients, s
 """
 from __future__ import annotations
 
+from llmlab.precision import half_dtype, weights_dtype
+from llmlab.zero3 import zero_stage
+
 GIB = 1024 ** 3
 _ACT_FACTOR_16BIT = 34  # bytes per (token x hidden) per layer at 16-bit activations
 
@@ -84,11 +87,6 @@ def optimizer_states_per_param(optimizer_target: str | None, optimizer_kwargs: d
     return 2  # Adam, AdamW and most others
 
 
-def zero_stage(strategy_cfg) -> int:
-    stage = strategy_cfg.get("stage") if hasattr(strategy_cfg, "get") else None
-    return int(stage) if isinstance(stage, int) else 0
-
-
 def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_target: str | None = None,
              optimizer_kwargs: dict | None = None, gradient_checkpointing: bool = False, zero: int = 0,
              world_size: int = 1, four_bit: bool = False) -> dict:
@@ -98,7 +96,7 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
     run builds the architecture on the meta device).
     """
     precision = str(precision)
-    true_half = precision in ("bf16-true", "16-true", "bf16", "16")
+    true_half = weights_dtype(precision) in ("bfloat16", "float16")
     cast_bytes = 2 if true_half else None  # mixed/32: weights stay as built (fp32 unless model.dtype)
     weights = weights_bytes(model, cast_bytes, four_bit)
     grads = 0.0
@@ -118,7 +116,7 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
     hidden = _dim(config, "hidden_size", "n_embd", "d_model", default=0)
     layers = _dim(config, "num_hidden_layers", "n_layer", "num_layers", default=0)
     vocab = _dim(config, "vocab_size", default=0)
-    act_bytes = 2 if ("bf16" in precision or precision.startswith("16")) else 4
+    act_bytes = 2 if half_dtype(precision) else 4
     tokens = batch_size * seq_len
     per_layer = tokens * hidden * _ACT_FACTOR_16BIT * act_bytes / 2
     if gradient_checkpointing:
@@ -160,7 +158,7 @@ def estimate_for_run(cfg, module) -> dict:
     return estimate(module.model, precision=str(cfg.trainer.precision), batch_size=int(cfg.data.batch_size),
                     seq_len=int(cfg.data.block_size), optimizer_target=opt.get("_target_") if opt else None,
                     optimizer_kwargs=opt_kwargs, gradient_checkpointing=checkpointing,
-                    zero=zero_stage(cfg.strategy), world_size=world, four_bit=qlora and not quantized)
+                    zero=zero_stage(cfg.strategy) or 0, world_size=world, four_bit=qlora and not quantized)
 
 
 def format_estimate(est: dict) -> str:

@@ -28,7 +28,7 @@ def build_tokenizer(model_cfg):
         return builtin_tokenizer()
     from transformers import AutoTokenizer
 
-    from llmlab.checks import hub_error
+    from llmlab.hub import hub_error
 
     setting = "model.tokenizer" if model_cfg.get("tokenizer") else "model.pretrained"
     try:
@@ -74,7 +74,7 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
             raise ValueError("quantization needs init=pretrained weights to quantize")
         model = auto.from_config(config, dtype=dtype) if dtype else auto.from_config(config)
     else:
-        from llmlab.checks import hub_error
+        from llmlab.hub import hub_error
 
         extra = {"num_labels": 1} if head == "sequence_classification" else {}
         try:
@@ -134,11 +134,3 @@ def param_bytes(model: torch.nn.Module) -> int:
             for name in ("absmax", "code", "offset"):
                 add(getattr(state, name, None))
     return total
-
-
-def max_positions(config) -> int | None:
-    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

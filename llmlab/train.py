@@ -74,14 +74,16 @@ def train(cfg: DictConfig) -> float | None:
     from llmlab.callbacks.nonfinite import NonFiniteGuard
     from llmlab.callbacks.summary import RunSummary
     from llmlab.data.datamodule import LLMDataModule
+    from llmlab.dry_run import dry_run_report
     from llmlab.models import build_tokenizer, count_params
     from llmlab.builder import build_stage, stage_class
-    from llmlab.strategies import SeedPerRank
+    from llmlab.callbacks.seed import SeedPerRank
 
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     # resume: the checkpoint must be intact and made under the same model/data/batch/world size; the
     # run dir's config_resolved.yaml (what the checkpoints were made under) is kept until that holds
-    from llmlab.checkpoints import check_resume, resolve_ckpt_path  # torn/corrupt: skipped or refused
+    from llmlab.checkpoints import resolve_ckpt_path  # torn/corrupt: skipped or refused
+    from llmlab.resume import check_resume
 
     ckpt_path = None if cfg.dry_run else resolve_ckpt_path(cfg)
     if ckpt_path is not None:
@@ -118,7 +120,7 @@ def train(cfg: DictConfig) -> float | None:
     }
     log.info("model %s: %s params, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
     if cfg.dry_run:
-        return checks.dry_run_report(cfg, module, info, run_dir)
+        return dry_run_report(cfg, module, info, run_dir)
 
     summary = RunSummary(run_dir, info)
     # SeedPerRank: several processes draw different dropout masks / samples (same model init everywhere)

@@ -304,7 +304,7 @@ def test_hub_load_errors_are_rephrased():
     import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from llmlab.checks import hub_error
+    from llmlab.hub import hub_error
 
     response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/facebook/opt-1.3bb"))
     err = hub_error("model.pretrained", "facebook/opt-1.3bb",
@@ -325,7 +325,7 @@ def test_load_full_weights_is_accepted_where_it_works(catalog):
     from omegaconf import OmegaConf
 
     from llmlab.errors import ConfigError
-    from llmlab.strategies import check_checkpoint_for_strategy
+    from llmlab.checks_strategy import check_checkpoint_for_strategy
 
     ckpt = Path(catalog["places"]["run"]) / "checkpoints" / "last.ckpt"
     zero3 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero3.yaml")

@@ -163,7 +163,7 @@ def test_missing_required_value_is_reported():
 
 @pytest.fixture
 def no_hub_probe(monkeypatch):
-    """The course recipes name hub models (facebook/opt-1.3b, ...): checks.check_hub asks whether the hub
+    """The course recipes name hub models (facebook/opt-1.3b, ...): hub.check_hub asks whether the hub
     is reachable, a fact of the machine, not of the recipe (tests/test_bad_inputs.py tests that probe).
     Here every other rule of the recipe is validated."""
     monkeypatch.setattr(checks, "check_hub", lambda cfg: None)
@@ -204,11 +204,15 @@ def validate(cfg) -> None:
     machine without one is refused for that reason alone: its other rules are checked one by one."""
     import torch
 
+    from llmlab.checks_model import check_model, check_peft
+    from llmlab.checks_strategy import check_run
+    from llmlab.preference_rules import check_preference
+
     if str(cfg.trainer.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
         with pytest.raises(checks.ConfigError, match="no CUDA GPU is visible"):
             checks.check_config(cfg)
-        for check in (checks.check_precision, checks.check_strategy, checks.check_model, checks.check_peft,
-                      checks.check_template, checks.check_preference, checks.check_data):
+        for check in (checks.check_precision, check_run, check_model, check_peft, checks.check_template,
+                      check_preference, checks.check_data):
             check(cfg)
     else:
         checks.check_config(cfg)

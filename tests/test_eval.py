@@ -3,7 +3,7 @@
 - the task sets compose and check; llmlab's shipped task YAMLs index in lm-eval's TaskManager;
 - `builtin` on the cached SFT'd tiny model vs an untrained tiny model: multiple-choice accuracy of the
   SFT'd model far above the untrained one and above chance; lm-eval's generative exact match equals
-  llmlab's own held-out exact match (llmlab.stages.sft.greedy_answers + llmlab.metrics.ExactMatch) on
+  llmlab's own held-out exact match (llmlab.generation.greedy_answers + llmlab.metrics.ExactMatch) on
   the same items: the same count, tolerance 0;
 - perplexity on a local text file equals a hand computation of the same log-likelihoods;
 - a LoRA run and a QLoRA run (a few steps from tiny-sft) evaluated as exported (base + hf_adapter/,
@@ -101,7 +101,7 @@ def llmlab_exact_match(model, tokenizer, n: int) -> tuple[int, int]:
     from llmlab.data.formats import SFTFormat
     from llmlab.evaluation import DEFAULT_TEMPLATE
     from llmlab.metrics import ExactMatch
-    from llmlab.stages.sft import greedy_answers
+    from llmlab.generation import greedy_answers
 
     fmt = SFTFormat(tokenizer, 128, prompt_template=DEFAULT_TEMPLATE)
     examples, metric = fmt.build(sft_examples(n, "validation", 0), "val"), ExactMatch()

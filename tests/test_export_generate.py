@@ -206,7 +206,7 @@ def test_prefix_run_exports_adapter_and_generate_loads_it(tmp_path, base_dir):
 
 
 def test_cut_at_stop():
-    from llmlab.generate import cut_at_stop
+    from llmlab.generation import cut_at_stop
 
     assert cut_at_stop("abc. def\n", [".", "\n"]) == "abc"
     assert cut_at_stop("abc", ["x", ""]) == "abc"

@@ -285,8 +285,9 @@ def test_fsdp_sharded_checkpoint_is_resumable_kind_and_exports(finished_run, tmp
 
     from torch.distributed.checkpoint import save
 
-    from llmlab.checkpoints import (check_checkpoint_for_strategy, checkpoint_problem, find_resume_checkpoint,
-                                    is_fsdp_checkpoint, stored_snapshot)
+    from llmlab.checkpoints import checkpoint_problem, find_resume_checkpoint, is_fsdp_checkpoint
+    from llmlab.checks_strategy import check_checkpoint_for_strategy
+    from llmlab.resume import stored_snapshot
     from llmlab.errors import ConfigError
     from llmlab.export import main as export_main
 

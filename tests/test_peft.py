@@ -250,7 +250,7 @@ def test_qlora_precision_and_zero3_rules(tiny_pretrained_dir):
     with pytest.raises(ConfigError, match="quant_storage"):
         checks.check_config(compose_cfg(*base, "precision=bf16-true", "peft.quantization.quant_storage=float32"))
     # ZeRO-3 partitions float tensors only: an unset quant_storage becomes the precision's parameter
-    # dtype automatically (llmlab.strategies.quant_storage_for); an integer one is refused with the fix
+    # dtype automatically (llmlab.checks_strategy.quant_storage_for); an integer one is refused with the fix
     checks.check_config(compose_cfg(*base, "strategy=zero3"))
     with pytest.raises(ConfigError, match="quant_storage=bfloat16"):
         checks.check_config(compose_cfg(*base, "strategy=zero3", "precision=bf16-true",

@@ -93,7 +93,7 @@ def test_quantized_export_keeps_held_out_exact_match(tmp_path):
     from llmlab.bases import ensure_base
     from llmlab.data.builtin import sft_examples
     from llmlab.quantize import load_quantized
-    from llmlab.stages.sft import greedy_answers
+    from llmlab.generation import greedy_answers
 
     base = ensure_base("tiny-sft")
     proc = _cli("llmlab.export", str(base), "quantize=int8", "--out", str(tmp_path))

@@ -60,7 +60,7 @@ def _worker(argv: list[str]) -> None:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    from llmlab import strategies as S
+    from llmlab import generation, zero3
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", required=True)
@@ -100,7 +100,7 @@ def _worker(argv: list[str]) -> None:
                 return
             # Built under Lightning's zero.Init: once with HF's DeepSpeed integration, once without.
             torch.manual_seed(0)
-            with S.hf_deepspeed_context(self.trainer.strategy) as hf_config:
+            with zero3.hf_deepspeed_context(self.trainer.strategy) as hf_config:
                 self.record["hf_config_active"] = hf_config is not None
                 self.model = _tiny_gpt2()
             self.plain = _tiny_gpt2()
@@ -113,13 +113,13 @@ def _worker(argv: list[str]) -> None:
             # eos_token_id=None: exactly max_new tokens, so the ranks' lengths differ for sure
             kwargs = dict(max_new_tokens=3 + 5 * rank, do_sample=False, pad_token_id=1, eos_token_id=None)
             with torch.no_grad():
-                with S.generation_context(self.model, self.trainer.strategy) as extra:
+                with generation.generation_context(self.model, self.trainer.strategy) as extra:
                     gathered = self.model.generate(prompt, **kwargs, **extra)
-                with S.generation_context(self.model, self.trainer.strategy, gather=False) as extra:
+                with generation.generation_context(self.model, self.trainer.strategy, gather=False) as extra:
                     self.record["synced_kwargs"] = extra
                     synced = self.model.generate(prompt, **kwargs, **extra)
                 reference = _tiny_gpt2()
-                reference.load_state_dict(S.gathered_state_dict(self.model, rank0_only=False))
+                reference.load_state_dict(zero3.gathered_state_dict(self.model, rank0_only=False))
                 reference.eval()
                 expected = reference.generate(prompt, **kwargs)
             return {"gathered": gathered.tolist(), "synced": synced.tolist(), "reference": expected.tolist()}
@@ -143,11 +143,11 @@ def _worker(argv: list[str]) -> None:
                 return
             from peft import get_peft_model_state_dict
 
-            gathered = S.gathered_state_dict(self.model, trainable_only=True)
+            gathered = zero3.gathered_state_dict(self.model, trainable_only=True)
             naive = get_peft_model_state_dict(self.model)  # what a plain save would write
             self.record["naive_adapter_numel"] = sum(t.numel() for t in naive.values())
             self.record["adapter_numel"] = sum(t.numel() for t in self.init_adapter.values())
-            S.save_pretrained_gathered(self.model, str(out / "adapter"))
+            zero3.save_pretrained_gathered(self.model, str(out / "adapter"))
             if self.global_rank == 0:
                 torch.save({"gathered": gathered, "init": self.init_adapter}, out / "adapter_tensors.pt")
 
@@ -311,16 +311,17 @@ def test_deepspeed_options_pass_through_and_overrides_merge():
 
 
 def test_offloading_parameters_needs_stage_3():
-    from llmlab.strategies import StrategyConfigError, deepspeed_config
+    from llmlab.errors import StrategyConfigError
+    from llmlab.strategies import deepspeed
 
     with pytest.raises(StrategyConfigError, match="offload_parameters.*stage 3"):
-        deepspeed_config(stage=2, offload_parameters=True)
+        deepspeed(stage=2, offload_parameters=True)
 
 
 def test_fsdp_on_cpu_is_refused_naming_the_fix():
     from hydra.utils import instantiate
 
-    from llmlab.strategies import StrategyConfigError, check_fsdp, check_strategy
+    from llmlab.checks_strategy import StrategyConfigError, check_fsdp, check_strategy
 
     with pytest.raises(StrategyConfigError, match=r"strategy=fsdp needs CUDA.*strategy=zero3.*trainer\.accelerator"):
         check_fsdp("cpu")
@@ -334,7 +335,7 @@ def test_fsdp_on_cpu_is_refused_naming_the_fix():
 
 
 def test_cpu_bf16_checks():
-    from llmlab.strategies import StrategyConfigError, check_strategy
+    from llmlab.checks_strategy import StrategyConfigError, check_strategy
 
     node = _strategy_node("cpu_bf16")
     check_strategy(node, accelerator="cpu", precision="bf16-mixed")
@@ -401,10 +402,10 @@ def test_cpu_bf16_trains_with_bf16_autocast(tmp_path):
 
 
 def test_deepspeed_fp16_on_cpu_without_fp16_kernels_is_refused(monkeypatch):
-    from llmlab import strategies
-    from llmlab.strategies import StrategyConfigError, check_strategy
+    from llmlab import checks_strategy
+    from llmlab.checks_strategy import StrategyConfigError, check_strategy
 
-    monkeypatch.setattr(strategies, "_cpu_fp16_supported", lambda: False)  # as on this project's machines
+    monkeypatch.setattr(checks_strategy, "_cpu_fp16_supported", lambda: False)  # as on this project's machines
 
     with pytest.raises(StrategyConfigError, match="precision=bf16-mixed"):
         check_strategy(_strategy_node("zero2"), accelerator="cpu", precision="16-mixed")
@@ -414,7 +415,8 @@ def test_deepspeed_fp16_on_cpu_without_fp16_kernels_is_refused(monkeypatch):
 def test_helpers_are_no_ops_without_zero3():
     import torch
 
-    from llmlab.strategies import gathered_state_dict, generation_context, hf_deepspeed_context, is_zero3
+    from llmlab.generation import generation_context
+    from llmlab.zero3 import gathered_state_dict, hf_deepspeed_context, is_zero3
 
     model = _tiny_gpt2()
     assert not is_zero3(model) and not is_zero3(_strategy_node("zero2")) and is_zero3(_strategy_node("zero3"))
@@ -430,7 +432,7 @@ def test_helpers_are_no_ops_without_zero3():
 def test_hf_deepspeed_context_activates_and_restores():
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from llmlab.strategies import hf_deepspeed_context
+    from llmlab.zero3 import hf_deepspeed_context
 
     assert not is_deepspeed_zero3_enabled()
     with hf_deepspeed_context(_strategy_node("zero3")) as hf_config:
@@ -464,7 +466,8 @@ def test_check_config_runs_the_strategy_rules():
 def test_qlora_storage_follows_the_strategy_and_precision():
     """Under ZeRO-3 an unset quant_storage becomes the dtype DeepSpeed keeps parameters in; elsewhere it
     stays bitsandbytes' uint8; the config node is not changed in place."""
-    from llmlab.strategies import parameter_dtype, peft_for_strategy, quant_storage_for
+    from llmlab.checks_strategy import peft_for_strategy, quant_storage_for
+    from llmlab.precision import parameter_dtype
 
     cfg = _run_cfg("peft=qlora")
     assert cfg.peft.quantization.quant_storage is None
@@ -481,7 +484,7 @@ def test_qlora_storage_follows_the_strategy_and_precision():
 
 
 def test_qlora_strategy_refusals_name_the_fix(monkeypatch):
-    from llmlab.strategies import StrategyConfigError, check_run
+    from llmlab.checks_strategy import StrategyConfigError, check_run
 
     cfg = _run_cfg("peft=qlora", "strategy=zero3", "precision=bf16-true", "peft.quantization.quant_storage=uint8")
     with pytest.raises(StrategyConfigError, match="quant_storage=bfloat16"):
@@ -505,8 +508,8 @@ def test_checkpoint_kinds(tmp_path):
     refused with the fix, before any weights load."""
     import time as _time
 
-    from llmlab.strategies import (StrategyConfigError, check_checkpoint_for_strategy, checkpoint_mtime,
-                                   is_checkpoint, is_deepspeed_checkpoint)
+    from llmlab.checkpoints import checkpoint_mtime, is_checkpoint, is_deepspeed_checkpoint
+    from llmlab.checks_strategy import StrategyConfigError, check_checkpoint_for_strategy
 
     single = tmp_path / "last.ckpt"
     single.write_bytes(b"x")
@@ -538,7 +541,7 @@ def test_seed_per_rank_gives_ranks_their_own_stream():
     import numpy as np
     import torch
 
-    from llmlab.strategies import SeedPerRank
+    from llmlab.callbacks.seed import SeedPerRank
 
     def draws(world_size: int, rank: int) -> tuple:
         torch.manual_seed(123), np.random.seed(123), random.seed(123)

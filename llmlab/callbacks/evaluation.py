@@ -11,7 +11,7 @@ the one before step 0 included), and logs `val/<task>/<metric>` (summary.json: `
 Distributed (DDP, ZeRO): rank 0 evaluates (lm-eval sees one process, no collective runs inside it; it
 returns results on local rank 0 only), the other ranks wait, then rank 0's numbers are broadcast and
 every rank logs them. Under ZeRO-3 the ranks hold shards: all ranks enter
-`strategies.generation_context` (the full weights gathered once, DeepSpeed's per-layer hooks off, so
+`generation.generation_context` (the full weights gathered once, DeepSpeed's per-layer hooks off, so
 rank 0's forwards need no other rank), which needs the whole model in each process's memory. The cost
 is the evaluation's time on rank 0, during which the others idle.
 """
@@ -63,9 +63,11 @@ class LMEvalCallback(L.Callback):
         import torch
 
         from llmlab.evaluation import evaluate
-        from llmlab.strategies import generation_context
+        from llmlab.generation import generation_context
+        from llmlab.precision import autocast_dtype
 
-        autocast = torch.bfloat16 if str(trainer.precision).startswith("bf16-mixed") else None
+        dtype = autocast_dtype(trainer.precision)  # as validation ran: bf16-mixed -> bf16 autocast
+        autocast = getattr(torch, dtype) if dtype else None
         result = None
         with generation_context(pl_module.model, trainer.strategy):  # ZeRO-3: gathered; else a no-op
             if trainer.is_global_zero:  # lm-eval returns results on local rank 0 only (LOCAL_RANK)

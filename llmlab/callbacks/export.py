@@ -27,7 +27,7 @@ class HFExport(L.Callback):
     def on_train_end(self, trainer, pl_module):
         from llmlab.export import export_model
         from llmlab.peft import is_peft_model
-        from llmlab.strategies import gathered_parameters, is_zero3, save_pretrained_gathered
+        from llmlab.zero3 import gathered_parameters, is_zero3, save_pretrained_gathered
 
         model, tokenizer = pl_module.model, pl_module.tokenizer
         adapter_dir = self.path.with_name(self.path.name + "_adapter")

@@ -4,28 +4,8 @@ from __future__ import annotations
 import logging
 
 import lightning as L
-import torch
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> list[str]:
-    """Left-padded batch generation; returns only the new text of each prompt."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    if generate_kwargs.get("stop_strings"):
-        generate_kwargs["tokenizer"] = tokenizer  # HF matches stop strings on decoded tokens
-    was_training = model.training
-    model.eval()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
-    model.train(was_training)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 class SampleGeneration(L.Callback):
@@ -38,7 +18,8 @@ class SampleGeneration(L.Callback):
         base = pl_module.model.get_base_model() if hasattr(pl_module.model, "get_base_model") else pl_module.model
         if not self.prompts or not callable(getattr(base, "generate", None)):
             return  # nothing to ask, or a model that does not generate (stage=rm's classifier, with PEFT too)
-        from llmlab.strategies import generation_context, is_zero3
+        from llmlab.generation import generation_context
+        from llmlab.zero3 import is_zero3
 
         model = pl_module.model
         if not is_zero3(model):  # every rank has the whole model: rank 0 alone generates
@@ -53,6 +34,8 @@ class SampleGeneration(L.Callback):
             self._log()
 
     def _generate(self, model, tokenizer, extra: dict) -> list[dict]:
+        from llmlab.generation import generate_text
+
         texts = generate_text(model, tokenizer, self.prompts, self.max_new_tokens, do_sample=False, **extra)
         return [{"prompt": p, "generated": t} for p, t in zip(self.prompts, texts)]
 

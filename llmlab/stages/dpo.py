@@ -27,7 +27,7 @@ from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, last_logged, load_reference, summary_extras
 from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
-from llmlab.stages.sft import greedy_answers
+from llmlab.generation import greedy_answers
 
 log = logging.getLogger("llmlab")
 
@@ -165,9 +165,8 @@ class DPOModule(L.LightningModule):
         self.log("val/rewards_rejected", self.val_rejected)
         self.log("val/logps_chosen", self.val_logps_chosen)
         if self.eval_generation:
-            zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
             answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
-                                     self.max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
+                                     self.max_new_tokens)
             self.val_exact_match.update(answers, batch["answers"])
             self.log("val/exact_match", self.val_exact_match, prog_bar=True)
 

@@ -4,7 +4,7 @@ GSPO), on rewards from the `reward` config group (llmlab/rewards.py).
 One training batch of B prompts is one rollout and `num_iterations` passes over it:
 
 1. rollout: `num_generations` (G) completions per prompt, sampled at `temperature` with the KV cache
-   (`generate` inside `strategies.generation_context`: ZeRO-3 generates on gathered weights; a PEFT
+   (`generate` inside `generation.generation_context`: ZeRO-3 generates on gathered weights; a PEFT
    policy samples with its adapter on, no merged copy); a completion ends at EOS (kept, a target) or
    after `max_completion_length` tokens (truncated). Sampling draws from the stage's own RNG state,
    saved in checkpoints with the prompt position, so a resumed run samples what the uninterrupted
@@ -47,10 +47,9 @@ from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference, summary_extras
 from llmlab.stages.common import configure_optimizers
 from llmlab.stages.ppo import position_ids_from_mask, response_mask
-from llmlab.stages.sft import greedy_answers
+from llmlab.generation import generation_context, greedy_answers
 from llmlab.stages.shared_prefix import (can_share_prompt, full_logprobs, logprobs_and_entropy, prefill_prompts,
                                         shared_prompt_logits)
-from llmlab.strategies import generation_context
 
 
 class GRPOModule(L.LightningModule):
@@ -393,9 +392,8 @@ class GRPOModule(L.LightningModule):
             self.trainer.should_stop = True  # no room for another rollout: stop here, after a validation
 
     def validation_step(self, batch, batch_idx):
-        zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
-                                 self.val_max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
+                                 self.val_max_new_tokens)
         lengths = [len(ids) + 1 for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]  # + EOS
         score, _ = self.rewards(batch["prompts"], answers, answer=batch["answers"], completion_tokens=lengths,
                                 truncated=[n > self.val_max_new_tokens for n in lengths])

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from llmlab.losses import KTOLoss
 from llmlab.stages.common import for_backward, forward_logits, log_train, step_mean
 from llmlab.stages.dpo import DPOModule
-from llmlab.stages.sft import greedy_answers
+from llmlab.generation import greedy_answers, needs_synced_gpus
 
 
 def _rows(batch: dict, rows: slice) -> dict:
@@ -90,7 +90,7 @@ class KTOModule(DPOModule):
         self.log("val/rewards_rejected", self.val_rejected)
         self.log("val/kl", self.val_kl)
         if self.eval_generation:  # the desirable completions are the reference answers
-            synced = bool(getattr(self.trainer.strategy, "zero_stage_3", False)) and self.trainer.world_size > 1
+            synced = needs_synced_gpus(self.model)
             # ZeRO-3 ranks generate in lockstep: then every rank generates for all its rows
             idx = torch.arange(n, device=desirable.device) if synced else desirable.nonzero().flatten()
             if idx.numel():

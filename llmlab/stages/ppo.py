@@ -52,8 +52,7 @@ from llmlab.stages import alignment
 from llmlab.rewards import ModelReward, Rewards, RuleReward, build_rewards
 from llmlab.stages.alignment import FrozenReference, load_reference, summary_extras
 from llmlab.stages.common import configure_optimizers
-from llmlab.stages.sft import greedy_answers
-from llmlab.strategies import generation_context
+from llmlab.generation import generation_context, greedy_answers
 
 log = logging.getLogger("llmlab")
 
@@ -353,9 +352,8 @@ class PPOModule(L.LightningModule):
             self.trainer.should_stop = True  # no room for another iteration: stop here, after a validation
 
     def validation_step(self, batch, batch_idx):
-        zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
-                                 self.val_max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
+                                 self.val_max_new_tokens)
         score = self.reward(batch["prompts"], answers, answer=batch["answers"])[0].to(self.device).float()
         self.val_reward.update(score.mean(), weight=score.numel())
         self.log("val/reward_mean", self.val_reward, prog_bar=True)

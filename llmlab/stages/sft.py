@@ -9,9 +9,9 @@ of greedy generations (`val/exact_match`; summary.json: `val_exact_match_first` 
 from __future__ import annotations
 
 import lightning as L
-import torch
 from torchmetrics import MeanMetric
 
+from llmlab.generation import greedy_answers
 from llmlab.losses import causal_lm_loss_sum
 from llmlab.metrics import ExactMatch
 from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
@@ -23,19 +23,6 @@ def enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                   synced_gpus: bool = False) -> list[str]:
-    """Greedy continuations of left-padded prompts (B, Tp), decoded without special tokens."""
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)  # (B, Tp + new)
-    model.train(was_training)
-    return tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
 
 
 class SFTModule(L.LightningModule):
@@ -74,9 +61,8 @@ class SFTModule(L.LightningModule):
         self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
         self.log("val/loss", self.val_loss, prog_bar=True)
         if self.eval_generation and "prompt_ids" in batch:
-            zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False)) if self._trainer else False
             generated = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
-                                       self.max_new_tokens, synced_gpus=zero3 and self.trainer.world_size > 1)
+                                       self.max_new_tokens)
             self.val_exact_match.update(generated, batch["answers"])
             self.log("val/exact_match", self.val_exact_match, prog_bar=True)
             room = self.num_logged_predictions - len(self.predictions)

@@ -1,0 +1,171 @@
+"""Model and PEFT rules, before any weights load: `model.*` settings, a local model directory's
+config.json, and PEFT x model x precision (llmlab/peft.py), on the architecture built on the meta device."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmlab.errors import ConfigError
+from llmlab.precision import weights_dtype
+from llmlab.zero3 import is_deepspeed, strategy_name
+
+def local_model_dir(model_cfg) -> Path | None:
+    """`model.pretrained` as a local directory (init=pretrained), else None (a hub name, or scratch)."""
+    path = model_cfg.get("pretrained") if model_cfg.get("init") == "pretrained" else None
+    if not path:
+        return None
+    path = Path(str(path)).expanduser()
+    return path if path.is_dir() else None
+
+
+def local_config(model_cfg) -> dict | None:
+    """A local model directory's config.json (the architecture that will load), else None."""
+    path = local_model_dir(model_cfg)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.pretrained={path}: config.json is not readable JSON ({err}); re-export "
+                          f"the model with save_pretrained") from None
+
+
+def model_positions(model_cfg) -> int | None:
+    """Max positions of the architecture that will be built, without loading weights or the network.
+
+    A local directory's config.json wins (it is what from_pretrained loads: `model=gpt2
+    model.pretrained=<a llama dir>` is a llama); else the `config:` values of the model file.
+    """
+    arch = local_config(model_cfg) or dict(model_cfg.get("config") or {})
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(arch.get(key), int) and arch[key] > 0:
+            return arch[key]
+    return None
+
+
+def check_model(cfg) -> None:
+    m = cfg.model
+    if m.init not in ("scratch", "pretrained"):
+        raise ConfigError(f"model.init={m.init!r}: use scratch or pretrained")
+    if m.init == "pretrained" and not m.get("pretrained"):
+        raise ConfigError("model.init=pretrained needs model.pretrained=<hub name or local directory>")
+    if m.init == "pretrained" and str(m.pretrained).startswith(("/", ".", "~")) and not Path(
+            str(m.pretrained)).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={m.pretrained}: no such directory (a local model needs its "
+                          f"config.json and weights there)")
+    if m.init == "scratch" and not m.get("config"):
+        raise ConfigError(f"model={m.name} has no `config:` architecture; use model.init=pretrained")
+    if m.init == "scratch" and m.get("tokenizer") is None and not m.get("pretrained"):
+        raise ConfigError("model.tokenizer is null and there is no model.pretrained to take it from: "
+                          "set model.tokenizer=builtin or a tokenizer name/path")
+
+
+def _architecture_on_meta(cfg):
+    """The configured model built on the meta device (module names only: no memory, no weights), or
+    None when its architecture cannot be known offline (a hub model without `config:` values)."""
+    import torch
+
+    from llmlab.models import architecture_config
+
+    m, head = cfg.model, cfg.stage.get("head", "causal_lm")
+    local = local_model_dir(m)
+    if local is not None:  # what from_pretrained will load, whatever the yaml `config:` says
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(local), trust_remote_code=False)
+    elif m.get("config"):
+        config = architecture_config(m, None, head)
+    else:
+        return None
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def check_peft(cfg) -> None:
+    """PEFT x model x precision x data rules (llmlab/peft.py), before any weights load."""
+    import importlib.util
+
+    from llmlab import peft as peft_lib
+
+    p = cfg.peft
+    method = p.method
+    if method not in peft_lib.METHODS:
+        raise ConfigError(f"peft.method={method!r}: use one of {peft_lib.METHODS} (peft=<name>)")
+    if method == "none":
+        return
+    if method == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("peft=qlora needs bitsandbytes (4-bit NF4): pip install 'llmlab[bnb]' "
+                              "(bitsandbytes>=0.45), or use peft=lora")
+        if cfg.model.init != "pretrained" and not cfg.dry_run:
+            raise ConfigError(f"peft=qlora quantizes pretrained weights as they load, but model.init="
+                              f"{cfg.model.init}; use model.init=pretrained (or peft=lora; dry_run=true "
+                              f"estimates QLoRA on an init=scratch architecture)")
+        q = p.quantization
+        precision = str(cfg.trainer.precision)
+        compute = str(q.compute_dtype)
+        if precision.startswith("16") and compute != "float16":
+            raise ConfigError(f"peft=qlora computes in peft.quantization.compute_dtype={compute} but "
+                              f"precision={precision} is fp16: set peft.quantization.compute_dtype=float16 "
+                              f"or precision=bf16-mixed / bf16-true")
+        if precision.startswith("bf16") and compute == "float16":
+            raise ConfigError(f"peft=qlora with precision={precision} needs "
+                              f"peft.quantization.compute_dtype=bfloat16 (got float16)")
+        storage = q.get("quant_storage")
+        true_dtype = weights_dtype(precision)
+        if precision.endswith("-true") and storage not in (None, "uint8", "int8") and storage != true_dtype:
+            raise ConfigError(f"precision={precision} casts float tensors, including 4-bit weights packed "
+                              f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
+                              f"or {true_dtype}")
+        # qlora x strategy (ZeRO-3 needs float storage: set automatically): checks_strategy.check_run
+    if method == "lora_int8":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("peft=lora_int8 needs bitsandbytes (LLM.int8): pip install 'llmlab[bnb]' "
+                              "(bitsandbytes>=0.45), or use peft=lora")
+        if cfg.model.init != "pretrained" and not cfg.dry_run:
+            raise ConfigError(f"peft=lora_int8 quantizes pretrained weights as they load, but model.init="
+                              f"{cfg.model.init}; use model.init=pretrained (or peft=lora)")
+        strategy = cfg.get("strategy") or {}
+        if is_deepspeed(strategy) or "fsdp" in str(strategy.get("_target_", "")).lower():
+            raise ConfigError(f"peft=lora_int8 with strategy={strategy_name(strategy)}: bitsandbytes int8 "
+                              f"weights x DeepSpeed/FSDP sharding is not supported by llmlab; use strategy=ddp "
+                              f"(or the default), or peft=qlora (4-bit, works with strategy=zero3)")
+    if method in peft_lib.PROMPT_LEARNING:
+        if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
+            raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
+                              f"packed documents cannot take: set data.packing=concat with stage=pretrain")
+        if cfg.data.get("pack_examples"):
+            raise ConfigError(f"peft={method} prepends virtual tokens, which packed examples' masks cannot "
+                              f"take: set data.pack_examples=false")
+    else:
+        model = _architecture_on_meta(cfg)
+        if model is not None:
+            peft_lib.check_fits(p, model, cfg.model.name)
+
+
+DTYPES = (None, "auto", "float32", "bfloat16", "float16")
+
+
+def check_model_settings(cfg) -> None:
+    """model.init / dtype / trust_remote_code, and a local model directory's own config.json."""
+    m = cfg.model
+    if m.get("init") not in ("scratch", "pretrained"):
+        raise ConfigError(f"model.init={m.get('init')!r}: use scratch or pretrained")
+    if m.get("dtype") not in DTYPES:
+        raise ConfigError(f"model.dtype={m.get('dtype')!r}: use one of float32, bfloat16, float16, auto or null")
+    if m.get("trust_remote_code"):
+        raise ConfigError("model.trust_remote_code=true would run Python code shipped with the model; llmlab "
+                          "does not allow it: use a model transformers supports natively "
+                          "(model.trust_remote_code=false)")
+    config = local_config(m)
+    if config is None:
+        return
+    where = f"model.pretrained={m.pretrained}"
+    if config.get("auto_map"):
+        raise ConfigError(f"{where}: its config.json maps to custom code (auto_map), which llmlab does not run "
+                          f"(trust_remote_code stays off); use a model of a built-in transformers architecture")
+    if not config.get("model_type"):
+        raise ConfigError(f"{where}: config.json has no model_type; re-export the model with save_pretrained")

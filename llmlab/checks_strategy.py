@@ -1,0 +1,202 @@
+"""The strategy rules of a run, before any weights load: strategy x trainer x precision x PEFT, and which
+checkpoint kinds a strategy can resume. Each refusal is a `StrategyConfigError` (a ConfigError: one line,
+exit 2) naming the override to change. Also QLoRA's 4-bit storage dtype under ZeRO-3, set automatically
+(`peft_for_strategy`). No torch import at module level; DeepSpeed-ness comes from `zero3.zero_stage`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmlab.errors import StrategyConfigError
+from llmlab.precision import half_dtype, parameter_dtype
+from llmlab.zero3 import is_deepspeed, is_zero3, strategy_name
+
+UNPACKED_STORAGE = (None, "uint8", "int8")  # bitsandbytes' own packing: integer bytes
+
+
+def _uses_cpu(accelerator: Any, cuda_available: bool | None) -> bool:
+    accelerator = str(accelerator or "auto").lower()
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if accelerator == "auto":
+        return not cuda_available
+    return accelerator == "cpu"
+
+
+def _cpu_fp16_supported() -> bool:
+    """What DeepSpeed's CPU accelerator asks (`is_fp16_supported`): oneDNN fp16 kernels on this CPU."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
+def check_fsdp(accelerator: Any = "auto", cuda_available: bool | None = None) -> None:
+    """FSDP shards over CUDA GPUs only: Lightning refuses it on CPU ("requires a GPU accelerator")."""
+    if _uses_cpu(accelerator, cuda_available):
+        raise StrategyConfigError(
+            f"strategy=fsdp needs CUDA GPUs, but this run is on CPU (trainer.accelerator={accelerator}). "
+            "To shard parameters on CPU use strategy=zero3 (DeepSpeed ZeRO-3 runs on CPU processes; "
+            "strategy=zero3_offload also offloads), or strategy=ddp; on a GPU machine set "
+            "trainer.accelerator=gpu."
+        )
+
+
+def check_strategy(
+    strategy_cfg: Any,
+    *,
+    accelerator: Any = "auto",
+    precision: Any = "32-true",
+    devices: Any = 1,
+    num_nodes: int = 1,
+    cuda_available: bool | None = None,
+) -> None:
+    """Refuse strategy x trainer/precision combinations that cannot work, naming the override to change.
+
+    `strategy_cfg` is the `strategy` config node (or its name); the rest are the trainer's settings.
+    Raises `StrategyConfigError`; returns None when the combination is fine.
+    """
+    name = strategy_name(strategy_cfg)
+    precision = str(precision)
+    on_cpu = _uses_cpu(accelerator, cuda_available)
+
+    if name == "fsdp":
+        check_fsdp(accelerator, cuda_available)
+
+    if name == "cpu_bf16":
+        if half_dtype(precision) != "bfloat16":
+            raise StrategyConfigError(
+                f"strategy=cpu_bf16 trains in bf16 on the CPU, but precision={precision}: "
+                "add precision=bf16-mixed (autocast, fp32 weights) or precision=bf16-true."
+            )
+        if not on_cpu:
+            raise StrategyConfigError(
+                f"strategy=cpu_bf16 runs on the CPU, but trainer.accelerator={accelerator} selects a GPU: "
+                "set trainer.accelerator=cpu, or pick strategy=auto / ddp / zero2 / zero3 for GPUs."
+            )
+        if str(devices) not in ("1", "auto") or int(num_nodes) != 1:
+            raise StrategyConfigError(
+                f"strategy=cpu_bf16 is one process (trainer.devices={devices}, trainer.num_nodes={num_nodes}): "
+                "set trainer.devices=1 trainer.num_nodes=1, or use strategy=ddp / zero2 / zero3 with "
+                "precision=bf16-mixed for several CPU processes."
+            )
+
+    if is_deepspeed(strategy_cfg) and on_cpu and half_dtype(precision) == "float16" and not _cpu_fp16_supported():
+        raise StrategyConfigError(
+            f"strategy={name} with precision={precision} on CPU: this CPU has no fp16 support in oneDNN, "
+            "which DeepSpeed's CPU accelerator requires for fp16; use precision=bf16-mixed (AMX) or precision=32."
+        )
+
+
+def quant_storage_for(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> str | None:
+    """The storage dtype QLoRA's packed 4-bit weights get under this strategy (None: bitsandbytes' uint8).
+
+    ZeRO-3 partitions parameters as flat float buffers: uint8-packed 4-bit weights cannot be sharded;
+    the same bytes viewed as a float dtype can. That dtype must be the one DeepSpeed casts floating
+    parameters to (`precision.parameter_dtype`), or the cast would corrupt the packed bits. So under
+    ZeRO-3 an unset `peft.quantization.quant_storage` becomes that dtype (checked on CPU: bfloat16 with
+    bf16-true and bf16-mixed, float32 with 32-true); an explicit choice is kept (`check_run` refuses
+    the ones that cannot work).
+    """
+    if peft_cfg is None or peft_cfg.get("method") != "qlora":
+        return None
+    storage = (peft_cfg.get("quantization") or {}).get("quant_storage")
+    if storage is None and is_zero3(strategy_cfg):
+        return parameter_dtype(precision)
+    return storage
+
+
+def peft_for_strategy(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> Any:
+    """`peft_cfg`, with `quantization.quant_storage` as `quant_storage_for` decides (a copy when it changes).
+
+    llmlab.builder builds every model through this, so `peft=qlora strategy=zero3` needs no extra flag."""
+    storage = quant_storage_for(peft_cfg, strategy_cfg, precision)
+    if peft_cfg is None or peft_cfg.get("method") != "qlora" or storage == peft_cfg.quantization.get("quant_storage"):
+        return peft_cfg
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(OmegaConf.to_container(peft_cfg, resolve=True))
+    node.quantization.quant_storage = storage
+    return node
+
+
+def check_run(cfg: Any) -> None:
+    """The strategy rules of a composed run config (`llmlab.checks.check_config` calls this before any
+    weights load): strategy x trainer x precision (`check_strategy`) and strategy x PEFT.
+
+    Refused, each with the fix in the message:
+    - `strategy=fsdp` on CPU; `cpu_bf16` with a non-bf16 precision, a GPU, or several processes;
+      DeepSpeed fp16 on a CPU without oneDNN fp16 kernels (`check_strategy`).
+    - `peft=qlora` x ZeRO-3 with an integer `quant_storage` (uint8/int8 cannot be partitioned; an unset
+      one is set automatically, see `quant_storage_for`); `peft=qlora` x DeepSpeed with a float
+      `quant_storage` other than the precision's parameter dtype (DeepSpeed's cast would corrupt it).
+    - `peft=qlora` x `strategy=fsdp`: not supported by llmlab (bitsandbytes x FSDP untested here).
+    """
+    strategy_cfg, trainer = cfg.strategy, cfg.trainer
+    check_strategy(
+        strategy_cfg,
+        accelerator=trainer.get("accelerator", "auto"),
+        precision=trainer.get("precision", "32-true"),
+        devices=trainer.get("devices", 1),
+        num_nodes=trainer.get("num_nodes", 1) or 1,
+    )
+    peft_cfg = cfg.get("peft")
+    if peft_cfg is None or peft_cfg.get("method") != "qlora":
+        return
+    name = strategy_name(strategy_cfg)
+    if name == "fsdp":
+        raise StrategyConfigError(
+            "peft=qlora with strategy=fsdp is not supported by llmlab (bitsandbytes 4-bit weights x FSDP "
+            "flat parameters are untested here); use strategy=zero3 (QLoRA x ZeRO-3 is supported), "
+            "strategy=ddp, or peft=lora with strategy=fsdp."
+        )
+    storage = peft_cfg.quantization.get("quant_storage")
+    precision = trainer.get("precision", "32-true")
+    wanted = parameter_dtype(precision)
+    if is_zero3(strategy_cfg) and storage in UNPACKED_STORAGE[1:]:
+        raise StrategyConfigError(
+            f"peft=qlora with strategy={name} (ZeRO-3): 4-bit weights packed in "
+            f"peft.quantization.quant_storage={storage} cannot be partitioned; set "
+            f"peft.quantization.quant_storage={wanted} (or null: under ZeRO-3 it becomes the dtype of "
+            f"precision={precision} automatically)."
+        )
+    if is_deepspeed(strategy_cfg) and storage not in UNPACKED_STORAGE and storage != wanted:
+        raise StrategyConfigError(
+            f"peft=qlora with strategy={name} and precision={precision}: DeepSpeed casts floating parameters "
+            f"to {wanted}, which would corrupt 4-bit weights packed in peft.quantization.quant_storage="
+            f"{storage}; set peft.quantization.quant_storage={wanted} (or null)."
+        )
+
+
+def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
+    """Resuming needs the checkpoint kind the strategy reads: DeepSpeed restores its own sharded
+    directories (the same ZeRO stage and number of processes: its optimizer shards are per rank),
+    sharded FSDP its torch.distributed.checkpoint directories, the other strategies single files."""
+    from llmlab.checkpoints import is_deepspeed_checkpoint, is_fsdp_checkpoint
+
+    name = strategy_name(strategy_cfg)
+    if is_deepspeed_checkpoint(path) and not is_deepspeed(strategy_cfg):
+        raise StrategyConfigError(
+            f"{path} is a DeepSpeed checkpoint directory, which strategy={name} cannot resume; resume with "
+            "the strategy (zero1/zero2/zero3) and trainer.devices it was written with, or convert it to one "
+            "file first: python -c \"from lightning.pytorch.utilities.deepspeed import "
+            f"convert_zero_checkpoint_to_fp32_state_dict as c; c('{path}', 'full.ckpt')\" (weights only)."
+        )
+    if is_fsdp_checkpoint(path) and name != "fsdp":
+        raise StrategyConfigError(
+            f"{path} is a sharded FSDP checkpoint directory, which strategy={name} cannot resume; resume with "
+            "strategy=fsdp, or convert it to one file first: python -m lightning.pytorch.utilities."
+            f"consolidate_checkpoint {path} (then ckpt_path=<that file>)."
+        )
+    full_weights = bool(getattr(strategy_cfg, "get", lambda *_: False)("load_full_weights", False))
+    if Path(path).is_file() and is_deepspeed(strategy_cfg) and not (full_weights and is_zero3(strategy_cfg)):
+        raise StrategyConfigError(
+            f"{path} is a single-file checkpoint; strategy={name} (DeepSpeed) resumes from the sharded "
+            "checkpoint directories it writes. Resume with the strategy it was written with (e.g. "
+            "strategy=ddp), or with strategy=zero3 set strategy.load_full_weights=true to load it (ZeRO-3 only)."
+        )

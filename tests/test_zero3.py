@@ -1,0 +1,113 @@
+"""zero3.zero_stage (the one "is this DeepSpeed / ZeRO-3?" answer), precision.PRECISIONS (the one
+precision -> dtype map) and llmlab.generation on one process (the ZeRO-3 paths run in
+tests/test_strategies.py and tests/test_distributed_llmlab.py with 2 processes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _node(name: str):
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(REPO / "conf" / "strategy" / f"{name}.yaml")
+    node.pop("defaults", None)
+    return node
+
+
+@pytest.mark.parametrize(("name", "stage"), [("auto", None), ("ddp", None), ("cpu_bf16", None), ("fsdp", None),
+                                             ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_zero_stage_of_every_strategy_choice(name, stage):
+    """The same answer from the config file, its name, and (DeepSpeed) the strategy object it builds."""
+    from llmlab.zero3 import is_deepspeed, is_zero3, zero_stage
+
+    node = _node(name)
+    assert zero_stage(node) == zero_stage(name) == stage
+    assert is_deepspeed(node) == (stage is not None) and is_zero3(node) == (stage == 3)
+    if stage is not None:
+        from hydra.utils import instantiate
+
+        strategy = instantiate(node)
+        assert zero_stage(strategy) == zero_stage(strategy.config) == stage
+        assert is_zero3(strategy) == strategy.zero_stage_3  # Lightning's own answer
+
+
+def test_zero_stage_reads_overrides_and_objects():
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from llmlab.zero3 import zero_stage
+
+    node = _node("zero2")
+    node.config_overrides = {"zero_optimization": {"stage": 3}}
+    assert zero_stage(node) == 3  # what DeepSpeed will run, not the yaml's `stage`
+    assert zero_stage({"name": "zero3"}) == 3  # a node without _target_: its name
+    assert zero_stage({"_target_": "lightning.pytorch.strategies.DeepSpeedStrategy"}) == 2  # Lightning's default
+    assert zero_stage(DDPStrategy()) is None and zero_stage(None) is None
+    assert zero_stage(torch.nn.Linear(2, 2)) is None  # not partitioned
+
+
+def test_zero_stage_needs_no_torch():
+    """check_settings asks it before torch is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from llmlab.zero3 import zero_stage; from llmlab.checks_strategy import quant_storage_for;"
+            "assert zero_stage({'_target_': 'llmlab.strategies.deepspeed', 'stage': 3}) == 3;"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_precision_map():
+    from llmlab.precision import autocast_dtype, half_dtype, parameter_dtype, weights_dtype
+
+    assert [weights_dtype(p) for p in ("32-true", "bf16-true", "16-true", "bf16-mixed")] == \
+        ["float32", "bfloat16", "float16", None]
+    assert autocast_dtype("bf16-mixed") == autocast_dtype("bf16") == "bfloat16"  # bare bf16 is Lightning's mixed
+    assert autocast_dtype("bf16-true") is None and half_dtype("bf16-true") == "bfloat16"
+    assert [parameter_dtype(p) for p in ("32-true", "bf16-mixed", "16-mixed", "bf16-true")] == \
+        ["float32", "bfloat16", "float16", "bfloat16"]
+
+
+def _tiny():
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from llmlab.data.tokenizer import builtin_tokenizer
+
+    torch.manual_seed(0)
+    tok = builtin_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return AutoModelForCausalLM.from_config(config).train(), tok
+
+
+def test_greedy_answers_and_generate_text_agree_with_hf_generate():
+    """Left-padded batches give each prompt what HF's generate gives it alone; stop sequences are cut;
+    the model's train/eval mode is restored."""
+    import torch
+
+    from llmlab.generation import generate_text, greedy_answers
+
+    model, tok = _tiny()
+    prompts = ["reverse abc", "sort dcba xy"]
+    alone = []
+    model.eval()
+    for p in prompts:
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        alone.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    model.train()
+    assert generate_text(model, tok, prompts, 6, do_sample=False) == alone
+    assert generate_text(model, tok, prompts, 6, batch_size=1, do_sample=False) == alone
+    assert model.training
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert greedy_answers(model, tok, enc["input_ids"], enc["attention_mask"], 6) == alone
+    stop = alone[0][2:3]
+    if stop:
+        assert generate_text(model, tok, prompts[:1], 6, stop=[stop], do_sample=False)[0] == alone[0].split(stop)[0]
