@@ -64,6 +64,8 @@ CASES = [
          ["stage.module.lr", "did you mean stage.module.optimizer.lr?"]),
     Case("run-unknown-model", "llmlab.run", ["model=nonexistent_model"], ["model/nonexistent_model", "tiny"]),
     Case("run-unknown-stage", "llmlab.run", ["stage=finetune"], ["stage/finetune", "sft"]),
+    Case("run-module-not-a-stage", "llmlab.run", ["stage.module._target_=torch.nn.Linear"],
+         ["stage.module._target_=torch.nn.Linear", "not an llmlab stage", "llmlab.stages.interface.Stage"]),
     Case("run-bad-override-syntax", "llmlab.run", ["trainer.max_steps=[1,"], ["'trainer.max_steps=[1,'"]),
     # ---- the hub: unreachable (README headline), typo'd name offline
     Case("run-readme-headline-offline", "llmlab.run", ["model=opt1.3b", "peft=qlora", "strategy=zero3"],
