@@ -42,8 +42,9 @@ def test_manual_optimization_clip_goes_to_deepspeed_explicitly():
     """ppo/grpo clip their own gradients, a no-op under DeepSpeed: train.build_strategy hands the stage's
     max_grad_norm to the engine's config; a value set in the strategy config wins."""
     from llmlab.train import build_strategy
+    from tests.conftest import CONF
 
-    zero2 = OmegaConf.load("conf/strategy/zero2.yaml")
+    zero2 = OmegaConf.merge(OmegaConf.load(CONF / "strategy" / "zero1.yaml"), {"name": "zero2", "stage": 2})
     assert build_strategy(zero2, _Manual(0.5)).config["gradient_clipping"] == 0.5
     assert "gradient_clipping" not in build_strategy(zero2, _Manual(None)).config
     auto = _Manual(0.5)
@@ -51,7 +52,7 @@ def test_manual_optimization_clip_goes_to_deepspeed_explicitly():
     assert "gradient_clipping" not in build_strategy(zero2, auto).config
     own = OmegaConf.merge(zero2, {"config_overrides": {"gradient_clipping": 2.0}})
     assert build_strategy(own, _Manual(0.5)).config["gradient_clipping"] == 2.0
-    assert build_strategy(OmegaConf.load("conf/strategy/ddp.yaml"), _Manual(0.5)) is not None
+    assert build_strategy(OmegaConf.load(CONF / "strategy" / "ddp.yaml"), _Manual(0.5)) is not None
 
 
 def test_run_summary_asks_sources_once_callbacks_then_stage(tmp_path):
