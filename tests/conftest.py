@@ -65,6 +65,18 @@ def cli(tmp_path):
     return _run
 
 
+def compose_group(group: str, choice: str):
+    """The `group` node as Hydra composes `group=choice` (the file's own `defaults:` applied: e.g.
+    strategy=zero2 is zero1.yaml + its changes): unresolved, detached from the root and open to new keys,
+    as `OmegaConf.load` of a self-contained file would be (a plain load misses what a file composes)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        node = compose("train", overrides=[f"{group}={choice}"])[group]
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=False))
+
+
 def assert_ok(run: Run) -> None:
     assert run.returncode == 0, f"exit {run.returncode}\nSTDERR:\n{run.stderr[-4000:]}"
 

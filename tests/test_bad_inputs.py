@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_module
+from tests.conftest import compose_group, run_module
 
 TINY = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "data.n_train=64",
         "data.n_val=16", "trainer.enable_progress_bar=false", "model.config.n_layer=1", "model.config.n_embd=32",
@@ -318,18 +318,16 @@ def test_hub_load_errors_are_rephrased():
 def test_load_full_weights_is_accepted_where_it_works(catalog):
     """The resume check suggests strategy.load_full_weights=true for a single-file checkpoint: it must
     then accept it with ZeRO-3 (the only stage where Lightning loads full weights), and refuse ZeRO-2."""
-    from omegaconf import OmegaConf
-
     from llmlab.errors import ConfigError
     from llmlab.strategies import check_checkpoint_for_strategy
 
     ckpt = Path(catalog["places"]["run"]) / "checkpoints" / "last.ckpt"
-    zero3 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero3.yaml")
+    zero3 = compose_group("strategy", "zero3")
     with pytest.raises(ConfigError, match="strategy.load_full_weights=true"):
         check_checkpoint_for_strategy(ckpt, zero3)
     zero3.load_full_weights = True
     check_checkpoint_for_strategy(ckpt, zero3)
-    zero2 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero2.yaml")
+    zero2 = compose_group("strategy", "zero2")
     zero2.load_full_weights = True
     with pytest.raises(ConfigError):
         check_checkpoint_for_strategy(ckpt, zero2)

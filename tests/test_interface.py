@@ -42,9 +42,9 @@ def test_manual_optimization_clip_goes_to_deepspeed_explicitly():
     """ppo/grpo clip their own gradients, a no-op under DeepSpeed: train.build_strategy hands the stage's
     max_grad_norm to the engine's config; a value set in the strategy config wins."""
     from llmlab.train import build_strategy
-    from tests.conftest import CONF
+    from tests.conftest import CONF, compose_group
 
-    zero2 = OmegaConf.merge(OmegaConf.load(CONF / "strategy" / "zero1.yaml"), {"name": "zero2", "stage": 2})
+    zero2 = compose_group("strategy", "zero2")
     assert build_strategy(zero2, _Manual(0.5)).config["gradient_clipping"] == 0.5
     assert "gradient_clipping" not in build_strategy(zero2, _Manual(None)).config
     auto = _Manual(0.5)
