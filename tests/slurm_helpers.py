@@ -1,6 +1,7 @@
 """What the two Slurm test files share: is a cluster up, job state, waiting, and cancelling what a test
-submitted. `require_cluster()` at the top of a test module skips the whole module when no cluster answers
-(start one: `sudo scripts/slurm_local.sh`); importing this module needs no cluster."""
+submitted. A test module marks itself `pytestmark = [pytest.mark.slurm, skip_without_cluster]`: its tests
+skip, with the reason, when no cluster answers (start one: `sudo scripts/slurm_local.sh`). Importing
+this module or a Slurm test module needs no cluster."""
 from __future__ import annotations
 
 import os
@@ -28,15 +29,14 @@ def cluster_state() -> tuple[bool, str]:
     return True, ""
 
 
-def require_cluster() -> None:
-    """Skip the calling test module unless a Slurm cluster is up."""
-    up, why = cluster_state()
-    if not up:
-        pytest.skip(why, allow_module_level=True)
+UP, WHY = cluster_state()  # asked once per test session
+skip_without_cluster = pytest.mark.skipif(not UP, reason=WHY)
 
 
 def partition() -> str:
-    """`LLMLAB_SLURM_PARTITION`, else the cluster's first (default) partition."""
+    """`LLMLAB_SLURM_PARTITION`, else the cluster's first (default) partition ("" without a cluster)."""
+    if not UP:
+        return os.environ.get("LLMLAB_SLURM_PARTITION", "")
     return os.environ.get("LLMLAB_SLURM_PARTITION") or subprocess.run(
         ["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()[0].rstrip("*")
 

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_helpers import job_info, jobs, partition, require_cluster, wait_for  # noqa: F401 (jobs: fixture)
+from tests.slurm_helpers import job_info, jobs, partition, skip_without_cluster, wait_for  # noqa: F401 (jobs: fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "fixtures" / "toy_app" / "app.py"
 
-pytestmark = pytest.mark.slurm
-require_cluster()
+pytestmark = [pytest.mark.slurm, skip_without_cluster]
 PARTITION = partition()
 
 

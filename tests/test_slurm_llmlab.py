@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST, ROOT
-from tests.slurm_helpers import job_info, jobs, require_cluster, wait_for  # noqa: F401 (jobs: fixture)
+from tests.slurm_helpers import job_info, jobs, skip_without_cluster, wait_for  # noqa: F401 (jobs: fixture)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, skip_without_cluster]
 TINY = [*FAST, "callbacks.samples=null", "callbacks.hf_export=null"]
-require_cluster()
 
 
 def tiny(**changes) -> list[str]:
