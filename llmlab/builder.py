@@ -13,7 +13,16 @@ from llmlab.checks_strategy import peft_for_strategy
 
 
 def stage_class(stage_cfg):
-    return get_class(stage_cfg.module._target_)
+    """The stage's LightningModule class; it must be a `llmlab.stages.interface.Stage` (what the run reads
+    from a stage is declared there)."""
+    from llmlab.errors import ConfigError
+    from llmlab.stages.interface import Stage
+
+    cls = get_class(stage_cfg.module._target_)
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise ConfigError(f"stage.module._target_={stage_cfg.module._target_}: not an llmlab stage; "
+                          f"subclass llmlab.stages.interface.Stage (a LightningModule with the members the run reads)")
+    return cls
 
 
 def build_stage(cfg, tokenizer):

@@ -103,18 +103,6 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the class docstring
         super()._init_deepspeed_distributed()
 
-    def _format_batch_size_and_grad_accum_config(self) -> None:
-        # DeepSpeed clips gradients inside engine.step() (Lightning's clip_gradients is a no-op under
-        # DeepSpeed) from the config's `gradient_clipping`, which Lightning takes from
-        # trainer.gradient_clip_val. A manual-optimization stage (ppo) cannot set that and clips itself
-        # with `max_grad_norm`: hand that value to DeepSpeed so the clipping still happens.
-        module = self.lightning_module
-        if module is not None and not module.automatic_optimization and "gradient_clipping" not in self.config:
-            clip = getattr(module, "max_grad_norm", None)
-            if clip:
-                self.config["gradient_clipping"] = float(clip)
-        super()._format_batch_size_and_grad_accum_config()
-
     def _get_process_group_backend(self) -> str:
         if self._process_group_backend:
             return self._process_group_backend

@@ -52,6 +52,24 @@ def _instantiate_dict(node) -> list:
     return [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
 
+def build_strategy(strategy_cfg: DictConfig, module):
+    """The strategy of `conf/strategy`, given what the stage declares (`stages.interface.Stage`).
+
+    A manual-optimization stage (ppo, grpo) clips its own gradients to `module.max_grad_norm`; under
+    DeepSpeed that call is a no-op (the engine clips inside its `step()`, from its config's
+    `gradient_clipping`, which Lightning fills from `trainer.gradient_clip_val`, refused with manual
+    optimization). So the stage's norm goes into the DeepSpeed config here, unless the config sets one.
+    """
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = instantiate(strategy_cfg)
+    clip = None if module.automatic_optimization else module.max_grad_norm
+    if clip and isinstance(strategy, DeepSpeedStrategy):
+        strategy.config.setdefault("gradient_clipping", float(clip))
+    return strategy
+
+
 def _param_bytes(cfg: DictConfig, model) -> int:
     """Bytes of the parameters as loaded; a dry run on the meta device (nothing loaded) states what a
     real run would load: 4-bit linear weights under QLoRA (llmlab/memory.py)."""
@@ -137,9 +155,9 @@ def train(cfg: DictConfig) -> float | None:
 
         callbacks.append(StopAtStep(cfg.stop_at_step, dirpath=str(run_dir / "checkpoints")))
     loggers = _instantiate_dict(cfg.logger)
-    strategy = instantiate(cfg.strategy)
-    # a stage may need Trainer settings adjusted (ppo: manual optimization clips its own gradients)
-    stage_trainer_kwargs = module.trainer_overrides(cfg.trainer) if hasattr(module, "trainer_overrides") else {}
+    strategy = build_strategy(cfg.strategy, module)
+    # what the stage declares it needs (stages/interface.py; ppo: no automatic clipping, interval in rollouts)
+    stage_trainer_kwargs = module.trainer_overrides(cfg.trainer)
     trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_bad_steps"}
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, strategy=strategy,
                                      **stage_trainer_kwargs)
@@ -151,13 +169,9 @@ def train(cfg: DictConfig) -> float | None:
         if diverged:
             raise diverged
         return None
-    result = json.loads((run_dir / "summary.json").read_text())
-    for cb in callbacks:  # generated samples go into the summary too
-        if getattr(cb, "samples", None):
-            result["samples"] = cb.samples
-    if getattr(module, "predictions", None):  # sft: a few (prompt, generated, answer) of the last validation
-        result["val_predictions"] = module.predictions
-    atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2) + "\n")
+    # RunSummary wrote summary.json at fit end, with what the stage and callbacks declare
+    # (SummarySource: sft's val_predictions, the samples, the guard's status)
+    result = summary.written or {}
     from llmlab.console import print_summary
 
     print_summary(result, run_dir)

@@ -1,4 +1,10 @@
-"""Shared test helpers: run the real CLI in a subprocess and read what it wrote."""
+"""Shared test helpers: run the real CLI in a subprocess and read what it wrote.
+
+The one subprocess layer of the tests: `run_python` (python + argv from the repo root, output
+captured), `run_module` (`python -m module ...`), `run_cli` / the `cli` fixture (`llmlab.run` into a
+run dir, returning a `Run`). Test files use these rather than their own `subprocess.run` wrappers
+(processes a test kills or talks to while they run, `Popen`, stay in the test).
+"""
 from __future__ import annotations
 
 import json
@@ -29,10 +35,22 @@ class Run:
         return json.loads((self.dir / "summary.json").read_text())
 
 
+def run_python(*argv: str, timeout: float = 600, env: dict | None = None, base_env: dict | None = None,
+               cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python *argv` (this interpreter) from the repo root, stdout/stderr captured as text. The child's
+    environment is `base_env` (default: this process's) with `env` on top."""
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**(os.environ if base_env is None else base_env), **(env or {})})
+
+
+def run_module(module: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    """`python -m module *args` (llmlab.eval, llmlab.export, llmlab.generate, ...); kw as run_python."""
+    return run_python("-m", module, *args, **kw)
+
+
 def run_cli(run_dir: Path, *overrides: str, module: str = "llmlab.run", timeout: int = 600, env=None) -> Run:
-    cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    """A Hydra entry point (`llmlab.run`, `llmlab.pipeline`) into `run_dir`: the Run it left."""
+    proc = run_module(module, *overrides, f"hydra.run.dir={run_dir}", timeout=timeout, env=env)
     return Run(proc, Path(run_dir))
 
 
@@ -45,6 +63,18 @@ def cli(tmp_path):
         return run_cli(run_dir or tmp_path / f"run{next(counter)}", *overrides, **kw)
 
     return _run
+
+
+def compose_group(group: str, choice: str):
+    """The `group` node as Hydra composes `group=choice` (the file's own `defaults:` applied: e.g.
+    strategy=zero2 is zero1.yaml + its changes): unresolved, detached from the root and open to new keys,
+    as `OmegaConf.load` of a self-contained file would be (a plain load misses what a file composes)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        node = compose("train", overrides=[f"{group}={choice}"])[group]
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=False))
 
 
 def assert_ok(run: Run) -> None:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import compose_group, run_module
 
 TINY = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "data.n_train=64",
         "data.n_val=16", "trainer.enable_progress_bar=false", "model.config.n_layer=1", "model.config.n_embd=32",
         "model.config.n_head=2"]
 # no network and an empty hub cache, for certain: the hub cases must fail in seconds, here and anywhere
 OFFLINE_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9"}
-PYTHON = sys.executable
 
 
 @dataclass
@@ -47,11 +43,10 @@ def _run_case(case: Case, places: dict, workdir: Path) -> dict:
     args = [a.format(**places) for a in case.args]
     if case.module in ("llmlab.run", "llmlab.pipeline") and not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={workdir / case.id}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(places["tmp"] + "/empty_hf_cache"),
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(places["tmp"] + "/empty_hf_cache"),
            **{k: v.format(**places) for k, v in case.env.items()}}
     t0 = time.perf_counter()
-    proc = subprocess.run([PYTHON, "-m", case.module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = run_module(case.module, *args, timeout=300, env=env)
     return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "args": args,
             "seconds": time.perf_counter() - t0}
 
@@ -69,6 +64,8 @@ CASES = [
          ["stage.module.lr", "did you mean stage.module.optimizer.lr?"]),
     Case("run-unknown-model", "llmlab.run", ["model=nonexistent_model"], ["model/nonexistent_model", "tiny"]),
     Case("run-unknown-stage", "llmlab.run", ["stage=finetune"], ["stage/finetune", "sft"]),
+    Case("run-module-not-a-stage", "llmlab.run", ["stage.module._target_=torch.nn.Linear"],
+         ["stage.module._target_=torch.nn.Linear", "not an llmlab stage", "llmlab.stages.interface.Stage"]),
     Case("run-bad-override-syntax", "llmlab.run", ["trainer.max_steps=[1,"], ["'trainer.max_steps=[1,'"]),
     # ---- the hub: unreachable (README headline), typo'd name offline
     Case("run-readme-headline-offline", "llmlab.run", ["model=opt1.3b", "peft=qlora", "strategy=zero3"],
@@ -241,8 +238,7 @@ def catalog(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_inputs")
     sweep = tmp / "sweep"
     run = sweep / "0"
-    proc = subprocess.run([PYTHON, "-m", "llmlab.run", *TINY, f"hydra.run.dir={run}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_module("llmlab.run", *TINY, f"hydra.run.dir={run}", timeout=600, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp / "empty_dir").mkdir()
     (tmp / "noexport").mkdir()  # a run dir whose training never exported (config, no hf/)
@@ -322,18 +318,16 @@ def test_hub_load_errors_are_rephrased():
 def test_load_full_weights_is_accepted_where_it_works(catalog):
     """The resume check suggests strategy.load_full_weights=true for a single-file checkpoint: it must
     then accept it with ZeRO-3 (the only stage where Lightning loads full weights), and refuse ZeRO-2."""
-    from omegaconf import OmegaConf
-
     from llmlab.errors import ConfigError
     from llmlab.checks_strategy import check_checkpoint_for_strategy
 
     ckpt = Path(catalog["places"]["run"]) / "checkpoints" / "last.ckpt"
-    zero3 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero3.yaml")
+    zero3 = compose_group("strategy", "zero3")
     with pytest.raises(ConfigError, match="strategy.load_full_weights=true"):
         check_checkpoint_for_strategy(ckpt, zero3)
     zero3.load_full_weights = True
     check_checkpoint_for_strategy(ckpt, zero3)
-    zero2 = OmegaConf.load(ROOT / "conf" / "strategy" / "zero2.yaml")
+    zero2 = compose_group("strategy", "zero2")
     zero2.load_full_weights = True
     with pytest.raises(ConfigError):
         check_checkpoint_for_strategy(ckpt, zero2)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from llmlab import bases, checks
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, run_module, run_python
 
 # groups whose choice is made in a root's defaults list, not with `group=name` on the command line
 ROOT_ONLY_GROUPS = {"hydra"}
@@ -81,8 +79,7 @@ def _missing(plain, prefix="") -> list[str]:
 
 def _help_groups() -> dict[str, set[str]]:
     """`python -m llmlab.run --help`: the groups and choices Hydra's config repository lists."""
-    out = subprocess.run([sys.executable, "-m", "llmlab.run", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = run_module("llmlab.run", "--help", timeout=120)
     assert out.returncode == 0, out.stderr
     section = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     return {m.group(1): set(m.group(2).split(", "))
@@ -262,12 +259,12 @@ def test_help_and_cfg_are_fast_and_do_not_import_torch():
             "try:\n    runpy.run_module('llmlab.run', run_name='__main__')\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported on the --cfg path'\n")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = run_python("-c", code)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     assert "stage:" in proc.stdout
     assert elapsed < 5, elapsed  # target under 2 s on an idle machine; margin for a loaded CI box
-    help_ = subprocess.run([sys.executable, "-m", "llmlab.run", "--help"], cwd=ROOT, capture_output=True, text=True)
+    help_ = run_module("llmlab.run", "--help")
     assert help_.returncode == 0 and "stage: " in help_.stdout and "peft: " in help_.stdout
 
 
@@ -311,3 +308,15 @@ def test_base_fingerprint_changes_with_any_source_or_config(project_copy):
     # the names' fingerprints differ (their recipes do) and each is stable
     prints = {name: bases._fingerprint(name) for name in bases.BASES}
     assert len(set(prints.values())) == len(prints) and prints == {n: bases._fingerprint(n) for n in bases.BASES}
+
+
+def test_zero_choices_are_zero1_plus_their_differences():
+    """conf/strategy/zero2|3|3_offload compose zero1.yaml (`defaults:`): each composes to zero1's node,
+    in the same key order, with only its stage, name and offloading changed."""
+    base = compose_resolved(["strategy=zero1"])[1]["strategy"]
+    differences = {"zero2": {"name": "zero2", "stage": 2}, "zero3": {"name": "zero3", "stage": 3},
+                   "zero3_offload": {"name": "zero3_offload", "stage": 3, "offload_optimizer": True,
+                                     "offload_parameters": True}}
+    for choice, changed in differences.items():
+        node = compose_resolved([f"strategy={choice}"])[1]["strategy"]
+        assert list(node.items()) == list({**base, **changed}.items()), choice

@@ -243,12 +243,10 @@ def test_lora_adapter_under_zero3_is_the_trained_adapter(runs_root, tiny_pretrai
 
     # `python -m llmlab.export RUN_DIR` reads the DeepSpeed checkpoint directory (the adapter; the frozen
     # base comes from model.pretrained): the same merged model as hf/
-    import subprocess
-    import sys
+    from tests.conftest import run_module
 
     out = result.run_dir / "export"
-    proc = subprocess.run([sys.executable, "-m", "llmlab.export", str(result.run_dir), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_module("llmlab.export", str(result.run_dir), "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = AutoModelForCausalLM.from_pretrained(out / "merged")
     with torch.no_grad():

@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, FAST, ROOT, assert_ok
+from tests.conftest import CONF, FAST, assert_ok, run_module
 
 TASK_SETS = sorted(p.stem for p in (CONF / "eval").glob("*.yaml"))
-
-
-def eval_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmlab.eval", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def task_set(name: str, **overrides):
@@ -118,7 +111,7 @@ def test_builtin_sft_model_beats_untrained_and_matches_llmlab_exact_match(tmp_pa
     from llmlab.generate import load
 
     sft_dir, n = ensure_base("tiny-sft"), 64
-    proc = eval_cli(sft_dir, f"limit={n}", f"out={tmp_path / 'eval.json'}")
+    proc = run_module("llmlab.eval", sft_dir, f"limit={n}", f"out={tmp_path / 'eval.json'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "llmlab_builtin_mc" in proc.stdout  # the table
     sft = json.loads((tmp_path / "eval.json").read_text())
@@ -183,7 +176,7 @@ def test_peft_run_evaluated_as_exported(cli, method, load, every, steps):
     history = json.loads((run.dir / "history.json").read_text())
     assert [p[0] for p in history["val/llmlab_builtin_mc/acc"]] == steps  # the callback ran when asked
     assert [p[0] for p in history["val/llmlab_builtin_em/exact_match"]] == steps
-    proc = eval_cli(str(run.dir), f"load={load}", "limit=32")
+    proc = run_module("llmlab.eval", str(run.dir), f"load={load}", "limit=32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run.dir / "eval.json").read_text())
     assert "hf_adapter" in result["loaded"]  # base + adapter, as trained (QLoRA: rebuilt 4-bit)

@@ -7,24 +7,17 @@ matches the 4-bit adapter model up to bf16 rounding. Prefix tuning: adapter only
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_ok, run_cli
+from tests.conftest import assert_ok, run_cli, run_module
 
 TINY = ["model=tiny", "model.config.n_layer=2", "model.config.n_embd=32", "model.config.n_head=2"]
 SHORT = ["stage=sft", "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
          "data.n_train=128", "data.n_val=8", "data.batch_size=8", "trainer.enable_progress_bar=false",
          "stage.module.max_new_tokens=4",
          "stage.module.optimizer.lr=1e-2"]
-
-
-def py(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def ids_for(tok, texts=("Question: reverse abc\n\nAnswer: ", "Question: sort dcba\n\nAnswer: ")):
@@ -88,7 +81,7 @@ def test_export_cli_from_checkpoint_matches_hf(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "exp"
-    proc = py("llmlab.export", str(lora_run.dir), "--out", str(out))
+    proc = run_module("llmlab.export", str(lora_run.dir), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "merged" / "config.json").is_file()
     tok = AutoTokenizer.from_pretrained(out / "merged")
@@ -108,7 +101,7 @@ def test_export_cli_quantize_int8_from_a_run(lora_run, tmp_path):
     from llmlab.quantize import load_quantized
 
     out = tmp_path / "exp"
-    proc = py("llmlab.export", str(lora_run.dir), "--out", str(out), "quantize=int8")
+    proc = run_module("llmlab.export", str(lora_run.dir), "--out", str(out), "quantize=int8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"load_quantized('{out / 'quantized-int8'}')" in proc.stdout
     enc = ids_for(AutoTokenizer.from_pretrained(out / "quantized-int8"))
@@ -119,13 +112,13 @@ def test_export_cli_quantize_int8_from_a_run(lora_run, tmp_path):
 
 
 def test_export_cli_merges_an_adapter_directory(lora_run, base_dir, tmp_path):
-    proc = py("llmlab.export", str(lora_run.dir / "hf_adapter"), "--out", str(tmp_path / "m"), "--base", str(base_dir))
+    proc = run_module("llmlab.export", str(lora_run.dir / "hf_adapter"), "--out", str(tmp_path / "m"), "--base", str(base_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "m" / "merged" / "model.safetensors").is_file()
 
 
 def _generate(path, *settings):
-    proc = py("llmlab.generate", str(path), *settings)
+    proc = run_module("llmlab.generate", str(path), *settings)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -161,9 +154,9 @@ def test_generate_cli_stop_sequence_cuts_the_text():
 
 
 def test_generate_cli_errors_are_clear(lora_run):
-    proc = py("llmlab.generate", str(lora_run.dir), "temprature=0.5", "prompt=x")
+    proc = run_module("llmlab.generate", str(lora_run.dir), "temprature=0.5", "prompt=x")
     assert proc.returncode != 0 and "unknown setting 'temprature'" in proc.stderr
-    proc = py("llmlab.generate", str(lora_run.dir))
+    proc = run_module("llmlab.generate", str(lora_run.dir))
     assert proc.returncode != 0 and "prompt=TEXT" in proc.stderr
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import FAST, ROOT, assert_ok
+from tests.conftest import FAST, assert_ok, run_module
 
 NAN = "+callbacks.nan._target_=llmlab.callbacks.faults.InjectNaN"
 QUICK = ["callbacks.samples.prompts=[]", "callbacks.hf_export=null", "trainer.log_every_n_steps=1"]
@@ -247,8 +245,7 @@ def test_multirun_records_a_diverged_job_and_goes_on(tmp_path):
     """A sweep job that diverges before any checkpoint: recorded (status diverged, no checkpoint, none
     written at its end), and the next job still runs; the sweep exits 0."""
     args = [*STAGES["sft"], *QUICK, NAN, "+callbacks.nan.step=2", "+callbacks.nan.count=-1,1"]
-    proc = subprocess.run([sys.executable, "-m", "llmlab.run", "-m", *args, f"hydra.sweep.dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_module("llmlab.run", "-m", *args, f"hydra.sweep.dir={tmp_path}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = (json.loads((tmp_path / str(i) / "summary.json").read_text()) for i in (0, 1))
     assert first["status"] == "diverged" and first["diverged_at_step"] == 4 and first["last_good_checkpoint"] is None

@@ -21,6 +21,8 @@ APP = REPO / "tests" / "fixtures" / "toy_app" / "app.py"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.conftest import run_python  # noqa: E402  (after the sys.path line above)
+
 optuna = pytest.importorskip("optuna")
 
 
@@ -32,14 +34,16 @@ def _env(out: Path) -> dict:
     return env
 
 
-def _cmd(*overrides: str) -> list:
-    return [sys.executable, str(APP), "-cn", "search", "-m", *overrides]
+def _argv(*overrides: str) -> list:
+    return [str(APP), "-cn", "search", "-m", *overrides]
+
+
+def _cmd(*overrides: str) -> list:  # for Popen (tests that kill a sweep while it runs)
+    return [sys.executable, *_argv(*overrides)]
 
 
 def _run(out: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _cmd(*overrides), env=_env(out), capture_output=True, text=True, timeout=timeout
-    )
+    return run_python(*_argv(*overrides), base_env=_env(out), timeout=timeout)
 
 
 def _study(out: Path, name: str = "toy"):
@@ -272,11 +276,8 @@ def test_repair_torn_journal(tmp_path):
 
 def test_sweeper_config_is_registered(tmp_path):
     env = _env(tmp_path)
-    r = subprocess.run(
-        [sys.executable, str(APP), "hydra/sweeper=llmlab_optuna", "--cfg", "hydra",
-         "-p", "hydra.sweeper"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )
+    r = run_python(str(APP), "hydra/sweeper=llmlab_optuna", "--cfg", "hydra", "-p", "hydra.sweeper",
+                   base_env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "hydra_plugins.llmlab_optuna.sweeper.LlmlabOptunaSweeper" in r.stdout
     assert "n_trials: 20" in r.stdout

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from llmlab.pipeline import stage_report, substitute, write_summary
-from tests.conftest import CONF, FAST, ROOT
+from tests.conftest import CONF, FAST, run_module
 
 # every stage at test size (model.config.* only matters for the stage built from scratch)
 REDUCED = [*FAST, "stage.module.mini_batch_size=8", "stage.module.ppo_epochs=1", "stage.module.samples_per_prompt=1",
@@ -29,8 +28,7 @@ PPO_ONLY = "+stage_overrides.ppo=" + hydra_list(REDUCED[-5:])
 
 def pipeline(out_dir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     # the eval step ("did this stage help?") on 16 documents per task: seconds per model
-    cmd = [sys.executable, "-m", "llmlab.pipeline", f"out_dir={out_dir}", "eval_overrides=['limit=16']", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run_module("llmlab.pipeline", f"out_dir={out_dir}", "eval_overrides=['limit=16']", *args, timeout=timeout)
 
 
 def pipeline_names():
@@ -204,9 +202,8 @@ def test_hydra_run_dir_is_where_the_chain_goes(rlhf_run, tmp_path):
     src, _, first = rlhf_run
     assert first.returncode == 0
     out = tmp_path / "chosen"
-    cmd = [sys.executable, "-m", "llmlab.pipeline", "pipeline=dpo", f"hydra.run.dir={out}", "eval_overrides=['limit=16']",
-           f"+given.sft={src / '2_sft'}", f"+given.dpo={src / '2_sft'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_module("llmlab.pipeline", "pipeline=dpo", f"hydra.run.dir={out}", "eval_overrides=['limit=16']",
+                      f"+given.sft={src / '2_sft'}", f"+given.dpo={src / '2_sft'}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["out_dir"] == str(out.resolve()) and [s["status"] for s in summary["stages"]] == ["given"] * 2

@@ -7,13 +7,11 @@ call, generates through `llmlab.generate`, and keeps its held-out exact match.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import run_module
 
 # Measured on the cached tiny SFT base (200 held-out items, 2026-11-24): fp32 1.00, int8 1.00, 200/200 greedy
 # answers identical; on an earlier build of that base 0.96 / 0.96 with 195/200 identical. A flipped answer
@@ -81,11 +79,6 @@ def test_refuses_what_it_cannot_quantize():
         quantize_int8(model)
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.mark.slow
 def test_quantized_export_keeps_held_out_exact_match(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,7 +89,7 @@ def test_quantized_export_keeps_held_out_exact_match(tmp_path):
     from llmlab.generation import greedy_answers
 
     base = ensure_base("tiny-sft")
-    proc = _cli("llmlab.export", str(base), "quantize=int8", "--out", str(tmp_path))
+    proc = run_module("llmlab.export", str(base), "quantize=int8", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     qdir = tmp_path / "quantized-int8"
     assert f"load with: from llmlab.quantize import load_quantized; model = load_quantized('{qdir}')" in proc.stdout
@@ -120,11 +113,11 @@ def test_quantized_export_keeps_held_out_exact_match(tmp_path):
     assert abs(em_q - em_fp32) <= EM_TOLERANCE, (em_q, em_fp32)
 
     # llmlab.generate takes the quantized directory and decodes what load_quantized decodes
-    proc = _cli("llmlab.generate", str(qdir), f"prompt={items[0]['prompt']}", "template=Question: {prompt}\n\nAnswer: ",
+    proc = run_module("llmlab.generate", str(qdir), f"prompt={items[0]['prompt']}", "template=Question: {prompt}\n\nAnswer: ",
                 "max_new_tokens=16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1])["generated"].strip() == answers_q[0].strip()
-    proc = _cli("llmlab.generate", str(qdir), "prompt=x", "dtype=bfloat16")
+    proc = run_module("llmlab.generate", str(qdir), "prompt=x", "dtype=bfloat16")
     assert proc.returncode == 2 and "int8 quantized export" in proc.stderr
 
 

@@ -2,16 +2,16 @@
 shipped with a model never runs (trust_remote_code stays off). Real CLI runs throughout."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_module
 
 SECRET, PASSWORD = "SECRET123", "PASSW0RD9"
 TINY = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "data.n_train=64",
@@ -19,9 +19,7 @@ TINY = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_va
         "model.config.n_head=2"]
 
 
-def _py(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+_py = functools.partial(run_module, env={"OMP_NUM_THREADS": "1"})  # `python -m module ...`, one thread
 
 
 def _files_with(root: Path, *needles: str) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,41 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_helpers import job_info, jobs, partition, skip_without_cluster, wait_for  # noqa: F401 (jobs: fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "fixtures" / "toy_app" / "app.py"
 
-pytestmark = pytest.mark.slurm
-
-
-def _cluster_state() -> "tuple[bool, str]":
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return False, "Slurm is not installed (no sinfo/sbatch); start it: sudo scripts/slurm_local.sh"
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return False, "sinfo timed out: slurmctld not answering (sudo scripts/slurm_local.sh)"
-    if r.returncode != 0:
-        return False, f"Slurm cluster not up (sinfo: {r.stderr.strip()[:200]}); sudo scripts/slurm_local.sh"
-    states = r.stdout.split()
-    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states[1::2]):
-        return False, f"no usable Slurm node (sinfo: {r.stdout.strip()[:200]})"
-    return True, ""
-
-
-_UP, _WHY = _cluster_state()
-if not _UP:
-    pytest.skip(_WHY, allow_module_level=True)
-
-PARTITION = os.environ.get("LLMLAB_SLURM_PARTITION") or subprocess.run(
-    ["sinfo", "-h", "-o", "%P"], capture_output=True, text=True
-).stdout.split()[0].rstrip("*")
-
-
-def _job(jid: str) -> dict:
-    r = subprocess.run(["scontrol", "-o", "show", "job", jid], capture_output=True, text=True)
-    if r.returncode != 0:
-        return {}
-    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+pytestmark = [pytest.mark.slurm, skip_without_cluster]
+PARTITION = partition()
 
 
 def _sbatch(*args: str, script: str) -> str:
@@ -60,27 +31,6 @@ def _sbatch(*args: str, script: str) -> str:
                        text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
-
-
-def _wait(pred, timeout: float, what: str, jid: str = "", poll: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(poll)
-    info = _job(jid) if jid else {}
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; job: "
-                f"{ {k: info.get(k) for k in ('JobState', 'Reason', 'Restarts')} }")
-
-
-@pytest.fixture
-def jobs():
-    """Job ids a test submitted; cancelled at the end whatever happened."""
-    ids: list = []
-    yield ids
-    for jid in ids:
-        subprocess.run(["scancel", jid], capture_output=True)
 
 
 def test_sbatch_two_tasks_with_srun(tmp_path, jobs, record_property):
@@ -99,7 +49,7 @@ def test_sbatch_two_tasks_with_srun(tmp_path, jobs, record_property):
     t0 = time.time()
     jid = _sbatch(script=script)
     jobs.append(jid)
-    _wait(lambda: _job(jid).get("JobState") == "COMPLETED", 120, "the job to complete", jid)
+    wait_for(lambda: job_info(jid).get("JobState") == "COMPLETED", 120, "the job to complete", jid)
     text = out.read_text()
     ranks = sorted(re.findall(r"rank=(\d+) of (\d+)", text))
     assert ranks == [("0", "2"), ("1", "2")], text
@@ -166,18 +116,18 @@ def test_scontrol_requeue_restarts_a_running_job(tmp_path, jobs):
     ])
     jid = _sbatch(script=script)
     jobs.append(jid)
-    _wait(lambda: marks.exists() and "start" in marks.read_text(), 60, "the job to start", jid)
-    assert _job(jid).get("JobState") == "RUNNING"
+    wait_for(lambda: marks.exists() and "start" in marks.read_text(), 60, "the job to start", jid)
+    assert job_info(jid).get("JobState") == "RUNNING"
     t0 = time.time()
     r = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     # cred_expire (slurm.conf AuthInfo) delays the restart: 10 s locally, 120 s by default
-    _wait(lambda: _job(jid).get("JobState") == "COMPLETED", 240, "the requeued job to finish", jid,
+    wait_for(lambda: job_info(jid).get("JobState") == "COMPLETED", 240, "the requeued job to finish", jid,
           poll=0.5)
     print(f"scontrol requeue -> requeued job finished: {time.time() - t0:.1f} s")
     lines = marks.read_text().split("\n")
     assert [ln for ln in lines if ln] == [f"start {jid} 0", f"start {jid} 1"]
-    assert _job(jid).get("Restarts") == "1"
+    assert job_info(jid).get("Restarts") == "1"
 
 
 SIG_TASK = r"""
@@ -223,7 +173,7 @@ def test_time_limit_signal_reaches_srun_tasks_and_requeues(tmp_path, jobs):
     t0 = time.time()
     jid = _sbatch(script=script)
     jobs.append(jid)
-    _wait(lambda: _job(jid).get("JobState") == "COMPLETED" and _job(jid).get("Restarts") == "1",
+    wait_for(lambda: job_info(jid).get("JobState") == "COMPLETED" and job_info(jid).get("Restarts") == "1",
           240, "the signalled job to requeue and finish", jid, poll=0.5)
     print(f"--time=1 --signal=USR1@50: submit -> requeued run finished: {time.time() - t0:.1f} s")
     lines = sorted(ln for ln in marks.read_text().splitlines() if ln)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,47 +21,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST, ROOT
+from tests.slurm_helpers import job_info, jobs, skip_without_cluster, wait_for  # noqa: F401 (jobs: fixture)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, skip_without_cluster]
 TINY = [*FAST, "callbacks.samples=null", "callbacks.hf_export=null"]
-
-
-def _cluster_state() -> tuple[bool, str]:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return False, "Slurm is not installed (no sinfo/sbatch); start it: sudo scripts/slurm_local.sh"
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return False, "sinfo timed out: slurmctld not answering (sudo scripts/slurm_local.sh)"
-    if r.returncode != 0:
-        return False, f"Slurm cluster not up (sinfo: {r.stderr.strip()[:200]}); sudo scripts/slurm_local.sh"
-    states = r.stdout.split()[1::2]
-    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
-        return False, f"no usable Slurm node (sinfo: {r.stdout.strip()[:200]})"
-    return True, ""
-
-
-_UP, _WHY = _cluster_state()
-if not _UP:
-    pytest.skip(_WHY, allow_module_level=True)
 
 
 def tiny(**changes) -> list[str]:
     return [o for o in TINY if o.split("=")[0] not in changes] + [f"{k}={v}" for k, v in changes.items()]
-
-
-def job_info(jid: str) -> dict:
-    r = subprocess.run(["scontrol", "-o", "show", "job", jid], capture_output=True, text=True)
-    return dict(re.findall(r"(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
-
-
-def wait_for(pred, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if v := pred():
-            return v
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_done(jid: str, timeout: float) -> dict:
@@ -81,15 +47,6 @@ def slurm_job_dirs(sweep: Path) -> list[str]:
 
 def train_steps(run_dir: Path) -> list[int]:
     return [step for step, _ in json.loads((run_dir / "history.json").read_text())["train/loss"]]
-
-
-@pytest.fixture
-def jobs():
-    """Slurm job ids a test submitted; cancelled at the end whatever happened."""
-    ids: list[str] = []
-    yield ids
-    for jid in ids:
-        subprocess.run(["scancel", jid], capture_output=True)
 
 
 def sbatch_template(tmp_path: Path, *overrides: str, time_min: int = 10) -> str:

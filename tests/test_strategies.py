@@ -36,9 +36,9 @@ WORKER_TIMEOUT_S = 240  # a ZeRO-3 hang fails the test instead of blocking CI
 def _strategy_node(name: str, accelerator: str = "cpu"):
     from omegaconf import OmegaConf
 
-    node = OmegaConf.load(STRATEGY_DIR / f"{name}.yaml")
-    node.pop("defaults", None)  # cpu_bf16 selects the precision group; not a constructor argument
-    root = OmegaConf.create({"trainer": {"accelerator": accelerator}, "strategy": node})
+    from tests.conftest import compose_group  # zero2|3|3_offload compose zero1.yaml: not a plain load
+
+    root = OmegaConf.create({"trainer": {"accelerator": accelerator}, "strategy": compose_group("strategy", name)})
     return root.strategy
 
 
@@ -269,11 +269,11 @@ ALL_CHOICES = ["auto", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "cpu_b
 
 
 def test_every_choice_has_a_file_with_its_name():
-    from omegaconf import OmegaConf
+    from tests.conftest import compose_group
 
     assert sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml")) == sorted(ALL_CHOICES)
     for choice in ALL_CHOICES:
-        node = OmegaConf.load(STRATEGY_DIR / f"{choice}.yaml")
+        node = compose_group("strategy", choice)
         assert node.name == choice
         assert node._target_.startswith("llmlab.strategies.")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, run_module, run_python
 
 # FAST without the sample-generation and HF-export callbacks: sweeps run several jobs
 TINY = [*FAST, "callbacks.samples=null", "callbacks.hf_export=null"]
@@ -29,8 +29,7 @@ def tiny(**changes) -> list[str]:
 
 
 def llmlab(*args: str, timeout: int = 300, env: dict | None = None, module: str = "llmlab.run"):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return run_module(module, *args, timeout=timeout, env=env)
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -180,7 +179,7 @@ def test_optuna_search_killed_and_restarted_completes_the_plan(tmp_path):
     assert before["n_complete"] == 1 and before["finished"] is False
     done_first = next(t for t in before["trials"] if t["state"] == "COMPLETE")
 
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    second = run_python(*cmd[1:], timeout=300)  # the same command again
     assert second.returncode == 0, second.stderr[-3000:]
     res = _results(sweep)
     assert res["finished"] is True and res["n_complete"] == 3 and res["n_trials_planned"] == 3

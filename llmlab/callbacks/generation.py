@@ -42,3 +42,6 @@ class SampleGeneration(L.Callback):
     def _log(self) -> None:
         for s in self.samples:
             log.info("sample | %r -> %r", s["prompt"], s["generated"])
+
+    def summary_values(self, summary: dict) -> dict:  # SummarySource: RunSummary asks at fit end
+        return {"samples": self.samples} if self.samples else {}

@@ -18,6 +18,7 @@ import logging
 import lightning as L
 
 from llmlab.errors import RunDiverged
+from llmlab.stages.interface import Stage
 
 log = logging.getLogger("llmlab")
 
@@ -42,7 +43,7 @@ class NonFiniteGuard(L.Callback):
 
     @staticmethod
     def guard(pl_module):
-        return getattr(pl_module, "step_guard", None)
+        return pl_module.step_guard  # a declared member of every stage if isinstance(pl_module, Stage) else None
 
     # --- resume: the count of skipped steps travels in the checkpoint ---
     def state_dict(self) -> dict:
@@ -116,7 +117,7 @@ class NonFiniteGuard(L.Callback):
         return (getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") or None) if cb else None
 
     # --- the outcome ---
-    def outcome(self, trainer) -> dict:
+    def outcome(self) -> dict:
         """Keys for summary.json."""
         out = {"skipped_steps": self._skipped}
         if self.diverged_at is not None:
@@ -125,17 +126,17 @@ class NonFiniteGuard(L.Callback):
         return out
 
     def on_train_end(self, trainer, pl_module):
-        from llmlab.stages.alignment import summary_extras
-
         if self.diverged_at is not None:
             self._hold_checkpoints(trainer)  # ModelCheckpoint.on_train_end runs after this hook
-        summary_extras(trainer, self.outcome(trainer))
+
+    def summary_values(self, summary: dict) -> dict:  # SummarySource: RunSummary asks at fit end
+        return self.outcome()
 
     def error(self, trainer) -> RunDiverged | None:
         """The error a diverged run ends with (None when it did not diverge)."""
         if self.diverged_at is None:
             return None
-        o = self.outcome(trainer)
+        o = self.outcome()
         return RunDiverged(
             f"run diverged at step {self.diverged_at}: {self.max_bad_steps} non-finite updates in a row "
             f"from step {o['bad_streak_start']} skipped ({o['skipped_steps']} in all); "

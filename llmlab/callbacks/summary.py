@@ -4,6 +4,10 @@ Records every logged train/val scalar as a (step, value) history, training throu
 validation time excluded), peak RSS and wall time. Validation runs once before the first step
 (`trainer.num_sanity_val_steps=-1` over the whole validation set), so `*_first` values describe the
 model as it started and `*_last` as it ended. Rank 0 writes; metrics are already reduced across ranks.
+
+It is the one writer of summary.json during a fit: the stage module and callbacks add their own keys
+through `summary_values(summary)` (`llmlab.stages.interface.SummarySource`), asked once at fit end;
+`train.py` reads the result from `RunSummary.written` rather than from the file.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from llmlab.atomic import atomic_write_text
 from llmlab.stages.common import count_tokens
+from llmlab.stages.interface import SummarySource
 
 
 def _scalar(v) -> float | None:
@@ -37,7 +42,7 @@ class RunSummary(L.Callback):
     def __init__(self, run_dir: str, info: dict | None = None, filename: str = "summary.json"):
         self.run_dir, self.info, self.filename = Path(run_dir), dict(info or {}), filename
         self.history: dict[str, list[tuple[int, float]]] = {}
-        self.extra: dict = {}  # stages and run.py add keys here (e.g. parameter counts)
+        self.written: dict | None = None  # the summary as last written (rank 0)
         self.train_tokens, self.train_seconds, self._t_last = 0, 0.0, None
         self._t_start = time.perf_counter()
 
@@ -77,7 +82,8 @@ class RunSummary(L.Callback):
             self._t_last += time.perf_counter() - self._t_val
         self._record(trainer, "val/")
 
-    def summary(self, trainer) -> dict:
+    def summary(self, trainer, sources=()) -> dict:
+        """The run's summary; each of `sources` (SummarySource: the stage, callbacks) adds its keys last."""
         out = {
             **self.info,
             "status": "finished",
@@ -92,16 +98,19 @@ class RunSummary(L.Callback):
         for key, points in sorted(self.history.items()):
             name = key.replace("/", "_")
             out[f"{name}_first"], out[f"{name}_last"] = points[0][1], points[-1][1]
-        out.update(self.extra)
+        for source in sources:
+            out.update(source.summary_values(dict(out)))
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
     def on_fit_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self.write(trainer)
+            # callbacks first (the NaN guard's status=diverged), then the stage (its literal keys)
+            sources = [s for s in (*trainer.callbacks, pl_module) if s is not self and isinstance(s, SummarySource)]
+            self.write(trainer, sources)
 
-    def write(self, trainer) -> dict:
+    def write(self, trainer, sources=()) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        summary = self.summary(trainer)
+        summary = self.written = self.summary(trainer, sources)
         # a kill -9 while writing leaves the previous file whole, never a torn one
         atomic_write_text(self.run_dir / self.filename, json.dumps(summary, indent=2) + "\n")
         atomic_write_text(self.run_dir / "history.json", json.dumps(self.history) + "\n")

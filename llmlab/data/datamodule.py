@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from llmlab.data.formats import FORMATS, TARGET_COUNTS
 from llmlab.data.sources import DataError, load_split
+from llmlab.stages.interface import Stage
 
 
 class ResumableSampler(Sampler[int]):
@@ -136,9 +137,10 @@ class LLMDataModule(L.LightningDataModule):
         if trainer is None:
             return 0
         _, world = self._rank_world()
-        # a stage that takes several optimizer steps per batch (grpo) says how many batches it consumed
-        done = getattr(trainer.lightning_module, "batches_done", None)
-        batches = done() if callable(done) else trainer.global_step * trainer.accumulate_grad_batches
+        # a stage that takes several optimizer steps per batch (ppo, grpo) says how many batches it consumed
+        module = trainer.lightning_module
+        done = module.batches_done() if isinstance(module, Stage) else None
+        batches = done if done is not None else trainer.global_step * trainer.accumulate_grad_batches
         return batches * self.cfg.batch_size * world
 
     def train_dataloader(self):

@@ -1,10 +1,8 @@
-"""Pieces the preference stages (rm, dpo, ppo) share, as functions and one small class.
+"""Pieces the preference stages (rm, dpo, ppo, grpo) share, as functions and one small class.
 
 - `FrozenReference`: the frozen reference policy of DPO and PPO. With PEFT it is the same model with
   the adapter disabled (no second copy in memory); otherwise a frozen copy of the starting weights,
   or a model loaded from `reference_model` (a run dir or HF path).
-- `summary_extras`: literal summary.json keys (e.g. `val_accuracy`) next to RunSummary's
-  `*_first` / `*_last` pairs.
 - `hf_dir`: a run dir or an HF directory/hub name -> what `from_pretrained` should load.
 """
 from __future__ import annotations
@@ -115,17 +113,3 @@ def check_same_tokenizer(path: str, policy_tokenizer, setting: str) -> None:
                           f"log-probs of the two models are not comparable. Use a reference trained from "
                           f"the same base as the policy, or leave {setting} unset (the starting checkpoint)")
 
-
-def summary_extras(trainer, values: dict) -> None:
-    """Put literal keys into summary.json (RunSummary.extra); a no-op without a RunSummary."""
-    for cb in getattr(trainer, "callbacks", []):
-        if hasattr(cb, "extra") and hasattr(cb, "history"):
-            cb.extra.update(values)
-
-
-def last_logged(trainer, key: str):
-    """The last recorded value of a logged metric (RunSummary history), or None."""
-    for cb in getattr(trainer, "callbacks", []):
-        if hasattr(cb, "history") and cb.history.get(key):
-            return cb.history[key][-1][1]
-    return None

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from llmlab.losses import DPOLoss, causal_lm_loss_sum, sequence_logprobs
 from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
-from llmlab.stages.alignment import FrozenReference, last_logged, load_reference, summary_extras
+from llmlab.stages.alignment import FrozenReference, load_reference
 from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
 from llmlab.generation import greedy_answers
+from llmlab.stages.interface import Stage
 
 log = logging.getLogger("llmlab")
 
@@ -37,7 +37,7 @@ def _row_key(ids: torch.Tensor, segment_ids: torch.Tensor) -> tuple:
     return tuple(ids[segment_ids >= 0].tolist())
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(Stage):
     data_format = "preference"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, loss: torch.nn.Module | None = None,
@@ -170,11 +170,9 @@ class DPOModule(L.LightningModule):
             self.val_exact_match.update(answers, batch["answers"])
             self.log("val/exact_match", self.val_exact_match, prog_bar=True)
 
-    def on_train_end(self):
-        summary_extras(self.trainer, {
-            "val_reward_accuracy": last_logged(self.trainer, "val/reward_accuracy"),
-            "val_reward_margin": last_logged(self.trainer, "val/reward_margin"),
-        })
+    def summary_values(self, summary: dict) -> dict:
+        return {"val_reward_accuracy": summary.get("val_reward_accuracy_last"),
+                "val_reward_margin": summary.get("val_reward_margin_last")}
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)

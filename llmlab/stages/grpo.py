@@ -34,7 +34,6 @@ import contextlib
 import math
 import time
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
@@ -44,15 +43,16 @@ from llmlab.losses.grpo import (StepCounts, aggregate, group_advantages,
 from llmlab.metrics import ExactMatch
 from llmlab.rewards import Rewards, build_rewards
 from llmlab.stages import alignment
-from llmlab.stages.alignment import FrozenReference, load_reference, summary_extras
+from llmlab.stages.alignment import FrozenReference, load_reference
 from llmlab.stages.common import configure_optimizers
+from llmlab.stages.interface import Stage
 from llmlab.stages.ppo import position_ids_from_mask, response_mask
 from llmlab.generation import generation_context, greedy_answers
 from llmlab.stages.shared_prefix import (can_share_prompt, full_logprobs, logprobs_and_entropy, prefill_prompts,
                                         shared_prompt_logits)
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(Stage):
     data_format = "prompt"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, *, reward=None, rollout_batch_size: int = 16,
@@ -403,13 +403,12 @@ class GRPOModule(L.LightningModule):
             self.val_exact_match.update(answers, batch["answers"])
             self.log("val/exact_match", self.val_exact_match)
 
-    def on_train_end(self):
+    def summary_values(self, summary: dict) -> dict:
         if not self.history:
-            return
+            return {}
         k = max(1, len(self.history) // 10)
         first, last = self.history[:k], self.history[-k:]
         kls = [r["kl"] for r in last if r["kl"] is not None]
-        summary_extras(self.trainer, {"reward_mean_first": sum(r["reward"] for r in first) / k,
-                                      "reward_mean_last": sum(r["reward"] for r in last) / k,
-                                      "kl_last": sum(kls) / len(kls) if kls else None,
-                                      "grpo_iterations": len(self.history)})
+        return {"reward_mean_first": sum(r["reward"] for r in first) / k,
+                "reward_mean_last": sum(r["reward"] for r in last) / k,
+                "kl_last": sum(kls) / len(kls) if kls else None, "grpo_iterations": len(self.history)}

@@ -37,7 +37,6 @@ import logging
 import math
 import time
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -50,9 +49,10 @@ from llmlab.losses import (AdaptiveKLController, entropy_from_logits, gae_advant
 from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.rewards import ModelReward, Rewards, RuleReward, build_rewards
-from llmlab.stages.alignment import FrozenReference, load_reference, summary_extras
+from llmlab.stages.alignment import FrozenReference, load_reference
 from llmlab.stages.common import configure_optimizers
 from llmlab.generation import generation_context, greedy_answers
+from llmlab.stages.interface import Stage
 
 log = logging.getLogger("llmlab")
 
@@ -102,7 +102,7 @@ def response_mask(responses: torch.Tensor, budgets: torch.Tensor, eos_id: int | 
 
 
 # ---------------------------------------------------------------------------------------- stage
-class PPOModule(L.LightningModule):
+class PPOModule(Stage):
     data_format = "prompt"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, *, reward_model: str | None = None,
@@ -361,13 +361,12 @@ class PPOModule(L.LightningModule):
             self.val_exact_match.update(answers, batch["answers"])
             self.log("val/exact_match", self.val_exact_match)
 
-    def on_train_end(self):
+    def summary_values(self, summary: dict) -> dict:
         if not self.history:
-            return
+            return {}
         k = max(1, len(self.history) // 10)
         first, last = self.history[:k], self.history[-k:]
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-        summary_extras(self.trainer, {"reward_mean_first": mean(first, "reward"),
-                                      "reward_mean_last": mean(last, "reward"),
-                                      "kl_last": mean(last, "kl"), "kl_coef_last": float(self.kl_ctl.value),
-                                      "ppo_iterations": len(self.history)})
+        return {"reward_mean_first": mean(first, "reward"), "reward_mean_last": mean(last, "reward"),
+                "kl_last": mean(last, "kl"), "kl_coef_last": float(self.kl_ctl.value),
+                "ppo_iterations": len(self.history)}

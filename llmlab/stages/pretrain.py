@@ -1,16 +1,16 @@
 """Stage `pretrain`: causal-LM next-token prediction on packed blocks."""
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from llmlab.losses import IGNORE_INDEX, causal_lm_loss_sum
 from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
+from llmlab.stages.interface import Stage
 
 
-class PretrainModule(L.LightningModule):
+class PretrainModule(Stage):
     data_format = "lm"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, packing: str = "document"):

@@ -14,14 +14,13 @@ exactly the difference being learned; the exported model is used without dropout
 """
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from llmlab.losses import PairwiseRewardLoss, pairwise_accuracy
 from llmlab.stages import alignment
-from llmlab.stages.alignment import last_logged, summary_extras
 from llmlab.stages.common import configure_optimizers, for_backward, log_train, step_mean
+from llmlab.stages.interface import Stage
 
 
 def sequence_scores(model, batch: dict) -> torch.Tensor:
@@ -36,7 +35,7 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:half], x[half:]
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(Stage):
     data_format = "preference"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, loss: torch.nn.Module | None = None,
@@ -81,9 +80,8 @@ class RewardModule(L.LightningModule):
         self.log("val/reward_chosen", self.val_chosen)
         self.log("val/reward_rejected", self.val_rejected)
 
-    def on_train_end(self):
-        summary_extras(self.trainer, {"val_accuracy": last_logged(self.trainer, "val/accuracy"),
-                                      "val_margin": last_logged(self.trainer, "val/margin")})
+    def summary_values(self, summary: dict) -> dict:
+        return {"val_accuracy": summary.get("val_accuracy_last"), "val_margin": summary.get("val_margin_last")}
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)

@@ -8,13 +8,13 @@ of greedy generations (`val/exact_match`; summary.json: `val_exact_match_first` 
 """
 from __future__ import annotations
 
-import lightning as L
 from torchmetrics import MeanMetric
 
 from llmlab.generation import greedy_answers
 from llmlab.losses import causal_lm_loss_sum
 from llmlab.metrics import ExactMatch
 from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
+from llmlab.stages.interface import Stage
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -25,7 +25,7 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(Stage):
     data_format = "sft"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, packing: str = "document",
@@ -70,6 +70,9 @@ class SFTModule(L.LightningModule):
                                                     batch["answers"]))[:max(room, 0)]:
                 prompt = self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                 self.predictions.append({"prompt": prompt, "generated": text, "answer": answer})
+
+    def summary_values(self, summary: dict) -> dict:
+        return {"val_predictions": self.predictions} if self.predictions else {}
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory)
