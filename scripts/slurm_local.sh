@@ -103,7 +103,7 @@ start_munge() {
 
 write_conf() {  # writes $CONF.new; prints nothing
   local cpus mem total_mb
-  cpus="${LLMLAB_SLURM_CPUS:-$(nproc)}"
+  cpus="${LLMLAB_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # nproc alone obeys OMP_NUM_THREADS
   total_mb=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 ))
   if [ -n "${LLMLAB_SLURM_MEM_MB:-}" ]; then
     mem="$LLMLAB_SLURM_MEM_MB"

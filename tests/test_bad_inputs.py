@@ -24,7 +24,9 @@ TINY = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_va
         "data.n_val=16", "trainer.enable_progress_bar=false", "model.config.n_layer=1", "model.config.n_embd=32",
         "model.config.n_head=2"]
 # no network and an empty hub cache, for certain: the hub cases must fail in seconds, here and anywhere
-OFFLINE_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+# an unreachable hub; HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE off even where the developer exports them (they
+# change the message to the offline-mode one)
+OFFLINE_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
 
 
 @dataclass
