@@ -67,53 +67,6 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> tuple[floa
     return 2 * n ** 3 / wall, 2 * n ** 3 / cpu
 
 
-PLAIN = r'''
-import json, sys, time, torch
-from hydra import compose, initialize_config_dir
-from llmlab.data.datamodule import LLMDataModule
-from llmlab.losses import causal_lm_loss
-from llmlab.models import build_model, build_tokenizer
-from llmlab.optim import param_groups, warmup_schedule
-from llmlab.stages.common import count_tokens, forward_logits
-
-steps, precision, variant = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-with initialize_config_dir(sys.argv[4], version_base="1.3"):
-    cfg = compose("train", overrides=sys.argv[5:])
-torch.manual_seed(cfg.seed)
-tok = build_tokenizer(cfg.model)
-dm = LLMDataModule(cfg.data, "lm", tok, seed=cfg.seed)
-dm.setup()
-loader = torch.utils.data.DataLoader(dm.train_set, batch_size=cfg.data.batch_size, shuffle=True,
-                                     collate_fn=dm.format.collate, drop_last=True)
-model = build_model(cfg.model, tok)
-n_params = sum(p.numel() for p in model.parameters())
-if precision == "bf16-true":
-    model = model.to(torch.bfloat16)
-o = cfg.stage.module.optimizer
-opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                        fused=True if "fused" in variant else None)
-sched = warmup_schedule(opt, steps, name="cosine", warmup_steps=cfg.stage.module.scheduler.warmup_steps)
-fwd = torch.compile(model) if "compile" in variant else model
-model.train()
-tokens, t_last, seconds, cpu, losses = 0, None, 0.0, 0.0, []
-it = iter(loader)
-for step in range(steps):
-    batch = next(it)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        loss = causal_lm_loss(forward_logits(fwd, batch, "document"), batch["labels"])
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-    losses.append(round(loss.item(), 4))
-    now = (time.perf_counter(), time.process_time())
-    if t_last is not None:  # like llmlab's RunSummary: the first step is not timed
-        seconds += now[0] - t_last[0]
-        cpu += now[1] - t_last[1]
-        tokens += count_tokens(batch)
-    t_last = now
-print(json.dumps({"tokens_per_sec": tokens / seconds, "tokens_per_cpu_sec": tokens / cpu, "params": n_params,
-                  "losses": losses}))
-'''
 
 
 def env(threads: int) -> dict:
@@ -135,8 +88,8 @@ def llmlab_run(steps: int, precision: str, threads: int, extra: list[str]) -> di
 
 
 def plain_run(steps: int, precision: str, threads: int, variant: str = "plain") -> dict:
-    out = subprocess.run([sys.executable, "-c", PLAIN, str(steps), PRECISIONS[precision][1], variant,
-                          str(ROOT / "conf"), *MODEL], cwd=ROOT, check=True, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "plain_loop.py"), str(steps), PRECISIONS[precision][1],
+                          variant, str(ROOT / "conf"), *MODEL], cwd=ROOT, check=True, capture_output=True, text=True,
                          env=env(threads))
     return json.loads(out.stdout.strip().splitlines()[-1])
 

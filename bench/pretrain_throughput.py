@@ -31,56 +31,14 @@ def llmlab_tokens_per_sec(steps: int, precision: str) -> float:
         return json.loads((Path(d) / "summary.json").read_text())["tokens_per_sec"]
 
 
-PLAIN = r'''
-import sys, time, torch
-from hydra import compose, initialize_config_dir
-from llmlab.data.datamodule import LLMDataModule
-from llmlab.losses import causal_lm_loss
-from llmlab.models import build_model, build_tokenizer
-from llmlab.optim import param_groups, warmup_schedule
-from llmlab.stages.common import count_tokens, forward_logits
-
-steps, precision = int(sys.argv[1]), sys.argv[2]
-with initialize_config_dir(sys.argv[3], version_base="1.3"):
-    cfg = compose("train", overrides=sys.argv[4:])
-torch.manual_seed(cfg.seed)
-tok = build_tokenizer(cfg.model)
-dm = LLMDataModule(cfg.data, "lm", tok, seed=cfg.seed)
-dm.setup()
-loader = torch.utils.data.DataLoader(dm.train_set, batch_size=cfg.data.batch_size, shuffle=True,
-                                     collate_fn=dm.format.collate, drop_last=True)
-model = build_model(cfg.model, tok)
-if precision == "bf16-true":
-    model = model.to(torch.bfloat16)
-opt_cfg = cfg.stage.module.optimizer
-opt = torch.optim.AdamW(param_groups(model, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas))
-sched = warmup_schedule(opt, steps, name="cosine", warmup_steps=cfg.stage.module.scheduler.warmup_steps)
-autocast = precision == "bf16-mixed"
-model.train()
-tokens, t_last, seconds = 0, None, 0.0
-it = iter(loader)
-for step in range(steps):
-    batch = next(it)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = causal_lm_loss(forward_logits(model, batch, "document"), batch["labels"])
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-    now = time.perf_counter()
-    if t_last is not None:  # like llmlab's RunSummary: the first step is not timed
-        seconds += now - t_last
-        tokens += count_tokens(batch)
-    t_last = now
-print(tokens / seconds)
-'''
 
 LIGHTNING_PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true"}
 
 
 def plain_tokens_per_sec(steps: int, precision: str) -> float:
-    out = subprocess.run([sys.executable, "-c", PLAIN, str(steps), precision, str(ROOT / "conf"), "data.n_train=4000"],
-                         cwd=ROOT, check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "plain_loop.py"), str(steps), precision, "plain",
+                          str(ROOT / "conf"), "data.n_train=4000"], cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_sec"]
 
 
 def main():

@@ -49,25 +49,10 @@ FAMILIES = [  # (family, substrings of aten op names), first match wins
 
 
 def build(precision: str):
-    from hydra import compose, initialize_config_dir
+    """The 85M model, loader and AdamW as the plain loop builds them (bench/plain_loop.py)."""
+    from plain_loop import build as build_plain
 
-    from llmlab.data.datamodule import LLMDataModule
-    from llmlab.models import build_model, build_tokenizer
-    from llmlab.optim import param_groups
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=MODEL)
-    torch.manual_seed(cfg.seed)
-    tok = build_tokenizer(cfg.model)
-    dm = LLMDataModule(cfg.data, "lm", tok, seed=cfg.seed)
-    dm.setup()
-    loader = torch.utils.data.DataLoader(dm.train_set, batch_size=cfg.data.batch_size, shuffle=True,
-                                         collate_fn=dm.format.collate, drop_last=True)
-    model = build_model(cfg.model, tok)
-    if precision == "bf16-true":
-        model = model.to(torch.bfloat16)
-    o = cfg.stage.module.optimizer
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    _, model, loader, opt = build_plain(str(ROOT / "conf"), MODEL, precision)
     return model, loader, opt
 
 
