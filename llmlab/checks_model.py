@@ -2,6 +2,7 @@
 config.json, and PEFT x model x precision (llmlab/peft.py), on the architecture built on the meta device."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -84,10 +85,18 @@ def _architecture_on_meta(cfg):
         return auto.from_config(config)
 
 
+def _check_quantized_base(cfg, method: str, kind: str, alternative: str) -> None:
+    """A bitsandbytes-quantized base (qlora, lora_int8): the package is there and the weights are pretrained."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"peft={method} needs bitsandbytes ({kind}): pip install 'llmlab[bnb]' "
+                          "(bitsandbytes>=0.45), or use peft=lora")
+    if cfg.model.init != "pretrained" and not cfg.dry_run:
+        raise ConfigError(f"peft={method} quantizes pretrained weights as they load, but model.init="
+                          f"{cfg.model.init}; use model.init=pretrained ({alternative})")
+
+
 def check_peft(cfg) -> None:
     """PEFT x model x precision x data rules (llmlab/peft.py), before any weights load."""
-    import importlib.util
-
     from llmlab import peft as peft_lib
 
     p = cfg.peft
@@ -97,13 +106,8 @@ def check_peft(cfg) -> None:
     if method == "none":
         return
     if method == "qlora":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("peft=qlora needs bitsandbytes (4-bit NF4): pip install 'llmlab[bnb]' "
-                              "(bitsandbytes>=0.45), or use peft=lora")
-        if cfg.model.init != "pretrained" and not cfg.dry_run:
-            raise ConfigError(f"peft=qlora quantizes pretrained weights as they load, but model.init="
-                              f"{cfg.model.init}; use model.init=pretrained (or peft=lora; dry_run=true "
-                              f"estimates QLoRA on an init=scratch architecture)")
+        _check_quantized_base(cfg, "qlora", "4-bit NF4",
+                              "or peft=lora; dry_run=true estimates QLoRA on an init=scratch architecture")
         q = p.quantization
         precision = str(cfg.trainer.precision)
         compute = str(q.compute_dtype)
@@ -122,12 +126,7 @@ def check_peft(cfg) -> None:
                               f"or {true_dtype}")
         # qlora x strategy (ZeRO-3 needs float storage: set automatically): checks_strategy.check_run
     if method == "lora_int8":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("peft=lora_int8 needs bitsandbytes (LLM.int8): pip install 'llmlab[bnb]' "
-                              "(bitsandbytes>=0.45), or use peft=lora")
-        if cfg.model.init != "pretrained" and not cfg.dry_run:
-            raise ConfigError(f"peft=lora_int8 quantizes pretrained weights as they load, but model.init="
-                              f"{cfg.model.init}; use model.init=pretrained (or peft=lora)")
+        _check_quantized_base(cfg, "lora_int8", "LLM.int8", "or peft=lora")
         strategy = cfg.get("strategy") or {}
         if is_deepspeed(strategy) or "fsdp" in str(strategy.get("_target_", "")).lower():
             raise ConfigError(f"peft=lora_int8 with strategy={strategy_name(strategy)}: bitsandbytes int8 "
