@@ -97,3 +97,22 @@ def pytest_runtest_protocol(item, nextitem):
         with open(path, "a") as f:
             f.write(json.dumps({"test": item.nodeid, "wall": round(time.perf_counter() - wall, 2),
                                 "cpu": round(_cpu_seconds() - cpu, 2)}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (byte vocabulary, 2 x 32) saved as a local pretrained model with its tokenizer:
+    what QLoRA / LLM.int8 quantize as they load, and what adapters are exported against."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from llmlab.data.tokenizer import builtin_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    tok = builtin_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=256,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -24,43 +24,26 @@ def ids_for(tok, texts=("Question: reverse abc\n\nAnswer: ", "Question: sort dcb
     return tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny GPT-2 saved as a local pretrained model (QLoRA needs weights to quantize)."""
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    from llmlab.data.tokenizer import builtin_tokenizer
-
-    out = tmp_path_factory.mktemp("base")
-    tok = builtin_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=256,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def pretrained(base_dir) -> list[str]:
-    return ["model=tiny", "model.init=pretrained", f"model.pretrained={base_dir}", "model.tokenizer=null"]
+def pretrained(tiny_gpt2_dir) -> list[str]:
+    return ["model=tiny", "model.init=pretrained", f"model.pretrained={tiny_gpt2_dir}", "model.tokenizer=null"]
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, base_dir):
-    run = run_cli(tmp_path_factory.mktemp("lora"), *SHORT, *pretrained(base_dir), "peft=lora", "peft.dropout=0.0")
+def lora_run(tmp_path_factory, tiny_gpt2_dir):
+    run = run_cli(tmp_path_factory.mktemp("lora"), *SHORT, *pretrained(tiny_gpt2_dir), "peft=lora", "peft.dropout=0.0")
     assert_ok(run)
     return run
 
 
-def adapter_model(base_dir, adapter_dir):
+def adapter_model(tiny_gpt2_dir, adapter_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), adapter_dir).eval()
 
 
 @pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
-def test_lora_run_writes_merged_hf_and_adapter(lora_run, base_dir):
+def test_lora_run_writes_merged_hf_and_adapter(lora_run, tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = lora_run.dir
@@ -70,7 +53,7 @@ def test_lora_run_writes_merged_hf_and_adapter(lora_run, base_dir):
     tok = AutoTokenizer.from_pretrained(d / "hf")
     enc = ids_for(tok)
     with torch.no_grad():
-        a = adapter_model(base_dir, d / "hf_adapter")(**enc).logits
+        a = adapter_model(tiny_gpt2_dir, d / "hf_adapter")(**enc).logits
         m = merged(**enc).logits
     torch.testing.assert_close(m, a, atol=1e-5, rtol=1e-5)
     assert lora_run.summary["trainable_params"] < lora_run.summary["total_params"] / 10
@@ -111,8 +94,8 @@ def test_export_cli_quantize_int8_from_a_run(lora_run, tmp_path):
     assert (q - m).abs().max() < 0.05 * m.abs().max()
 
 
-def test_export_cli_merges_an_adapter_directory(lora_run, base_dir, tmp_path):
-    proc = run_module("llmlab.export", str(lora_run.dir / "hf_adapter"), "--out", str(tmp_path / "m"), "--base", str(base_dir))
+def test_export_cli_merges_an_adapter_directory(lora_run, tiny_gpt2_dir, tmp_path):
+    proc = run_module("llmlab.export", str(lora_run.dir / "hf_adapter"), "--out", str(tmp_path / "m"), "--base", str(tiny_gpt2_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "m" / "merged" / "model.safetensors").is_file()
 
@@ -161,11 +144,11 @@ def test_generate_cli_errors_are_clear(lora_run):
 
 
 @pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
-def test_qlora_export_merges_into_dequantized_base(tmp_path, base_dir):
+def test_qlora_export_merges_into_dequantized_base(tmp_path, tiny_gpt2_dir):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    run = run_cli(tmp_path / "q", *SHORT, *pretrained(base_dir), "peft=qlora", "peft.dropout=0.0",
+    run = run_cli(tmp_path / "q", *SHORT, *pretrained(tiny_gpt2_dir), "peft=qlora", "peft.dropout=0.0",
                   "peft.gradient_checkpointing=false")
     assert_ok(run)
     merged = AutoModelForCausalLM.from_pretrained(run.dir / "hf").eval()
@@ -176,7 +159,7 @@ def test_qlora_export_merges_into_dequantized_base(tmp_path, base_dir):
 
     from llmlab.builder import keep_4bit_layout
 
-    quantized = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q)
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, quantization_config=q)
     # bitsandbytes 0.50's CPU inference re-packing (eval + no_grad, AVX512-BF16 CPUs) fails on layers
     # narrower than its 64-value block ("shape '[96, 0]' is invalid"): the tiny model's are 32 wide.
     keep_4bit_layout(quantized)
@@ -190,8 +173,8 @@ def test_qlora_export_merges_into_dequantized_base(tmp_path, base_dir):
 
 
 @pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
-def test_prefix_run_exports_adapter_and_generate_loads_it(tmp_path, base_dir):
-    run = run_cli(tmp_path / "p", *SHORT, *pretrained(base_dir), "peft=prefix", "peft.num_virtual_tokens=4")
+def test_prefix_run_exports_adapter_and_generate_loads_it(tmp_path, tiny_gpt2_dir):
+    run = run_cli(tmp_path / "p", *SHORT, *pretrained(tiny_gpt2_dir), "peft=prefix", "peft.num_virtual_tokens=4")
     assert_ok(run)
     assert (run.dir / "hf_adapter" / "adapter_config.json").is_file() and not (run.dir / "hf").exists()
     out = _generate(run.dir, "prompt=reverse abc", "max_new_tokens=4")

@@ -121,25 +121,8 @@ def test_quantized_export_keeps_held_out_exact_match(tmp_path):
     assert proc.returncode == 2 and "int8 quantized export" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_base_dir(tmp_path_factory):
-    """A tiny GPT-2 (byte vocabulary) saved as a local pretrained model: LLM.int8 quantizes it as it loads."""
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    from llmlab.data.tokenizer import builtin_tokenizer
-
-    out = tmp_path_factory.mktemp("base")
-    tok = builtin_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=256,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
-def test_lora_int8_trains_on_an_int8_base(tmp_path, tiny_base_dir):
+def test_lora_int8_trains_on_an_int8_base(tmp_path, tiny_gpt2_dir):
     """peft=lora_int8 (bitsandbytes LLM.int8 base + LoRA) trains on CPU through the real CLI: the loss falls,
     the checkpointed base is the int8 weights it loaded (unchanged), and hf/ (base de-quantized + LoRA
     merged) computes what the int8 base + adapter computes, up to int8 activation rounding."""
@@ -150,7 +133,7 @@ def test_lora_int8_trains_on_an_int8_base(tmp_path, tiny_base_dir):
     from tests.conftest import assert_ok, run_cli
 
     run = run_cli(tmp_path / "r", "stage=sft", "model=tiny", "model.init=pretrained",
-                  f"model.pretrained={tiny_base_dir}", "model.tokenizer=null", "peft=lora_int8", "peft.dropout=0.0",
+                  f"model.pretrained={tiny_gpt2_dir}", "model.tokenizer=null", "peft=lora_int8", "peft.dropout=0.0",
                   "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
                   "data.n_train=128", "data.n_val=8", "data.batch_size=8", "trainer.enable_progress_bar=false",
                   "stage.module.max_new_tokens=4", "stage.module.optimizer.lr=1e-2")
@@ -159,7 +142,7 @@ def test_lora_int8_trains_on_an_int8_base(tmp_path, tiny_base_dir):
     assert s["peft"] == "lora_int8" and s["val_loss_last"] < s["val_loss_first"] - 0.05, s
     assert s["trainable_params"] < s["total_params"] / 10
 
-    loaded = AutoModelForCausalLM.from_pretrained(tiny_base_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     fresh = {k: v for k, v in loaded.state_dict().items() if k.endswith(".weight") and v.dtype == torch.int8}
     assert len(fresh) == 8  # 2 blocks x c_attn, attn.c_proj, c_fc, mlp.c_proj
     state = torch.load(run.dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]

@@ -1,4 +1,4 @@
-"""Functions every stage shares: the masked forward, optimizers, token counting."""
+"""Functions every stage shares: the masked forward, optimizers, token counting, the LM step, RL validation."""
 from __future__ import annotations
 
 import torch
@@ -131,3 +131,31 @@ def count_tokens(batch: dict) -> int:
     if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+def lm_training_step(module, batch: dict) -> torch.Tensor:
+    """The causal-LM step of pretrain and sft: token-weighted over the whole optimizer step (see step_mean)."""
+    from llmlab.losses import causal_lm_loss_sum
+
+    logits = forward_logits(module.model, batch, module.packing)  # (B, T, V)
+    loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
+    loss = step_mean(module, loss_sum, batch, "tokens", n_tokens)
+    log_train(module, "train/loss", loss, prog_bar=True)  # = the step's token-weighted mean
+    return for_backward(module, loss)
+
+
+def log_answer_validation(module, answers: list[str], score: torch.Tensor, references: list) -> None:
+    """Validation of the RL stages (ppo, grpo): the mean reward (B,) of the greedy answers and, when every
+    prompt has a reference answer, their exact match (`module.val_reward`, `module.val_exact_match`)."""
+    module.val_reward.update(score.mean(), weight=score.numel())
+    module.log("val/reward_mean", module.val_reward, prog_bar=True)
+    if all(a is not None for a in references):
+        module.val_exact_match.update(answers, references)
+        module.log("val/exact_match", module.val_exact_match)
+
+
+def first_and_last_tenth(history: list) -> tuple[list, list]:
+    """The first and last tenth (at least one row each) of a per-iteration history: summary.json's
+    `*_first` / `*_last` of the RL stages."""
+    k = max(1, len(history) // 10)
+    return history[:k], history[-k:]

@@ -44,7 +44,7 @@ from llmlab.metrics import ExactMatch
 from llmlab.rewards import Rewards, build_rewards
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
-from llmlab.stages.common import configure_optimizers
+from llmlab.stages.common import configure_optimizers, first_and_last_tenth, log_answer_validation
 from llmlab.stages.interface import Stage
 from llmlab.stages.ppo import position_ids_from_mask, response_mask
 from llmlab.generation import generation_context, greedy_answers
@@ -397,18 +397,13 @@ class GRPOModule(Stage):
         lengths = [len(ids) + 1 for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]  # + EOS
         score, _ = self.rewards(batch["prompts"], answers, answer=batch["answers"], completion_tokens=lengths,
                                 truncated=[n > self.val_max_new_tokens for n in lengths])
-        self.val_reward.update(score.mean(), weight=score.numel())
-        self.log("val/reward_mean", self.val_reward, prog_bar=True)
-        if all(a is not None for a in batch["answers"]):
-            self.val_exact_match.update(answers, batch["answers"])
-            self.log("val/exact_match", self.val_exact_match)
+        log_answer_validation(self, answers, score, batch["answers"])
 
     def summary_values(self, summary: dict) -> dict:
         if not self.history:
             return {}
-        k = max(1, len(self.history) // 10)
-        first, last = self.history[:k], self.history[-k:]
+        first, last = first_and_last_tenth(self.history)
         kls = [r["kl"] for r in last if r["kl"] is not None]
-        return {"reward_mean_first": sum(r["reward"] for r in first) / k,
-                "reward_mean_last": sum(r["reward"] for r in last) / k,
+        return {"reward_mean_first": sum(r["reward"] for r in first) / len(first),
+                "reward_mean_last": sum(r["reward"] for r in last) / len(last),
                 "kl_last": sum(kls) / len(kls) if kls else None, "grpo_iterations": len(self.history)}

@@ -50,7 +50,7 @@ from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.rewards import ModelReward, Rewards, RuleReward, build_rewards
 from llmlab.stages.alignment import FrozenReference, load_reference
-from llmlab.stages.common import configure_optimizers
+from llmlab.stages.common import configure_optimizers, first_and_last_tenth, log_answer_validation
 from llmlab.generation import generation_context, greedy_answers
 from llmlab.stages.interface import Stage
 
@@ -355,17 +355,12 @@ class PPOModule(Stage):
         answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
                                  self.val_max_new_tokens)
         score = self.reward(batch["prompts"], answers, answer=batch["answers"])[0].to(self.device).float()
-        self.val_reward.update(score.mean(), weight=score.numel())
-        self.log("val/reward_mean", self.val_reward, prog_bar=True)
-        if all(a is not None for a in batch["answers"]):
-            self.val_exact_match.update(answers, batch["answers"])
-            self.log("val/exact_match", self.val_exact_match)
+        log_answer_validation(self, answers, score, batch["answers"])
 
     def summary_values(self, summary: dict) -> dict:
         if not self.history:
             return {}
-        k = max(1, len(self.history) // 10)
-        first, last = self.history[:k], self.history[-k:]
+        first, last = first_and_last_tenth(self.history)
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         return {"reward_mean_first": mean(first, "reward"), "reward_mean_last": mean(last, "reward"),
                 "kl_last": mean(last, "kl"), "kl_coef_last": float(self.kl_ctl.value),

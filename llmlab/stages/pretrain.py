@@ -6,7 +6,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from llmlab.losses import IGNORE_INDEX, causal_lm_loss_sum
-from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
+from llmlab.stages.common import configure_optimizers, forward_logits, lm_training_step
 from llmlab.stages.interface import Stage
 
 
@@ -21,11 +21,7 @@ class PretrainModule(Stage):
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
     def training_step(self, batch, batch_idx):
-        logits = forward_logits(self.model, batch, self.packing)  # (B, T, V)
-        loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
-        loss = step_mean(self, loss_sum, batch, "tokens", n_tokens)  # token-weighted over the whole step
-        log_train(self, "train/loss", loss, prog_bar=True)  # = the step's token-weighted mean
-        return for_backward(self, loss)
+        return lm_training_step(self, batch)
 
     def validation_step(self, batch, batch_idx):
         logits = forward_logits(self.model, batch, self.packing)

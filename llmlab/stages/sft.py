@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from llmlab.generation import greedy_answers
 from llmlab.losses import causal_lm_loss_sum
 from llmlab.metrics import ExactMatch
-from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
+from llmlab.stages.common import configure_optimizers, forward_logits, lm_training_step
 from llmlab.stages.interface import Stage
 
 
@@ -46,11 +46,7 @@ class SFTModule(Stage):
         self.model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps modes as found
 
     def training_step(self, batch, batch_idx):
-        logits = forward_logits(self.model, batch, self.packing)  # (B, T, V)
-        loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
-        loss = step_mean(self, loss_sum, batch, "tokens", n_tokens)  # token-weighted over the whole step
-        log_train(self, "train/loss", loss, prog_bar=True)  # = the step's token-weighted mean
-        return for_backward(self, loss)
+        return lm_training_step(self, batch)
 
     def on_validation_epoch_start(self):
         self.predictions = []
