@@ -11,11 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _node(name: str):
-    from omegaconf import OmegaConf
+    """conf/strategy/<name>.yaml as Hydra composes it (zero2/zero3 extend zero1.yaml)."""
+    from conftest import compose_group
 
-    node = OmegaConf.load(REPO / "conf" / "strategy" / f"{name}.yaml")
-    node.pop("defaults", None)
-    return node
+    return compose_group("strategy", name)
 
 
 @pytest.mark.parametrize(("name", "stage"), [("auto", None), ("ddp", None), ("cpu_bf16", None), ("fsdp", None),
