@@ -343,12 +343,9 @@ def check_settings(cfg) -> None:
 
 
 def check_config(cfg) -> None:
-    check_settings(cfg)
-    check_launcher(cfg)
-    check_precision(cfg)
+    check_settings(cfg)  # launcher, precision, model among them
     check_devices(cfg)
     check_run(cfg)  # strategy x trainer x precision x PEFT (llmlab/checks_strategy.py)
-    check_model(cfg)
     check_peft(cfg)
     check_template(cfg)
     check_preference(cfg)

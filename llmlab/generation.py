@@ -91,14 +91,13 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, *, 
         generate_kwargs.update(stop_strings=stop)
     size = max(1, int(batch_size)) if batch_size else max(1, len(prompts))
     texts: list[str] = []
-    for i in range(0, len(prompts), size):
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for i in range(0, len(prompts), size):
             enc = tokenizer(prompts[i:i + size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
-        finally:
-            tokenizer.padding_side = side
-        texts += decode_new(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                            **generate_kwargs)
+            texts += decode_new(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                **generate_kwargs)
+    finally:
+        tokenizer.padding_side = side
     return [cut_at_stop(t, stop) for t in texts]

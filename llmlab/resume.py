@@ -87,9 +87,10 @@ def stored_snapshot(path: Any) -> dict | None:
     path = Path(path)
     f = _checkpoint_dict_file(path)
     if f is not None:
-        if is_deepspeed_checkpoint(path):
+        deepspeed = is_deepspeed_checkpoint(path)
+        if deepspeed:
             check_deepspeed_pickles(path)  # its shards pickle DeepSpeed's own plain data classes
-        with torch.serialization.safe_globals(deepspeed_safe_globals() if is_deepspeed_checkpoint(path) else []):
+        with torch.serialization.safe_globals(deepspeed_safe_globals() if deepspeed else []):
             state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         if isinstance(state, dict) and RESUME_KEY in state:
             return dict(state[RESUME_KEY])

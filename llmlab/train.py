@@ -61,11 +61,12 @@ def build_strategy(strategy_cfg: DictConfig, module):
     optimization). So the stage's norm goes into the DeepSpeed config here, unless the config sets one.
     """
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from llmlab.zero3 import is_deepspeed
 
     strategy = instantiate(strategy_cfg)
     clip = None if module.automatic_optimization else module.max_grad_norm
-    if clip and isinstance(strategy, DeepSpeedStrategy):
+    if clip and is_deepspeed(strategy):
         strategy.config.setdefault("gradient_clipping", float(clip))
     return strategy
 

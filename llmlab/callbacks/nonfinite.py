@@ -18,7 +18,6 @@ import logging
 import lightning as L
 
 from llmlab.errors import RunDiverged
-from llmlab.stages.interface import Stage
 
 log = logging.getLogger("llmlab")
 
@@ -40,10 +39,12 @@ class NonFiniteGuard(L.Callback):
         self.streak_start: int | None = None    # step of the first update of the current streak
         self.last_good: str | None = None       # newest checkpoint when the run diverged
         self._resumed_skipped = 0
+        self._module = None                     # the stage, from on_train_start
 
     @staticmethod
     def guard(pl_module):
-        return pl_module.step_guard  # a declared member of every stage if isinstance(pl_module, Stage) else None
+        """The stage's StepGuard (`Stage.step_guard`); None before training started or without one."""
+        return getattr(pl_module, "step_guard", None) if pl_module is not None else None
 
     # --- resume: the count of skipped steps travels in the checkpoint ---
     def state_dict(self) -> dict:
@@ -60,7 +61,7 @@ class NonFiniteGuard(L.Callback):
 
     @property
     def _skipped(self) -> int:
-        g = self.guard(getattr(self, "_module", None))
+        g = self.guard(self._module)
         return (g.skipped if g is not None else 0) + self._resumed_skipped
 
     # --- feeding the optimizer's guard ---

@@ -6,6 +6,7 @@ from llmlab.losses.lm import (
     causal_lm_loss,
     causal_lm_loss_sum,
     entropy_from_logits,
+    gather_logprobs,
     sequence_logprobs,
     token_logprobs,
 )
@@ -26,7 +27,7 @@ from llmlab.losses.reward import PairwiseRewardLoss, pairwise_accuracy
 
 __all__ = [
     "IGNORE_INDEX", "causal_lm_loss", "causal_lm_loss_sum", "sequence_logprobs", "token_logprobs",
-    "entropy_from_logits", "PairwiseRewardLoss", "pairwise_accuracy", "DPOLoss", "IPOLoss", "DPOOutput",
+    "entropy_from_logits", "gather_logprobs", "PairwiseRewardLoss", "pairwise_accuracy", "DPOLoss", "IPOLoss", "DPOOutput",
     "KTOLoss", "KTOOutput", "ORPOLoss", "SimPOLoss",
     "masked_mean", "masked_var", "masked_whiten", "gae_advantages", "ppo_policy_loss", "ppo_value_loss",
     "AdaptiveKLController", "FixedKLController", "kl_penalized_rewards", "leave_one_out_centered",

@@ -37,7 +37,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
     return loss_sum / n_tokens.clamp_min(1)
 
 
-def _gather_logprobs(logits: Tensor, index: Tensor) -> Tensor:
+def gather_logprobs(logits: Tensor, index: Tensor) -> Tensor:
     """log softmax(logits)[index] as ``logit[index] - logsumexp(logits)``, never holding a full fp32
     log-softmax copy at once: low-precision logits are upcast one row at a time."""
     # logits (B, T, V), index (B, T) -> (B, T)
@@ -58,7 +58,7 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     must be masked by the caller.
     """
     logits, labels = _shift(logits, labels)  # (B, T-1, V), (B, T-1)
-    return _gather_logprobs(logits, labels.clamp_min(0))  # (B, T-1)
+    return gather_logprobs(logits, labels.clamp_min(0))  # (B, T-1)
 
 
 def sequence_logprobs(

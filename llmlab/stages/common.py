@@ -48,6 +48,11 @@ def _virtual_token_logits(model, batch: dict, packing: str) -> torch.Tensor:
     return logits[:, -T:]  # (B, T, V)
 
 
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them: (B, T) -> (B, T)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def configure_optimizers(module, optimizer_factory, scheduler_factory):
     """AdamW-style groups (no decay on 1-D params) + a per-step LR schedule over the whole run.
 

@@ -44,11 +44,12 @@ from llmlab.metrics import ExactMatch
 from llmlab.rewards import Rewards, build_rewards
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
-from llmlab.stages.common import configure_optimizers, first_and_last_tenth, log_answer_validation
+from llmlab.stages.common import (configure_optimizers, first_and_last_tenth, log_answer_validation,
+                                  position_ids_from_mask)
 from llmlab.stages.interface import Stage
-from llmlab.stages.ppo import position_ids_from_mask, response_mask
+from llmlab.stages.ppo import response_mask
 from llmlab.generation import generation_context, greedy_answers
-from llmlab.stages.shared_prefix import (can_share_prompt, full_logprobs, logprobs_and_entropy, prefill_prompts,
+from llmlab.stages.shared_prefix import (can_share_prompt, full_logits, logprobs_and_entropy, prefill_prompts,
                                         shared_prompt_logits)
 
 
@@ -173,7 +174,7 @@ class GRPOModule(Stage):
                                           ro["attention_mask"][idx], ro["position_ids"][idx], idx // self.G,
                                           self.temperature)
         else:
-            logits = full_logprobs(model, ro["input_ids"][idx], ro["attention_mask"][idx], ro["position_ids"][idx], P,
+            logits = full_logits(model, ro["input_ids"][idx], ro["attention_mask"][idx], ro["position_ids"][idx], P,
                                    self.temperature)
         return logprobs_and_entropy(logits, ro["completions"][idx], entropy)
 
@@ -181,15 +182,14 @@ class GRPOModule(Stage):
     def sample_groups(self, batch) -> dict:
         """G completions per prompt of `batch`, decoded and scored (no log-probs yet)."""
         G, eos, pad = self.G, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        prompt_ids = batch["prompt_ids"].to(self.device).repeat_interleave(G, 0)  # (N, P)
-        prompt_mask = batch["prompt_mask"].to(self.device).repeat_interleave(G, 0)
+        base_ids, base_mask = batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device)  # (B, P)
+        prompt_ids, prompt_mask = base_ids.repeat_interleave(G, 0), base_mask.repeat_interleave(G, 0)  # (N, P)
         was_training = self.model.training
         self.model.eval()
         with generation_context(self.model, self.trainer.strategy if self._trainer else None) as extra, \
                 self.sampling_rng():
             if self.share_prompt and can_share_prompt(self.model):  # prefill each distinct prompt once
-                extra = {**extra, "past_key_values": prefill_prompts(self.model, batch["prompt_ids"].to(self.device),
-                                                                     batch["prompt_mask"].to(self.device), G)}
+                extra = {**extra, "past_key_values": prefill_prompts(self.model, base_ids, base_mask, G)}
             out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                                       max_new_tokens=self.max_completion_length, pad_token_id=pad,
                                       eos_token_id=eos, **self.generation, **extra)  # (N, P + R)
@@ -324,7 +324,7 @@ class GRPOModule(Stage):
         """num_iterations passes over shuffled mini-batches; each mini-batch is one optimizer step,
         accumulated over micro-batches with step-global normalisers (losses/grpo.aggregate)."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        P, N = ro["prompt_width"], len(ro["texts"])
+        N = len(ro["texts"])
         mask = ro["loss_mask"]
         steps_per_pass = math.ceil(N / self.mini_batch_size)
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -339,7 +339,7 @@ class GRPOModule(Stage):
                                     world_size=world)
                 optimizer.zero_grad()
                 for idx in mini.split(self.micro_batch_size):
-                    loss, st = self.micro_batch_loss(ro, idx, P, counts, want_entropy=not stats["entropy"])
+                    loss, st = self.micro_batch_loss(ro, idx, counts, want_entropy=not stats["entropy"])
                     self.manual_backward(loss)
                     stats["loss"].append(float(loss.detach()))
                     for k, v in st.items():
@@ -351,7 +351,7 @@ class GRPOModule(Stage):
                     scheduler.step()
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
-    def micro_batch_loss(self, ro: dict, idx, P: int, counts: StepCounts, want_entropy: bool = False):
+    def micro_batch_loss(self, ro: dict, idx, counts: StepCounts, want_entropy: bool = False):
         out = self.completion_logprobs(self.model, ro, idx, entropy=want_entropy)
         logprobs, entropy = out if want_entropy else (out, None)
         old = ro["old_logprobs"][idx] if ro["old_logprobs"] is not None else logprobs.detach()

@@ -50,7 +50,8 @@ from llmlab.metrics import ExactMatch
 from llmlab.stages import alignment
 from llmlab.rewards import ModelReward, Rewards, RuleReward, build_rewards
 from llmlab.stages.alignment import FrozenReference, load_reference
-from llmlab.stages.common import configure_optimizers, first_and_last_tenth, log_answer_validation
+from llmlab.stages.common import (configure_optimizers, first_and_last_tenth, log_answer_validation,
+                                  position_ids_from_mask)
 from llmlab.generation import generation_context, greedy_answers
 from llmlab.stages.interface import Stage
 
@@ -82,11 +83,6 @@ def last_hidden_size(model) -> int:
     if head is not None and hasattr(head, "in_features"):
         return head.in_features
     return model.config.hidden_size
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` computes them: (B, T) -> (B, T)."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def response_mask(responses: torch.Tensor, budgets: torch.Tensor, eos_id: int | None) -> torch.Tensor:

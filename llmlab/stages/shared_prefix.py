@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.losses import entropy_from_logits
-from llmlab.losses.lm import _gather_logprobs as gather_logprobs
+from llmlab.losses import entropy_from_logits, gather_logprobs
+from llmlab.stages.common import position_ids_from_mask
 
 
 def can_share_prompt(model) -> bool:
@@ -38,7 +38,7 @@ def prefill_prompts(model, prompt_ids, prompt_mask, repeats: int):
     costs B rows instead of B x repeats)."""
     if prompt_ids.shape[1] < 2:
         return None
-    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate computes them
+    position_ids = position_ids_from_mask(prompt_mask)  # as generate computes them
     cache = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1], position_ids=position_ids[:, :-1],
                   use_cache=True, logits_to_keep=1).past_key_values
     if cache is not None:
@@ -46,7 +46,7 @@ def prefill_prompts(model, prompt_ids, prompt_mask, repeats: int):
     return cache
 
 
-def full_logprobs(model, input_ids, attention_mask, position_ids, P: int, temperature: float):
+def full_logits(model, input_ids, attention_mask, position_ids, P: int, temperature: float):
     """Logits of the R + 1 positions from the prompt's last token (TRL's logits_to_keep) -> (B, R, V)
     logits / temperature that predict the completion tokens input_ids[:, P:]."""
     R = input_ids.shape[1] - P
@@ -69,7 +69,7 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completions, attention_
                 use_cache=True, logits_to_keep=1)  # logits (g, 1, V): the first completion token's
     cache = out.past_key_values
     if cache is None:  # the model would not return a cache: run the rows in full
-        return full_logprobs(model, torch.cat([prompt_ids, completions], 1), attention_mask, position_ids, P,
+        return full_logits(model, torch.cat([prompt_ids, completions], 1), attention_mask, position_ids, P,
                              temperature)
     cache.reorder_cache(inverse)  # (g, heads, P, d) -> (n, heads, P, d) per layer, differentiable
     rest = model(input_ids=completions, attention_mask=attention_mask, position_ids=position_ids[:, P:],
