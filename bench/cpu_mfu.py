@@ -67,8 +67,6 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> tuple[floa
     return 2 * n ** 3 / wall, 2 * n ** 3 / cpu
 
 
-
-
 def env(threads: int) -> dict:
     path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}

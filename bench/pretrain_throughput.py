@@ -31,7 +31,6 @@ def llmlab_tokens_per_sec(steps: int, precision: str) -> float:
         return json.loads((Path(d) / "summary.json").read_text())["tokens_per_sec"]
 
 
-
 LIGHTNING_PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true"}
 
 

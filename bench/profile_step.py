@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from cpu_mfu import MODEL, matmul_flops  # the 85M model's overrides; bench/ is on sys.path as this script's dir
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ["model.config.n_layer=12", "model.config.n_embd=768", "model.config.n_head=12",
-         "data.block_size=256", "data.batch_size=8", "data.n_train=2000"]
 PHASES = ["data", "mask", "forward", "loss", "backward", "clip_grad", "finite_guard", "optimizer"]
 FAMILIES = [  # (family, substrings of aten op names), first match wins
     ("attention (SDPA flash kernel, fwd+bwd)", ["flash_attention", "scaled_dot_product"]),
@@ -199,10 +199,6 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     import os
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from cpu_mfu import matmul_flops
 
     flops = {name: matmul_flops(dt) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"load {os.getloadavg()}; 2048^2 matmul best wall / CPU-time GFLOP/s: "

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from tests.conftest import FAST, assert_ok
+from tests.conftest import FAST, assert_ok, run_cli
 
 COMMON = [*FAST, "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
           "trainer.max_steps=8", "callbacks.samples=null", "callbacks.hf_export=null"]
@@ -26,43 +26,50 @@ def history(run_dir) -> dict:
     return dict(json.loads((run_dir / "history.json").read_text())["train/loss"])
 
 
-@pytest.mark.slow  # two tiny training runs each (~10 s apiece on an idle core)
+@pytest.fixture(scope="module")
+def fp32_runs(tmp_path_factory) -> dict:
+    """The fp32 default-AdamW and fused-AdamW runs, once for the three tests that compare against them."""
+    root = tmp_path_factory.mktemp("fp32")
+    for name, extra in (("plain", []), ("fused", [FUSED])):
+        assert_ok(run_cli(root / name, *COMMON, *extra))
+    return {name: history(root / name) for name in ("plain", "fused")}
+
+
+@pytest.mark.slow  # two tiny training runs each (~10 s apiece on an idle core; fp32's are shared)
 @pytest.mark.parametrize("precision,rel", [("32", 1e-4), ("bf16-mixed", 2e-3)])
-def test_fused_adamw_same_losses(cli, tmp_path, precision, rel):
-    runs = {name: cli(*COMMON, f"precision={precision}", *extra, run_dir=tmp_path / name)
-            for name, extra in (("plain", []), ("fused", [FUSED]))}
-    for run in runs.values():
-        assert_ok(run)
-    ref, got = history(tmp_path / "plain"), history(tmp_path / "fused")
+def test_fused_adamw_same_losses(request, cli, tmp_path, precision, rel):
+    if precision == "32":
+        runs = request.getfixturevalue("fp32_runs")
+        ref, got = runs["plain"], runs["fused"]
+    else:
+        for name, extra in (("plain", []), ("fused", [FUSED])):
+            assert_ok(cli(*COMMON, f"precision={precision}", *extra, run_dir=tmp_path / name))
+        ref, got = history(tmp_path / "plain"), history(tmp_path / "fused")
     assert sorted(got) == sorted(ref) == list(range(1, 9))
     assert ref[8] < ref[1]  # it trains
     for step, v in ref.items():  # the fused kernel only reorders rounding of the same update
         assert got[step] == pytest.approx(v, rel=rel), step
 
 
-@pytest.mark.slow  # three tiny training runs
-def test_fused_adamw_resume_is_exact(cli, tmp_path):
-    full = cli(*COMMON, FUSED, run_dir=tmp_path / "full")
-    assert_ok(full)
+@pytest.mark.slow  # two tiny training runs (+ the shared uninterrupted one)
+def test_fused_adamw_resume_is_exact(cli, tmp_path, fp32_runs):
     part = tmp_path / "part"
     assert_ok(cli(*COMMON, FUSED, "stop_at_step=4", run_dir=part))
     resumed = cli(*COMMON, FUSED, "resume=auto", run_dir=part)
     assert_ok(resumed)
     assert resumed.summary["global_step"] == 8
-    ref, tail = history(tmp_path / "full"), history(part)
+    ref, tail = fp32_runs["fused"], history(part)
     for step in range(5, 9):
         assert tail[step] == pytest.approx(ref[step], rel=1e-4), step
 
 
-@pytest.mark.slow  # two tiny training runs
-def test_fused_gelu_same_losses_as_gelu_new(cli, tmp_path):
-    """GPT-2's default activation `gelu_new` is HF's tanh GELU written as ~8 elementwise ops (~13% of an
-    85M fp32 step, bench/RESULTS.md cpu_mfu); `gelu_pytorch_tanh` is the same function in one kernel."""
-    runs = {name: cli(*COMMON, f"+model.config.activation_function={name}", run_dir=tmp_path / name)
-            for name in ("gelu_new", "gelu_pytorch_tanh")}
-    for run in runs.values():
-        assert_ok(run)
-    ref, got = history(tmp_path / "gelu_new"), history(tmp_path / "gelu_pytorch_tanh")
+@pytest.mark.slow  # one tiny training run (+ the shared default one)
+def test_fused_gelu_same_losses_as_gelu_new(cli, tmp_path, fp32_runs):
+    """GPT-2's default activation `gelu_new` (the tiny model's, so the shared plain run is its run) is HF's
+    tanh GELU written as ~8 elementwise ops (~13% of an 85M fp32 step, bench/RESULTS.md cpu_mfu);
+    `gelu_pytorch_tanh` is the same function in one kernel."""
+    assert_ok(cli(*COMMON, "+model.config.activation_function=gelu_pytorch_tanh", run_dir=tmp_path / "tanh"))
+    ref, got = fp32_runs["plain"], history(tmp_path / "tanh")
     assert sorted(got) == sorted(ref) == list(range(1, 9)) and ref[8] < ref[1]
     from hydra import compose, initialize_config_dir
 

@@ -42,3 +42,13 @@ def test_prompt_learning_peft_uses_the_full_forward():
     assert can_share_prompt(model)
     prefix = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert not can_share_prompt(prefix)
+
+
+def test_prefilled_generation_samples_what_plain_generate_samples():
+    """The rollout with each distinct prompt pre-filled once (its cache repeated for the group) samples the
+    very tokens transformers' plain `generate` samples from the whole rows, with the same seed."""
+    model, tok = tiny_lm()
+    shared = grpo_module(model, tok, share_prompt=True).rollout(prompt_batch(tok))
+    plain = grpo_module(model, tok, share_prompt=False).rollout(prompt_batch(tok))
+    assert torch.equal(shared["completions"], plain["completions"])
+    assert shared["texts"] == plain["texts"] and len(set(shared["texts"])) > 1  # sampled, not one answer
