@@ -15,6 +15,7 @@ from llmlab.checks_model import check_model, check_model_settings, check_peft, l
 from llmlab.checks_strategy import check_run
 from llmlab.errors import ConfigError
 from llmlab.hub import check_hub
+from llmlab.precision import half_dtype
 from llmlab.preference_rules import check_preference, check_preference_losses
 from llmlab.zero3 import zero_stage
 
@@ -27,7 +28,7 @@ IS_LEVELS = ("token", "sequence")
 def check_precision(cfg) -> None:
     precision = str(cfg.trainer.precision)
     accelerator = str(cfg.trainer.accelerator)
-    if precision.startswith("16") and accelerator == "cpu":
+    if half_dtype(precision) == "float16" and accelerator == "cpu":
         raise ConfigError(f"precision={precision} (fp16 with loss scaling) needs a GPU; on CPU use "
                           f"precision=bf16-mixed or precision=bf16-true (fast on AMX), or precision=32")
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from llmlab.errors import ConfigError
-from llmlab.precision import weights_dtype
+from llmlab.precision import half_dtype, weights_dtype
 from llmlab.zero3 import is_deepspeed, strategy_name
 
 def local_model_dir(model_cfg) -> Path | None:
@@ -111,11 +111,11 @@ def check_peft(cfg) -> None:
         q = p.quantization
         precision = str(cfg.trainer.precision)
         compute = str(q.compute_dtype)
-        if precision.startswith("16") and compute != "float16":
+        if half_dtype(precision) == "float16" and compute != "float16":
             raise ConfigError(f"peft=qlora computes in peft.quantization.compute_dtype={compute} but "
                               f"precision={precision} is fp16: set peft.quantization.compute_dtype=float16 "
                               f"or precision=bf16-mixed / bf16-true")
-        if precision.startswith("bf16") and compute == "float16":
+        if half_dtype(precision) == "bfloat16" and compute == "float16":
             raise ConfigError(f"peft=qlora with precision={precision} needs "
                               f"peft.quantization.compute_dtype=bfloat16 (got float16)")
         storage = q.get("quant_storage")
