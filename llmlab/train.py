@@ -155,13 +155,22 @@ def train(cfg: DictConfig) -> float | None:
         from llmlab.callbacks.stop import StopAtStep
 
         callbacks.append(StopAtStep(cfg.stop_at_step, dirpath=str(run_dir / "checkpoints")))
+    plugins = []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # Slurm tasks (srun): our time-limit requeue, not Lightning's in-handler one
+        from llmlab.callbacks.preemption import SlurmRequeue
+
+        slurm = SLURMEnvironment(auto_requeue=False)
+        plugins.append(slurm)
+        callbacks.append(SlurmRequeue(run_dir, slurm.requeue_signal))
     loggers = _instantiate_dict(cfg.logger)
     strategy = build_strategy(cfg.strategy, module)
     # what the stage declares it needs (stages/interface.py; ppo: no automatic clipping, interval in rollouts)
     stage_trainer_kwargs = module.trainer_overrides(cfg.trainer)
     trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_bad_steps"}
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, strategy=strategy,
-                                     **stage_trainer_kwargs)
+                                     plugins=plugins, **stage_trainer_kwargs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     close_process_group()
 

@@ -86,6 +86,29 @@ def _cpu_seconds() -> float:
     return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """For the parallel run of scripts/test.sh (`-n auto --dist loadgroup`): a module's tests go to one
+    worker (its module-scoped fixtures, trained models among them, are built once), every Slurm test to
+    the same worker (the local cluster runs one 2-task job at a time and the tests time their waits),
+    and modules with multi-process or slow tests are handed out first, so the run does not end with one
+    worker busy on a long module while the other idles. The order within a module is kept."""
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    def weight(item) -> int:
+        names = {m.name for m in item.iter_markers()}
+        return 0 if names & {"distributed", "slurm"} else 1 if "slow" in names else 2
+
+    first = {}
+    for item in items:
+        first[module(item)] = min(first.get(module(item), 2), weight(item))
+    items.sort(key=lambda item: first[module(item)])  # stable
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group("slurm" if item.get_closest_marker("slurm") else module(item)))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """LLMLAB_TEST_TIMES=<file>: append each test's wall and CPU seconds (its own and its subprocesses')
