@@ -1,6 +1,6 @@
 """DPO: llmlab's `stage=dpo` step time vs TRL's DPOTrainer, and peak memory of DPO+LoRA vs SFT+LoRA.
 
-    python bench/dpo_vs_trl.py speed  [--steps 60] [--batch 16] [--repeats 2] [--threads N]
+    python bench/dpo_vs_trl.py speed  [--steps 60] [--batch 16] [--repeats 2] [--threads N] [--precomputed]
     python bench/dpo_vs_trl.py memory [--steps 20] [--batch 16] [--layers 12] [--width 768] [--threads N]
 
 --threads N sets OMP_NUM_THREADS=N for every subprocess (both sides alike); on a CPU machine shared
@@ -13,6 +13,9 @@ on both sides: sigmoid DPO (llmlab with stage.module.sft_weight=0: no RPO NLL te
 loss_type=["sigmoid"] does not have), beta 0.1, frozen reference = a copy of the starting model, AdamW lr 1e-4
 (betas 0.9/0.95, no weight decay), constant LR, gradient clipping 1.0, batch `--batch` pairs, fp32,
 dropout off, no gradient checkpointing, no evaluation, no checkpoints, `--steps` optimizer steps.
+`--precomputed` also times both sides with reference log-probs scored once before training (llmlab
+`stage.module.precompute_reference=true`, TRL `precompute_ref_log_probs=True`; the scoring pass is not
+in the timed window on either side).
 Step time = training time / steps, excluding the first step; llmlab's from its summary.json
 (train_tokens_timed / tokens_per_sec), TRL's from a callback. Each side runs in its own subprocess
 and they alternate, so load on this shared machine hits both; medians are reported.
@@ -20,7 +23,8 @@ and they alternate, so load on this shared machine hits both; medians are report
 memory: a bigger GPT-2-shaped model (`--layers` x `--width`, byte vocabulary, random init) with
 peft=lora (r 16, alpha 32, on c_attn); peak RSS (summary.json peak_rss_mb) of `stage=dpo` (its
 reference is the same model with the adapter disabled: no copy) vs `stage=sft`, same data batch
-size (`--batch` pairs vs `--batch` examples) and also SFT at 2x batch (the same number of rows as DPO).
+size (`--batch` pairs vs `--batch` examples) and also SFT at 2x batch (the same number of rows as DPO),
+and DPO with `stage.module.split_pairs=true` (chosen and rejected halves one at a time).
 DPO runs with the stage's defaults otherwise (incl. its sft_weight NLL term on the chosen rows).
 """
 from __future__ import annotations
@@ -50,9 +54,10 @@ def ensure_model(path: Path) -> Path:
     return make(path)
 
 
-def run_llmlab(model_dir: Path, args) -> float:
+def run_llmlab(model_dir: Path, args, precomputed: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "llmlab.run", "stage=dpo", "model=tiny", "model.init=pretrained",
+               f"stage.module.precompute_reference={str(precomputed).lower()}",
                f"model.pretrained={model_dir}", "model.tokenizer=null", "precision=32", "stage.module.sft_weight=0",
                f"data.n_train={args.n_train}", f"data.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
                "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "stage.module.eval_generation=false",
@@ -66,7 +71,7 @@ def run_llmlab(model_dir: Path, args) -> float:
         return s["train_tokens_timed"] / s["tokens_per_sec"] / (s["global_step"] - 1)
 
 
-def trl_worker(model_dir: str, steps: int, batch: int, n_train: int) -> float:
+def trl_worker(model_dir: str, steps: int, batch: int, n_train: int, precomputed: bool) -> float:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -94,15 +99,15 @@ def trl_worker(model_dir: str, steps: int, batch: int, n_train: int) -> float:
                         adam_beta2=0.95, max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"], max_length=128,
                         logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
                         bf16=False, gradient_checkpointing=False, disable_dropout=True, dataloader_drop_last=True,
-                        precompute_ref_log_probs=False, seed=0, disable_tqdm=True)
+                        precompute_ref_log_probs=precomputed, seed=0, disable_tqdm=True)
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer])
         trainer.train()
     return (timer.t_last - timer.t1) / (timer.steps - 1)
 
 
-def run_trl(model_dir: Path, args) -> float:
+def run_trl(model_dir: Path, args, precomputed: bool = False) -> float:
     cmd = [sys.executable, __file__, "speed", "--trl-worker", str(model_dir), "--steps", str(args.steps),
-           "--batch", str(args.batch), "--n-train", str(args.n_train)]
+           "--batch", str(args.batch), "--n-train", str(args.n_train), *(["--precomputed"] if precomputed else [])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(args))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("STEP_SECONDS ")), None)
     if line is None:
@@ -112,19 +117,27 @@ def run_trl(model_dir: Path, args) -> float:
 
 def speed(args) -> dict:
     model_dir = ensure_model(ROOT / "bench" / "out" / "tiny-random")
-    ours, theirs = [], []
-    for i in range(args.repeats):
-        ours.append(run_llmlab(model_dir, args))
-        theirs.append(run_trl(model_dir, args))
-        print(f"repeat {i}: llmlab {ours[-1] * 1000:.1f} ms/step, TRL {theirs[-1] * 1000:.1f} ms/step", flush=True)
-    a, b = statistics.median(ours), statistics.median(theirs)
-    return {"bench": "dpo_speed", "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads,
-            "llmlab_ms_per_step": round(a * 1000, 1), "trl_ms_per_step": round(b * 1000, 1),
-            "speedup_vs_trl": round(b / a, 3), "runs_llmlab_ms": [round(t * 1000, 1) for t in ours],
-            "runs_trl_ms": [round(t * 1000, 1) for t in theirs]}
+    sides = {"llmlab": lambda: run_llmlab(model_dir, args), "trl": lambda: run_trl(model_dir, args)}
+    if args.precomputed:
+        sides["llmlab_precomputed"] = lambda: run_llmlab(model_dir, args, precomputed=True)
+        sides["trl_precomputed"] = lambda: run_trl(model_dir, args, precomputed=True)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for i in range(args.repeats):  # the sides alternate, so load hits each alike
+        for name, run in sides.items():
+            times[name].append(run())
+        print(f"repeat {i}: " + ", ".join(f"{n} {t[-1] * 1000:.1f}" for n, t in times.items()) + " ms/step", flush=True)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    out = {"bench": "dpo_speed", "batch_pairs": args.batch, "steps": args.steps, "threads": args.threads,
+           **{f"{n}_ms_per_step": round(m * 1000, 1) for n, m in med.items()},
+           "speedup_vs_trl": round(med["trl"] / med["llmlab"], 3),
+           **{f"runs_{n}_ms": [round(x * 1000, 1) for x in t] for n, t in times.items()}}
+    if args.precomputed:
+        out["precomputed_speedup_vs_trl"] = round(med["trl"] / med["llmlab_precomputed"], 3)
+        out["precomputed_speedup_vs_trl_precomputed"] = round(med["trl_precomputed"] / med["llmlab_precomputed"], 3)
+    return out
 
 
-def peak_rss(stage: str, batch: int, args) -> float:
+def peak_rss(stage: str, batch: int, args, *extra: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "llmlab.run", f"stage={stage}", "model=tiny", "model.init=scratch",
                "model.tokenizer=builtin", f"model.config.n_layer={args.layers}", f"model.config.n_embd={args.width}",
@@ -132,7 +145,7 @@ def peak_rss(stage: str, batch: int, args) -> float:
                f"data.n_train={args.n_train}", f"data.batch_size={batch}", f"trainer.max_steps={args.steps}",
                "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "stage.module.eval_generation=false",
                "~callbacks.model_checkpoint", "~callbacks.hf_export", "callbacks.samples.prompts=[]",
-               "trainer.enable_progress_bar=false", "seed=0", f"hydra.run.dir={tmp}"]
+               "trainer.enable_progress_bar=false", "seed=0", f"hydra.run.dir={tmp}", *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(args))
         if proc.returncode != 0:
             raise SystemExit(f"{stage} run failed:\n{proc.stderr[-3000:]}")
@@ -143,9 +156,11 @@ def memory(args) -> dict:
     dpo = peak_rss("dpo", args.batch, args)
     sft = peak_rss("sft", args.batch, args)
     sft2 = peak_rss("sft", 2 * args.batch, args)
+    split = peak_rss("dpo", args.batch, args, "stage.module.split_pairs=true")
     return {"bench": "dpo_lora_memory", "model": f"gpt2-shaped {args.layers}x{args.width}, byte vocab, LoRA r16",
             "batch": args.batch, "threads": args.threads, "dpo_peak_rss_mb": dpo, "sft_peak_rss_mb": sft, "sft_2x_batch_peak_rss_mb": sft2,
-            "dpo_over_sft": round(dpo / sft, 3), "dpo_over_sft_same_rows": round(dpo / sft2, 3)}
+            "dpo_over_sft": round(dpo / sft, 3), "dpo_over_sft_same_rows": round(dpo / sft2, 3),
+            "dpo_split_pairs_peak_rss_mb": split, "dpo_split_pairs_over_sft": round(split / sft, 3)}
 
 
 def main() -> int:
@@ -158,11 +173,12 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherit)")
+    parser.add_argument("--precomputed", action="store_true", help="speed: also both sides with precomputed reference log-probs")
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (60 if args.what == "speed" else 20)
     if args.trl_worker:
-        print(f"STEP_SECONDS {trl_worker(args.trl_worker, args.steps, args.batch, args.n_train):.6f}", flush=True)
+        print(f"STEP_SECONDS {trl_worker(args.trl_worker, args.steps, args.batch, args.n_train, args.precomputed):.6f}", flush=True)
         return 0
     print(json.dumps(speed(args) if args.what == "speed" else memory(args)))
     return 0

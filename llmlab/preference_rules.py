@@ -32,6 +32,9 @@ def check_preference_losses(cfg) -> None:
         if module.get("precompute_reference"):
             raise ConfigError("stage.module.precompute_reference=true with stage=kto: KTO's KL pairs are rebuilt in every "
                               "batch (prompt i with the completion of i-1), so they cannot be scored once; set it to false")
+        if module.get("split_pairs"):
+            raise ConfigError("stage.module.split_pairs=true with stage=kto: it splits preference pairs into their "
+                              "chosen and rejected halves, KTO's batches are single examples; set it to false")
         if float(module.get("sft_weight") or 0):
             raise ConfigError(f"stage.module.sft_weight={module.sft_weight} with stage=kto: KTO has no NLL term; set it to 0")
         if int(cfg.data.get("batch_size") or 0) < 2:

@@ -117,6 +117,8 @@ CASES = [
          ["stage.module.loss._target_=DPOLoss", "KTOLoss"]),
     Case("run-reference-free-with-reference", "llmlab.run", ["stage=simpo", "model=tiny", "stage.module.reference_model=/some/run"],
          ["stage.module.reference_model=/some/run", "no reference model"]),
+    Case("run-kto-split-pairs", "llmlab.run", ["stage=kto", "model=tiny", "stage.module.split_pairs=true"],
+         ["stage.module.split_pairs=true", "set it to false"]),
     Case("run-kto-batch-of-one", "llmlab.run", ["stage=kto", "model=tiny", "data.batch_size=1"], ["data.batch_size=1", ">= 2"]),
     Case("run-empty-data-file", "llmlab.run", ["data=text", "data.block_size=64", "data.train_files={tmp}/empty.txt"],
          ["data.train_files", "empty"]),

@@ -34,6 +34,8 @@ LAYOUTS = {
     # DeepSpeed divides by its gradient_accumulation_steps on top of Lightning (common.for_backward)
     "zero2_batch1_accum3": ["trainer.devices=2", "strategy=zero2", "data.batch_size=1",
                             "trainer.accumulate_grad_batches=3"],
+    "zero3_batch1_accum3": ["trainer.devices=2", "strategy=zero3", "data.batch_size=1",
+                            "trainer.accumulate_grad_batches=3"],
 }
 
 
@@ -67,6 +69,8 @@ def max_diff(a: dict, b: dict) -> float:
 STAGES = {
     "sft": ["stage=sft"],
     "dpo": ["stage=dpo", "stage.module.sft_weight=1.0"],  # the token-weighted NLL term on the chosen rows
+    # chosen and rejected halves through the policy one at a time (activation checkpointing)
+    "dpo-split": ["stage=dpo", "stage.module.sft_weight=1.0", "stage.module.split_pairs=true"],
 }
 
 
@@ -77,6 +81,10 @@ CASES = [  # (stage, layouts compared with batch6). Fast tier: one run that accu
     pytest.param("sft", ["batch2_accum3", "ddp2_batch3"], id="sft-each", marks=pytest.mark.slow),
     pytest.param("dpo", ["batch2_accum3", "ddp2_batch3"], id="dpo-each", marks=pytest.mark.slow),
     pytest.param("sft", ["zero2_batch1_accum3"], id="sft-zero2", marks=pytest.mark.slow),
+    # split_pairs recomputes each half's activations in backward: still the same update under DDP
+    # (one DDP forward per training_step, each parameter's gradient hook once) and under ZeRO-3
+    # (partitioned parameters gathered again for the recomputation)
+    pytest.param("dpo-split", ["ddp2_batch1_accum3", "zero3_batch1_accum3"], id="dpo-split", marks=pytest.mark.slow),
 ]
 
 

@@ -6,6 +6,9 @@ for which no reference is built: `needs_reference = False`). The reference is th
 model with its adapter disabled (no second copy), otherwise a frozen copy, or `reference_model=`
 (a run dir or HF path with the same tokenizer). `precompute_reference=true` scores every training and
 validation pair with the reference once before training and then frees the copy.
+`split_pairs=true` trades one more policy forward for half the activation memory: the chosen rows and
+the rejected rows each go through the policy under activation checkpointing, so only one half's
+activations exist at a time (while its backward runs). Same loss and gradients as the one-pass step.
 
 A batch of B pairs is one (2B, T) tensor (chosen rows, then rejected), so one policy forward and one
 reference forward score both. Logged: loss, implicit rewards beta * (log pi - log ref) of chosen and
@@ -37,19 +40,25 @@ def _row_key(ids: torch.Tensor, segment_ids: torch.Tensor) -> tuple:
     return tuple(ids[segment_ids >= 0].tolist())
 
 
+def rows_of(batch: dict, rows: slice) -> dict:
+    """Some rows of a (2B, T) batch: each per-row tensor (input_ids, labels, segment_ids, position_ids, ...)."""
+    n = batch["input_ids"].shape[0]
+    return {k: v[rows] for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n}
+
+
 class DPOModule(Stage):
     data_format = "preference"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, loss: torch.nn.Module | None = None,
                  packing: str = "document", reference_model: str | None = None,
                  precompute_reference: bool = False, sft_weight: float = 0.0, disable_dropout: bool = True,
-                 eval_generation: bool = True, max_new_tokens: int = 16):
+                 eval_generation: bool = True, max_new_tokens: int = 16, split_pairs: bool = False):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
         self.loss_fn = loss if loss is not None else DPOLoss()
         self.sft_weight, self.precompute, self.eval_generation = sft_weight, precompute_reference, eval_generation
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.split_pairs = max_new_tokens, split_pairs
         if disable_dropout:
             alignment.disable_dropout(model)
         # a reference-free loss (ORPO, SimPO: `needs_reference = False`) gets no reference at all: no
@@ -82,6 +91,35 @@ class DPOModule(Stage):
         """(response log-probs (2B,): sums, or means if the loss asks, and logits (2B, T, V)) under the policy."""
         logits = forward_logits(self.model, batch, self.packing)
         return self._sequence_logps(logits, batch["labels"]), logits
+
+    def policy_terms(self, batch) -> tuple[torch.Tensor, tuple | None]:
+        """(response log-probs (2B,) under the policy, (NLL sum, target tokens) of the chosen rows when
+        the loss adds an NLL term (`sft_weight`), else None)."""
+        B = batch["input_ids"].shape[0] // 2
+        if self.split_pairs and torch.is_grad_enabled():
+            chosen, nll = self._checkpointed_half(batch, slice(0, B), with_nll=bool(self.sft_weight))
+            rejected, _ = self._checkpointed_half(batch, slice(B, 2 * B), with_nll=False)
+            return torch.cat([chosen, rejected]), nll
+        policy, logits = self.policy_logps(batch)
+        nll = causal_lm_loss_sum(logits[:B], batch["labels"][:B]) if self.sft_weight else None
+        return policy, nll
+
+    def _checkpointed_half(self, batch, rows: slice, with_nll: bool):
+        """(log-probs of `rows` (B,), their (NLL sum, tokens) or None) under non-reentrant activation
+        checkpointing: the forward keeps only its inputs and these small outputs; backward recomputes the
+        half's activations, and autograd finishes one half's graph (its nodes are newer) before the other's."""
+        part = rows_of(batch, rows)
+        names = list(part)
+
+        def run(*tensors):
+            part = dict(zip(names, tensors))  # input_ids, labels, segment_ids, position_ids, ... (B, T)
+            logits = forward_logits(self.model, part, self.packing)  # (B, T, V), freed after this call
+            logps = self._sequence_logps(logits, part["labels"])
+            return logps, (causal_lm_loss_sum(logits, part["labels"]) if with_nll else None)
+
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(run, *part.values(), use_reentrant=False)
 
     def reference_logps(self, batch) -> torch.Tensor:
         """(2B,) under the reference: from the precomputed cache, else a no-grad forward."""
@@ -119,7 +157,7 @@ class DPOModule(Stage):
 
     # ------------------------------------------------------------------ steps
     def _losses(self, batch):
-        policy, logits = self.policy_logps(batch)  # (2B,), (2B, T, V)
+        policy, nll = self.policy_terms(batch)  # (2B,), chosen rows' (NLL sum, tokens) or None
         B = policy.shape[0] // 2
         if self.reference is None:  # reference-free: the loss's rewards come from the policy alone
             out = self.loss_fn(policy[:B], policy[B:])
@@ -128,9 +166,8 @@ class DPOModule(Stage):
             out = self.loss_fn(policy[:B], policy[B:], reference[:B], reference[B:])
         # both terms as the step's means (over its pairs, over its chosen tokens), whatever the split
         loss = step_mean(self, out.loss * B, batch, "pairs", B)  # out.loss is a mean over the B pairs
-        if self.sft_weight:  # RPO-style NLL on the chosen answers keeps them likely
-            nll_sum, n_tokens = causal_lm_loss_sum(logits[:B], batch["labels"][:B])
-            loss = loss + self.sft_weight * step_mean(self, nll_sum, batch, "tokens", n_tokens)
+        if nll is not None:  # RPO-style NLL on the chosen answers keeps them likely (sft_weight > 0)
+            loss = loss + self.sft_weight * step_mean(self, nll[0], batch, "tokens", nll[1])
         return loss, out, policy[:B].detach()
 
     def training_step(self, batch, batch_idx):

@@ -19,13 +19,8 @@ from torchmetrics import MeanMetric
 
 from llmlab.losses import KTOLoss
 from llmlab.stages.common import for_backward, forward_logits, log_train, step_mean
-from llmlab.stages.dpo import DPOModule
+from llmlab.stages.dpo import DPOModule, rows_of
 from llmlab.generation import greedy_answers, needs_synced_gpus
-
-
-def _rows(batch: dict, rows: slice) -> dict:
-    """The token tensors of some rows of a (2B, T) batch (what forward_logits reads)."""
-    return {k: batch[k][rows] for k in ("input_ids", "labels", "segment_ids", "position_ids")}
 
 
 class KTOModule(DPOModule):
@@ -39,7 +34,7 @@ class KTOModule(DPOModule):
 
     def _losses(self, batch):
         B = batch["desirable"].shape[0]
-        examples, mismatched = _rows(batch, slice(0, B)), _rows(batch, slice(B, 2 * B))
+        examples, mismatched = rows_of(batch, slice(0, B)), rows_of(batch, slice(B, 2 * B))
         policy = self._sequence_logps(forward_logits(self.model, examples, self.packing), examples["labels"])  # (B,)
         with torch.no_grad():  # the KL reference point is detached: no graph for these rows
             policy_kl = self._sequence_logps(forward_logits(self.model, mismatched, self.packing),
