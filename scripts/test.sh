@@ -10,8 +10,8 @@ fi
 export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 # one pytest worker per core (pytest-xdist; LLMLAB_TEST_WORKERS=1 for one process), each test process on
 # one thread: the tiny models leave a second thread idle (the serial suite used one core of two), and
-# two workers x two threads would oversubscribe the cores. conftest.py groups the tests for the workers.
+# two workers x two threads would oversubscribe the cores. conftest.py hands the workers whole modules.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # every tier (plain `pytest` runs only the fast one: pyproject.toml addopts); a -m of yours replaces this one
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${LLMLAB_TEST_WORKERS:-auto}" --dist loadgroup \
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${LLMLAB_TEST_WORKERS:-auto}" \
   -m "slow or not slow" "$@"

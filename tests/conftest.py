@@ -86,27 +86,39 @@ def _cpu_seconds() -> float:
     return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
-def pytest_collection_modifyitems(config, items):
-    """For the parallel run of scripts/test.sh (`-n auto --dist loadgroup`): a module's tests go to one
-    worker (its module-scoped fixtures, trained models among them, are built once), every Slurm test to
-    the same worker (the local cluster runs one 2-task job at a time and the tests time their waits),
-    and modules with multi-process or slow tests are handed out first, so the run does not end with one
-    worker busy on a long module while the other idles. The order within a module is kept."""
-    def module(item) -> str:
-        return item.nodeid.split("::")[0]
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
 
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: scripts/test.sh runs one worker per core
+def pytest_xdist_make_scheduler(config, log):
+    """Hand out work a module at a time (its module-scoped fixtures, trained models among them, are built
+    once), every Slurm module as one unit (the local cluster runs one 2-task job at a time and the tests
+    time their waits), in collection order (pytest_collection_modifyitems: heavy modules first).
+    (xdist's own `--dist loadgroup` marks no longer group under pytest 9.2, whose Node.nodeid ignores the
+    `_nodeid` that xdist 3.8 rewrites: every test became its own unit.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "slurm" if Path(module).name.startswith("test_slurm") else module
+
+    config.option.loadscopereorder = False  # collection order, not xdist's "most tests first"
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with multi-process or slow tests first (in file order within a module), so a parallel run
+    does not end with one worker busy on a long module while the other idles."""
     def weight(item) -> int:
         names = {m.name for m in item.iter_markers()}
         return 0 if names & {"distributed", "slurm"} else 1 if "slow" in names else 2
 
     first = {}
     for item in items:
-        first[module(item)] = min(first.get(module(item), 2), weight(item))
-    items.sort(key=lambda item: first[module(item)])  # stable
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group("slurm" if item.get_closest_marker("slurm") else module(item)))
+        first[_module(item)] = min(first.get(_module(item), 2), weight(item))
+    items.sort(key=lambda item: first[_module(item)])  # stable
 
 
 @pytest.hookimpl(hookwrapper=True)
