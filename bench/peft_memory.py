@@ -1,16 +1,18 @@
 """Peak memory of one training step on the OPT-1.3B architecture: full bf16 vs LoRA bf16 vs QLoRA.
 
-    python bench/peft_memory.py [--seq 256] [--batch 1] [--methods full,lora,qlora]
+    python bench/peft_memory.py [--seq 256] [--batch 1] [--steps 1] [--methods full,lora,qlora,lora_fp32]
 
 Random weights (model=opt1.3b's `config:` values, no download). Each method runs in its own
 subprocess, so its peak RSS (getrusage ru_maxrss, CPU memory) is its own:
 - full:  weights bf16, every parameter trained, AdamW (states in bf16, like the weights)
 - lora:  weights bf16 frozen, LoRA r=16 alpha=32 on q_proj, v_proj (the course's adapter), AdamW
+- lora_fp32: the same LoRA on fp32 weights, no autocast (the fp32 side of the course's bf16 recipe)
 - qlora: the same LoRA on a base loaded 4-bit NF4 + double quantization, bf16 compute
   (`prepare_model_for_kbit_training` with gradient checkpointing, as conf/peft/qlora.yaml);
   bitsandbytes quantizes as it loads, so the random bf16 weights are first saved to disk in
   100 MB shards (a one-time cache; loading maps one shard at a time).
-One step = forward + backward + optimizer step on a batch of `--batch` x `--seq` random tokens.
+One step = forward + backward + optimizer step on a batch of `--batch` x `--seq` random tokens;
+`--steps N` runs N of them (step_s: the last one's time, step_times_s: each; the peak covers all).
 Reported: the step's peak RSS (after the model is built, freed heap is returned to the OS with
 malloc_trim and the kernel's peak counter VmHWM is reset, so loading transients do not count), the
 RSS before the step (anonymous and file-mapped parts), the peak while loading, and llmlab's dry-run
@@ -70,7 +72,7 @@ def ensure_checkpoint() -> Path:
     return CACHE
 
 
-def worker(method: str, batch: int, seq: int) -> dict:
+def worker(method: str, batch: int, seq: int, steps: int = 1) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -85,8 +87,9 @@ def worker(method: str, batch: int, seq: int) -> dict:
                                                      dtype=torch.bfloat16)
         model = apply_peft(model, node)
     else:
-        model = AutoModelForCausalLM.from_config(opt_config(), dtype=torch.bfloat16)
-        if method == "lora":
+        fp32 = method == "lora_fp32"
+        model = AutoModelForCausalLM.from_config(opt_config(), dtype=torch.float32 if fp32 else torch.bfloat16)
+        if method in ("lora", "lora_fp32"):
             model = apply_peft(model, peft_node("lora"))
     build_s = time.perf_counter() - t0
     model.train()
@@ -96,32 +99,39 @@ def worker(method: str, batch: int, seq: int) -> dict:
     release_and_reset_peak()
     rss_built, anon_built, file_built = status_mb("VmRSS"), status_mb("RssAnon"), status_mb("RssFile")
     ids = torch.randint(3, 50000, (batch, seq), generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    step_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=method != "lora_fp32"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    step_s = times[-1]
     step_peak = status_mb("VmHWM")
-    est = estimate(model, precision="bf16-true" if method != "qlora" else "bf16-mixed", batch_size=batch,
+    precision = {"qlora": "bf16-mixed", "lora_fp32": "32-true"}.get(method, "bf16-true")
+    est = estimate(model, precision=precision, batch_size=batch,
                    seq_len=seq, optimizer_target="torch.optim.AdamW",
                    gradient_checkpointing=method == "qlora")
     return {"method": method, "step_peak_rss_mb": round(step_peak, 1), "rss_before_step_mb": round(rss_built, 1),
             "anon_before_step_mb": round(anon_built, 1), "file_before_step_mb": round(file_built, 1),
             "load_peak_rss_mb": round(load_peak, 1),
             "trainable_params": sum(p.numel() for p in params), "loss": round(loss.item(), 4),
-            "build_s": round(build_s, 1), "step_s": round(step_s, 2), "estimate_total_gib": est["total_gib"]}
+            "build_s": round(build_s, 1), "step_s": round(step_s, 2), "step_times_s": [round(t, 2) for t in times],
+            "estimate_total_gib": est["total_gib"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--methods", default="full,lora,qlora")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.batch, args.seq)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.batch, args.seq, args.steps)), flush=True)
         return 0
     methods = args.methods.split(",")
     if "qlora" in methods:
@@ -130,7 +140,7 @@ def main() -> int:
     results = []
     for m in methods:
         proc = subprocess.run([sys.executable, __file__, "--worker", m, "--seq", str(args.seq), "--batch",
-                               str(args.batch)], capture_output=True, text=True, cwd=ROOT)
+                               str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -140,6 +150,9 @@ def main() -> int:
     by = {r["method"]: r for r in results}
     if "lora" in by and "qlora" in by:
         print(f"qlora/lora step peak RSS: {by['qlora']['step_peak_rss_mb'] / by['lora']['step_peak_rss_mb']:.2f}")
+    if "lora" in by and "lora_fp32" in by:
+        print(f"lora bf16 / fp32: step time {by['lora']['step_s'] / by['lora_fp32']['step_s']:.2f}x, "
+              f"step peak RSS {by['lora']['step_peak_rss_mb'] / by['lora_fp32']['step_peak_rss_mb']:.2f}x")
     if "full" in by and "lora" in by:
         print(f"lora/full step peak RSS: {by['lora']['step_peak_rss_mb'] / by['full']['step_peak_rss_mb']:.2f}")
     return 0

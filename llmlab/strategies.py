@@ -149,13 +149,49 @@ def ddp(
     )
 
 
+# DeepSpeed sizes that follow the model, as the Hugging Face Trainer's `"auto"` (hidden = the model's
+# hidden size): buffers that suit the model instead of GPU-throughput constants (200M-element reduce
+# buckets double-buffered are 1.6 GB in fp32, more than sharding saves on a model that fits one process).
+AUTO_SIZES = {  # zero_optimization key -> its size from the hidden size
+    "reduce_bucket_size": lambda hidden: hidden * hidden,
+    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
+    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+    # llmlab's, not HF's: under a layer's worth of parameters live / kept for re-use, so ZeRO-3 releases
+    # each layer's gathered weights after use instead of holding the whole forward until backward
+    # (DeepSpeed's 1e9 defaults keep every parameter of a model under 1e9 gathered: bench/RESULTS.md)
+    "stage3_max_live_parameters": lambda hidden: 10 * hidden * hidden,
+    "stage3_max_reuse_distance": lambda hidden: 10 * hidden * hidden,
+}
+
+
+def hidden_size(model) -> int | None:
+    """The model's hidden size from its HF config (`hidden_size`, GPT-2's `n_embd`), else None."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return hidden if isinstance(hidden, int) else None
+
+
+def fill_auto_sizes(strategy, hidden: int | None) -> None:
+    """Replace each `"auto"` of AUTO_SIZES in a DeepSpeed strategy's config by its size for `hidden`."""
+    zero = strategy.config.get("zero_optimization", {})
+    auto = [k for k in AUTO_SIZES if zero.get(k) == "auto"]
+    if not auto:
+        return
+    if hidden is None:
+        raise StrategyConfigError(f"strategy: {', '.join(auto)}=auto sizes DeepSpeed's buffers from the model's hidden "
+                                  f"size, which this model's config does not give; set numbers (e.g. "
+                                  f"strategy.reduce_bucket_size=50000000)")
+    for key in auto:
+        zero[key] = AUTO_SIZES[key](hidden)
+
+
 def deepspeed(
     stage: int = 2,
     name: str | None = None,
     offload_optimizer: bool = False,
     offload_parameters: bool = False,
     allgather_bucket_size: int = 200_000_000,
-    reduce_bucket_size: int = 200_000_000,
+    reduce_bucket_size: int | str = "auto",
     overlap_comm: bool = True,
     contiguous_gradients: bool = True,
     pin_memory: bool = False,
@@ -173,7 +209,9 @@ def deepspeed(
     Returns a `CPUDeepSpeedStrategy`, which is the plain `DeepSpeedStrategy` whenever the trainer's
     accelerator is CUDA and the CPU-capable variant otherwise (chosen once the accelerator is known).
     The ZeRO settings are Lightning's own constructor arguments (it builds the config from them);
-    `sub_group_size` defaults to DeepSpeed's 1e9 (Lightning's default is 1e12).
+    `sub_group_size` defaults to DeepSpeed's 1e9 (Lightning's default is 1e12). `reduce_bucket_size`
+    (and under `config_overrides.zero_optimization` the stage-3 prefetch bucket and persistence threshold)
+    may be `"auto"`: sized from the model's hidden size once it is built (`fill_auto_sizes`).
     Lightning fills in what depends on the trainer when fitting starts: `gradient_accumulation_steps`
     (from `trainer.accumulate_grad_batches`; do not put it in `config_overrides`),
     `train_micro_batch_size_per_gpu`, `gradient_clipping`, and `bf16`/`fp16` from the precision.
@@ -194,7 +232,7 @@ def deepspeed(
         offload_optimizer=offload_optimizer,
         offload_parameters=offload_parameters,
         allgather_bucket_size=int(allgather_bucket_size),
-        reduce_bucket_size=int(reduce_bucket_size),
+        reduce_bucket_size=reduce_bucket_size if reduce_bucket_size == "auto" else int(reduce_bucket_size),
         overlap_comm=overlap_comm,
         contiguous_gradients=contiguous_gradients,
         pin_memory=pin_memory,

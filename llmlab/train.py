@@ -62,12 +62,15 @@ def build_strategy(strategy_cfg: DictConfig, module):
     """
     from hydra.utils import instantiate
 
+    from llmlab.strategies import fill_auto_sizes, hidden_size
     from llmlab.zero3 import is_deepspeed
 
     strategy = instantiate(strategy_cfg)
-    clip = None if module.automatic_optimization else module.max_grad_norm
-    if clip and is_deepspeed(strategy):
-        strategy.config.setdefault("gradient_clipping", float(clip))
+    if is_deepspeed(strategy):
+        fill_auto_sizes(strategy, hidden_size(getattr(module, "model", None)))  # "auto" buffer sizes
+        clip = None if module.automatic_optimization else module.max_grad_norm
+        if clip:
+            strategy.config.setdefault("gradient_clipping", float(clip))
     return strategy
 
 

@@ -1,7 +1,7 @@
 """Fast-path options (issue 13): each gives the same training as the path it replaces.
 
-`stage.module.optimizer.fused=true` (torch AdamW's fused kernel): the same loss trajectory as the default
-per-tensor AdamW at fp32 and under bf16-mixed (with gradient clipping on, which Lightning's mixed-precision
+`stage.module.optimizer.fused=true` (torch AdamW's fused kernel, stage=pretrain's default): the same loss
+trajectory as torch's per-tensor AdamW (`fused=null`) at fp32 and under bf16-mixed (with gradient clipping on, which Lightning's mixed-precision
 plugin refuses for fused optimizers unless `stages.common.configure_optimizers` clears their
 `_step_supports_amp_scaling`), and stopping + resuming under it reproduces its uninterrupted run (the
 fused optimizer's state round-trips through the checkpoint). The attention path needs no option: the
@@ -19,7 +19,7 @@ from tests.conftest import FAST, assert_ok, run_cli
 
 COMMON = [*FAST, "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
           "trainer.max_steps=8", "callbacks.samples=null", "callbacks.hf_export=null"]
-FUSED = "stage.module.optimizer.fused=true"
+FUSED, PLAIN = "stage.module.optimizer.fused=true", "stage.module.optimizer.fused=null"
 
 
 def history(run_dir) -> dict:
@@ -28,9 +28,9 @@ def history(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def fp32_runs(tmp_path_factory) -> dict:
-    """The fp32 default-AdamW and fused-AdamW runs, once for the three tests that compare against them."""
+    """The fp32 per-tensor-AdamW and fused-AdamW runs, once for the three tests that compare against them."""
     root = tmp_path_factory.mktemp("fp32")
-    for name, extra in (("plain", []), ("fused", [FUSED])):
+    for name, extra in (("plain", [PLAIN]), ("fused", [FUSED])):
         assert_ok(run_cli(root / name, *COMMON, *extra))
     return {name: history(root / name) for name in ("plain", "fused")}
 
@@ -42,7 +42,7 @@ def test_fused_adamw_same_losses(request, cli, tmp_path, precision, rel):
         runs = request.getfixturevalue("fp32_runs")
         ref, got = runs["plain"], runs["fused"]
     else:
-        for name, extra in (("plain", []), ("fused", [FUSED])):
+        for name, extra in (("plain", [PLAIN]), ("fused", [FUSED])):
             assert_ok(cli(*COMMON, f"precision={precision}", *extra, run_dir=tmp_path / name))
         ref, got = history(tmp_path / "plain"), history(tmp_path / "fused")
     assert sorted(got) == sorted(ref) == list(range(1, 9))
@@ -65,11 +65,11 @@ def test_fused_adamw_resume_is_exact(cli, tmp_path, fp32_runs):
 
 @pytest.mark.slow  # one tiny training run (+ the shared default one)
 def test_fused_gelu_same_losses_as_gelu_new(cli, tmp_path, fp32_runs):
-    """GPT-2's default activation `gelu_new` (the tiny model's, so the shared plain run is its run) is HF's
+    """GPT-2's default activation `gelu_new` (the tiny model's, so the shared default run, fused AdamW, is its run) is HF's
     tanh GELU written as ~8 elementwise ops (~13% of an 85M fp32 step, bench/RESULTS.md cpu_mfu);
     `gelu_pytorch_tanh` is the same function in one kernel."""
     assert_ok(cli(*COMMON, "+model.config.activation_function=gelu_pytorch_tanh", run_dir=tmp_path / "tanh"))
-    ref, got = fp32_runs["plain"], history(tmp_path / "tanh")
+    ref, got = fp32_runs["fused"], history(tmp_path / "tanh")
     assert sorted(got) == sorted(ref) == list(range(1, 9)) and ref[8] < ref[1]
     from hydra import compose, initialize_config_dir
 

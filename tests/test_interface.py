@@ -2,6 +2,8 @@
 RunSummary read from a stage, and nothing else."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -36,6 +38,7 @@ class _Manual(Stage):
         super().__init__()
         self.automatic_optimization = False
         self.max_grad_norm = clip
+        self.model = SimpleNamespace(config=SimpleNamespace(hidden_size=8))  # for DeepSpeed's "auto" sizes
 
 
 def test_manual_optimization_clip_goes_to_deepspeed_explicitly():

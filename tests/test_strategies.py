@@ -168,6 +168,10 @@ def _worker(argv: list[str]) -> None:
             return self._loader(tokens[: world])
 
     strategy = instantiate(_strategy_node(args.strategy))
+    if args.strategy.startswith("zero"):
+        from llmlab.strategies import fill_auto_sizes
+
+        fill_auto_sizes(strategy, hidden=32)  # what train.build_strategy does from an HF model's config
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
         precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -308,6 +312,39 @@ def test_deepspeed_options_pass_through_and_overrides_merge():
     assert zero["sub_group_size"] == 777 and zero["stage"] == 2  # merged key by key, not replaced
     assert strategy.config["wall_clock_breakdown"] is True
     assert isinstance(strategy.config["zero_optimization"], dict)  # plain dicts for DeepSpeed, not DictConfig
+
+
+def test_auto_buffer_sizes_follow_the_model_as_hf_trainer_auto():
+    """zero1/2/3 ship `reduce_bucket_size: auto` and zero3 its prefetch bucket, persistence threshold, live
+    parameters and re-use distance: hidden^2, 0.9 hidden^2, 10 hidden, 10 hidden^2 and 10 hidden^2 elements
+    once the model is known (the first three as the HF Trainer's "auto");
+    a number given wins; a model without a hidden size is refused with the setting to change."""
+    import torch
+    from hydra.utils import instantiate
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmlab.errors import StrategyConfigError
+    from llmlab.strategies import fill_auto_sizes, hidden_size
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=50, n_positions=16))
+    assert hidden_size(model) == 64
+    for choice in ("zero1", "zero2", "zero3", "zero3_offload"):
+        strategy = instantiate(_strategy_node(choice))
+        fill_auto_sizes(strategy, hidden_size(model))
+        zero = strategy.config["zero_optimization"]
+        assert zero["reduce_bucket_size"] == 64 * 64, choice
+        if choice.startswith("zero3"):
+            assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64) and zero["stage3_param_persistence_threshold"] == 640
+            assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 10 * 64 * 64
+        else:
+            assert "stage3_prefetch_bucket_size" not in zero
+    node = _strategy_node("zero3")
+    node.reduce_bucket_size = 12345
+    strategy = instantiate(node)
+    fill_auto_sizes(strategy, 64)
+    assert strategy.config["zero_optimization"]["reduce_bucket_size"] == 12345
+    with pytest.raises(StrategyConfigError, match="reduce_bucket_size, stage3_prefetch_bucket_size.*=auto.*hidden size"):
+        fill_auto_sizes(instantiate(_strategy_node("zero3")), hidden_size(torch.nn.Linear(2, 2)))
 
 
 def test_offloading_parameters_needs_stage_3():
