@@ -191,9 +191,9 @@ BIG = ["model.config.n_layer=16", "model.config.n_embd=1024", "model.config.n_he
 # what sharding saves. These overrides make the buffers small so that the sharding itself shows.
 SMALL_BUFFERS = [
     "strategy.reduce_bucket_size=5000000", "strategy.allgather_bucket_size=5000000", "strategy.overlap_comm=false",
-    "+strategy.config_overrides.zero_optimization.stage3_prefetch_bucket_size=5000000",
-    "+strategy.config_overrides.zero_optimization.stage3_max_live_parameters=10000000",
-    "+strategy.config_overrides.zero_optimization.stage3_max_reuse_distance=0",
+    "++strategy.config_overrides.zero_optimization.stage3_prefetch_bucket_size=5000000",
+    "++strategy.config_overrides.zero_optimization.stage3_max_live_parameters=10000000",
+    "++strategy.config_overrides.zero_optimization.stage3_max_reuse_distance=0",
 ]
 # fp32 + AdamW, bytes per parameter per process with N=2, as DeepSpeed 0.19 lays it out: weights 4,
 # gradients 4, Adam states 8, and for ZeRO-1/2 an fp32 master copy of the own partition (4/N; stage_1_and_2

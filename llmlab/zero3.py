@@ -188,6 +188,15 @@ def _gathered(params: list) -> contextlib.AbstractContextManager:
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def settle_partitions(strategy) -> None:
+    """Wait for and re-partition every parameter ZeRO-3 left prefetched or gathered after the last forward
+    (DeepSpeed's `empty_partition_cache`). Gathering one still in flight fails with "Cannot partition a
+    param in flight": seen at train end (rm + QLoRA, 2 ranks) under small live-parameter limits."""
+    engine = getattr(strategy, "deepspeed_engine", None)
+    if engine is not None and hasattr(engine, "empty_partition_cache"):
+        engine.empty_partition_cache()
+
+
 def gathered_parameters(module) -> contextlib.AbstractContextManager:
     """Inside: every parameter of `module` holds its full tensor on every rank (ZeRO-3 gathers them;
     changes made inside are discarded). A no-op for parameters DeepSpeed has not partitioned.

@@ -312,11 +312,15 @@ def test_base_fingerprint_changes_with_any_source_or_config(project_copy):
 
 def test_zero_choices_are_zero1_plus_their_differences():
     """conf/strategy/zero2|3|3_offload compose zero1.yaml (`defaults:`): each composes to zero1's node,
-    in the same key order, with only its stage, name and offloading changed."""
+    in the same key order, with only its stage, name, offloading and (stage 3) its parameter-gathering
+    sizes changed."""
     base = compose_resolved(["strategy=zero1"])[1]["strategy"]
-    differences = {"zero2": {"name": "zero2", "stage": 2}, "zero3": {"name": "zero3", "stage": 3},
+    stage3 = {"config_overrides": {"zero_optimization": {k: "auto" for k in (
+        "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+        "stage3_max_reuse_distance")}}}
+    differences = {"zero2": {"name": "zero2", "stage": 2}, "zero3": {"name": "zero3", "stage": 3, **stage3},
                    "zero3_offload": {"name": "zero3_offload", "stage": 3, "offload_optimizer": True,
-                                     "offload_parameters": True}}
+                                     "offload_parameters": True, **stage3}}
     for choice, changed in differences.items():
         node = compose_resolved([f"strategy={choice}"])[1]["strategy"]
         assert list(node.items()) == list({**base, **changed}.items()), choice

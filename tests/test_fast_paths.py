@@ -1,7 +1,7 @@
 """Fast-path options (issue 13): each gives the same training as the path it replaces.
 
-`stage.module.optimizer.fused=true` (torch AdamW's fused kernel, stage=pretrain's default): the same loss
-trajectory as torch's per-tensor AdamW (`fused=null`) at fp32 and under bf16-mixed (with gradient clipping on, which Lightning's mixed-precision
+`stage.module.optimizer.fused=true` (torch AdamW's fused kernel): the same loss trajectory as torch's
+per-tensor AdamW (`fused=null`, the default) at fp32 and under bf16-mixed (with gradient clipping on, which Lightning's mixed-precision
 plugin refuses for fused optimizers unless `stages.common.configure_optimizers` clears their
 `_step_supports_amp_scaling`), and stopping + resuming under it reproduces its uninterrupted run (the
 fused optimizer's state round-trips through the checkpoint). The attention path needs no option: the
@@ -65,11 +65,11 @@ def test_fused_adamw_resume_is_exact(cli, tmp_path, fp32_runs):
 
 @pytest.mark.slow  # one tiny training run (+ the shared default one)
 def test_fused_gelu_same_losses_as_gelu_new(cli, tmp_path, fp32_runs):
-    """GPT-2's default activation `gelu_new` (the tiny model's, so the shared default run, fused AdamW, is its run) is HF's
+    """GPT-2's default activation `gelu_new` (the tiny model's, so the shared plain run is its run) is HF's
     tanh GELU written as ~8 elementwise ops (~13% of an 85M fp32 step, bench/RESULTS.md cpu_mfu);
     `gelu_pytorch_tanh` is the same function in one kernel."""
     assert_ok(cli(*COMMON, "+model.config.activation_function=gelu_pytorch_tanh", run_dir=tmp_path / "tanh"))
-    ref, got = fp32_runs["fused"], history(tmp_path / "tanh")
+    ref, got = fp32_runs["plain"], history(tmp_path / "tanh")
     assert sorted(got) == sorted(ref) == list(range(1, 9)) and ref[8] < ref[1]
     from hydra import compose, initialize_config_dir
 

@@ -27,7 +27,7 @@ class HFExport(L.Callback):
     def on_train_end(self, trainer, pl_module):
         from llmlab.export import export_model
         from llmlab.peft import is_peft_model
-        from llmlab.zero3 import gathered_parameters, is_zero3, save_pretrained_gathered
+        from llmlab.zero3 import gathered_parameters, is_zero3, save_pretrained_gathered, settle_partitions
 
         model, tokenizer = pl_module.model, pl_module.tokenizer
         adapter_dir = self.path.with_name(self.path.name + "_adapter")
@@ -35,6 +35,7 @@ class HFExport(L.Callback):
             if trainer.is_global_zero:
                 export_model(model, tokenizer, self.path, adapter_dir=adapter_dir)
             return
+        settle_partitions(trainer.strategy)  # nothing left in flight from the last forward
         if is_peft_model(model):
             with gathered_parameters(model):
                 if trainer.is_global_zero:
