@@ -40,6 +40,11 @@ def _dim(config, *names, default=None):
     return default
 
 
+def hidden_size(config) -> int | None:
+    """An HF config's hidden size under its architecture's name (`hidden_size`, GPT-2's `n_embd`, `d_model`)."""
+    return _dim(config, "hidden_size", "n_embd", "d_model")
+
+
 def _four_bit_bytes(numel: int, blocksize: int = 64, nested: bool = True) -> float:
     """Packed NF4 values plus absmax constants (1 byte per block with double quantization, else 4)."""
     return numel * 0.5 + numel / blocksize * (1 if nested else 4)
@@ -118,7 +123,7 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
             optim += p.numel() * (cast_bytes or p.element_size()) * n_states
 
     config = model.config
-    hidden = _dim(config, "hidden_size", "n_embd", "d_model", default=0)
+    hidden = hidden_size(config) or 0
     layers = _dim(config, "num_hidden_layers", "n_layer", "num_layers", default=0)
     vocab = _dim(config, "vocab_size", default=0)
     act_bytes = 2 if half_dtype(precision) else 4

@@ -165,10 +165,10 @@ AUTO_SIZES = {  # zero_optimization key -> its size from the hidden size
 
 
 def hidden_size(model) -> int | None:
-    """The model's hidden size from its HF config (`hidden_size`, GPT-2's `n_embd`), else None."""
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    return hidden if isinstance(hidden, int) else None
+    """The model's hidden size from its HF config (llmlab.memory.hidden_size), else None."""
+    from llmlab.memory import hidden_size as config_hidden_size
+
+    return config_hidden_size(getattr(model, "config", None))
 
 
 def fill_auto_sizes(strategy, hidden: int | None) -> None:
@@ -210,8 +210,8 @@ def deepspeed(
     accelerator is CUDA and the CPU-capable variant otherwise (chosen once the accelerator is known).
     The ZeRO settings are Lightning's own constructor arguments (it builds the config from them);
     `sub_group_size` defaults to DeepSpeed's 1e9 (Lightning's default is 1e12). `reduce_bucket_size`
-    (and under `config_overrides.zero_optimization` the stage-3 prefetch bucket and persistence threshold)
-    may be `"auto"`: sized from the model's hidden size once it is built (`fill_auto_sizes`).
+    (and under `config_overrides.zero_optimization` any other key of AUTO_SIZES) may be `"auto"`: sized
+    from the model's hidden size once it is built (`fill_auto_sizes`).
     Lightning fills in what depends on the trainer when fitting starts: `gradient_accumulation_steps`
     (from `trainer.accumulate_grad_batches`; do not put it in `config_overrides`),
     `train_micro_batch_size_per_gpu`, `gradient_clipping`, and `bf16`/`fp16` from the precision.

@@ -86,8 +86,8 @@ def _cpu_seconds() -> float:
     return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _module(item) -> str:
-    return item.nodeid.split("::")[0]
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: scripts/test.sh runs one worker per core
@@ -101,7 +101,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::")[0]
+            module = _module(nodeid)
             return "slurm" if Path(module).name.startswith("test_slurm") else module
 
     config.option.loadscopereorder = False  # collection order, not xdist's "most tests first"
@@ -117,8 +117,8 @@ def pytest_collection_modifyitems(config, items):
 
     first = {}
     for item in items:
-        first[_module(item)] = min(first.get(_module(item), 2), weight(item))
-    items.sort(key=lambda item: first[_module(item)])  # stable
+        first[_module(item.nodeid)] = min(first.get(_module(item.nodeid), 2), weight(item))
+    items.sort(key=lambda item: first[_module(item.nodeid)])  # stable
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -243,6 +243,18 @@ def test_default_dpo_loss_equals_trl_sigmoid_plus_sft(tmp_path):
     assert abs(losses[0.0] - trl_loss) > 0.01 * trl_loss
 
 
+def test_split_pairs_loss_equals_trl_sigmoid_plus_sft(tmp_path):
+    """split_pairs=true (the halves under activation checkpointing, active only with gradients on) gives
+    TRL 1.16's loss_type=["sigmoid", "sft"] on the same policy, reference and tokens."""
+    model, tok = tiny_lm(0)
+    trl_loss, batch = _trl_loss_and_llmlab_batch(tmp_path, model, tok, loss_type=["sigmoid", "sft"],
+                                                 loss_weights=[1.0, 10.0])
+    module = dpo_module(model, tok, sft_weight=10.0, reference_model=str(tmp_path / "ref"), split_pairs=True)
+    loss = module._losses(batch)[0]
+    assert loss.requires_grad  # the checkpointed path ran
+    assert float(loss) == pytest.approx(trl_loss, rel=1e-5)
+
+
 def test_reference_with_other_tokenizer_is_refused(cli, tmp_path):
     model, tok = tiny_lm()
     tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})

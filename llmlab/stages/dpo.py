@@ -108,18 +108,17 @@ class DPOModule(Stage):
         """(log-probs of `rows` (B,), their (NLL sum, tokens) or None) under non-reentrant activation
         checkpointing: the forward keeps only its inputs and these small outputs; backward recomputes the
         half's activations, and autograd finishes one half's graph (its nodes are newer) before the other's."""
-        part = rows_of(batch, rows)
-        names = list(part)
+        half = rows_of(batch, rows)  # input_ids, labels, segment_ids, position_ids, ... (B, T)
 
         def run(*tensors):
-            part = dict(zip(names, tensors))  # input_ids, labels, segment_ids, position_ids, ... (B, T)
-            logits = forward_logits(self.model, part, self.packing)  # (B, T, V), freed after this call
-            logps = self._sequence_logps(logits, part["labels"])
-            return logps, (causal_lm_loss_sum(logits, part["labels"]) if with_nll else None)
+            rows_batch = dict(zip(half, tensors))
+            logits = forward_logits(self.model, rows_batch, self.packing)  # (B, T, V), freed after this call
+            logps = self._sequence_logps(logits, rows_batch["labels"])
+            return logps, (causal_lm_loss_sum(logits, rows_batch["labels"]) if with_nll else None)
 
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(run, *part.values(), use_reentrant=False)
+        return checkpoint(run, *half.values(), use_reentrant=False)
 
     def reference_logps(self, batch) -> torch.Tensor:
         """(2B,) under the reference: from the precomputed cache, else a no-grad forward."""
