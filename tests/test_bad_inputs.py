@@ -146,7 +146,7 @@ CASES = [
          ["reward.user.fn=no_such_module_q:score", "module:function"]),
     Case("run-reward-user-unset", "llmlab.run", ["stage=grpo", "model=tiny", "reward=[user]", *TINY],
          ["reward.user.fn", "has no value"]),
-    Case("run-reward-task-fn-missing", "llmlab.run", ["stage=grpo", "model=tiny", "reward.task.fn=llmlab.data.builtin.nope",
+    Case("run-reward-task-fn-missing", "llmlab.run", ["stage=grpo", "model=tiny", "reward=task", "reward.task.fn=llmlab.data.builtin.nope",
                                                       *TINY], ["reward.task.fn=llmlab.data.builtin.nope", "cannot import"]),
     Case("run-reward-bad-target", "llmlab.run", ["stage=grpo", "model=tiny", "+reward.mine._target_=nowhere_x.F"],
          ["reward.mine._target_=nowhere_x.F", "no such module"]),

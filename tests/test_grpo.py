@@ -158,7 +158,7 @@ def test_grpo_runs(cli, peft):
     s = run.summary
     for key in ("reward_mean_first", "reward_mean_last", "kl_last", "train_entropy_last", "train_clip_high_last",
                 "train_clip_low_last", "train_zero_std_groups_last", "train_completion_length_max_last",
-                "train_truncated_last", "train_reward_task_last", "val_exact_match_first", "val_exact_match_last"):
+                "train_truncated_last", "train_reward_task_exact_last", "val_exact_match_first", "val_exact_match_last"):
         assert isinstance(s.get(key), float) and math.isfinite(s[key]), (key, s.get(key))
     assert s["global_step"] == 3 and s["grpo_iterations"] == 3 and s["skipped_steps"] == 0
     assert (run.dir / "hf" / "config.json").is_file() or (run.dir / "hf_adapter").is_dir()
@@ -201,14 +201,16 @@ def test_grpo_kill9_then_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_default_grpo_learns(cli):
-    """Issue 10 point 5 with the defaults from model=tiny_sft_short, one thread: the mean reward of the last
-    tenth of the rollouts above the first tenth, and greedy held-out exact match not below its start
-    (measured margins in conf/stage/grpo.yaml; the issue's +0.15 / +0.10 are NOT met, see there)."""
+    """Issue 10 point 5 with the defaults (start model=tiny_sft_early, held-out greedy EM ~0.4; binary task
+    reward), one thread: the mean reward of the last tenth of the rollouts above the first tenth, and greedy
+    held-out exact match above its start. Measured (conf/stage/grpo.yaml): reward +0.149 / +0.149 and EM
+    +0.185 / +0.155 over two seeds at 500 rollouts; the asserted margins sit below the worst seed (a tenth's
+    mean reward has a standard error of ~0.02, a 200-prompt EM ~0.035)."""
     run = cli("stage=grpo", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"})
     assert_ok(run)
     s = run.summary
-    assert s["reward_mean_last"] > s["reward_mean_first"], s
-    assert s["val_exact_match_last"] >= s["val_exact_match_first"] - 0.02, s
+    assert s["reward_mean_last"] - s["reward_mean_first"] >= 0.10, s
+    assert s["val_exact_match_last"] - s["val_exact_match_first"] >= 0.08, s
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
