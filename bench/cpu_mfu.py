@@ -12,7 +12,10 @@ Both sides time every step but the first (llmlab's RunSummary rule). Runs altern
 precision so machine noise hits both; ratios are taken within a pair.
 
     .venv/bin/python bench/cpu_mfu.py [--threads 1] [--steps 5] [--repeats 1] [--precisions 32,bf16-mixed,...]
-    extra variants (fast paths): --variants llmlab_fused,llmlab_fast,plain_fused,plain_compile
+    extra variants (fast paths): --variants llmlab_fused,llmlab_fast,llmlab_compile,plain_fused,plain_compile
+    torch.compile, llmlab's option against the plain loop's, eager and compiled in one invocation:
+    --precisions 32 --variants llmlab,llmlab_compile,plain,plain_compile (the compile happens in the
+    untimed first step; validation is off here, so no second graph is compiled inside the timed steps)
 """
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ PRECISIONS = {
 
 
 FUSED = "stage.module.optimizer.fused=true"
+# llmlab variant -> its overrides (the plain loop's variants are bench/plain_loop.py's VARIANT argument)
+LLMLAB_VARIANTS = {"llmlab": [], "llmlab_fused": [FUSED],
+                   "llmlab_fast": [FUSED, "+model.config.activation_function=gelu_pytorch_tanh"],
+                   "llmlab_compile": ["compile=true"]}  # conf/train.yaml `compile`: the model's forward via inductor
 
 
 def cpu_info() -> dict:
@@ -100,7 +107,7 @@ def main():
     ap.add_argument("--precisions", default="32,bf16-mixed,bf16-true,cpu_bf16")
     ap.add_argument("--variants", default="llmlab,plain",
                     help="comma list of llmlab, plain, llmlab_fused (AdamW fused=True), llmlab_fast (fused AdamW + "
-                         "gelu_pytorch_tanh), plain_fused, plain_compile")
+                         "gelu_pytorch_tanh), llmlab_compile (compile=true), plain_fused, plain_compile")
     ap.add_argument("--tiny", action="store_true", help="smoke test: conf model=tiny at its default batch and block")
     args = ap.parse_args()
     if args.tiny:
@@ -122,9 +129,7 @@ def main():
                     mm[name + "_cpu"].append(cpu)
                 try:
                     if v.startswith("llmlab"):
-                        extra = {"llmlab": [], "llmlab_fused": [FUSED],
-                                 "llmlab_fast": [FUSED, "+model.config.activation_function=gelu_pytorch_tanh"]}[v]
-                        res = llmlab_run(args.steps, p, args.threads, extra)
+                        res = llmlab_run(args.steps, p, args.threads, LLMLAB_VARIANTS[v])
                     else:
                         res = plain_run(args.steps, p, args.threads, v)
                 except subprocess.CalledProcessError as e:  # a failing variant is a result too: say it, go on
@@ -162,6 +167,10 @@ def main():
             if v != base and (p, v) in rows and (p, base) in rows:
                 print(f"{v} / {base} at {p}: wall {ratio((p, v), (p, base), 'tokens_per_sec'):.2f}x, "
                       f"CPU {ratio((p, v), (p, base), 'tokens_per_cpu_sec'):.2f}x")
+            twin = "plain" + v.removeprefix("llmlab")  # llmlab_compile vs plain_compile: same fast path, both sides
+            if v.startswith("llmlab_") and (p, v) in rows and (p, twin) in rows:
+                print(f"{v} / {twin} at {p}: wall {ratio((p, v), (p, twin), 'tokens_per_sec'):.2f}x, "
+                      f"CPU {ratio((p, v), (p, twin), 'tokens_per_cpu_sec'):.2f}x")
         if (p, "llmlab") in rows and (p, "plain") in rows:
             print(f"llmlab / plain at {p}: wall {ratio((p, 'llmlab'), (p, 'plain'), 'tokens_per_sec'):.2f}x, "
                   f"CPU {ratio((p, 'llmlab'), (p, 'plain'), 'tokens_per_cpu_sec'):.2f}x")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmlab.checks_model import check_model, check_model_settings, check_peft, local_config, model_positions
-from llmlab.checks_strategy import check_run
+from llmlab.checks_strategy import check_run, uses_cpu
 from llmlab.errors import ConfigError
 from llmlab.hub import check_hub
 from llmlab.precision import half_dtype
@@ -94,6 +94,39 @@ def check_launcher(cfg) -> None:
                           f"machine: Lightning would start the other processes by re-running the command, which "
                           f"starts the sweeper again. Run the search with launcher=slurm (srun starts one process "
                           f"per device), or with trainer.devices=1")
+
+
+def check_compile_settings(cfg) -> None:
+    """`compile` is a switch: a mode name or a string there would be read as "on" by Python's truth test."""
+    value = cfg.get("compile", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"compile={value!r}: give compile=true (the model's forward through torch.compile, "
+                          f"inductor) or compile=false")
+
+
+def check_compile(cfg) -> None:
+    """`compile=true` needs what inductor needs, checked before weights load: without them the run fails at its
+    first forward, after data and model are built, with a ~120-line traceback (measured with CXX=/nonexistent/g++:
+    `InductorError: InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx`)."""
+    if not cfg.get("compile"):
+        return
+    from torch._dynamo.eval_frame import check_if_dynamo_supported
+
+    try:  # this Python (3.15+, free-threaded before 3.13.3) has no torch.compile
+        check_if_dynamo_supported()
+    except RuntimeError as err:
+        raise ConfigError(f"compile=true: {err}; use compile=false") from None
+    if not uses_cpu(cfg.trainer.get("accelerator")):
+        return
+    try:  # inductor's CPU kernels are C++ it compiles: the compiler it would use ($CXX, else g++)
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as err:  # noqa: BLE001: only its own "no compiler" error is a refusal
+        if type(err).__name__ != "InvalidCxxCompiler":
+            return
+        raise ConfigError(f"compile=true: inductor's CPU kernels need a C++ compiler and none works here ({err}); "
+                          f"install g++ or set CXX to one, or use compile=false") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,6 +362,7 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
     check_launcher(cfg)
     check_trainer(cfg)
+    check_compile_settings(cfg)
     from llmlab.evaluation import check_eval_callbacks  # lm-eval during training: task names, hub
 
     check_eval_callbacks(cfg)
@@ -346,6 +380,7 @@ def check_settings(cfg) -> None:
 def check_config(cfg) -> None:
     check_settings(cfg)  # launcher, precision, model among them
     check_devices(cfg)
+    check_compile(cfg)  # inductor's C++ compiler, before data and weights
     check_run(cfg)  # strategy x trainer x precision x PEFT (llmlab/checks_strategy.py)
     check_peft(cfg)
     check_template(cfg)

@@ -15,7 +15,8 @@ from llmlab.zero3 import is_deepspeed, is_zero3, strategy_name
 UNPACKED_STORAGE = (None, "uint8", "int8")  # bitsandbytes' own packing: integer bytes
 
 
-def _uses_cpu(accelerator: Any, cuda_available: bool | None) -> bool:
+def uses_cpu(accelerator: Any, cuda_available: bool | None = None) -> bool:
+    """Whether a run with this `trainer.accelerator` trains on the CPU (auto: when no CUDA GPU is visible)."""
     accelerator = str(accelerator or "auto").lower()
     if cuda_available is None:
         import torch
@@ -38,7 +39,7 @@ def _cpu_fp16_supported() -> bool:
 
 def check_fsdp(accelerator: Any = "auto", cuda_available: bool | None = None) -> None:
     """FSDP shards over CUDA GPUs only: Lightning refuses it on CPU ("requires a GPU accelerator")."""
-    if _uses_cpu(accelerator, cuda_available):
+    if uses_cpu(accelerator, cuda_available):
         raise StrategyConfigError(
             f"strategy=fsdp needs CUDA GPUs, but this run is on CPU (trainer.accelerator={accelerator}). "
             "To shard parameters on CPU use strategy=zero3 (DeepSpeed ZeRO-3 runs on CPU processes; "
@@ -63,7 +64,7 @@ def check_strategy(
     """
     name = strategy_name(strategy_cfg)
     precision = str(precision)
-    on_cpu = _uses_cpu(accelerator, cuda_available)
+    on_cpu = uses_cpu(accelerator, cuda_available)
 
     if name == "fsdp":
         check_fsdp(accelerator, cuda_available)

@@ -7,6 +7,10 @@ Under ZeRO-3 a rank holds shards and every forward all-gathers each layer, so a 
   independently and fast; needs the whole model in one process's memory;
 - `synced_gpus=True` (`needs_synced_gpus`): HF keeps every rank stepping until all are done; memory-light,
   slower. Validation's greedy answers use it (the weights stay partitioned between validation batches).
+
+Generation runs eager under `compile: true` (`eager_generation`): every decode step changes the input
+length and the KV cache's state, so a compiled forward recompiled on each and, past dynamo's limit of 8
+graphs (reached in one tiny PPO run), ran eager anyway; that run took 26 s, 16 s with eager generation.
 """
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ from typing import Any
 import torch
 
 from llmlab.zero3 import gathered_without_hooks, is_zero3, world_size
+
+
+def eager_generation():
+    """A context in which a model compiled by `models.compile_forward` runs its eager forward (a no-op
+    otherwise): generation's shapes change every step (see the module docstring)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def needs_synced_gpus(model) -> bool:
@@ -36,14 +46,14 @@ def generation_context(model, strategy: Any = None, *, gather: bool = True) -> I
     `{"synced_gpus": True}` with several ranks. Not ZeRO-3 (neither the strategy nor the model's
     parameters): a no-op yielding `{}`. Collective under ZeRO-3: all ranks must enter it.
     """
-    if not (is_zero3(strategy) or is_zero3(model)):
-        yield {}
-        return
-    if not gather:
-        yield {"synced_gpus": world_size() > 1}
-        return
-    with gathered_without_hooks(model, strategy):
-        yield {}
+    with eager_generation():  # rollouts (ppo, grpo): eager under `compile: true`
+        if not (is_zero3(strategy) or is_zero3(model)):
+            yield {}
+        elif not gather:
+            yield {"synced_gpus": world_size() > 1}
+        else:
+            with gathered_without_hooks(model, strategy):
+                yield {}
 
 
 @torch.no_grad()
@@ -55,9 +65,10 @@ def decode_new(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.
         generate_kwargs["tokenizer"] = tokenizer  # HF matches stop strings on decoded tokens
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **generate_kwargs)  # (B, Tp + new)
+    with eager_generation():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **generate_kwargs)  # (B, Tp + new)
     model.train(was_training)
     return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 

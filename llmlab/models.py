@@ -134,3 +134,22 @@ def param_bytes(model: torch.nn.Module) -> int:
             for name in ("absmax", "code", "offset"):
                 add(getattr(state, name, None))
     return total
+
+
+def compile_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile the transformers model's forward in place (`compile: true`; inductor): the module it compiled.
+
+    `nn.Module.compile()` wraps only the module's `__call__`: parameters, buffers and state_dict keys stay
+    the eager model's, so checkpoints, resume and the `hf/` export are unchanged (`torch.compile(model)`
+    would return an OptimizedModule whose keys gain an `_orig_mod.` prefix). Under PEFT the inner
+    transformers model is compiled: PEFT's wrappers call it through `__call__` and its adapter layers are
+    traced into its graph, while the PeftModel's own methods (`disable_adapter`, `save_pretrained`) stay
+    Python. Each new input shape or grad mode compiles at its first forward (validation's no-grad graph,
+    then the training one; inductor caches them on disk across runs). Generation runs eager
+    (`generation.eager_generation`); a frozen reference copied when the stage was built stays eager.
+    """
+    from llmlab.peft import is_peft_model
+
+    inner = model.get_base_model() if is_peft_model(model) else model
+    inner.compile(backend="inductor")
+    return inner

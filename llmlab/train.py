@@ -143,6 +143,12 @@ def train(cfg: DictConfig) -> float | None:
     log.info("model %s: %s params, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
     if cfg.dry_run:
         return dry_run_report(cfg, module, info, run_dir)
+    if cfg.get("compile"):  # the policy's forward through inductor, in place: checkpoints and hf/ unchanged
+        from llmlab.models import compile_forward
+
+        compiled = compile_forward(module.model)
+        log.info("compile: %s forward through torch.compile (inductor), compiled at its first call per input shape",
+                 type(compiled).__name__)
 
     summary = RunSummary(run_dir, info)
     # SeedPerRank: several processes draw different dropout masks / samples (same model init everywhere)

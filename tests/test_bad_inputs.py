@@ -232,6 +232,12 @@ CASES = [
          ["callbacks.lm_eval.task_set='buildin'", "did you mean builtin?"]),
     Case("run-eval-callback-every-n", "llmlab.run", ["callbacks=with_eval", "callbacks.lm_eval.every_n_steps=7"],
          ["callbacks.lm_eval.every_n_steps=7", "trainer.val_check_interval"]),
+    # ---- compile: a switch (a mode name is not), and inductor's C++ compiler found before weights load
+    Case("run-compile-not-a-switch", "llmlab.run", ["compile=max-autotune"],
+         ["compile='max-autotune'", "compile=true", "compile=false"], max_seconds=20),
+    Case("run-compile-no-cxx", "llmlab.run", ["compile=true"],
+         ["compile=true", "C++ compiler", "/nonexistent/g++", "compile=false"], env={"CXX": "/nonexistent/g++"},
+         max_seconds=30),
 ]
 
 

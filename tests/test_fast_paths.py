@@ -6,8 +6,14 @@ plugin refuses for fused optimizers unless `stages.common.configure_optimizers` 
 `_step_supports_amp_scaling`), and stopping + resuming under it reproduces its uninterrupted run (the
 fused optimizer's state round-trips through the checkpoint). The attention path needs no option: the
 packed block-diagonal mask already runs on SDPA's fused CPU kernel (bench/profile_step.py attention);
-tests/test_packing.py keeps its document-masking guarantee on GPT-2, OPT and Llama. GPT-2 configs can take
-`+model.config.activation_function=gelu_pytorch_tanh` (one GELU kernel instead of HF's elementwise `gelu_new`).
+tests/test_packing.py keeps its document-masking guarantee on GPT-2, OPT and Llama (eager and compiled). GPT-2
+configs can take `+model.config.activation_function=gelu_pytorch_tanh` (one GELU kernel instead of HF's
+elementwise `gelu_new`).
+
+`compile=true` (the model's forward through torch.compile, inductor, in place): the same loss trajectory as
+eager, the same checkpoint keys and a loadable `hf/` export, and exact resume with it on. On this 2-core CPU a
+cold compile of the tiny model's graphs (validation's no-grad one, then training's) adds ~15-50 s to a run
+(more under load); inductor's on-disk cache makes a repeat ~2-3 s.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from tests.conftest import FAST, assert_ok, run_cli
 COMMON = [*FAST, "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
           "trainer.max_steps=8", "callbacks.samples=null", "callbacks.hf_export=null"]
 FUSED, PLAIN = "stage.module.optimizer.fused=true", "stage.module.optimizer.fused=null"
+COMPILE = "compile=true"
 
 
 def history(run_dir) -> dict:
@@ -27,12 +34,27 @@ def history(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fp32_runs(tmp_path_factory) -> dict:
-    """The fp32 per-tensor-AdamW and fused-AdamW runs, once for the three tests that compare against them."""
+def fp32_dirs(tmp_path_factory) -> dict:
+    """The fp32 per-tensor-AdamW and fused-AdamW run dirs, trained once for the tests that compare against them."""
     root = tmp_path_factory.mktemp("fp32")
     for name, extra in (("plain", [PLAIN]), ("fused", [FUSED])):
         assert_ok(run_cli(root / name, *COMMON, *extra))
-    return {name: history(root / name) for name in ("plain", "fused")}
+    return {name: root / name for name in ("plain", "fused")}
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(fp32_dirs) -> dict:
+    return {name: history(run_dir) for name, run_dir in fp32_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory):
+    """fp32_runs' plain run with compile=true and the hf/ export on; dynamo logs its recompiles (TORCH_LOGS)."""
+    with_export = [o for o in COMMON if o != "callbacks.hf_export=null"]
+    run = run_cli(tmp_path_factory.mktemp("compiled") / "run", *with_export, PLAIN, COMPILE,
+                  env={"TORCH_LOGS": "recompiles"})
+    assert_ok(run)
+    return run
 
 
 @pytest.mark.slow  # two tiny training runs each (~10 s apiece on an idle core; fp32's are shared)
@@ -82,3 +104,59 @@ def test_fused_gelu_same_losses_as_gelu_new(cli, tmp_path, fp32_runs):
     assert type(act).__name__ == "GELUTanh"
     for step, v in ref.items():
         assert got[step] == pytest.approx(v, rel=1e-4), step
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_compile_is_in_place_on_the_transformers_model(peft):
+    """`models.compile_forward` compiles the transformers model itself (inside PEFT's wrappers), in place:
+    the state_dict keys (checkpoints, resume, hf/) are the eager model's. Nothing compiles until a forward."""
+    from hydra import compose, initialize_config_dir
+
+    from llmlab.models import build_model, build_tokenizer, compile_forward
+    from llmlab.peft import apply_peft
+    from tests.conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*FAST, f"peft={peft}", COMPILE])
+    model = apply_peft(build_model(cfg.model, build_tokenizer(cfg.model)), cfg.peft)
+    keys = list(model.state_dict())
+    compiled = compile_forward(model)
+    assert compiled is (model if peft == "none" else model.get_base_model())
+    assert type(compiled).__name__ == "GPT2LMHeadModel" and compiled._compiled_call_impl is not None
+    assert list(model.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
+
+
+@pytest.mark.slow  # one tiny training run with compile (+ the shared eager one); its compile ~15-50 s cold
+def test_compile_same_losses_checkpoint_and_export(compiled_run, fp32_dirs, fp32_runs):
+    """compile=true vs eager (fp32_runs' plain run, same settings): the same losses (rel 1e-4; measured <= 1e-7,
+    inductor only reorders rounding), the same checkpoint keys, and an hf/ export that loads whole."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    log = compiled_run.stdout + compiled_run.stderr
+    # dynamo traced the forward (validation's no-grad graph recompiled for training's grad mode) and never
+    # gave up on it (its limit is 8 graphs per function; past it the function runs eager)
+    assert "Recompiling function" in log and "recompile_limit" not in log
+    ref, got = fp32_runs["plain"], history(compiled_run.dir)
+    assert sorted(got) == sorted(ref) == list(range(1, 9)) and ref[8] < ref[1]
+    for step, v in ref.items():
+        assert got[step] == pytest.approx(v, rel=1e-4), step
+    ckpt = torch.load(compiled_run.dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    eager = torch.load(fp32_dirs["plain"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert list(ckpt["state_dict"]) == list(eager["state_dict"])
+    hf, info = AutoModelForCausalLM.from_pretrained(compiled_run.dir / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in hf.state_dict().items():  # the export is the checkpoint's final weights
+        assert torch.equal(tensor, ckpt["state_dict"][f"model.{name}"]), name
+
+
+@pytest.mark.slow  # two tiny training runs with compile (graphs from the shared compiled run's cache: seconds)
+def test_compile_resume_is_exact(cli, tmp_path, compiled_run):
+    part = tmp_path / "part"
+    assert_ok(cli(*COMMON, PLAIN, COMPILE, "stop_at_step=4", run_dir=part))
+    resumed = cli(*COMMON, PLAIN, COMPILE, "resume=auto", run_dir=part)
+    assert_ok(resumed)
+    assert resumed.summary["global_step"] == 8
+    ref, tail = history(compiled_run.dir), history(part)
+    for step in range(5, 9):
+        assert tail[step] == pytest.approx(ref[step], rel=1e-4), step
