@@ -138,7 +138,7 @@ CASES = [
     Case("run-grpo-one-generation", "llmlab.run", ["stage=grpo", "model=tiny", "stage.module.num_generations=1"],
          ["stage.module.num_generations=1", ">= 2 per prompt"]),
     Case("run-grpo-batch-not-divisible", "llmlab.run", ["stage=grpo", "model=tiny", "stage.module.mini_batch_size=5"],
-         ["stage.module.mini_batch_size=5", "16 prompts x 8 completions = 128", "divisor"]),
+         ["stage.module.mini_batch_size=5", "32 prompts x 4 completions = 128", "divisor"]),
     Case("run-grpo-loss-type", "llmlab.run", ["stage=grpo", "model=tiny", "stage.module.loss_type=dapoo"],
          ["stage.module.loss_type=dapoo", "grpo, dr_grpo, dapo, bnpo"]),
     Case("run-reward-user-unimportable", "llmlab.run", ["stage=grpo", "model=tiny", "reward=[task,user]",

@@ -203,14 +203,14 @@ def test_grpo_kill9_then_resume_equals_uninterrupted(tmp_path):
 def test_default_grpo_learns(cli):
     """Issue 10 point 5 with the defaults (start model=tiny_sft_early, held-out greedy EM ~0.4; binary task
     reward), one thread: the mean reward of the last tenth of the rollouts above the first tenth, and greedy
-    held-out exact match above its start. Measured (conf/stage/grpo.yaml): reward +0.149 / +0.149 and EM
-    +0.185 / +0.155 over two seeds at 500 rollouts; the asserted margins sit below the worst seed (a tenth's
-    mean reward has a standard error of ~0.02, a 200-prompt EM ~0.035)."""
+    held-out exact match above its start, by the issue's +0.15 / +0.10. Measured (conf/stage/grpo.yaml) over
+    3 seeds: reward +0.166 to +0.239, EM +0.185 to +0.265; asserted with a margin below the worst seed (a
+    tenth's mean reward has a standard error of ~0.02, a 200-prompt EM ~0.035), as other machines differ."""
     run = cli("stage=grpo", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"})
     assert_ok(run)
     s = run.summary
     assert s["reward_mean_last"] - s["reward_mean_first"] >= 0.10, s
-    assert s["val_exact_match_last"] - s["val_exact_match_first"] >= 0.08, s
+    assert s["val_exact_match_last"] - s["val_exact_match_first"] >= 0.10, s
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])

@@ -238,7 +238,7 @@ def test_rlhf_chain_ppo_keeps_its_sft_models_exact_match(tmp_path):
 def test_grpo_chain_keeps_its_sft_models_exact_match(tmp_path):
     """pipeline=grpo (sft -> grpo, task reward) from the cached tiny-sft base given as the SFT run: the GRPO
     stage ends within 0.03 of its start's greedy held-out EM, and the summary records both policies. Reduced
-    to 20 of the stage's 60 rollouts (its full runs: conf/pipeline/grpo.yaml)."""
+    to 20 of the stage's 500 rollouts (its full runs: conf/pipeline/grpo.yaml)."""
     from llmlab.bases import ensure_base
 
     sft_run = Path(ensure_base("tiny-sft")).parent / "run"
