@@ -31,8 +31,23 @@ def test_the_four_studies_are_there():
         assert labels and len(labels) == len(set(labels)), (study, labels)
 
 
+@pytest.fixture
+def bases_stand_in(tmp_path, bases_without_building):
+    """`${llmlab_base:x}` -> a directory with a tiny causal LM's config.json (what the config-only checks
+    read). The cached base itself exists only if some earlier run in this cache built it, so checking
+    against it made this test depend on which tests ran before it (it failed in a suite where no test
+    built tiny-sft-short)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259,
+                         architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "base")
+    OmegaConf.register_new_resolver("llmlab_base", lambda name: str(tmp_path / "base"), replace=True)
+    yield  # bases_without_building puts the real resolver back
+
+
 @pytest.mark.parametrize("study,label,overrides", COMMANDS, ids=[f"{s}/{lbl}" for s, lbl, _ in COMMANDS])
-def test_study_command_composes_and_passes_checks(study, label, overrides):
+def test_study_command_composes_and_passes_checks(study, label, overrides, bases_stand_in):
     cfg, plain = compose_resolved(overrides)
     checks.check_settings(cfg)  # the config-only rules a run applies first (no torch, no weights)
     # the overrides took effect (a typo'd key would have failed above; a group choice is this file)
