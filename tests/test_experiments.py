@@ -9,7 +9,7 @@ import pytest
 
 from llmlab import checks
 from tests.conftest import ROOT
-from tests.test_config import bases_without_building, compose_resolved  # noqa: F401  (autouse fixture)
+from tests.test_config import bases_without_building, compose_resolved, stand_ins  # noqa: F401  (fixtures)
 
 EXPERIMENTS = ROOT / "experiments"
 # experiments/common.py is the studies' helper (not a package): loaded under its own name, sys.path untouched
@@ -32,17 +32,14 @@ def test_the_four_studies_are_there():
 
 
 @pytest.fixture
-def bases_stand_in(tmp_path, bases_without_building):
-    """`${llmlab_base:x}` -> a directory with a tiny causal LM's config.json (what the config-only checks
-    read). The cached base itself exists only if some earlier run in this cache built it, so checking
-    against it made this test depend on which tests ran before it (it failed in a suite where no test
-    built tiny-sft-short)."""
+def bases_stand_in(stand_ins, bases_without_building):
+    """`${llmlab_base:x}` -> test_config's stand-in causal LM directory (its config.json is what the
+    config-only checks read). The cached base itself exists only if some earlier run in this cache built it,
+    so checking against it made this test depend on which tests ran before it (it failed in a suite where no
+    test built tiny-sft-short)."""
     from omegaconf import OmegaConf
-    from transformers import AutoConfig
 
-    AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259,
-                         architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "base")
-    OmegaConf.register_new_resolver("llmlab_base", lambda name: str(tmp_path / "base"), replace=True)
+    OmegaConf.register_new_resolver("llmlab_base", lambda name: str(stand_ins / "lm"), replace=True)
     yield  # bases_without_building puts the real resolver back
 
 
