@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmlab.checks_model import check_model, check_model_settings, check_peft, local_config, model_positions
+from llmlab.checks_model import check_loss_chunking, check_model, check_model_settings, check_peft, local_config, model_positions
 from llmlab.checks_strategy import check_run, uses_cpu
 from llmlab.errors import ConfigError
 from llmlab.hub import check_hub
@@ -373,6 +373,7 @@ def check_settings(cfg) -> None:
     check_preference_losses(cfg)
     check_data_settings(cfg)  # reads model.pretrained (a base model may be built to resolve it): late
     check_model_settings(cfg)
+    check_loss_chunking(cfg)
     check_model(cfg)
     check_hub(cfg)
 

@@ -168,3 +168,32 @@ def check_model_settings(cfg) -> None:
                           f"(trust_remote_code stays off); use a model of a built-in transformers architecture")
     if not config.get("model_type"):
         raise ConfigError(f"{where}: config.json has no model_type; re-export the model with save_pretrained")
+
+
+# Model types whose causal-LM forward is exactly `lm_head(backbone(...).last_hidden_state)`: nothing between
+# (no logit soft-capping as Gemma 2, no logit scaling as Cohere/Granite), so the head can be applied apart
+# (`stage.module.loss_chunk_tokens`, llmlab.stages.common.forward_hidden).
+HEAD_APART_MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3")
+
+
+def check_loss_chunking(cfg) -> None:
+    """`stage.module.loss_chunk_tokens` (pretrain, sft): a positive count, on a model whose head can be applied
+    apart from its backbone (HEAD_APART_MODEL_TYPES), without compile or virtual tokens."""
+    chunk = (cfg.stage.get("module") or {}).get("loss_chunk_tokens")
+    if chunk is None:
+        return
+    setting = f"stage.module.loss_chunk_tokens={chunk!r}"
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"{setting}: give a number of target tokens per chunk (e.g. 1024), or null for the "
+                          f"full logits")
+    if cfg.get("compile"):
+        raise ConfigError(f"{setting} with compile=true: compile covers the model's whole forward, which the "
+                          f"chunked loss does not call (it runs the backbone and the head apart); drop one of them")
+    method = (cfg.get("peft") or {}).get("method")
+    if method in ("prefix", "prompt"):
+        raise ConfigError(f"{setting} with peft={method}: PEFT runs the virtual tokens inside its own forward; "
+                          f"set stage.module.loss_chunk_tokens=null")
+    model_type = (local_config(cfg.model) or dict(cfg.model.get("config") or {})).get("model_type")
+    if model_type is not None and model_type not in HEAD_APART_MODEL_TYPES:
+        raise ConfigError(f"{setting}: model type {model_type!r} is not one whose output layer can be applied "
+                          f"apart ({', '.join(HEAD_APART_MODEL_TYPES)}); set stage.module.loss_chunk_tokens=null")

@@ -5,6 +5,7 @@ from llmlab.losses.lm import (
     IGNORE_INDEX,
     causal_lm_loss,
     causal_lm_loss_sum,
+    chunked_causal_lm_loss_sum,
     entropy_from_logits,
     gather_logprobs,
     sequence_logprobs,
@@ -26,7 +27,7 @@ from llmlab.losses.reference_free import ORPOLoss, SimPOLoss
 from llmlab.losses.reward import PairwiseRewardLoss, pairwise_accuracy
 
 __all__ = [
-    "IGNORE_INDEX", "causal_lm_loss", "causal_lm_loss_sum", "sequence_logprobs", "token_logprobs",
+    "IGNORE_INDEX", "causal_lm_loss", "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "sequence_logprobs", "token_logprobs",
     "entropy_from_logits", "gather_logprobs", "PairwiseRewardLoss", "pairwise_accuracy", "DPOLoss", "IPOLoss", "DPOOutput",
     "KTOLoss", "KTOOutput", "ORPOLoss", "SimPOLoss",
     "masked_mean", "masked_var", "masked_whiten", "gae_advantages", "ppo_policy_loss", "ppo_value_loss",

@@ -31,6 +31,33 @@ def causal_lm_loss_sum(logits: Tensor, labels: Tensor, ignore_index: int = IGNOR
     return loss_sum, (labels != ignore_index).sum()
 
 
+def _head_cross_entropy_sum(head, hidden: Tensor, targets: Tensor) -> Tensor:
+    """sum CE(head(hidden), targets) for one chunk: (n, H), (n,) -> () in fp32."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")  # head(hidden): (n, V)
+
+
+def chunked_causal_lm_loss_sum(hidden: Tensor, head, labels: Tensor, chunk_tokens: int,
+                               ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """`causal_lm_loss_sum` from the final hidden states, never holding the full (B, T, V) logits.
+
+    `head` is the model's output layer (hidden -> vocabulary logits). Only the positions with a target are
+    scored (an SFT prompt's positions cost no head matmul), `chunk_tokens` of them at a time; each chunk's
+    logits are recomputed in backward (non-reentrant activation checkpointing) instead of being kept, so
+    the loss's memory is one chunk's logits (n x V in the compute dtype and fp32, and their gradient)
+    rather than the whole batch's. The same sum and gradients as the full path up to fp32 summation
+    order (tests/test_chunked_loss.py).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, labels = hidden[:, :-1], labels[:, 1:]  # (B, T-1, H), (B, T-1): position t predicts t+1
+    keep = labels != ignore_index  # (B, T-1)
+    hidden, targets = hidden[keep], labels[keep]  # (n, H), (n,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        total = total + checkpoint(_head_cross_entropy_sum, head, h, y, use_reentrant=False)
+    return total, keep.sum()
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean next-token cross-entropy over non-ignored targets (0, not NaN, when there are none)."""
     loss_sum, n_tokens = causal_lm_loss_sum(logits, labels, ignore_index)

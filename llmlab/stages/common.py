@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from llmlab.checks_model import HEAD_APART_MODEL_TYPES
 from llmlab.data.packing import block_causal_mask
 from llmlab.optim import guard_optimizer, param_groups
 from llmlab.peft import uses_virtual_tokens
@@ -19,16 +20,41 @@ def forward_logits(model, batch: dict, packing: str = "document") -> torch.Tenso
     Batches with `segment_ids` (packed blocks, packed SFT, padded rows where padding has id -1) get a
     block-diagonal causal mask and per-document positions, unless packing is "concat".
     """
-    kwargs = {}
     if uses_virtual_tokens(model):  # prefix/prompt tuning: PEFT prepends virtual tokens to 2-D masks only
         return _virtual_token_logits(model, batch, packing)
+    return model(input_ids=batch["input_ids"], use_cache=False, **_mask_kwargs(model, batch, packing)).logits
+
+
+def _mask_kwargs(model, batch: dict, packing: str) -> dict:
+    """attention_mask (and position_ids for document-masked packed rows) for a batch from the collators."""
     if "segment_ids" in batch and packing == "document":
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
-        kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"], dtype)
-        kwargs["position_ids"] = batch["position_ids"]
-    elif "attention_mask" in batch:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+        return {"attention_mask": block_causal_mask(batch["segment_ids"], dtype), "position_ids": batch["position_ids"]}
+    if "attention_mask" in batch:
+        return {"attention_mask": batch["attention_mask"]}
+    return {}
+
+
+def forward_hidden(model, batch: dict, packing: str = "document"):
+    """The final hidden states (B, T, H) and the output layer (hidden -> logits), for a loss that applies the
+    head itself (`chunked_causal_lm_loss_sum`); the same masking as `forward_logits`.
+
+    The transformers model's backbone (`base_model`: GPT-2's `transformer`, OPT's/Llama's `model`) runs
+    with PEFT's adapters in it; its output is what the causal-LM class feeds its head.
+    """
+    from llmlab.peft import is_peft_model
+
+    if uses_virtual_tokens(model):
+        raise ValueError("stage.module.loss_chunk_tokens does not apply to prefix/prompt tuning (PEFT runs their "
+                         "virtual tokens inside its own forward): set stage.module.loss_chunk_tokens=null")
+    inner = model.get_base_model() if is_peft_model(model) else model
+    model_type = getattr(inner.config, "model_type", None)
+    if model_type not in HEAD_APART_MODEL_TYPES or inner.base_model is inner:
+        raise ValueError(f"stage.module.loss_chunk_tokens: model type {model_type!r} is not one whose head can "
+                         f"be applied apart ({', '.join(HEAD_APART_MODEL_TYPES)}); "
+                         f"set stage.module.loss_chunk_tokens=null")
+    out = inner.base_model(input_ids=batch["input_ids"], use_cache=False, **_mask_kwargs(model, batch, packing))
+    return out.last_hidden_state, inner.get_output_embeddings()
 
 
 def _virtual_token_logits(model, batch: dict, packing: str) -> torch.Tensor:
@@ -140,10 +166,15 @@ def count_tokens(batch: dict) -> int:
 
 def lm_training_step(module, batch: dict) -> torch.Tensor:
     """The causal-LM step of pretrain and sft: token-weighted over the whole optimizer step (see step_mean)."""
-    from llmlab.losses import causal_lm_loss_sum
+    from llmlab.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum
 
-    logits = forward_logits(module.model, batch, module.packing)  # (B, T, V)
-    loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
+    chunk = getattr(module, "loss_chunk_tokens", None)
+    if chunk:  # the head applied chunk by chunk: the (B, T, V) logits are never held at once
+        hidden, head = forward_hidden(module.model, batch, module.packing)  # (B, T, H)
+        loss_sum, n_tokens = chunked_causal_lm_loss_sum(hidden, head, batch["labels"], chunk)
+    else:
+        logits = forward_logits(module.model, batch, module.packing)  # (B, T, V)
+        loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
     loss = step_mean(module, loss_sum, batch, "tokens", n_tokens)
     log_train(module, "train/loss", loss, prog_bar=True)  # = the step's token-weighted mean
     return for_backward(module, loss)

@@ -13,10 +13,12 @@ from llmlab.stages.interface import Stage
 class PretrainModule(Stage):
     data_format = "lm"
 
-    def __init__(self, model, tokenizer, optimizer, scheduler=None, packing: str = "document"):
+    def __init__(self, model, tokenizer, optimizer, scheduler=None, packing: str = "document",
+                 loss_chunk_tokens: int | None = None):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
+        self.loss_chunk_tokens = loss_chunk_tokens  # training loss: the head over this many tokens at a time
         self.val_loss = MeanMetric()  # token-weighted, so the mean is exact across batches and ranks
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 

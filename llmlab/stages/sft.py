@@ -30,10 +30,11 @@ class SFTModule(Stage):
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, packing: str = "document",
                  eval_generation: bool = True, max_new_tokens: int = 16, gradient_checkpointing: bool = False,
-                 num_logged_predictions: int = 4):
+                 num_logged_predictions: int = 4, loss_chunk_tokens: int | None = None):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
+        self.loss_chunk_tokens = loss_chunk_tokens  # training loss: the head over this many tokens at a time
         self.eval_generation, self.max_new_tokens = eval_generation, max_new_tokens
         self.num_logged_predictions = num_logged_predictions
         if gradient_checkpointing:
