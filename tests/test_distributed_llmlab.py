@@ -89,6 +89,15 @@ def test_zero_stages_equal_ddp(runs_root, zero, launcher):
     assert summary["world_size"] == 2 and summary["strategy"] == zero and summary["global_step"] == 6
 
 
+def test_chunked_loss_under_zero3_equals_ddp(runs_root):
+    """`stage.module.loss_chunk_tokens` under ZeRO-3: the output layer (its weight partitioned, gathered by
+    DeepSpeed's hooks) runs once per chunk and again in backward (each chunk's recompute); the losses still
+    equal DDP's full-logits run."""
+    result = run(runs_root, "zero3_chunked", *PRETRAIN, *TWO, "strategy=zero3", "stage.module.loss_chunk_tokens=37",
+                 *NO_EXTRAS, *NO_CKPT)
+    assert_close(losses(result), losses(ddp_run(runs_root)))
+
+
 def test_ddp_two_by_four_equals_auto_one_by_eight(runs_root):
     """2 processes x per-device batch 4 == 1 process x batch 8: the sampler gives the ranks the same 8
     samples per step (global positions r, r+2, ...), and train/loss is the mean over ranks."""
