@@ -13,7 +13,7 @@ promise to the megabyte:
   2022, "Reducing Activation Recomputation", without the s^2 attention term since the SDPA kernels do
   not store attention probabilities), twice that in fp32; with gradient checkpointing only each
   layer's input (2*s*b*h bytes at 16-bit) plus one layer recomputed; plus the logits (fp32 for the
-  loss: 3 copies of b*s*V*4 bytes: logits, softmax, its gradient).
+  loss: 3 copies of b*s*V*4 bytes: logits, softmax, its gradient; with `loss_chunk_tokens` N, of N*V*4).
   PEFT does not shrink activations much: backprop still runs through every layer to reach the adapters.
 
 ZeRO divides per device: stage 1 the optimizer states, stage 2 also gradients, stage 3 also weights.
@@ -99,11 +99,12 @@ def optimizer_states_per_param(optimizer_target: str | None, optimizer_kwargs: d
 
 def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_target: str | None = None,
              optimizer_kwargs: dict | None = None, gradient_checkpointing: bool = False, zero: int = 0,
-             world_size: int = 1, four_bit: bool = False) -> dict:
+             world_size: int = 1, four_bit: bool = False, loss_chunk_tokens: int | None = None) -> dict:
     """Bytes per device of weights, gradients, optimizer states and activations (+ GiB summary).
 
     `four_bit`: count frozen linear weights as NF4 even though `model` is not quantized (a QLoRA dry
-    run builds the architecture on the meta device).
+    run builds the architecture on the meta device). `loss_chunk_tokens`: the loss's logits are held for
+    that many tokens at a time (stage.module.loss_chunk_tokens), not for the whole batch.
     """
     precision = str(precision)
     true_half = weights_dtype(precision) in ("bfloat16", "float16")
@@ -133,7 +134,7 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
         activations = layers * tokens * hidden * act_bytes + per_layer
     else:
         activations = layers * per_layer
-    activations += 3 * tokens * vocab * 4  # fp32 logits, softmax and its gradient
+    activations += 3 * min(tokens, loss_chunk_tokens or tokens) * vocab * 4  # fp32 logits, softmax, gradient
 
     world = max(1, world_size)
     if zero >= 1:
@@ -148,7 +149,7 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
     result = {f"{k}_gib": round(v / GIB, 3) for k, v in out.items()}
     result.update(per_device=True, precision=precision, batch_size=batch_size, seq_len=seq_len,
                   zero_stage=zero, world_size=world, gradient_checkpointing=gradient_checkpointing,
-                  optimizer_states_per_param=n_states, trainable_params=trainable)
+                  optimizer_states_per_param=n_states, trainable_params=trainable, loss_chunk_tokens=loss_chunk_tokens)
     return result
 
 
@@ -165,10 +166,12 @@ def estimate_for_run(cfg, module) -> dict:
     checkpointing = bool(cfg.stage.module.get("gradient_checkpointing", False)) or (
         qlora and bool(cfg.peft.get("gradient_checkpointing", False)))
     quantized = any(type(p).__name__ == "Params4bit" for p in module.model.parameters())
+    chunk = cfg.stage.module.get("loss_chunk_tokens")
     return estimate(module.model, precision=str(cfg.trainer.precision), batch_size=int(cfg.data.batch_size),
                     seq_len=int(cfg.data.block_size), optimizer_target=opt.get("_target_") if opt else None,
                     optimizer_kwargs=opt_kwargs, gradient_checkpointing=checkpointing,
-                    zero=zero_stage(cfg.strategy) or 0, world_size=world, four_bit=qlora and not quantized)
+                    zero=zero_stage(cfg.strategy) or 0, world_size=world, four_bit=qlora and not quantized,
+                    loss_chunk_tokens=int(chunk) if chunk else None)
 
 
 def format_estimate(est: dict) -> str:

@@ -146,3 +146,19 @@ def test_training_run_has_the_same_losses(cli, tmp_path, stage):
     assert sorted(got) == sorted(ref) and len(ref) == 6
     for step, value in ref.items():
         assert got[step] == pytest.approx(value, rel=1e-4), step
+
+
+def test_dry_run_estimate_counts_one_chunk_of_logits():
+    """dry_run's memory estimate (llmlab/memory.py) on model=opt1.3b (meta device): with loss_chunk_tokens the
+    loss's fp32 logits term is that of one chunk (3 copies x N x V x 4 bytes), the rest unchanged."""
+    from llmlab.builder import build_stage
+    from llmlab.memory import GIB, estimate_for_run
+    from tests.test_peft import compose_cfg
+
+    settings = ("model=opt1.3b", "model.init=scratch", "peft=lora", "dry_run=true", "data.batch_size=2",
+                "data.block_size=1024", "precision=bf16-mixed")
+    full_cfg, chunk_cfg = compose_cfg(*settings), compose_cfg(*settings, "stage.module.loss_chunk_tokens=256")
+    full, chunked = (estimate_for_run(cfg, build_stage(cfg, None)) for cfg in (full_cfg, chunk_cfg))
+    assert chunked["weights_gib"] == full["weights_gib"] and chunked["loss_chunk_tokens"] == 256
+    saved = 3 * (2 * 1024 - 256) * 50272 * 4 / GIB  # ~1.0 GiB of the 2 x 1024-token batch's logits
+    assert full["activations_gib"] - chunked["activations_gib"] == pytest.approx(saved, abs=2e-3)
