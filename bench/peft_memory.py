@@ -129,7 +129,7 @@ def worker(method: str, batch: int, seq: int, steps: int = 1, loss_chunk: int | 
     precision = {"qlora": "bf16-mixed", "lora_fp32": "32-true"}.get(method, "bf16-true")
     est = estimate(model, precision=precision, batch_size=batch,
                    seq_len=seq, optimizer_target="torch.optim.AdamW",
-                   gradient_checkpointing=method == "qlora")
+                   gradient_checkpointing=method == "qlora", loss_chunk_tokens=loss_chunk)
     return {"method": method, "loss_chunk_tokens": loss_chunk, "step_peak_rss_mb": round(step_peak, 1),
             "rss_before_step_mb": round(rss_built, 1),
             "anon_before_step_mb": round(anon_built, 1), "file_before_step_mb": round(file_built, 1),

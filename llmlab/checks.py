@@ -104,6 +104,20 @@ def check_compile_settings(cfg) -> None:
                           f"inductor) or compile=false")
 
 
+def check_release_freed_memory(cfg) -> None:
+    """`release_freed_memory` is a switch, and on needs glibc's mallopt (llmlab.memory.release_freed_memory)."""
+    value = cfg.get("release_freed_memory", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"release_freed_memory={value!r}: give release_freed_memory=true (freed blocks back to "
+                          f"the OS at once) or release_freed_memory=false")
+    if value:
+        from llmlab.memory import glibc
+
+        if glibc() is None:
+            raise ConfigError("release_freed_memory=true sets glibc's malloc options, and this system's C library "
+                              "is not glibc (no mallopt): set release_freed_memory=false")
+
+
 def check_compile(cfg) -> None:
     """`compile=true` needs what inductor needs, checked before weights load: without them the run fails at its
     first forward, after data and model are built, with a ~120-line traceback (measured with CXX=/nonexistent/g++:
@@ -363,6 +377,7 @@ def check_settings(cfg) -> None:
     check_launcher(cfg)
     check_trainer(cfg)
     check_compile_settings(cfg)
+    check_release_freed_memory(cfg)
     from llmlab.evaluation import check_eval_callbacks  # lm-eval during training: task names, hub
 
     check_eval_callbacks(cfg)

@@ -29,6 +29,33 @@ from llmlab.precision import half_dtype, weights_dtype
 from llmlab.zero3 import zero_stage
 
 GIB = 1024 ** 3
+
+# glibc mallopt parameters (malloc.h) and the size from which `release_freed_memory` maps blocks
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+RELEASE_FROM_BYTES = 128 * 1024
+
+
+def glibc():
+    """The C library as a ctypes handle when it is glibc (has `mallopt`), else None (musl, macOS)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def release_freed_memory() -> None:
+    """`release_freed_memory=true`: blocks >= 128 KiB are mmap'ed, so freeing one unmaps it at once, and the
+    heap's free top is trimmed above 128 KiB. glibc's default raises the mmap threshold to the largest block
+    freed (up to 32 MB) and keeps freed heap blocks for reuse: a CPU training step's peak RSS then holds the
+    de-quantized weights and activations of earlier layers it no longer uses (bench/RESULTS.md peft_memory)."""
+    libc = glibc()
+    if libc is None or not (libc.mallopt(M_MMAP_THRESHOLD, RELEASE_FROM_BYTES)
+                            and libc.mallopt(M_TRIM_THRESHOLD, RELEASE_FROM_BYTES)):
+        raise RuntimeError("release_freed_memory=true: glibc's mallopt is not available or refused the setting; "
+                           "set release_freed_memory=false")
 _ACT_FACTOR_16BIT = 34  # bytes per (token x hidden) per layer at 16-bit activations
 
 

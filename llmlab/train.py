@@ -102,6 +102,11 @@ def train(cfg: DictConfig) -> float | None:
     from llmlab.callbacks.seed import SeedPerRank
 
     checks.check_config(cfg)  # every cross-group rule, before any weights load
+    if cfg.get("release_freed_memory"):  # before the model's allocations; in every process (DDP re-runs this)
+        from llmlab.memory import release_freed_memory
+
+        release_freed_memory()
+        log.info("release_freed_memory: blocks >= 128 KiB are returned to the OS when freed (glibc mallopt)")
     # resume: the checkpoint must be intact and made under the same model/data/batch/world size; the
     # run dir's config_resolved.yaml (what the checkpoints were made under) is kept until that holds
     from llmlab.checkpoints import resolve_ckpt_path  # torn/corrupt: skipped or refused

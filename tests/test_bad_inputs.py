@@ -235,6 +235,10 @@ CASES = [
     # ---- compile: a switch (a mode name is not), and inductor's C++ compiler found before weights load
     Case("run-compile-not-a-switch", "llmlab.run", ["compile=max-autotune"],
          ["compile='max-autotune'", "compile=true", "compile=false"], max_seconds=20),
+    Case("run-release-memory-not-a-switch", "llmlab.run", ["release_freed_memory=yes"],
+         ["release_freed_memory='yes'", "release_freed_memory=true", "release_freed_memory=false"], max_seconds=20),
+    Case("run-loss-chunk-with-compile", "llmlab.run", ["stage.module.loss_chunk_tokens=64", "compile=true"],
+         ["stage.module.loss_chunk_tokens=64", "compile=true", "drop one"], max_seconds=20),
     Case("run-compile-no-cxx", "llmlab.run", ["compile=true"],
          ["compile=true", "C++ compiler", "/nonexistent/g++", "compile=false"], env={"CXX": "/nonexistent/g++"},
          max_seconds=30),
