@@ -1,6 +1,7 @@
 """DPO: llmlab's `stage=dpo` step time vs TRL's DPOTrainer, and peak memory of DPO+LoRA vs SFT+LoRA.
 
     python bench/dpo_vs_trl.py speed  [--steps 60] [--batch 16] [--repeats 2] [--threads N] [--precomputed]
+                                      [--share-prompt]
     python bench/dpo_vs_trl.py memory [--steps 20] [--batch 16] [--layers 12] [--width 768] [--threads N]
 
 --threads N sets OMP_NUM_THREADS=N for every subprocess (both sides alike); on a CPU machine shared
@@ -15,7 +16,8 @@ loss_type=["sigmoid"] does not have), beta 0.1, frozen reference = a copy of the
 dropout off, no gradient checkpointing, no evaluation, no checkpoints, `--steps` optimizer steps.
 `--precomputed` also times both sides with reference log-probs scored once before training (llmlab
 `stage.module.precompute_reference=true`, TRL `precompute_ref_log_probs=True`; the scoring pass is not
-in the timed window on either side).
+in the timed window on either side). `--share-prompt` also times llmlab with `stage.module.share_prompt=true`
+(each pair's prompt through the policy and the reference once; TRL has no such option).
 Step time = training time / steps, excluding the first step; llmlab's from its summary.json
 (train_tokens_timed / tokens_per_sec), TRL's from a callback. Each side runs in its own subprocess
 and they alternate, so load on this shared machine hits both; medians are reported.
@@ -54,9 +56,9 @@ def ensure_model(path: Path) -> Path:
     return make(path)
 
 
-def run_llmlab(model_dir: Path, args, precomputed: bool = False) -> float:
+def run_llmlab(model_dir: Path, args, precomputed: bool = False, *extra: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "llmlab.run", "stage=dpo", "model=tiny", "model.init=pretrained",
+        cmd = [sys.executable, "-m", "llmlab.run", "stage=dpo", "model=tiny", "model.init=pretrained", *extra,
                f"stage.module.precompute_reference={str(precomputed).lower()}",
                f"model.pretrained={model_dir}", "model.tokenizer=null", "precision=32", "stage.module.sft_weight=0",
                f"data.n_train={args.n_train}", f"data.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
@@ -121,6 +123,8 @@ def speed(args) -> dict:
     if args.precomputed:
         sides["llmlab_precomputed"] = lambda: run_llmlab(model_dir, args, precomputed=True)
         sides["trl_precomputed"] = lambda: run_trl(model_dir, args, precomputed=True)
+    if args.share_prompt:
+        sides["llmlab_share_prompt"] = lambda: run_llmlab(model_dir, args, False, "stage.module.share_prompt=true")
     times: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(args.repeats):  # the sides alternate, so load hits each alike
         for name, run in sides.items():
@@ -131,6 +135,8 @@ def speed(args) -> dict:
            **{f"{n}_ms_per_step": round(m * 1000, 1) for n, m in med.items()},
            "speedup_vs_trl": round(med["trl"] / med["llmlab"], 3),
            **{f"runs_{n}_ms": [round(x * 1000, 1) for x in t] for n, t in times.items()}}
+    if args.share_prompt:
+        out["share_prompt_speedup_vs_trl"] = round(med["trl"] / med["llmlab_share_prompt"], 3)
     if args.precomputed:
         out["precomputed_speedup_vs_trl"] = round(med["trl"] / med["llmlab_precomputed"], 3)
         out["precomputed_speedup_vs_trl_precomputed"] = round(med["trl_precomputed"] / med["llmlab_precomputed"], 3)
@@ -174,6 +180,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherit)")
     parser.add_argument("--precomputed", action="store_true", help="speed: also both sides with precomputed reference log-probs")
+    parser.add_argument("--share-prompt", action="store_true",
+                        help="speed: also llmlab with stage.module.share_prompt=true (each pair's prompt run once)")
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (60 if args.what == "speed" else 20)

@@ -160,10 +160,90 @@ def test_split_pairs_gives_the_same_loss_and_gradients_with_a_fraction_of_the_sa
     assert saved_split < 0.1 * saved_one, (saved_split, saved_one)
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("loss,peft", [("DPOLoss", "none"), ("DPOLoss", "lora"), ("IPOLoss", "none"),
+                                       ("ORPOLoss", "none")])
+def test_share_prompt_gives_the_same_loss_and_gradients(loss, peft):
+    """share_prompt=true: each pair's prompt through the policy (and the reference) once, its key/value cache
+    serving both completions: the same loss (with the NLL term; IPO's length-averaged log-probs; a
+    reference-free loss; the reference = the adapter disabled under LoRA) and gradients as the full rows."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    import llmlab.losses as losses
+    from llmlab.peft import apply_peft
+
+    model, tok = tiny_lm()
+    if peft == "lora":
+        model = apply_peft(model, OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
+                                                    "bias": "none", "target_modules": None, "modules_to_save": None}))
+        with torch.no_grad():  # a non-zero adapter: policy != reference
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    else:  # a policy that differs from the reference copy made at construction
+        model = dpo_module(model, tok).model
+    _, _, batch = pref_batch(tok)
+    results = []
+    for share in (False, True):
+        module = dpo_module(copy.deepcopy(model), tok, loss=getattr(losses, loss)(), sft_weight=10.0,
+                            share_prompt=share)
+        if peft == "none" and module.reference is not None:
+            with torch.no_grad():
+                for p in module.model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        module.train()
+        assert (module._shared(module.model, batch) is not None) == share  # the shared path runs on this batch
+        results.append(_saved_bytes_and_grads(module, batch))
+    (_, loss_full, grads_full), (_, loss_shared, grads_shared) = results
+    assert not torch.isclose(loss_full, torch.tensor(math.log(2)))  # policy != reference: a real margin
+    torch.testing.assert_close(loss_shared, loss_full, rtol=1e-5, atol=1e-6)
+    assert grads_shared.keys() == grads_full.keys() and grads_full
+    for name in grads_full:
+        torch.testing.assert_close(grads_shared[name], grads_full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_share_prompt_runs_fewer_tokens_and_falls_back_when_pairs_differ():
+    """The prompt runs once per pair (B rows of prompt, 2B of completion: counted at the model's input), and a
+    batch where a pair's rows start with different prompts (cut differently to fit block_size) takes the
+    full rows, so nothing is scored against the wrong prompt."""
+    from llmlab.stages.shared_prefix import pair_completions
+
+    model, tok = tiny_lm()
+    _, _, batch = pref_batch(tok)
+    shared = pair_completions(batch)
+    prompt_ids, prompt_mask, completions, completion_mask = shared
+    B = prompt_ids.shape[0]
+    assert completions.shape[0] == 2 * B and int(completion_mask.sum()) == int((batch["labels"] != -100).sum())
+    prompt_tokens, row_tokens = int(prompt_mask.sum()), int((batch["segment_ids"] >= 0).sum())
+    assert row_tokens == 2 * prompt_tokens + int(completion_mask.sum())  # what the full rows run
+    assert prompt_tokens + int(completion_mask.sum()) < 0.7 * row_tokens  # built-in data: the prompt dominates
+
+    seen = []
+    hook = model.transformer.wte.register_forward_hook(lambda m, i, o: seen.append(int(i[0].numel())))
+    module = dpo_module(model, tok, share_prompt=True)
+    module._losses(batch)
+    hook.remove()
+    assert sum(seen) < 0.8 * 2 * batch["input_ids"].numel()  # policy + reference, padded: fewer than 2 x full
+
+    other = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+    other["input_ids"][B, 0] = (other["input_ids"][B, 0] + 1) % len(tok)  # the first rejected row's prompt differs
+    assert pair_completions(other) is None
+    full = dpo_module(copy_of(model), tok)._losses(other)[0]
+    shared_module = dpo_module(copy_of(model), tok, share_prompt=True)
+    torch.testing.assert_close(shared_module._losses(other)[0], full)
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("peft,share", [("none", "false"), ("lora", "false"), ("lora", "true")])
 @pytest.mark.slow  # over ~7 s (tests/conftest.py LLMLAB_TEST_TIMES, 2026-11-24)
-def test_dpo_runs(cli, peft):
-    run = cli(*TINY, f"peft={peft}")
+def test_dpo_runs(cli, peft, share):
+    run = cli(*TINY, f"peft={peft}", f"stage.module.share_prompt={share}")
     assert_ok(run)
     s = run.summary
     assert s["val_loss_first"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
@@ -207,6 +287,11 @@ def _trl_loss_and_llmlab_batch(tmp_path, model, tok, **trl_args):
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)  # completion + EOS are targets
     batch = {"input_ids": inputs["input_ids"], "labels": labels, "segment_ids": torch.where(real, 0, -1),
              "position_ids": torch.arange(real.shape[1]).expand_as(real) * real}  # llmlab's collator layout
+    from llmlab.data.formats import left_pad
+
+    prompt = real & (inputs["completion_mask"] == 0)  # (12, T)
+    batch["prompt_ids"], batch["prompt_mask"] = left_pad([row[keep].tolist() for row, keep in
+                                                          zip(inputs["input_ids"][:6], prompt[:6])], tok.pad_token_id)
     return trl_loss, batch
 
 
@@ -252,6 +337,19 @@ def test_split_pairs_loss_equals_trl_sigmoid_plus_sft(tmp_path):
     module = dpo_module(model, tok, sft_weight=10.0, reference_model=str(tmp_path / "ref"), split_pairs=True)
     loss = module._losses(batch)[0]
     assert loss.requires_grad  # the checkpointed path ran
+    assert float(loss) == pytest.approx(trl_loss, rel=1e-5)
+
+
+def test_share_prompt_loss_equals_trl_sigmoid_plus_sft(tmp_path):
+    """share_prompt=true (each prompt once, its cache serving both completions) gives TRL 1.16's
+    loss_type=["sigmoid", "sft"] on the same policy, reference and tokens."""
+    model, tok = tiny_lm(0)
+    trl_loss, batch = _trl_loss_and_llmlab_batch(tmp_path, model, tok, loss_type=["sigmoid", "sft"],
+                                                 loss_weights=[1.0, 10.0])
+    module = dpo_module(model, tok, sft_weight=10.0, reference_model=str(tmp_path / "ref"), share_prompt=True)
+    assert module._shared(module.model, batch) is not None  # the shared path runs on this batch
+    with torch.no_grad():
+        loss = module._losses(batch)[0]
     assert float(loss) == pytest.approx(trl_loss, rel=1e-5)
 
 

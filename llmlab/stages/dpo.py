@@ -9,6 +9,10 @@ validation pair with the reference once before training and then frees the copy.
 `split_pairs=true` trades one more policy forward for half the activation memory: the chosen rows and
 the rejected rows each go through the policy under activation checkpointing, so only one half's
 activations exist at a time (while its backward runs). Same loss and gradients as the one-pass step.
+`share_prompt=true` runs each pair's prompt once (its key/value cache serves both the chosen and the
+rejected completion, stages/shared_prefix.py), in the policy's and the reference's forward: the same
+log-probs and gradients with (P + R) / (P / 2 + R) fewer tokens; pairs whose rows do not share their
+prompt (cut differently to fit), gradient checkpointing and prompt-learning PEFT take the full forward.
 
 A batch of B pairs is one (2B, T) tensor (chosen rows, then rejected), so one policy forward and one
 reference forward score both. Logged: loss, implicit rewards beta * (log pi - log ref) of chosen and
@@ -31,6 +35,7 @@ from llmlab.stages.alignment import FrozenReference, load_reference
 from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
 from llmlab.generation import greedy_answers
 from llmlab.stages.interface import Stage
+from llmlab.stages.shared_prefix import can_share_prompt, pair_completions, pair_token_logprobs
 
 log = logging.getLogger("llmlab")
 
@@ -52,13 +57,15 @@ class DPOModule(Stage):
     def __init__(self, model, tokenizer, optimizer, scheduler=None, loss: torch.nn.Module | None = None,
                  packing: str = "document", reference_model: str | None = None,
                  precompute_reference: bool = False, sft_weight: float = 0.0, disable_dropout: bool = True,
-                 eval_generation: bool = True, max_new_tokens: int = 16, split_pairs: bool = False):
+                 eval_generation: bool = True, max_new_tokens: int = 16, split_pairs: bool = False,
+                 share_prompt: bool = False):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
         self.loss_fn = loss if loss is not None else DPOLoss()
         self.sft_weight, self.precompute, self.eval_generation = sft_weight, precompute_reference, eval_generation
         self.max_new_tokens, self.split_pairs = max_new_tokens, split_pairs
+        self.share_prompt = share_prompt  # each pair's prompt through the model once (stages/shared_prefix.py)
         if disable_dropout:
             alignment.disable_dropout(model)
         # a reference-free loss (ORPO, SimPO: `needs_reference = False`) gets no reference at all: no
@@ -87,6 +94,21 @@ class DPOModule(Stage):
     def _sequence_logps(self, logits, labels) -> torch.Tensor:
         return sequence_logprobs(logits, labels, average=self.average_logps)  # (2B,)
 
+    def _shared(self, model, batch):
+        """The batch as prompts + completions when `share_prompt` applies to it and to `model`, else None."""
+        if not self.share_prompt or not can_share_prompt(model):
+            return None
+        return pair_completions(batch)
+
+    def _shared_terms(self, model, shared, with_nll: bool):
+        """(log-probs (2B,), the chosen rows' (NLL sum, tokens) or None) with each prompt run once."""
+        token_logps = pair_token_logprobs(model, shared)  # (2B, R), 0 at padding
+        counts = shared[3].sum(-1)  # (2B,) completion tokens per row
+        total = token_logps.sum(-1)  # (2B,)
+        logps = total / counts.clamp_min(1) if self.average_logps else total
+        B = counts.shape[0] // 2
+        return logps, ((-token_logps[:B].sum(), counts[:B].sum()) if with_nll else None)
+
     def policy_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(response log-probs (2B,): sums, or means if the loss asks, and logits (2B, T, V)) under the policy."""
         logits = forward_logits(self.model, batch, self.packing)
@@ -96,6 +118,9 @@ class DPOModule(Stage):
         """(response log-probs (2B,) under the policy, (NLL sum, target tokens) of the chosen rows when
         the loss adds an NLL term (`sft_weight`), else None)."""
         B = batch["input_ids"].shape[0] // 2
+        shared = self._shared(self.model, batch)
+        if shared is not None:
+            return self._shared_terms(self.model, shared, with_nll=bool(self.sft_weight))
         if self.split_pairs and torch.is_grad_enabled():
             chosen, nll = self._checkpointed_half(batch, slice(0, B), with_nll=bool(self.sft_weight))
             rejected, _ = self._checkpointed_half(batch, slice(B, 2 * B), with_nll=False)
@@ -129,6 +154,9 @@ class DPOModule(Stage):
             if self.reference.copy is None and not self.reference.shares_policy:
                 raise RuntimeError("a pair missing from the precomputed reference log-probs")
         with self.reference.model() as ref:
+            shared = self._shared(ref, batch)
+            if shared is not None:
+                return self._shared_terms(ref, shared, with_nll=False)[0]
             return self._sequence_logps(forward_logits(ref, batch, self.packing), batch["labels"])
 
     @torch.no_grad()

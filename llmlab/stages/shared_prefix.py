@@ -84,3 +84,46 @@ def logprobs_and_entropy(logits, completions, entropy: bool):
         return logprobs
     with torch.no_grad():
         return logprobs, entropy_from_logits(logits)
+
+
+def pair_completions(batch: dict, ignore_index: int = -100):
+    """A (2B, T) preference batch (chosen rows, then rejected; prompt positions labelled `ignore_index`) as
+    its B prompts and 2B completions, for `shared_prompt_logits` with groups of 2; None when some pair's two
+    rows do not start with the same prompt (cut differently to fit block_size) or a prompt is empty.
+
+    -> prompt_ids, prompt_mask (B, P) left-padded (the batch's own), completions (2B, R) right-padded with
+    each row's response tokens, completion_mask (2B, R)."""
+    ids, labels = batch["input_ids"], batch["labels"]  # (2B, T)
+    B = ids.shape[0] // 2
+    target = labels != ignore_index  # (2B, T): the response (and EOS) positions, contiguous
+    lengths = target.sum(1)  # (2B,)
+    starts = target.long().argmax(1)  # (2B,): each row's prompt length
+    prompt_ids, prompt_mask = batch.get("prompt_ids"), batch.get("prompt_mask")
+    if prompt_ids is None or B == 0 or bool((starts == 0).any()) or not torch.equal(starts[:B], starts[B:]):
+        return None
+    if not torch.equal(prompt_mask.sum(1), starts[:B]):
+        return None
+    P = prompt_ids.shape[1]
+    for i in range(B):  # the same prompt tokens in both rows (and in prompt_ids)
+        p = int(starts[i])
+        if not (torch.equal(ids[i, :p], ids[B + i, :p]) and torch.equal(ids[i, :p], prompt_ids[i, P - p:])):
+            return None
+    R = int(lengths.max())
+    offsets = torch.arange(R, device=ids.device)  # (R,)
+    completion_mask = offsets < lengths[:, None]  # (2B, R)
+    where = (starts[:, None] + offsets).clamp_max(ids.shape[1] - 1)  # (2B, R)
+    completions = torch.where(completion_mask, ids.gather(1, where), torch.zeros_like(where))
+    return prompt_ids, prompt_mask, completions, completion_mask.long()
+
+
+def pair_token_logprobs(model, shared) -> torch.Tensor:
+    """log pi(completion tokens) (2B, R), zero at padding, with each pair's prompt run once (`pair_completions`'s
+    output `shared`)."""
+    prompt_ids, prompt_mask, completions, completion_mask = shared
+    B = prompt_ids.shape[0]
+    prompts, prompts_mask = prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1)  # (2B, P): chosen rows, rejected
+    attention_mask = torch.cat([prompts_mask, completion_mask], 1)  # (2B, P + R)
+    group = torch.arange(B, device=prompt_ids.device).repeat(2)  # (2B,): row i and B + i share prompt i
+    logits = shared_prompt_logits(model, prompts, prompts_mask, completions, attention_mask,
+                                  position_ids_from_mask(attention_mask), group, 1.0)  # (2B, R, V)
+    return gather_logprobs(logits, completions) * completion_mask  # (2B, R)
