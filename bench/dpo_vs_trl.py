@@ -16,8 +16,9 @@ loss_type=["sigmoid"] does not have), beta 0.1, frozen reference = a copy of the
 dropout off, no gradient checkpointing, no evaluation, no checkpoints, `--steps` optimizer steps.
 `--precomputed` also times both sides with reference log-probs scored once before training (llmlab
 `stage.module.precompute_reference=true`, TRL `precompute_ref_log_probs=True`; the scoring pass is not
-in the timed window on either side). `--share-prompt` also times llmlab with `stage.module.share_prompt=true`
-(each pair's prompt through the policy and the reference once; TRL has no such option).
+in the timed window on either side). The llmlab sides run `stage.module.share_prompt=false` (full rows, as
+TRL); `--share-prompt` also times llmlab's default `share_prompt=true` (each pair's prompt through the policy
+and the reference once; TRL has no such option).
 Step time = training time / steps, excluding the first step; llmlab's from its summary.json
 (train_tokens_timed / tokens_per_sec), TRL's from a callback. Each side runs in its own subprocess
 and they alternate, so load on this shared machine hits both; medians are reported.
@@ -119,9 +120,10 @@ def run_trl(model_dir: Path, args, precomputed: bool = False) -> float:
 
 def speed(args) -> dict:
     model_dir = ensure_model(ROOT / "bench" / "out" / "tiny-random")
-    sides = {"llmlab": lambda: run_llmlab(model_dir, args), "trl": lambda: run_trl(model_dir, args)}
+    full_rows = "stage.module.share_prompt=false"  # TRL's layout: every row runs its prompt
+    sides = {"llmlab": lambda: run_llmlab(model_dir, args, False, full_rows), "trl": lambda: run_trl(model_dir, args)}
     if args.precomputed:
-        sides["llmlab_precomputed"] = lambda: run_llmlab(model_dir, args, precomputed=True)
+        sides["llmlab_precomputed"] = lambda: run_llmlab(model_dir, args, True, full_rows)
         sides["trl_precomputed"] = lambda: run_trl(model_dir, args, precomputed=True)
     if args.share_prompt:
         sides["llmlab_share_prompt"] = lambda: run_llmlab(model_dir, args, False, "stage.module.share_prompt=true")
@@ -181,7 +183,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherit)")
     parser.add_argument("--precomputed", action="store_true", help="speed: also both sides with precomputed reference log-probs")
     parser.add_argument("--share-prompt", action="store_true",
-                        help="speed: also llmlab with stage.module.share_prompt=true (each pair's prompt run once)")
+                        help="speed: also llmlab's default stage.module.share_prompt=true (each prompt run once)")
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (60 if args.what == "speed" else 20)

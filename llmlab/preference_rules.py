@@ -41,10 +41,6 @@ def check_preference_losses(cfg) -> None:
             raise ConfigError(f"data.batch_size={cfg.data.get('batch_size')} with stage=kto: KTO estimates its KL "
                               f"reference point from mismatched pairs within a batch; use data.batch_size >= 2")
         return
-    if module.get("split_pairs") and module.get("share_prompt"):
-        raise ConfigError("stage.module.split_pairs=true with stage.module.share_prompt=true: split_pairs runs the "
-                          "chosen and rejected rows apart, share_prompt runs them together on one prompt; set one "
-                          "of them to false")
     if loss in UNPAIRED:
         raise ConfigError(f"{setting}={loss} with stage={cfg.stage.name}: KTO takes unpaired labelled examples, "
                           f"this stage feeds preference pairs; use stage=kto")

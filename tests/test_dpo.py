@@ -39,6 +39,7 @@ def dpo_module(model, tok, **kw):
 
     from llmlab.stages.dpo import DPOModule
 
+    kw.setdefault("share_prompt", False)  # the full rows (TRL's layout); the share_prompt tests set it
     return DPOModule(model, tok, optimizer=partial(torch.optim.AdamW, lr=1e-3), eval_generation=False, **kw)
 
 

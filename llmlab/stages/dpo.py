@@ -11,8 +11,9 @@ the rejected rows each go through the policy under activation checkpointing, so 
 activations exist at a time (while its backward runs). Same loss and gradients as the one-pass step.
 `share_prompt=true` runs each pair's prompt once (its key/value cache serves both the chosen and the
 rejected completion, stages/shared_prefix.py), in the policy's and the reference's forward: the same
-log-probs and gradients with (P + R) / (P / 2 + R) fewer tokens; pairs whose rows do not share their
-prompt (cut differently to fit), gradient checkpointing and prompt-learning PEFT take the full forward.
+log-probs and gradients with (P + R) / (P / 2 + R) fewer tokens (the default); pairs whose rows do not share
+their prompt (cut differently to fit), gradient checkpointing and prompt-learning PEFT take the full forward,
+and under `split_pairs=true` the policy's halves run apart (the reference pass still shares).
 
 A batch of B pairs is one (2B, T) tensor (chosen rows, then rejected), so one policy forward and one
 reference forward score both. Logged: loss, implicit rewards beta * (log pi - log ref) of chosen and
@@ -58,7 +59,7 @@ class DPOModule(Stage):
                  packing: str = "document", reference_model: str | None = None,
                  precompute_reference: bool = False, sft_weight: float = 0.0, disable_dropout: bool = True,
                  eval_generation: bool = True, max_new_tokens: int = 16, split_pairs: bool = False,
-                 share_prompt: bool = False):
+                 share_prompt: bool = True):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory, self.packing = optimizer, scheduler, packing
@@ -118,13 +119,13 @@ class DPOModule(Stage):
         """(response log-probs (2B,) under the policy, (NLL sum, target tokens) of the chosen rows when
         the loss adds an NLL term (`sft_weight`), else None)."""
         B = batch["input_ids"].shape[0] // 2
-        shared = self._shared(self.model, batch)
-        if shared is not None:
-            return self._shared_terms(self.model, shared, with_nll=bool(self.sft_weight))
-        if self.split_pairs and torch.is_grad_enabled():
+        if self.split_pairs and torch.is_grad_enabled():  # the halves apart (share_prompt: the reference only)
             chosen, nll = self._checkpointed_half(batch, slice(0, B), with_nll=bool(self.sft_weight))
             rejected, _ = self._checkpointed_half(batch, slice(B, 2 * B), with_nll=False)
             return torch.cat([chosen, rejected]), nll
+        shared = self._shared(self.model, batch)
+        if shared is not None:
+            return self._shared_terms(self.model, shared, with_nll=bool(self.sft_weight))
         policy, logits = self.policy_logps(batch)
         nll = causal_lm_loss_sum(logits[:B], batch["labels"][:B]) if self.sft_weight else None
         return policy, nll
