@@ -31,6 +31,7 @@ from torchmetrics import MeanMetric
 
 from llmlab.losses import DPOLoss, causal_lm_loss_sum, sequence_logprobs
 from llmlab.metrics import ExactMatch
+from llmlab.optim import any_rank
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
 from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
@@ -99,7 +100,10 @@ class DPOModule(Stage):
         """The batch as prompts + completions when `share_prompt` applies to it and to `model`, else None."""
         if not self.share_prompt or not can_share_prompt(model):
             return None
-        return pair_completions(batch)
+        shared = pair_completions(batch)
+        # every rank takes the same path (collective): under ZeRO-3 the ranks' module calls gather parameters
+        # together, so one rank's full rows beside another's prompt + completions passes would deadlock
+        return None if any_rank(shared is None) else shared
 
     def _shared_terms(self, model, shared, with_nll: bool):
         """(log-probs (2B,), the chosen rows' (NLL sum, tokens) or None) with each prompt run once."""
