@@ -31,13 +31,18 @@ def local_config(model_cfg) -> dict | None:
                           f"the model with save_pretrained") from None
 
 
+def architecture_values(model_cfg) -> dict:
+    """The architecture that will be built: a local directory's config.json, else the model file's `config:`."""
+    return local_config(model_cfg) or dict(model_cfg.get("config") or {})
+
+
 def model_positions(model_cfg) -> int | None:
     """Max positions of the architecture that will be built, without loading weights or the network.
 
     A local directory's config.json wins (it is what from_pretrained loads: `model=gpt2
     model.pretrained=<a llama dir>` is a llama); else the `config:` values of the model file.
     """
-    arch = local_config(model_cfg) or dict(model_cfg.get("config") or {})
+    arch = architecture_values(model_cfg)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if isinstance(arch.get(key), int) and arch[key] > 0:
             return arch[key]
@@ -193,7 +198,7 @@ def check_loss_chunking(cfg) -> None:
     if method in ("prefix", "prompt"):
         raise ConfigError(f"{setting} with peft={method}: PEFT runs the virtual tokens inside its own forward; "
                           f"set stage.module.loss_chunk_tokens=null")
-    model_type = (local_config(cfg.model) or dict(cfg.model.get("config") or {})).get("model_type")
+    model_type = architecture_values(cfg.model).get("model_type")
     if model_type is not None and model_type not in HEAD_APART_MODEL_TYPES:
         raise ConfigError(f"{setting}: model type {model_type!r} is not one whose output layer can be applied "
                           f"apart ({', '.join(HEAD_APART_MODEL_TYPES)}); set stage.module.loss_chunk_tokens=null")

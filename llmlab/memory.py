@@ -234,12 +234,10 @@ def reset_peak() -> None:
 def release_and_reset_peak() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise), then restart the peak counter, so the
     next peak is that of what follows (e.g. a training step, not model loading)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     reset_peak()

@@ -148,8 +148,8 @@ def compile_forward(model: torch.nn.Module) -> torch.nn.Module:
     then the training one; inductor caches them on disk across runs). Generation runs eager
     (`generation.eager_generation`); a frozen reference copied when the stage was built stays eager.
     """
-    from llmlab.peft import is_peft_model
+    from llmlab.peft import transformers_model
 
-    inner = model.get_base_model() if is_peft_model(model) else model
+    inner = transformers_model(model)
     inner.compile(backend="inductor")
     return inner

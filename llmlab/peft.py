@@ -230,6 +230,11 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def transformers_model(model):
+    """The transformers model itself: inside PEFT's wrappers (with the adapter layers in it), or `model`."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def uses_virtual_tokens(model) -> bool:
     """True for prefix / prompt tuning: PEFT prepends virtual tokens and extends only 2-D masks."""
     return is_peft_model(model) and bool(getattr(model.active_peft_config, "is_prompt_learning", False))

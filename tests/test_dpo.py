@@ -34,6 +34,21 @@ def pref_batch(tok, n: int = 8, split: str = "validation"):
     return fmt, pairs, fmt.collate(pairs)
 
 
+def with_random_lora(model):
+    """`model` under LoRA r=4 with non-zero adapters, so the policy differs from its reference (adapter off)."""
+    from omegaconf import OmegaConf
+
+    from llmlab.peft import apply_peft
+
+    model = apply_peft(model, OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
+                                                "bias": "none", "target_modules": None, "modules_to_save": None}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
 def dpo_module(model, tok, **kw):
     from functools import partial
 
@@ -131,19 +146,11 @@ def test_split_pairs_gives_the_same_loss_and_gradients_with_a_fraction_of_the_sa
     for a reference-free loss), while the forward leaves almost nothing saved for backward."""
     import copy
 
-    from omegaconf import OmegaConf
-
     import llmlab.losses as losses
-    from llmlab.peft import apply_peft
 
     model, tok = tiny_lm()
     if peft == "lora":
-        model = apply_peft(model, OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
-                                                    "bias": "none", "target_modules": None, "modules_to_save": None}))
-        with torch.no_grad():  # a non-zero adapter: policy != reference
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
+        model = with_random_lora(model)
     _, _, batch = pref_batch(tok)
     results = []
     for split in (False, True):
@@ -169,21 +176,11 @@ def test_share_prompt_gives_the_same_loss_and_gradients(loss, peft):
     reference-free loss; the reference = the adapter disabled under LoRA) and gradients as the full rows."""
     import copy
 
-    from omegaconf import OmegaConf
-
     import llmlab.losses as losses
-    from llmlab.peft import apply_peft
 
     model, tok = tiny_lm()
     if peft == "lora":
-        model = apply_peft(model, OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
-                                                    "bias": "none", "target_modules": None, "modules_to_save": None}))
-        with torch.no_grad():  # a non-zero adapter: policy != reference
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-    else:  # a policy that differs from the reference copy made at construction
-        model = dpo_module(model, tok).model
+        model = with_random_lora(model)
     _, _, batch = pref_batch(tok)
     results = []
     for share in (False, True):
@@ -208,6 +205,8 @@ def test_share_prompt_runs_fewer_tokens_and_falls_back_when_pairs_differ():
     """The prompt runs once per pair (B rows of prompt, 2B of completion: counted at the model's input), and a
     batch where a pair's rows start with different prompts (cut differently to fit block_size) takes the
     full rows, so nothing is scored against the wrong prompt."""
+    import copy
+
     from llmlab.stages.shared_prefix import pair_completions
 
     model, tok = tiny_lm()
@@ -230,15 +229,9 @@ def test_share_prompt_runs_fewer_tokens_and_falls_back_when_pairs_differ():
     other = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
     other["input_ids"][B, 0] = (other["input_ids"][B, 0] + 1) % len(tok)  # the first rejected row's prompt differs
     assert pair_completions(other) is None
-    full = dpo_module(copy_of(model), tok)._losses(other)[0]
-    shared_module = dpo_module(copy_of(model), tok, share_prompt=True)
+    full = dpo_module(copy.deepcopy(model), tok)._losses(other)[0]
+    shared_module = dpo_module(copy.deepcopy(model), tok, share_prompt=True)
     torch.testing.assert_close(shared_module._losses(other)[0], full)
-
-
-def copy_of(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 @pytest.mark.parametrize("peft,share", [("none", "false"), ("lora", "false"), ("lora", "true")])

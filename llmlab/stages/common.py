@@ -42,12 +42,12 @@ def forward_hidden(model, batch: dict, packing: str = "document"):
     The transformers model's backbone (`base_model`: GPT-2's `transformer`, OPT's/Llama's `model`) runs
     with PEFT's adapters in it; its output is what the causal-LM class feeds its head.
     """
-    from llmlab.peft import is_peft_model
+    from llmlab.peft import transformers_model
 
     if uses_virtual_tokens(model):
         raise ValueError("stage.module.loss_chunk_tokens does not apply to prefix/prompt tuning (PEFT runs their "
                          "virtual tokens inside its own forward): set stage.module.loss_chunk_tokens=null")
-    inner = model.get_base_model() if is_peft_model(model) else model
+    inner = transformers_model(model)
     model_type = getattr(inner.config, "model_type", None)
     if model_type not in HEAD_APART_MODEL_TYPES or inner.base_model is inner:
         raise ValueError(f"stage.module.loss_chunk_tokens: model type {model_type!r} is not one whose head can "
