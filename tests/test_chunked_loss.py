@@ -162,3 +162,23 @@ def test_dry_run_estimate_counts_one_chunk_of_logits():
     assert chunked["weights_gib"] == full["weights_gib"] and chunked["loss_chunk_tokens"] == 256
     saved = 3 * (2 * 1024 - 256) * 50272 * 4 / GIB  # ~1.0 GiB of the 2 x 1024-token batch's logits
     assert full["activations_gib"] - chunked["activations_gib"] == pytest.approx(saved, abs=2e-3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_chunked_loss_equals_transformers_own_loss(arch):
+    """The independent reference: transformers' `model(input_ids, attention_mask, labels=labels).loss` (its
+    ForCausalLMLoss: shift, mean over non-ignored targets) on right-padded rows with masked prompts equals
+    the chunked sum / token count."""
+    model = tiny_model(arch, "none")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, VOCAB, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # padding
+    mask[2, 11:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :5] = IGNORE_INDEX  # prompts
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        hidden, head = forward_hidden(model, {"input_ids": ids, "attention_mask": mask})
+        loss_sum, n = chunked_causal_lm_loss_sum(hidden, head, labels, 4)
+    assert float(loss_sum / n) == pytest.approx(float(reference), rel=1e-5)
