@@ -151,22 +151,29 @@ def test_sweep_job_requeued_resumes_and_cancelled_job_is_recorded(tmp_path):
     as failed; the sweep completes and the report shows both."""
     steps = 60
     sweep = tmp_path / "sweep"
+    # job 1 is given far more steps than it can run before the scancel: with equal step counts it could
+    # finish first (it starts before job 0 when Slurm picks it first) and be, rightly, recorded as finished
     cmd = [sys.executable, "-m", "llmlab.run", "-m", "launcher=slurm", "slurm.time_min=10", "slurm.mem_gb=3",
-           f"hydra.sweep.dir={sweep}", "seed=1,2",
-           *tiny(**{"trainer.max_steps": steps, "trainer.val_check_interval": 10, "trainer.limit_val_batches": 1})]
+           f"hydra.sweep.dir={sweep}",
+           *tiny(**{"trainer.max_steps": f"{steps},100000", "trainer.val_check_interval": 10,
+                    "trainer.limit_val_batches": 1})]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (sweep / "0" / "checkpoints" / "last.ckpt").exists(), 240, "job 0's first checkpoint")
         hydra_ids = {}
-        for i in (0, 1):  # which Slurm job is sweep job i
+
+        def slurm_id(i):  # which Slurm job is sweep job i
             hydra_yaml = sweep / str(i) / ".hydra" / "hydra.yaml"
             wait_for(hydra_yaml.exists, 120, f"job {i} to start")
             hydra_ids[i] = re.search(r"\n    id: '?([0-9_]+)", hydra_yaml.read_text()).group(1)
+            return hydra_ids[i]
+
+        # job 0 is requeued as soon as its first checkpoint is there, long before its last step
+        subprocess.run(["scontrol", "requeue", slurm_id(0)], check=True)
+        subprocess.run(["scancel", slurm_id(1)], check=True)
         # equal resources: one job array, tasks 0 and 1
         array = hydra_ids[0].split("_")[0]
         assert hydra_ids == {0: f"{array}_0", 1: f"{array}_1"}
-        subprocess.run(["scontrol", "requeue", hydra_ids[0]], check=True)
-        subprocess.run(["scancel", hydra_ids[1]], check=True)
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
