@@ -3,6 +3,7 @@
     python bench/dpo_vs_trl.py speed  [--steps 60] [--batch 16] [--repeats 2] [--threads N] [--precomputed]
                                       [--share-prompt]
     python bench/dpo_vs_trl.py memory [--steps 20] [--batch 16] [--layers 12] [--width 768] [--threads N]
+                                      [--release-freed-memory]
 
 --threads N sets OMP_NUM_THREADS=N for every subprocess (both sides alike); on a CPU machine shared
 with other jobs, 2 spinning OpenMP threads per process slow a run several-fold and drown the signal.
@@ -27,8 +28,11 @@ memory: a bigger GPT-2-shaped model (`--layers` x `--width`, byte vocabulary, ra
 peft=lora (r 16, alpha 32, on c_attn); peak RSS (summary.json peak_rss_mb) of `stage=dpo` (its
 reference is the same model with the adapter disabled: no copy) vs `stage=sft`, same data batch
 size (`--batch` pairs vs `--batch` examples) and also SFT at 2x batch (the same number of rows as DPO),
+DPO with `stage.module.share_prompt=false` (full rows, TRL's layout; the default shares each pair's prompt)
 and DPO with `stage.module.split_pairs=true` (chosen and rejected halves one at a time).
 DPO runs with the stage's defaults otherwise (incl. its sft_weight NLL term on the chosen rows).
+`--release-freed-memory` runs every side with `release_freed_memory=true` (glibc returns freed blocks of
+128 KiB or more at once, so the peak tracks live memory).
 """
 from __future__ import annotations
 
@@ -153,7 +157,8 @@ def peak_rss(stage: str, batch: int, args, *extra: str) -> float:
                f"data.n_train={args.n_train}", f"data.batch_size={batch}", f"trainer.max_steps={args.steps}",
                "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "stage.module.eval_generation=false",
                "~callbacks.model_checkpoint", "~callbacks.hf_export", "callbacks.samples.prompts=[]",
-               "trainer.enable_progress_bar=false", "seed=0", f"hydra.run.dir={tmp}", *extra]
+               "trainer.enable_progress_bar=false", "seed=0", f"hydra.run.dir={tmp}",
+               *(["release_freed_memory=true"] if args.release_freed_memory else []), *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(args))
         if proc.returncode != 0:
             raise SystemExit(f"{stage} run failed:\n{proc.stderr[-3000:]}")
@@ -162,12 +167,15 @@ def peak_rss(stage: str, batch: int, args, *extra: str) -> float:
 
 def memory(args) -> dict:
     dpo = peak_rss("dpo", args.batch, args)
+    full = peak_rss("dpo", args.batch, args, "stage.module.share_prompt=false")
     sft = peak_rss("sft", args.batch, args)
     sft2 = peak_rss("sft", 2 * args.batch, args)
     split = peak_rss("dpo", args.batch, args, "stage.module.split_pairs=true")
     return {"bench": "dpo_lora_memory", "model": f"gpt2-shaped {args.layers}x{args.width}, byte vocab, LoRA r16",
-            "batch": args.batch, "threads": args.threads, "dpo_peak_rss_mb": dpo, "sft_peak_rss_mb": sft, "sft_2x_batch_peak_rss_mb": sft2,
+            "batch": args.batch, "threads": args.threads, "release_freed_memory": args.release_freed_memory,
+            "dpo_peak_rss_mb": dpo, "sft_peak_rss_mb": sft, "sft_2x_batch_peak_rss_mb": sft2,
             "dpo_over_sft": round(dpo / sft, 3), "dpo_over_sft_same_rows": round(dpo / sft2, 3),
+            "dpo_full_rows_peak_rss_mb": full, "dpo_full_rows_over_sft": round(full / sft, 3),
             "dpo_split_pairs_peak_rss_mb": split, "dpo_split_pairs_over_sft": round(split / sft, 3)}
 
 
@@ -184,6 +192,8 @@ def main() -> int:
     parser.add_argument("--precomputed", action="store_true", help="speed: also both sides with precomputed reference log-probs")
     parser.add_argument("--share-prompt", action="store_true",
                         help="speed: also llmlab's default stage.module.share_prompt=true (each prompt run once)")
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="memory: every run with release_freed_memory=true (the peak tracks live memory)")
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (60 if args.what == "speed" else 20)
