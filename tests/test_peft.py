@@ -217,6 +217,45 @@ def test_method_trains_in_stage(method, stage, tiny_pretrained_dir, tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo", "kto", "rm"])
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_loaded_model_trains_in_train_mode(method, stage, tiny_pretrained_dir, tmp_path):
+    """from_pretrained returns eval mode and Lightning keeps the modes it finds. Every module of the
+    policy must be in train mode while it trains (else configured dropout is off and transformers skips
+    gradient checkpointing); a frozen reference copy stays in eval mode. Before Stage.on_fit_start every
+    stage but sft trained a loaded model in eval mode."""
+    import lightning as L
+
+    from llmlab.builder import stage_class
+    from llmlab.data.datamodule import LLMDataModule
+
+    overrides = [*base_overrides(method, tiny_pretrained_dir), f"stage={stage}", "data.n_train=16", "data.n_val=4",
+                 "data.batch_size=4", "data.block_size=64"]
+    if stage in ("sft", "dpo", "kto"):
+        overrides.append("stage.module.eval_generation=false")
+    cfg = compose_cfg(*overrides, tmp_path=tmp_path)
+    module, tok = build(cfg)
+    assert not module.model.training or method == "lora"  # as loaded (PEFT's new layers start in train mode)
+    seen = {}
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["policy_eval"] = [n for n, m in pl_module.model.named_modules() if not m.training]
+            reference = getattr(pl_module, "reference", None)
+            copy = getattr(reference, "copy", None)
+            seen["reference_train"] = [] if copy is None else [n for n, m in copy.named_modules() if m.training]
+
+    dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Modes()],
+              default_root_dir=tmp_path).fit(module, datamodule=dm)
+    assert seen["policy_eval"] == [], f"{stage}/{method}: modules training in eval mode: {seen['policy_eval'][:5]}"
+    assert seen["reference_train"] == []
+    if stage in ("dpo", "kto") and method == "none":
+        assert module.reference.copy is not None  # the frozen copy was there, and checked
+
+
 # ---------------------------------------------------------------------------------------------------
 # checks: refused up front with the setting and the fix
 # ---------------------------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ class DPOModule(Stage):
                 self.ref_cache[_row_key(ids, seg)] = lp
 
     def on_fit_start(self):
+        super().on_fit_start()
         if not self.precompute or self.ref_cache or self.reference is None:
             return
         dm = self.trainer.datamodule

@@ -114,6 +114,7 @@ class GRPOModule(Stage):
         return len(self.history)
 
     def on_fit_start(self):
+        super().on_fit_start()
         self.rewards.to(self.device)
 
     def configure_optimizers(self):

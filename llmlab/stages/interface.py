@@ -13,6 +13,9 @@ and nothing outside a stage looks for attributes with `hasattr`/`getattr`:
 | `summary_values(summary)` | `RunSummary`, once at fit end on rank 0 | `{}` |
 | `step_guard` | `callbacks.nonfinite.NonFiniteGuard` (set by `common.configure_optimizers`) | `None` |
 
+`Stage.on_fit_start` puts the module in train mode (a model loaded with from_pretrained comes in eval
+mode, which Lightning keeps); a stage overriding the hook calls it first.
+
 Callbacks that add keys to summary.json implement the same `summary_values(summary)`
 (`SummarySource`); a stage never searches `trainer.callbacks`, and `RunSummary` is the one writer of
 summary.json during a fit.
@@ -42,6 +45,13 @@ class Stage(L.LightningModule):
     # DeepSpeed strategy as its `gradient_clipping`.
     max_grad_norm: float | None = None
     step_guard = None  # llmlab.optim.StepGuard of the optimizer, once configure_optimizers ran
+
+    def on_fit_start(self):
+        # from_pretrained returns its model in eval mode and Lightning keeps the modes it finds: without
+        # this, a stage starting from loaded weights would train with dropout off and transformers'
+        # gradient checkpointing skipped (it runs only `if self.training`). Frozen parts stay in eval mode
+        # (alignment.FrozenReference.train). Stages that override this hook call it first.
+        self.train()
 
     def trainer_overrides(self, trainer_cfg) -> dict:
         """Trainer kwargs this stage needs on top of `cfg.trainer` (e.g. ppo: no automatic clipping)."""

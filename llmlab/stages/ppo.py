@@ -173,6 +173,7 @@ class PPOModule(Stage):
         return len(self.history)
 
     def on_fit_start(self):
+        super().on_fit_start()
         self.reward.to(self.device)
 
     def configure_optimizers(self):

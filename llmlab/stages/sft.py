@@ -43,9 +43,6 @@ class SFTModule(Stage):
         self.val_exact_match = ExactMatch()
         self.predictions: list[dict] = []  # a few (prompt, generated, answer) of the last validation
 
-    def on_train_start(self):
-        self.model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps modes as found
-
     def training_step(self, batch, batch_idx):
         return lm_training_step(self, batch)
 
