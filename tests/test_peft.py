@@ -49,6 +49,22 @@ def base_overrides(method: str, base_dir) -> list[str]:
             f"peft={method}"]
 
 
+def fit_steps(cfg, module, tok, tmp_path, steps: int, callbacks=()):
+    """`steps` optimizer steps of the stage module on its data through a plain Lightning Trainer (no
+    validation, checkpoints or logger); returns the Trainer."""
+    import lightning as L
+
+    from llmlab.builder import stage_class
+    from llmlab.data.datamodule import LLMDataModule
+
+    dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=list(callbacks), default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
 def random_batch(vocab: int = 256, B: int = 4, T: int = 24, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, T), generator=g)
@@ -182,9 +198,6 @@ def test_qlora_trains_on_cpu_with_4bit_base(tiny_pretrained_dir):
 def test_method_trains_in_stage(method, stage, tiny_pretrained_dir, tmp_path):
     import lightning as L
 
-    from llmlab.builder import stage_class
-    from llmlab.data.datamodule import LLMDataModule
-
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     overrides = [*base_overrides(method, tiny_pretrained_dir), f"stage={stage}", "data.n_train=64", "data.n_val=8",
@@ -199,15 +212,11 @@ def test_method_trains_in_stage(method, stage, tiny_pretrained_dir, tmp_path):
     checks.check_config(cfg)
     L.seed_everything(0)
     module, tok = build(cfg)
-    dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     assert before, "no trainable parameters"
     assert frozen, "no frozen parameters: the method must leave the base frozen"
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
+    trainer = fit_steps(cfg, module, tok, tmp_path, steps=3)
     params = dict(module.named_parameters())
     unchanged = [n for n, p in before.items() if torch.equal(params[n].detach(), p)]
     assert unchanged == [], f"{method}/{stage}: trainable tensors that did not move: {unchanged}"
@@ -227,9 +236,6 @@ def test_loaded_model_trains_in_train_mode(method, stage, tiny_pretrained_dir, t
     stage but sft trained a loaded model in eval mode."""
     import lightning as L
 
-    from llmlab.builder import stage_class
-    from llmlab.data.datamodule import LLMDataModule
-
     overrides = [*base_overrides(method, tiny_pretrained_dir), f"stage={stage}", "data.n_train=16", "data.n_val=4",
                  "data.batch_size=4", "data.block_size=64"]
     if stage in ("sft", "dpo", "kto"):
@@ -246,10 +252,7 @@ def test_loaded_model_trains_in_train_mode(method, stage, tiny_pretrained_dir, t
             copy = getattr(reference, "copy", None)
             seen["reference_train"] = [] if copy is None else [n for n, m in copy.named_modules() if m.training]
 
-    dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
-    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Modes()],
-              default_root_dir=tmp_path).fit(module, datamodule=dm)
+    fit_steps(cfg, module, tok, tmp_path, steps=1, callbacks=[Modes()])
     assert seen["policy_eval"] == [], f"{stage}/{method}: modules training in eval mode: {seen['policy_eval'][:5]}"
     assert seen["reference_train"] == []
     if stage in ("dpo", "kto") and method == "none":

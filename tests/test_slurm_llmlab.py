@@ -160,17 +160,16 @@ def test_sweep_job_requeued_resumes_and_cancelled_job_is_recorded(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (sweep / "0" / "checkpoints" / "last.ckpt").exists(), 240, "job 0's first checkpoint")
-        hydra_ids = {}
-
         def slurm_id(i):  # which Slurm job is sweep job i
             hydra_yaml = sweep / str(i) / ".hydra" / "hydra.yaml"
             wait_for(hydra_yaml.exists, 120, f"job {i} to start")
-            hydra_ids[i] = re.search(r"\n    id: '?([0-9_]+)", hydra_yaml.read_text()).group(1)
-            return hydra_ids[i]
+            return re.search(r"\n    id: '?([0-9_]+)", hydra_yaml.read_text()).group(1)
 
         # job 0 is requeued as soon as its first checkpoint is there, long before its last step
-        subprocess.run(["scontrol", "requeue", slurm_id(0)], check=True)
-        subprocess.run(["scancel", slurm_id(1)], check=True)
+        hydra_ids = {0: slurm_id(0)}
+        subprocess.run(["scontrol", "requeue", hydra_ids[0]], check=True)
+        hydra_ids[1] = slurm_id(1)
+        subprocess.run(["scancel", hydra_ids[1]], check=True)
         # equal resources: one job array, tasks 0 and 1
         array = hydra_ids[0].split("_")[0]
         assert hydra_ids == {0: f"{array}_0", 1: f"{array}_1"}
