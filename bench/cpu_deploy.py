@@ -6,7 +6,7 @@ int8 (llmlab's quantized export, saved and loaded back) vs unquantized fp32 and 
 
 The model is the OPT-125M (or GPT-2 124M) architecture with random weights from its config (no weights
 can be downloaded here); speed does not depend on the weight values. Every variant is exported to a
-temporary directory and timed as loaded back (int8: `llmlab.quantize.load_quantized`), so the sizes are
+temporary directory and timed as loaded back (int8: `llmlab.models.quantize.load_quantized`), so the sizes are
 on-disk sizes and the int8 timing is the deployed artifact's. Variants are interleaved within each
 repeat (the machine is shared) and the median over repeats is reported; ratios are vs fp32 of this run.
 Generation is forced to exactly N tokens (min_new_tokens=N). Extra in-memory variants to compare
@@ -51,7 +51,7 @@ def variants(base, names: list[str], tmp: Path) -> dict:
 
     import torch
 
-    from llmlab.quantize import dir_size, load_quantized, quantize_int8, save_quantized
+    from llmlab.models.quantize import dir_size, load_quantized, quantize_int8, save_quantized
 
     out = {}
     for name in names:

@@ -5,7 +5,7 @@
 Measures, in one process run (same machine state):
 1. `python -m llmlab.eval <model> eval=builtin` end to end (a new process: imports, model load, lm-eval
    task build, 4 x n log-likelihoods + n generations, eval.json), wall seconds;
-2. in process: `llmlab.evaluation.evaluate` on the loaded model (the lm-eval part alone), seconds;
+2. in process: `llmlab.evaluation.harness.evaluate` on the loaded model (the lm-eval part alone), seconds;
 3. llmlab's own held-out exact match on the same n items (stage=sft's validation code: left-padded
    greedy generation in batches of 32), seconds: the generative half without lm-eval.
 Default model: the cached tiny-sft base (`${llmlab_base:tiny-sft}`).
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from llmlab.bases import ensure_base
+    from llmlab.models.bases import ensure_base
 
     model_dir = args.model or ensure_base("tiny-sft")
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +49,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from llmlab.evaluation import DEFAULT_TEMPLATE, evaluate
+    from llmlab.evaluation.harness import DEFAULT_TEMPLATE, evaluate
     from llmlab.generate import load
 
     model, tokenizer = load(model_dir)
@@ -61,8 +61,8 @@ def main() -> None:
 
     from llmlab.data.builtin import sft_examples
     from llmlab.data.formats import SFTFormat
-    from llmlab.metrics import ExactMatch
-    from llmlab.generation import greedy_answers
+    from llmlab.evaluation.metrics import ExactMatch
+    from llmlab.evaluation.generation import greedy_answers
 
     t0 = time.perf_counter()
     fmt = SFTFormat(tokenizer, 128, prompt_template=DEFAULT_TEMPLATE)
@@ -84,7 +84,7 @@ def main() -> None:
         "|---|---|---|",
         f"| `python -m llmlab.eval <tiny-sft> eval=builtin batch_size={args.batch_size}` (new process, end to end) | "
         f"{args.n} MC ({4 * args.n} log-likelihoods) + {args.n} generations | {cli_seconds:.1f} |",
-        f"| of which lm-eval (`llmlab.evaluation.evaluate`, in process, model loaded) | same | {lm_eval_seconds:.1f} |",
+        f"| of which lm-eval (`llmlab.evaluation.harness.evaluate`, in process, model loaded) | same | {lm_eval_seconds:.1f} |",
         f"| llmlab's own held-out exact match (greedy, batches of 32) | {args.n} generations | {own_seconds:.1f} |",
         "",
         f"Scores: {json.dumps(metrics)}; llmlab's own exact match {metric.compute().item():.4f} "

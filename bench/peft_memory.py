@@ -18,7 +18,7 @@ computed as llmlab's pretrain/sft step does (`--loss-chunk N`: with stage.module
 Reported: the step's peak RSS (after the model is built, freed heap is returned to the OS with
 malloc_trim and the kernel's peak counter VmHWM is reset, so loading transients do not count), the
 RSS before the step (anonymous and file-mapped parts), the peak while loading, and llmlab's dry-run
-estimate for the same setting (llmlab/memory.py) for comparison, and the RSS of the interpreter and
+estimate for the same setting (llmlab/distributed/memory.py) for comparison, and the RSS of the interpreter and
 libraries before any model (the same in every method; `--live`: peak RSS tracks live memory).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmlab.memory import release_and_reset_peak, status_mb
+from llmlab.distributed.memory import release_and_reset_peak, status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LLMLAB_BENCH_CACHE", ROOT / "bench" / "out" / "opt1.3b-random-bf16"))
@@ -45,7 +45,7 @@ def peak_mb() -> float:
 def opt_config():
     from omegaconf import OmegaConf
 
-    from llmlab.models import architecture_config
+    from llmlab.models.build import architecture_config
 
     return architecture_config(OmegaConf.load(ROOT / "conf" / "model" / "opt1.3b.yaml"))
 
@@ -82,8 +82,8 @@ def worker(method: str, batch: int, seq: int, steps: int = 1, loss_chunk: int | 
     from llmlab.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum
     from llmlab.stages.common import forward_hidden, forward_logits
 
-    from llmlab.memory import estimate
-    from llmlab.peft import apply_peft, quantization_config
+    from llmlab.distributed.memory import estimate
+    from llmlab.models.peft import apply_peft, quantization_config
 
     import bitsandbytes  # noqa: F401  (imported by every method, so the libraries' share is the same)
     import peft  # noqa: F401

@@ -22,7 +22,7 @@ def build(conf_dir: str, overrides: list[str], precision: str, fused: bool | Non
     from hydra import compose, initialize_config_dir
 
     from llmlab.data.datamodule import LLMDataModule
-    from llmlab.models import build_model, build_tokenizer
+    from llmlab.models.build import build_model, build_tokenizer
     from llmlab.optim import param_groups
 
     with initialize_config_dir(conf_dir, version_base="1.3"):

@@ -35,7 +35,7 @@ def ensure_model(path: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from llmlab.data.tokenizer import builtin_tokenizer
-    from llmlab.models import architecture_config
+    from llmlab.models.build import architecture_config
 
     tok = builtin_tokenizer()
     torch.manual_seed(0)

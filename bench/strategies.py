@@ -28,7 +28,7 @@ from pathlib import Path
 
 import lightning as L
 
-from llmlab.memory import release_and_reset_peak, reset_peak, status_mb
+from llmlab.distributed.memory import release_and_reset_peak, reset_peak, status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"

@@ -51,7 +51,7 @@ def child(path: str, streaming: bool, block: int, batch: int) -> dict:
 
     from llmlab.data.datamodule import LLMDataModule
     from llmlab.data.tokenizer import builtin_tokenizer
-    from llmlab.memory import status_mb
+    from llmlab.distributed.memory import status_mb
 
     cfg = OmegaConf.load(ROOT / "conf" / "data" / "hub.yaml")
     cfg.merge_with({"name": "json", "data_files": [path], "streaming": streaming, "n_val": 100,

@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """An impossible or wrong setting, found before any weights load."""
 
 
+class DataError(ValueError):
+    """Bad data settings or contents; the message names the setting and the fix."""
+
+
 class StrategyConfigError(ConfigError):
     """A strategy choice that cannot work with the other settings; the message names the override to change."""
 
@@ -119,7 +123,11 @@ def guard_hydra(config_name: str) -> None:
     its user-input exceptions into `fail()` (SystemExit passes through run_and_report untouched).
     """
     import hydra._internal.utils as hydra_utils
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
     from omegaconf.errors import ConfigKeyError
 
     if getattr(hydra_utils.run_and_report, "_llmlab", False):
@@ -144,3 +152,16 @@ def guard_hydra(config_name: str) -> None:
 
     run_and_report._llmlab = True
     hydra_utils.run_and_report = run_and_report
+
+
+class PipelineError(RuntimeError):
+    """The chain cannot go on; `code` is the exit status (2: the user's input, as for llmlab.run)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def is_user_error(err: BaseException) -> bool:
+    """ConfigError / DataError / a missing file: the user's input, reported as one line (exit 2)."""
+    return isinstance(err, (ConfigError, DataError, FileNotFoundError))

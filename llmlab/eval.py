@@ -3,7 +3,7 @@ EleutherAI's lm-evaluation-harness (conf/eval.yaml lists the settings; `--help` 
 
 MODEL is a run dir, an HF model dir, a PEFT adapter dir or a hub name. A run dir is evaluated as the
 stage exported it: `hf/` (the merged model), or with `load=adapter` the run's base rebuilt as it was
-trained (4-bit for QLoRA, `llmlab.peft.apply_peft`) with `hf_adapter/`'s weights; `load=auto` picks
+trained (4-bit for QLoRA, `llmlab.models.peft.apply_peft`) with `hf_adapter/`'s weights; `load=auto` picks
 the adapter for QLoRA and prefix/prompt runs (the merged QLoRA model is de-quantized: close to, not
 the same as, what was trained and validated). Results: `eval.json` (per task: metrics, stderr, task
 version; the lm-eval version), a table on stdout, and for a run dir `eval/<task>/<metric>` in its own
@@ -30,7 +30,7 @@ def check_eval_settings(cfg: DictConfig) -> None:
     """Everything checkable before torch: the settings, the task set (names, hub while offline), the
     model path (a run dir must have an export)."""
     from llmlab.errors import ConfigError
-    from llmlab.evaluation import check_task_set
+    from llmlab.evaluation.harness import check_task_set
 
     if cfg.load not in ("auto", "merged", "adapter"):
         raise ConfigError(f"load={cfg.load!r}: use auto, merged (hf/) or adapter (base + hf_adapter/)")
@@ -78,10 +78,10 @@ def load_run_adapter(path: Path, run_cfg):
     config) with the adapter weights of `hf_adapter/`; eval mode."""
     from transformers import AutoTokenizer
 
-    from llmlab.builder import keep_4bit_layout
     from llmlab.errors import ConfigError
-    from llmlab.models import build_model
-    from llmlab.peft import apply_peft, import_peft, quantization_config
+    from llmlab.models.build import build_model
+    from llmlab.models.peft import apply_peft, import_peft, quantization_config
+    from llmlab.stages.build import keep_4bit_layout
 
     if run_cfg.model.init != "pretrained":
         raise ConfigError(f"load=adapter: {path} trained its base from scratch (model.init=scratch): only hf/ holds "
@@ -155,7 +155,7 @@ def log_to_run(path: Path, run_cfg, metrics: dict[str, float]) -> list[str]:
 
 
 def print_table(result: dict, title: str) -> None:
-    from llmlab.evaluation import table_rows
+    from llmlab.evaluation.harness import table_rows
 
     try:
         from rich.console import Console
@@ -177,12 +177,14 @@ def evaluate_cli(cfg: DictConfig) -> dict:
     check_eval_settings(cfg)
     import torch
 
-    from llmlab.evaluation import evaluate, flat_metrics
+    from llmlab.evaluation.harness import evaluate, flat_metrics
 
     model, tokenizer, run_cfg, loaded = load_model(cfg)
     mode = str(cfg.autocast)
     if mode == "auto":
-        from llmlab.precision import autocast_dtype  # as the run validated: bf16-mixed (or bare bf16)
+        from llmlab.distributed.precision import (
+            autocast_dtype,  # as the run validated: bf16-mixed (or bare bf16)
+        )
 
         mode = "bf16" if run_cfg is not None and autocast_dtype(run_cfg.trainer.precision) == "bfloat16" else "none"
     autocast = torch.bfloat16 if mode == "bf16" else None
@@ -208,8 +210,7 @@ def evaluate_cli(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from llmlab.errors import fail
-    from llmlab.run import is_user_error
+    from llmlab.errors import fail, is_user_error
 
     try:
         evaluate_cli(cfg)

@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from llmlab.checks import check_template_text
+from llmlab.checks.data import check_template_text
 from llmlab.errors import ConfigError, fail
 
 DEFAULTS = dict(prompt=[], prompts_file=None, template="auto", max_new_tokens=64, num_beams=1, do_sample=False,
@@ -182,7 +182,7 @@ def resolve_model(path: str) -> tuple[str, str | None]:
         return str(p), template
     if path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise ConfigError(f"MODEL={path}: no such directory; give a run dir, an HF model directory or a hub name")
-    from llmlab.hub import hub_fixes, hub_reachable, in_hub_cache
+    from llmlab.checks.hub import hub_fixes, hub_reachable, in_hub_cache
 
     if not in_hub_cache(path) and not hub_reachable():
         fixes = hub_fixes(path, "MODEL")
@@ -196,10 +196,10 @@ def load(path: str, dtype=None):
     shipped with a model (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmlab.hub import hub_error
+    from llmlab.checks.hub import hub_error
 
     p = Path(path)
-    from llmlab.quantize import is_quantized_dir, load_quantized
+    from llmlab.models.quantize import is_quantized_dir, load_quantized
 
     if is_quantized_dir(p):  # python -m llmlab.export ... quantize=int8: int8 weights, fp32 activations
         if dtype is not None and dtype != torch_float32():
@@ -212,7 +212,7 @@ def load(path: str, dtype=None):
         return model, tokenizer
     try:
         if (p / "adapter_config.json").is_file():
-            from llmlab.peft import import_peft
+            from llmlab.models.peft import import_peft
 
             model = import_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
         else:
@@ -256,7 +256,7 @@ def run(argv: list[str]) -> int:
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
     model, tokenizer = load(model_path, dtype)
     rendered = [template.format(prompt=p) if template else p for p in prompts]
-    from llmlab.generation import generate_text
+    from llmlab.evaluation.generation import generate_text
 
     torch.manual_seed(int(settings["seed"]))
     texts = generate_text(model, tokenizer, rendered, int(settings["max_new_tokens"]),

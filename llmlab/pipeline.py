@@ -17,7 +17,7 @@ summary.json and logs (`stage.log`).
   first -> last, and the held-out exact match of every policy along the chain). A policy stage's
   `held_out_exact_match_by_stage` entry holds its start and end model's EM on its own held-out prompts
   (what an RL stage did to the SFT model it started from).
-- The `eval` step (the chain's `eval:` node; llmlab/eval_compare.py): one lm-eval task set on the
+- The `eval` step (the chain's `eval:` node; llmlab/evaluation/compare.py): one lm-eval task set on the
   starting model and after every stage -> `eval_comparison.md` / `.png` ("did this stage help?").
 """
 from __future__ import annotations
@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from llmlab.errors import fail, guard_hydra
+from llmlab.checks.settings import override_list
+from llmlab.errors import PipelineError, fail, guard_hydra
+from llmlab.evaluation.compare import run_eval_step
 from llmlab.redact import redact, redact_logs, redact_text
 
 log = logging.getLogger("llmlab.pipeline")
@@ -50,14 +52,6 @@ HEADLINES = {
     "ppo": ["reward_mean", "kl", "val_reward_mean", "val_exact_match"],
     "grpo": ["reward_mean", "val_reward_mean", "val_exact_match"],
 }
-
-
-class PipelineError(RuntimeError):
-    """The chain cannot go on; `code` is the exit status (2: the user's input, as for llmlab.run)."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
 
 
 def _hf(run_dir: Path) -> Path:
@@ -184,18 +178,6 @@ def write_summary(cfg, out_dir: Path, entries: list[dict], status: str) -> dict:
     return summary
 
 
-def _override_list(value, setting: str) -> list[str]:
-    """A list of `key=value` overrides (a bare string would be split into characters)."""
-    from omegaconf import ListConfig
-
-    if value is None:
-        return []
-    if not isinstance(value, (list, ListConfig)) or not all(isinstance(o, str) and "=" in o for o in value):
-        raise PipelineError(f"{setting}={value}: give a list of llmlab.run overrides, e.g. "
-                            f"{setting}=\"['trainer.max_steps=10','data.batch_size=8']\"")
-    return [str(o) for o in value]
-
-
 def pipeline_dir(cfg: DictConfig) -> Path:
     """Where the chain's stages go: `hydra.run.dir` (which defaults to `out_dir`), so both
     `out_dir=X` and `hydra.run.dir=X` put every stage under X."""
@@ -228,8 +210,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
             setting = "base" if cfg.get("base") and str(cfg.base) == path else f"given.{name}"
             raise PipelineError(f"{setting}={path}: no exported model there (config.json, or a run dir with "
                                 f"hf/config.json); give a finished run dir or an HF model directory")
-    common = _override_list(cfg.get("overrides"), "overrides")
-    per_stage = {k: _override_list(v, f"stage_overrides.{k}") for k, v in (cfg.get("stage_overrides") or {}).items()}
+    common = override_list(cfg.get("overrides"), "overrides")
+    per_stage = {k: override_list(v, f"stage_overrides.{k}") for k, v in (cfg.get("stage_overrides") or {}).items()}
     unknown = sorted(set(per_stage) - set(names))
     if unknown:
         raise PipelineError(f"stage_overrides.{unknown[0]}: no such stage in pipeline={cfg.pipeline.name}; "
@@ -274,7 +256,6 @@ def run_pipeline(cfg: DictConfig) -> dict:
         write_summary(cfg, out_dir, entries, "failed")
         raise
     summary = write_summary(cfg, out_dir, entries, "finished")
-    from llmlab.eval_compare import run_eval_step  # "did this stage help?" (pipeline.eval; null: off)
 
     summary["eval_comparison"] = run_eval_step(cfg, out_dir, entries)
     log.info("pipeline %s finished: %s", cfg.pipeline.name, out_dir / "pipeline_summary.md")

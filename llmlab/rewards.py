@@ -155,7 +155,7 @@ class ModelReward:
         return self
 
     def _row(self, prompt: str, response: str) -> dict:
-        from llmlab.data.formats import tokenize_example
+        from llmlab.data.rows import tokenize_example
 
         row = tokenize_example(self.tokenizer, prompt, response, self.max_length)
         if row is None:  # the response alone is too long: keep its end
@@ -166,7 +166,7 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **fields) -> torch.Tensor:
-        from llmlab.data.formats import pad_rows
+        from llmlab.data.rows import pad_rows
         from llmlab.stages.reward import sequence_scores
 
         device = next(self.model.parameters()).device

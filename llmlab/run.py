@@ -13,6 +13,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llmlab.errors import RunDiverged, fail, guard_hydra, is_user_error, one_line
+from llmlab.redact import redact_hydra_outputs, redact_logs, redact_text
+
 log = logging.getLogger("llmlab")
 
 
@@ -41,7 +44,7 @@ def quote_numeric_choices(argv: list[str]) -> list[str]:
 
 
 def _base_resolver(name: str) -> str:
-    from llmlab.bases import ensure_base
+    from llmlab.models.bases import ensure_base
 
     return ensure_base(name)
 
@@ -51,13 +54,10 @@ OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, r
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from llmlab.errors import RunDiverged
-    from llmlab.redact import redact_hydra_outputs
-
     redact_hydra_outputs()  # Hydra wrote the command line verbatim: no credentials on disk
     try:
         # pure-config rules first (no torch/lightning import: a typo fails in ~1 s, not ~10 s)
-        from llmlab.checks import check_settings
+        from llmlab.checks.entry import check_settings
 
         check_settings(cfg)
         from llmlab.train import train
@@ -68,14 +68,9 @@ def main(cfg: DictConfig) -> float | None:
             log.error("job diverged: %s", err)
             return math.nan
         if err.report:  # rank 0 says it once; the other ranks exit quietly
-            from llmlab.errors import fail
-
             fail(err, code=1)
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 - every failure is reported once, in one place
-        from llmlab.errors import fail, one_line
-        from llmlab.redact import redact_text
-
         user_error = is_user_error(err)
         if _is_multirun():  # a failed sweep job must not stop the sweep: record it and go on
             from llmlab.train import record_failure
@@ -118,18 +113,7 @@ def restore_hydra_dir(snapshot: dict) -> None:
             f.write_bytes(data)
 
 
-def is_user_error(err: BaseException) -> bool:
-    """ConfigError / DataError / a missing file: the user's input, reported as one line (exit 2)."""
-    from llmlab.data.sources import DataError
-    from llmlab.errors import ConfigError
-
-    return isinstance(err, (ConfigError, DataError, FileNotFoundError))
-
-
 if __name__ == "__main__":
-    from llmlab.errors import guard_hydra
-    from llmlab.redact import redact_logs
-
     sys.argv = quote_numeric_choices(sys.argv)
     _HYDRA_DIR_BEFORE.update(snapshot_hydra_dir(sys.argv[1:]))
     guard_hydra("train")

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from llmlab.atomic import atomic_write_text
+from llmlab.checkpointing.atomic import atomic_write_text
 
 log = logging.getLogger("llmlab")
 
@@ -23,7 +22,9 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
     """A failed job leaves summary.json with status=failed and its error (read by llmlab.report)."""
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from llmlab.redact import redact_text  # an error may quote a setting's value (a URL with user:pass@)
+    from llmlab.redact import (
+        redact_text,  # an error may quote a setting's value (a URL with user:pass@)
+    )
 
     summary = {"stage": cfg.stage.name, "status": "failed", "error": redact_text(f"{type(err).__name__}: {err}"),
                "run_dir": str(run_dir)}
@@ -62,8 +63,9 @@ def build_strategy(strategy_cfg: DictConfig, module):
     """
     from hydra.utils import instantiate
 
-    from llmlab.strategies import fill_auto_sizes, hidden_size
-    from llmlab.zero3 import is_deepspeed
+    from llmlab.distributed.detect import is_deepspeed
+    from llmlab.distributed.memory import hidden_size
+    from llmlab.distributed.strategies import fill_auto_sizes
 
     strategy = instantiate(strategy_cfg)
     if is_deepspeed(strategy):
@@ -76,9 +78,9 @@ def build_strategy(strategy_cfg: DictConfig, module):
 
 def _param_bytes(cfg: DictConfig, model) -> int:
     """Bytes of the parameters as loaded; a dry run on the meta device (nothing loaded) states what a
-    real run would load: 4-bit linear weights under QLoRA (llmlab/memory.py)."""
-    from llmlab.memory import weights_bytes
-    from llmlab.models import param_bytes
+    real run would load: 4-bit linear weights under QLoRA (llmlab/distributed/memory.py)."""
+    from llmlab.distributed.memory import weights_bytes
+    from llmlab.models.build import param_bytes
 
     on_meta = any(p.is_meta for p in model.parameters())
     return int(weights_bytes(model, four_bit=cfg.peft.method == "qlora")) if on_meta else param_bytes(model)
@@ -92,25 +94,27 @@ def train(cfg: DictConfig) -> float | None:
     import torch
     from hydra.utils import instantiate
 
-    from llmlab import checks
     from llmlab.callbacks.nonfinite import NonFiniteGuard
-    from llmlab.callbacks.summary import RunSummary
-    from llmlab.data.datamodule import LLMDataModule
-    from llmlab.dry_run import dry_run_report
-    from llmlab.models import build_tokenizer, count_params
-    from llmlab.builder import build_stage, stage_class
     from llmlab.callbacks.seed import SeedPerRank
+    from llmlab.callbacks.summary import RunSummary
+    from llmlab.checks import entry as checks
+    from llmlab.data.datamodule import LLMDataModule
+    from llmlab.distributed.memory import dry_run_report
+    from llmlab.models.build import build_tokenizer, count_params
+    from llmlab.stages.build import build_stage, stage_class
 
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     if cfg.get("release_freed_memory"):  # before the model's allocations; in every process (DDP re-runs this)
-        from llmlab.memory import release_freed_memory
+        from llmlab.distributed.memory import release_freed_memory
 
         release_freed_memory()
         log.info("release_freed_memory: blocks >= 128 KiB are returned to the OS when freed (glibc mallopt)")
     # resume: the checkpoint must be intact and made under the same model/data/batch/world size; the
     # run dir's config_resolved.yaml (what the checkpoints were made under) is kept until that holds
-    from llmlab.checkpoints import resolve_ckpt_path  # torn/corrupt: skipped or refused
-    from llmlab.resume import check_resume
+    from llmlab.checkpointing.resume import (
+        check_resume,
+        resolve_ckpt_path,  # torn/corrupt: skipped or refused
+    )
 
     ckpt_path = None if cfg.dry_run else resolve_ckpt_path(cfg)
     if ckpt_path is not None:
@@ -149,7 +153,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.dry_run:
         return dry_run_report(cfg, module, info, run_dir)
     if cfg.get("compile"):  # the policy's forward through inductor, in place: checkpoints and hf/ unchanged
-        from llmlab.models import compile_forward
+        from llmlab.models.build import compile_forward
 
         compiled = compile_forward(module.model)
         log.info("compile: %s forward through torch.compile (inductor), compiled at its first call per input shape",

@@ -400,7 +400,7 @@ def render(outcomes: list[Outcome], command: str, seconds: float, updated: str =
     refused = [o for o in outcomes if o.cell in REFUSED_CELLS]
     if refused:
         lines += ["## Refused up front (with the fix)", "",
-                  "Each is refused by `llmlab.checks` before any weights load; the message is what the user sees.",
+                  "Each is refused by `llmlab.checks.entry` before any weights load; the message is what the user sees.",
                   "", "| combination | outcome | message |", "|---|---|---|"]
         lines += [f"| `{o.cell.key}` | {MARK[o.status]} {o.status} | {o.detail.replace('|', chr(92) + '|')} |"
                   for o in refused]

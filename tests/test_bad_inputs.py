@@ -314,7 +314,7 @@ def test_hub_load_errors_are_rephrased():
     import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from llmlab.hub import hub_error
+    from llmlab.checks.hub import hub_error
 
     response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/facebook/opt-1.3bb"))
     err = hub_error("model.pretrained", "facebook/opt-1.3bb",
@@ -333,7 +333,7 @@ def test_load_full_weights_is_accepted_where_it_works(catalog):
     """The resume check suggests strategy.load_full_weights=true for a single-file checkpoint: it must
     then accept it with ZeRO-3 (the only stage where Lightning loads full weights), and refuse ZeRO-2."""
     from llmlab.errors import ConfigError
-    from llmlab.checks_strategy import check_checkpoint_for_strategy
+    from llmlab.checks.strategy import check_checkpoint_for_strategy
 
     ckpt = Path(catalog["places"]["run"]) / "checkpoints" / "last.ckpt"
     zero3 = compose_group("strategy", "zero3")

@@ -29,7 +29,7 @@ def tiny_model(name: str, peft: str):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kwargs))
     if peft == "lora":
-        from llmlab.peft import apply_peft
+        from llmlab.models.peft import apply_peft
 
         node = OmegaConf.load(CONF / "peft" / "lora.yaml")
         node.target_modules = "all-linear"
@@ -112,7 +112,7 @@ def test_full_vocabulary_logits_are_not_kept_for_backward():
 def test_unsupported_settings_are_refused_before_weights_load():
     from hydra import compose, initialize_config_dir
 
-    from llmlab.checks_model import check_loss_chunking
+    from llmlab.checks.model import check_loss_chunking
 
     def refused(*overrides) -> str:
         with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -149,10 +149,10 @@ def test_training_run_has_the_same_losses(cli, tmp_path, stage):
 
 
 def test_dry_run_estimate_counts_one_chunk_of_logits():
-    """dry_run's memory estimate (llmlab/memory.py) on model=opt1.3b (meta device): with loss_chunk_tokens the
+    """dry_run's memory estimate (llmlab/distributed/memory.py) on model=opt1.3b (meta device): with loss_chunk_tokens the
     loss's fp32 logits term is that of one chunk (3 copies x N x V x 4 bytes), the rest unchanged."""
-    from llmlab.builder import build_stage
-    from llmlab.memory import GIB, estimate_for_run
+    from llmlab.stages.build import build_stage
+    from llmlab.distributed.memory import GIB, estimate_for_run
     from tests.test_peft import compose_cfg
 
     settings = ("model=opt1.3b", "model.init=scratch", "peft=lora", "dry_run=true", "data.batch_size=2",

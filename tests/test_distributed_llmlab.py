@@ -235,8 +235,8 @@ def test_lora_adapter_under_zero3_is_the_trained_adapter(runs_root, tiny_pretrai
             assert on_disk.abs().sum() > 0, f"{key} is still its zero initialisation"
 
     # hf/: the merged model == the base (from the checkpoint) with the saved adapter applied
-    from llmlab.builder import build_stage
-    from llmlab.models import build_tokenizer
+    from llmlab.stages.build import build_stage
+    from llmlab.models.build import build_tokenizer
 
     cfg = OmegaConf.load(result.run_dir / "config_resolved.yaml")
     module = build_stage(cfg, build_tokenizer(cfg.model))
@@ -340,7 +340,7 @@ def tiny_pretrained_dir(tmp_path_factory) -> Path:
     """A tiny GPT-2 saved with save_pretrained (64 wide: bitsandbytes' 4-bit blocks are 64 values)."""
     from omegaconf import OmegaConf
 
-    from llmlab.models import build_model, build_tokenizer
+    from llmlab.models.build import build_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("tiny64")
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml")

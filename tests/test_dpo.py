@@ -38,7 +38,7 @@ def with_random_lora(model):
     """`model` under LoRA r=4 with non-zero adapters, so the policy differs from its reference (adapter off)."""
     from omegaconf import OmegaConf
 
-    from llmlab.peft import apply_peft
+    from llmlab.models.peft import apply_peft
 
     model = apply_peft(model, OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
                                                 "bias": "none", "target_modules": None, "modules_to_save": None}))
@@ -89,7 +89,7 @@ def test_peft_reference_is_the_base_exactly():
     from omegaconf import OmegaConf
 
     from llmlab.losses import sequence_logprobs
-    from llmlab.peft import apply_peft
+    from llmlab.models.peft import apply_peft
     from llmlab.stages.common import forward_logits
 
     base, tok = tiny_lm()
@@ -281,7 +281,7 @@ def _trl_loss_and_llmlab_batch(tmp_path, model, tok, **trl_args):
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)  # completion + EOS are targets
     batch = {"input_ids": inputs["input_ids"], "labels": labels, "segment_ids": torch.where(real, 0, -1),
              "position_ids": torch.arange(real.shape[1]).expand_as(real) * real}  # llmlab's collator layout
-    from llmlab.data.formats import left_pad
+    from llmlab.data.rows import left_pad
 
     prompt = real & (inputs["completion_mask"] == 0)  # (12, T)
     batch["prompt_ids"], batch["prompt_mask"] = left_pad([row[keep].tolist() for row, keep in

@@ -3,7 +3,7 @@
 - the task sets compose and check; llmlab's shipped task YAMLs index in lm-eval's TaskManager;
 - `builtin` on the cached SFT'd tiny model vs an untrained tiny model: multiple-choice accuracy of the
   SFT'd model far above the untrained one and above chance; lm-eval's generative exact match equals
-  llmlab's own held-out exact match (llmlab.generation.greedy_answers + llmlab.metrics.ExactMatch) on
+  llmlab's own held-out exact match (llmlab.evaluation.generation.greedy_answers + llmlab.evaluation.metrics.ExactMatch) on
   the same items: the same count, tolerance 0;
 - perplexity on a local text file equals a hand computation of the same log-likelihoods;
 - a LoRA run and a QLoRA run (a few steps from tiny-sft) evaluated as exported (base + hf_adapter/,
@@ -33,7 +33,7 @@ def task_set(name: str, **overrides):
 @pytest.mark.parametrize("name", TASK_SETS)
 def test_task_set_composes_and_checks(name, tmp_path, monkeypatch):
     from llmlab.errors import ConfigError
-    from llmlab.evaluation import check_task_set
+    from llmlab.evaluation.harness import check_task_set
 
     text = tmp_path / "t.txt"
     text.write_text("one document.\n\nanother one.\n")
@@ -50,7 +50,7 @@ def test_task_set_composes_and_checks(name, tmp_path, monkeypatch):
 def test_shipped_task_yamls_index_in_lm_eval():
     from lm_eval.tasks import TaskManager
 
-    from llmlab.evaluation import TASK_DIR, own_tasks
+    from llmlab.evaluation.harness import TASK_DIR, own_tasks
 
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
     assert set(own_tasks()) == {"llmlab_builtin_mc", "llmlab_builtin_em", "llmlab_perplexity"}
@@ -58,7 +58,7 @@ def test_shipped_task_yamls_index_in_lm_eval():
 
 
 def test_mc_items_have_four_distinct_choices_and_one_answer(tmp_path):
-    from llmlab.evaluation import write_builtin_data
+    from llmlab.evaluation.harness import write_builtin_data
 
     write_builtin_data(tmp_path, 200, 0, "Q: {prompt} A: ", "<eos>")
     mc = [json.loads(x) for x in (tmp_path / "llmlab_builtin_mc.jsonl").read_text().splitlines()]
@@ -80,7 +80,7 @@ def untrained(tmp_path_factory):
     """A tiny GPT-2 with random weights (conf/model/tiny.yaml) and llmlab's byte tokenizer."""
     import torch
 
-    from llmlab.models import build_model, build_tokenizer
+    from llmlab.models.build import build_model, build_tokenizer
 
     torch.manual_seed(0)
     cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
@@ -92,9 +92,9 @@ def llmlab_exact_match(model, tokenizer, n: int) -> tuple[int, int]:
     """llmlab's own held-out exact match (stage=sft's validation code) on sft_examples(n, 'val', 0)."""
     from llmlab.data.builtin import sft_examples
     from llmlab.data.formats import SFTFormat
-    from llmlab.evaluation import DEFAULT_TEMPLATE
-    from llmlab.metrics import ExactMatch
-    from llmlab.generation import greedy_answers
+    from llmlab.evaluation.harness import DEFAULT_TEMPLATE
+    from llmlab.evaluation.metrics import ExactMatch
+    from llmlab.evaluation.generation import greedy_answers
 
     fmt = SFTFormat(tokenizer, 128, prompt_template=DEFAULT_TEMPLATE)
     examples, metric = fmt.build(sft_examples(n, "validation", 0), "val"), ExactMatch()
@@ -106,8 +106,8 @@ def llmlab_exact_match(model, tokenizer, n: int) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_builtin_sft_model_beats_untrained_and_matches_llmlab_exact_match(tmp_path, untrained):
-    from llmlab.bases import ensure_base
-    from llmlab.evaluation import evaluate
+    from llmlab.models.bases import ensure_base
+    from llmlab.evaluation.harness import evaluate
     from llmlab.generate import load
 
     sft_dir, n = ensure_base("tiny-sft"), 64
@@ -139,7 +139,7 @@ def test_builtin_sft_model_beats_untrained_and_matches_llmlab_exact_match(tmp_pa
 def test_perplexity_equals_hand_computed_log_likelihood(tmp_path, untrained):
     import torch
 
-    from llmlab.evaluation import evaluate
+    from llmlab.evaluation.harness import evaluate
 
     docs = ["the reverse of cab is bac. abc sorted is abc.", "dcba shifted by one is edcb.\nmore text here"]
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
@@ -199,7 +199,7 @@ def test_callback_under_zero3_logs_what_the_exported_model_scores(cli):
     """2 processes, ZeRO-3 (shards): the callback gathers the weights (generation_context), rank 0
     evaluates, every rank logs rank 0's numbers; the last ones equal lm-eval on the exported hf/.
     (Measured by hand: a DDP run of the same command logs the same numbers.)"""
-    from llmlab.evaluation import evaluate
+    from llmlab.evaluation.harness import evaluate
     from llmlab.generate import load
 
     run = cli("stage=sft", "model=tiny_base", "strategy=zero3", "trainer.devices=2", *FAST, "callbacks=with_eval",

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from llmlab import checks
+from llmlab.checks import entry as checks
 from tests.conftest import ROOT
 from tests.test_config import bases_without_building, compose_resolved, stand_ins  # noqa: F401  (fixtures)
 

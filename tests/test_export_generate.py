@@ -81,7 +81,7 @@ def test_export_cli_quantize_int8_from_a_run(lora_run, tmp_path):
     and computes the merged model's logits up to int8 rounding (tests/test_quantize.py: exact match)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmlab.quantize import load_quantized
+    from llmlab.models.quantize import load_quantized
 
     out = tmp_path / "exp"
     proc = run_module("llmlab.export", str(lora_run.dir), "--out", str(out), "quantize=int8")
@@ -126,7 +126,7 @@ def test_generate_cli_decoding_controls(lora_run, tmp_path):
 def test_generate_cli_stop_sequence_cuts_the_text():
     """On the pretrained tiny base (which continues prose like "the reverse of abc is cba. ..."), a stop
     sequence ends the text before it; without it generation runs on past the sentence."""
-    from llmlab.bases import ensure_base
+    from llmlab.models.bases import ensure_base
 
     base = ensure_base("tiny-pretrained")
     common = ["prompt=the reverse of abc is", "template=none", "max_new_tokens=16"]
@@ -157,7 +157,7 @@ def test_qlora_export_merges_into_dequantized_base(tmp_path, tiny_gpt2_dir):
                            bnb_4bit_compute_dtype=torch.bfloat16)
     from peft import PeftModel
 
-    from llmlab.builder import keep_4bit_layout
+    from llmlab.stages.build import keep_4bit_layout
 
     quantized = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, quantization_config=q)
     # bitsandbytes 0.50's CPU inference re-packing (eval + no_grad, AVX512-BF16 CPUs) fails on layers
@@ -182,7 +182,7 @@ def test_prefix_run_exports_adapter_and_generate_loads_it(tmp_path, tiny_gpt2_di
 
 
 def test_cut_at_stop():
-    from llmlab.generation import cut_at_stop
+    from llmlab.evaluation.generation import cut_at_stop
 
     assert cut_at_stop("abc. def\n", [".", "\n"]) == "abc"
     assert cut_at_stop("abc", ["x", ""]) == "abc"

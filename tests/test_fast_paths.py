@@ -95,7 +95,7 @@ def test_fused_gelu_same_losses_as_gelu_new(cli, tmp_path, fp32_runs):
     assert sorted(got) == sorted(ref) == list(range(1, 9)) and ref[8] < ref[1]
     from hydra import compose, initialize_config_dir
 
-    from llmlab.models import build_model, build_tokenizer
+    from llmlab.models.build import build_model, build_tokenizer
     from tests.conftest import CONF
 
     with initialize_config_dir(str(CONF), version_base="1.3"):  # the override reaches the model's MLP
@@ -112,8 +112,8 @@ def test_compile_is_in_place_on_the_transformers_model(peft):
     the state_dict keys (checkpoints, resume, hf/) are the eager model's. Nothing compiles until a forward."""
     from hydra import compose, initialize_config_dir
 
-    from llmlab.models import build_model, build_tokenizer, compile_forward
-    from llmlab.peft import apply_peft
+    from llmlab.models.build import build_model, build_tokenizer, compile_forward
+    from llmlab.models.peft import apply_peft
     from tests.conftest import CONF
 
     with initialize_config_dir(str(CONF), version_base="1.3"):

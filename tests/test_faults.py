@@ -3,7 +3,7 @@ so Lightning's rank 1 dies too), then `resume=auto` in the same run dir.
 
 - kill -9 at random moments (3 times) -> the resumed run ends at max_steps with the uninterrupted run's
   per-step losses and final weights (fp32): pretrain, sft, zero2 with 2 processes.
-- 20 kills timed inside a save (llmlab.checkpoints' fault-injection pause: a real sleep at a named
+- 20 kills timed inside a save (llmlab.checkpointing.checkpoints' fault-injection pause: a real sleep at a named
   phase of a real save), each followed by a successful resume=auto.
 - a truncated / garbage checkpoint: resume=auto falls back to the previous intact one and says so;
   ckpt_path=<it> is exit 2 with one line naming the file.
@@ -285,9 +285,9 @@ def test_fsdp_sharded_checkpoint_is_resumable_kind_and_exports(finished_run, tmp
 
     from torch.distributed.checkpoint import save
 
-    from llmlab.checkpoints import checkpoint_problem, find_resume_checkpoint, is_fsdp_checkpoint
-    from llmlab.checks_strategy import check_checkpoint_for_strategy
-    from llmlab.resume import stored_snapshot
+    from llmlab.checkpointing.checkpoints import checkpoint_problem, find_resume_checkpoint, is_fsdp_checkpoint
+    from llmlab.checks.strategy import check_checkpoint_for_strategy
+    from llmlab.checkpointing.resume import stored_snapshot
     from llmlab.errors import ConfigError
     from llmlab.export import main as export_main
 

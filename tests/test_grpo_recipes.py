@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from llmlab import checks
+from llmlab.checks import entry as checks
 from tests.conftest import CONF
 
 

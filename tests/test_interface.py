@@ -24,7 +24,7 @@ def test_every_stage_is_a_stage_and_declares_its_data_format():
 
 
 def test_a_module_that_is_not_a_stage_is_refused_by_name():
-    from llmlab.builder import stage_class
+    from llmlab.stages.build import stage_class
     from llmlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"stage.module._target_=torch.nn.Linear: not an llmlab stage"):

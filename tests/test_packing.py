@@ -49,7 +49,7 @@ def test_document_logits_do_not_depend_on_block_neighbours(arch, compiled):
     model's document alone."""
     import copy
 
-    from llmlab.models import compile_forward
+    from llmlab.models.build import compile_forward
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **ARCHS[arch])).eval()

@@ -23,8 +23,8 @@ def compose_cfg(*overrides: str, tmp_path=None):
 
 
 def build(cfg):
-    from llmlab.builder import build_stage
-    from llmlab.models import build_tokenizer
+    from llmlab.stages.build import build_stage
+    from llmlab.models.build import build_tokenizer
 
     tokenizer = build_tokenizer(cfg.model)
     return build_stage(cfg, tokenizer), tokenizer
@@ -33,7 +33,7 @@ def build(cfg):
 @pytest.fixture(scope="module")
 def tiny_pretrained_dir(tmp_path_factory):
     """A tiny GPT-2 saved with save_pretrained: a local 'pretrained' base (QLoRA quantizes at load)."""
-    from llmlab.models import build_model, build_tokenizer
+    from llmlab.models.build import build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_base")
     cfg = compose_cfg("model=tiny", *TINY)
@@ -54,7 +54,7 @@ def fit_steps(cfg, module, tok, tmp_path, steps: int, callbacks=()):
     validation, checkpoints or logger); returns the Trainer."""
     import lightning as L
 
-    from llmlab.builder import stage_class
+    from llmlab.stages.build import stage_class
     from llmlab.data.datamodule import LLMDataModule
 
     dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
@@ -96,7 +96,7 @@ def train_steps(model, batch, steps: int = 5, lr: float = 1e-2) -> list[float]:
 def test_lora_trains_adapters_only_and_merges_exactly(model, tmp_path):
     from peft import PeftModel
 
-    from llmlab.export import merged_model
+    from llmlab.models.export import merged_model
 
     extra = TINY if model == "tiny" else []
     cfg = compose_cfg(f"model={model}", *extra, "peft=lora", "peft.dropout=0.0")
@@ -134,17 +134,17 @@ def test_lora_trains_adapters_only_and_merges_exactly(model, tmp_path):
 
 def test_opt13b_lora_counts_match_the_course():
     """model=opt1.3b peft=lora (r=16, q_proj+v_proj), init=scratch on the meta device: exact counts."""
-    from llmlab.models import count_params
+    from llmlab.models.build import count_params
 
     cfg = compose_cfg("model=opt1.3b", "model.init=scratch", "peft=lora", "dry_run=true")
-    from llmlab.builder import build_stage
+    from llmlab.stages.build import build_stage
 
     module = build_stage(cfg, None)
     assert count_params(module.model) == (1_318_903_808, 3_145_728)
 
 
 def test_default_target_modules_per_architecture():
-    from llmlab.peft import target_modules
+    from llmlab.models.peft import target_modules
 
     cfg = compose_cfg("peft=lora").peft
     assert target_modules(cfg, "gpt2") == ["c_attn"]
@@ -154,8 +154,8 @@ def test_default_target_modules_per_architecture():
 
 def test_reward_head_stays_trainable_under_lora():
     cfg = compose_cfg("model=tiny", *TINY, "peft=lora", "+stage.head=sequence_classification")
-    from llmlab.models import build_model, build_tokenizer
-    from llmlab.peft import apply_peft
+    from llmlab.models.build import build_model, build_tokenizer
+    from llmlab.models.peft import apply_peft
 
     tok = build_tokenizer(cfg.model)
     model = apply_peft(build_model(cfg.model, tok, head="sequence_classification"), cfg.peft,
@@ -207,7 +207,7 @@ def test_method_trains_in_stage(method, stage, tiny_pretrained_dir, tmp_path):
     if stage == "sft":
         overrides.append("stage.module.eval_generation=false")
     cfg = compose_cfg(*overrides, tmp_path=tmp_path)
-    from llmlab import checks
+    from llmlab.checks import entry as checks
 
     checks.check_config(cfg)
     L.seed_everything(0)
@@ -273,7 +273,7 @@ def test_loaded_model_trains_in_train_mode(method, stage, tiny_pretrained_dir, t
     (["stage=sft", "model=tiny", "data.prompt_template=no placeholder"], "{prompt}"),
 ])
 def test_checks_refuse_with_the_setting_named(overrides, needle):
-    from llmlab import checks
+    from llmlab.checks import entry as checks
 
     cfg = compose_cfg(*overrides)
     with pytest.raises(ConfigError, match=None) as err:
@@ -283,7 +283,7 @@ def test_checks_refuse_with_the_setting_named(overrides, needle):
 
 def test_qlora_precision_and_zero3_rules(tiny_pretrained_dir):
     pytest.importorskip("bitsandbytes")
-    from llmlab import checks
+    from llmlab.checks import entry as checks
 
     base = base_overrides("qlora", tiny_pretrained_dir)
     checks.check_config(compose_cfg(*base, "precision=bf16-mixed"))  # the course's recipe: allowed
@@ -292,7 +292,7 @@ def test_qlora_precision_and_zero3_rules(tiny_pretrained_dir):
     with pytest.raises(ConfigError, match="quant_storage"):
         checks.check_config(compose_cfg(*base, "precision=bf16-true", "peft.quantization.quant_storage=float32"))
     # ZeRO-3 partitions float tensors only: an unset quant_storage becomes the precision's parameter
-    # dtype automatically (llmlab.checks_strategy.quant_storage_for); an integer one is refused with the fix
+    # dtype automatically (llmlab.models.peft.quant_storage_for); an integer one is refused with the fix
     checks.check_config(compose_cfg(*base, "strategy=zero3"))
     with pytest.raises(ConfigError, match="quant_storage=bfloat16"):
         checks.check_config(compose_cfg(*base, "strategy=zero3", "precision=bf16-true",
@@ -302,7 +302,7 @@ def test_qlora_precision_and_zero3_rules(tiny_pretrained_dir):
 def test_qlora_without_bitsandbytes_is_refused(monkeypatch, tiny_pretrained_dir):
     import importlib.util
 
-    from llmlab import checks
+    from llmlab.checks import entry as checks
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
@@ -333,7 +333,7 @@ def test_qlora_reports_its_weights_not_packed_storage(tiny_pretrained_dir, tmp_p
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from llmlab.models import count_params, param_bytes
+    from llmlab.models.build import count_params, param_bytes
     from tests.conftest import run_cli
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_pretrained_dir)
@@ -353,12 +353,12 @@ def test_qlora_reports_its_weights_not_packed_storage(tiny_pretrained_dir, tmp_p
     assert real.summary["total_params"] == total and real.summary["trainable_params"] == trainable
     assert 0 < real.summary["param_bytes"] < 0.75 * fp32_bytes
     # dry run of the architecture (meta device, nothing quantized): the same counts, and the bytes
-    # the real run holds, estimated (llmlab/memory.py: NF4 + constants; embeddings in bf16)
-    from llmlab.builder import build_stage
+    # the real run holds, estimated (llmlab/distributed/memory.py: NF4 + constants; embeddings in bf16)
+    from llmlab.stages.build import build_stage
     from llmlab.train import _param_bytes
 
     meta_cfg = compose_cfg("model=tiny", *TINY, "peft=qlora", "dry_run=true")
-    from llmlab.models import build_tokenizer
+    from llmlab.models.build import build_tokenizer
 
     meta = build_stage(meta_cfg, build_tokenizer(meta_cfg.model))
     assert next(meta.model.parameters()).is_meta

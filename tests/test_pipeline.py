@@ -171,7 +171,7 @@ def test_eval_step_rows_base_then_each_stage(tmp_path):
     row each with the change from the row above; rlhf leaves rm out. (End to end: the pipeline tests above.)"""
     from omegaconf import OmegaConf
 
-    from llmlab.eval_compare import comparison_markdown, eval_targets
+    from llmlab.evaluation.compare import comparison_markdown, eval_targets
 
     base = tmp_path / "base_hf"
     base.mkdir()
@@ -219,7 +219,7 @@ def test_rlhf_chain_ppo_keeps_its_sft_models_exact_match(tmp_path):
     0.03 is two paired standard errors of 200 held-out prompts' EM change at these settings. With this
     checkout's tiny-sft (EM 0.995) the start is 1.0 and stage=ppo's defaults also stay within the margin
     at test size (1.0 -> 0.995; bench/RESULTS.md): a guard, not a separation of old and new settings."""
-    from llmlab.bases import ensure_base
+    from llmlab.models.bases import ensure_base
 
     sft_run = Path(ensure_base("tiny-sft")).parent / "run"
     out = tmp_path / "rlhf"
@@ -239,7 +239,7 @@ def test_grpo_chain_keeps_its_sft_models_exact_match(tmp_path):
     """pipeline=grpo (sft -> grpo, task reward) from the cached tiny-sft base given as the SFT run: the GRPO
     stage ends within 0.03 of its start's greedy held-out EM, and the summary records both policies. Reduced
     to 20 of the stage's 500 rollouts (its full runs: conf/pipeline/grpo.yaml)."""
-    from llmlab.bases import ensure_base
+    from llmlab.models.bases import ensure_base
 
     sft_run = Path(ensure_base("tiny-sft")).parent / "run"
     out = tmp_path / "grpo"

@@ -216,7 +216,7 @@ def test_unpaired_format_from_pairs_and_labels():
 
 
 def test_unpaired_format_refuses_missing_or_bad_labels():
-    from llmlab.data.sources import DataError
+    from llmlab.errors import DataError
     from llmlab.data.unpaired import UnpairedFormat
 
     _, tok = tiny_lm()

@@ -41,9 +41,9 @@ def initial_module(run_dir):
     import lightning as L
     from omegaconf import OmegaConf
 
-    from llmlab.builder import build_stage, stage_class
+    from llmlab.stages.build import build_stage, stage_class
     from llmlab.data.datamodule import LLMDataModule
-    from llmlab.models import build_tokenizer
+    from llmlab.models.build import build_tokenizer
 
     cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
     L.seed_everything(cfg.seed, workers=True)

@@ -1,4 +1,4 @@
-"""Quantized export for CPU deployment (llmlab.quantize, `python -m llmlab.export ... quantize=int8`).
+"""Quantized export for CPU deployment (llmlab.models.quantize, `python -m llmlab.export ... quantize=int8`).
 
 Fast: GPT-2's Conv1D -> nn.Linear is exact; int8 layers on a tiny random GPT-2 save and load back to the
 same numbers. Slow: the cached tiny SFT base exported with the real CLI loads back with the documented
@@ -29,7 +29,7 @@ def tiny_gpt2(tied: bool = True):
 
 
 def test_conv1d_to_linear_is_exact():
-    from llmlab.quantize import conv1d_to_linear
+    from llmlab.models.quantize import conv1d_to_linear
 
     model, ids = tiny_gpt2(), torch.randint(0, 96, (2, 12))
     with torch.no_grad():
@@ -43,7 +43,7 @@ def test_conv1d_to_linear_is_exact():
 def test_int8_roundtrip_and_error(tmp_path):
     """Every Linear (LM head included, untied from the fp32 embedding) becomes int8; saved and loaded it
     computes exactly what it computed in memory; vs fp32 the logits move by int8 rounding only."""
-    from llmlab.quantize import MARKER, load_quantized, quantize_int8, save_quantized
+    from llmlab.models.quantize import MARKER, load_quantized, quantize_int8, save_quantized
 
     fp32, ids = tiny_gpt2(), torch.randint(0, 96, (2, 12))
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_int8_roundtrip_and_error(tmp_path):
     assert model.get_input_embeddings().weight.dtype == torch.float32
     save_quantized(model, info, None, tmp_path / "q")
     summary = json.loads((tmp_path / "q" / MARKER).read_text())
-    assert summary["load"].startswith("from llmlab.quantize import load_quantized")
+    assert summary["load"].startswith("from llmlab.models.quantize import load_quantized")
     back = load_quantized(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, mem, atol=0, rtol=0)
@@ -65,7 +65,7 @@ def test_int8_roundtrip_and_error(tmp_path):
 
 def test_refuses_what_it_cannot_quantize():
     from llmlab.errors import ConfigError
-    from llmlab.quantize import check_method, quantize_int8
+    from llmlab.models.quantize import check_method, quantize_int8
 
     with pytest.raises(ConfigError, match="quantize=int4: not available on CPU"):
         check_method("int4")
@@ -83,16 +83,16 @@ def test_refuses_what_it_cannot_quantize():
 def test_quantized_export_keeps_held_out_exact_match(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmlab.bases import ensure_base
+    from llmlab.models.bases import ensure_base
     from llmlab.data.builtin import sft_examples
-    from llmlab.quantize import load_quantized
-    from llmlab.generation import greedy_answers
+    from llmlab.models.quantize import load_quantized
+    from llmlab.evaluation.generation import greedy_answers
 
     base = ensure_base("tiny-sft")
     proc = run_module("llmlab.export", str(base), "quantize=int8", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     qdir = tmp_path / "quantized-int8"
-    assert f"load with: from llmlab.quantize import load_quantized; model = load_quantized('{qdir}')" in proc.stdout
+    assert f"load with: from llmlab.models.quantize import load_quantized; model = load_quantized('{qdir}')" in proc.stdout
     assert "iB int8 weights vs" in proc.stdout and "for the float32 export" in proc.stdout
     model = load_quantized(qdir)  # the documented call
 

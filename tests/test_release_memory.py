@@ -1,4 +1,4 @@
-"""`release_freed_memory=true` (conf/train.yaml, llmlab.memory.release_freed_memory): glibc hands freed blocks
+"""`release_freed_memory=true` (conf/train.yaml, llmlab.distributed.memory.release_freed_memory): glibc hands freed blocks
 of 128 KiB or more back to the OS at once, so resident memory follows live tensors.
 
 The behaviour is glibc's, so it is tested on glibc itself: tensors freed between ones still alive (the holes
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from llmlab.memory import glibc
+from llmlab.distributed.memory import glibc
 from tests.conftest import FAST, assert_ok, run_python
 
 pytestmark = pytest.mark.skipif(glibc() is None, reason="glibc's mallopt (Linux) is what the option sets")
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(glibc() is None, reason="glibc's mallopt (Linux)
 # ones are holes the heap cannot trim.
 HOLES = """
 import json, sys, torch
-from llmlab.memory import release_freed_memory, status_mb
+from llmlab.distributed.memory import release_freed_memory, status_mb
 if sys.argv[1] == "release":
     release_freed_memory()
 big = torch.ones(4 * 1024 * 1024); del big

@@ -184,7 +184,7 @@ def test_remote_code_in_a_model_dir_never_runs(tmp_path):
     # the loaders themselves (past the checks) pass trust_remote_code=False: transformers refuses the dir
     from omegaconf import OmegaConf
 
-    from llmlab.models import build_model
+    from llmlab.models.build import build_model
 
     with pytest.raises(ValueError, match="trust_remote_code"):
         build_model(OmegaConf.create({"init": "pretrained", "pretrained": str(model_dir),

@@ -37,7 +37,7 @@ def test_loss_mask_excludes_prompt_and_includes_eos(tok):
 
 
 def test_exact_match_on_hand_made_predictions():
-    from llmlab.metrics import ExactMatch
+    from llmlab.evaluation.metrics import ExactMatch
 
     em = ExactMatch()
     assert em.compute().item() == 0.0  # nothing seen yet: 0, not NaN
@@ -106,7 +106,7 @@ def test_sft_composes_on_the_pretrained_tiny_base_by_default():
 def test_default_sft_run_learns_the_held_out_tasks():
     """`stage=sft` (= the cached tiny-sft base's recipe): held-out exact match well above 0.5, and
     above the same model before SFT. Builds the base once if the cache lacks it (a few CPU minutes)."""
-    from llmlab.bases import ensure_base
+    from llmlab.models.bases import ensure_base
 
     hf = ensure_base("tiny-sft")
     from pathlib import Path

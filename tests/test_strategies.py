@@ -11,7 +11,6 @@ tokens, split by a DistributedSampler without shuffling, so every strategy sees 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from llmlab.errors import StrategyConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_DIR = REPO / "conf" / "strategy"
@@ -60,7 +61,8 @@ def _worker(argv: list[str]) -> None:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    from llmlab import generation, zero3
+    from llmlab.distributed import zero3
+    from llmlab.evaluation import generation
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", required=True)
@@ -169,7 +171,7 @@ def _worker(argv: list[str]) -> None:
 
     strategy = instantiate(_strategy_node(args.strategy))
     if args.strategy.startswith("zero"):
-        from llmlab.strategies import fill_auto_sizes
+        from llmlab.distributed.strategies import fill_auto_sizes
 
         fill_auto_sizes(strategy, hidden=32)  # what train.build_strategy does from an HF model's config
     trainer = L.Trainer(
@@ -279,7 +281,7 @@ def test_every_choice_has_a_file_with_its_name():
     for choice in ALL_CHOICES:
         node = compose_group("strategy", choice)
         assert node.name == choice
-        assert node._target_.startswith("llmlab.strategies.")
+        assert node._target_.startswith("llmlab.distributed.strategies.")
 
 
 @pytest.mark.parametrize("choice", [c for c in ALL_CHOICES if c != "fsdp"])
@@ -287,7 +289,7 @@ def test_nodes_instantiate(choice):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
-    from llmlab.strategies import CPUDeepSpeedStrategy
+    from llmlab.distributed.strategies import CPUDeepSpeedStrategy
 
     strategy = instantiate(_strategy_node(choice))
     expected = {"auto": str, "ddp": DDPStrategy, "cpu_bf16": SingleDeviceStrategy}.get(choice, CPUDeepSpeedStrategy)
@@ -324,7 +326,8 @@ def test_auto_buffer_sizes_follow_the_model_as_hf_trainer_auto():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from llmlab.errors import StrategyConfigError
-    from llmlab.strategies import fill_auto_sizes, hidden_size
+    from llmlab.distributed.strategies import fill_auto_sizes
+    from llmlab.distributed.memory import hidden_size
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=50, n_positions=16))
     assert hidden_size(model) == 64
@@ -349,7 +352,7 @@ def test_auto_buffer_sizes_follow_the_model_as_hf_trainer_auto():
 
 def test_offloading_parameters_needs_stage_3():
     from llmlab.errors import StrategyConfigError
-    from llmlab.strategies import deepspeed
+    from llmlab.distributed.strategies import deepspeed
 
     with pytest.raises(StrategyConfigError, match="offload_parameters.*stage 3"):
         deepspeed(stage=2, offload_parameters=True)
@@ -358,7 +361,7 @@ def test_offloading_parameters_needs_stage_3():
 def test_fsdp_on_cpu_is_refused_naming_the_fix():
     from hydra.utils import instantiate
 
-    from llmlab.checks_strategy import StrategyConfigError, check_fsdp, check_strategy
+    from llmlab.checks.strategy import check_fsdp, check_strategy
 
     with pytest.raises(StrategyConfigError, match=r"strategy=fsdp needs CUDA.*strategy=zero3.*trainer\.accelerator"):
         check_fsdp("cpu")
@@ -372,7 +375,7 @@ def test_fsdp_on_cpu_is_refused_naming_the_fix():
 
 
 def test_cpu_bf16_checks():
-    from llmlab.checks_strategy import StrategyConfigError, check_strategy
+    from llmlab.checks.strategy import check_strategy
 
     node = _strategy_node("cpu_bf16")
     check_strategy(node, accelerator="cpu", precision="bf16-mixed")
@@ -439,8 +442,8 @@ def test_cpu_bf16_trains_with_bf16_autocast(tmp_path):
 
 
 def test_deepspeed_fp16_on_cpu_without_fp16_kernels_is_refused(monkeypatch):
-    from llmlab import checks_strategy
-    from llmlab.checks_strategy import StrategyConfigError, check_strategy
+    from llmlab.checks import strategy as checks_strategy
+    from llmlab.checks.strategy import check_strategy
 
     monkeypatch.setattr(checks_strategy, "_cpu_fp16_supported", lambda: False)  # as on this project's machines
 
@@ -452,8 +455,9 @@ def test_deepspeed_fp16_on_cpu_without_fp16_kernels_is_refused(monkeypatch):
 def test_helpers_are_no_ops_without_zero3():
     import torch
 
-    from llmlab.generation import generation_context
-    from llmlab.zero3 import gathered_state_dict, hf_deepspeed_context, is_zero3
+    from llmlab.evaluation.generation import generation_context
+    from llmlab.distributed.zero3 import gathered_state_dict, hf_deepspeed_context
+    from llmlab.distributed.detect import is_zero3
 
     model = _tiny_gpt2()
     assert not is_zero3(model) and not is_zero3(_strategy_node("zero2")) and is_zero3(_strategy_node("zero3"))
@@ -469,7 +473,7 @@ def test_helpers_are_no_ops_without_zero3():
 def test_hf_deepspeed_context_activates_and_restores():
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from llmlab.zero3 import hf_deepspeed_context
+    from llmlab.distributed.zero3 import hf_deepspeed_context
 
     assert not is_deepspeed_zero3_enabled()
     with hf_deepspeed_context(_strategy_node("zero3")) as hf_config:
@@ -486,8 +490,8 @@ def _run_cfg(*overrides: str):
 
 
 def test_check_config_runs_the_strategy_rules():
-    """llmlab.checks.check_config refuses strategy combinations with a ConfigError (exit 2 in the CLI)."""
-    from llmlab import checks
+    """llmlab.checks.entry.check_config refuses strategy combinations with a ConfigError (exit 2 in the CLI)."""
+    from llmlab.checks import entry as checks
     from llmlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="strategy=fsdp needs CUDA"):
@@ -503,8 +507,8 @@ def test_check_config_runs_the_strategy_rules():
 def test_qlora_storage_follows_the_strategy_and_precision():
     """Under ZeRO-3 an unset quant_storage becomes the dtype DeepSpeed keeps parameters in; elsewhere it
     stays bitsandbytes' uint8; the config node is not changed in place."""
-    from llmlab.checks_strategy import peft_for_strategy, quant_storage_for
-    from llmlab.precision import parameter_dtype
+    from llmlab.models.peft import peft_for_strategy, quant_storage_for
+    from llmlab.distributed.precision import parameter_dtype
 
     cfg = _run_cfg("peft=qlora")
     assert cfg.peft.quantization.quant_storage is None
@@ -521,7 +525,7 @@ def test_qlora_storage_follows_the_strategy_and_precision():
 
 
 def test_qlora_strategy_refusals_name_the_fix(monkeypatch):
-    from llmlab.checks_strategy import StrategyConfigError, check_run
+    from llmlab.checks.strategy import check_run
 
     cfg = _run_cfg("peft=qlora", "strategy=zero3", "precision=bf16-true", "peft.quantization.quant_storage=uint8")
     with pytest.raises(StrategyConfigError, match="quant_storage=bfloat16"):
@@ -545,8 +549,8 @@ def test_checkpoint_kinds(tmp_path):
     refused with the fix, before any weights load."""
     import time as _time
 
-    from llmlab.checkpoints import checkpoint_mtime, is_checkpoint, is_deepspeed_checkpoint
-    from llmlab.checks_strategy import StrategyConfigError, check_checkpoint_for_strategy
+    from llmlab.checkpointing.checkpoints import checkpoint_mtime, is_checkpoint, is_deepspeed_checkpoint
+    from llmlab.checks.strategy import check_checkpoint_for_strategy
 
     single = tmp_path / "last.ckpt"
     single.write_bytes(b"x")

@@ -1,5 +1,5 @@
 """zero3.zero_stage (the one "is this DeepSpeed / ZeRO-3?" answer), precision.PRECISIONS (the one
-precision -> dtype map) and llmlab.generation on one process (the ZeRO-3 paths run in
+precision -> dtype map) and llmlab.evaluation.generation on one process (the ZeRO-3 paths run in
 tests/test_strategies.py and tests/test_distributed_llmlab.py with 2 processes)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _node(name: str):
                                              ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_zero_stage_of_every_strategy_choice(name, stage):
     """The same answer from the config file, its name, and (DeepSpeed) the strategy object it builds."""
-    from llmlab.zero3 import is_deepspeed, is_zero3, zero_stage
+    from llmlab.distributed.detect import is_deepspeed, is_zero3, zero_stage
 
     node = _node(name)
     assert zero_stage(node) == zero_stage(name) == stage
@@ -35,7 +35,7 @@ def test_zero_stage_reads_overrides_and_objects():
     import torch
     from lightning.pytorch.strategies import DDPStrategy
 
-    from llmlab.zero3 import zero_stage
+    from llmlab.distributed.detect import zero_stage
 
     node = _node("zero2")
     node.config_overrides = {"zero_optimization": {"stage": 3}}
@@ -48,15 +48,15 @@ def test_zero_stage_reads_overrides_and_objects():
 
 def test_zero_stage_needs_no_torch():
     """check_settings asks it before torch is imported."""
-    code = ("import sys; from llmlab.zero3 import zero_stage; from llmlab.checks_strategy import quant_storage_for;"
-            "assert zero_stage({'_target_': 'llmlab.strategies.deepspeed', 'stage': 3}) == 3;"
+    code = ("import sys; from llmlab.distributed.zero3 import zero_stage; from llmlab.checks.strategy import quant_storage_for;"
+            "assert zero_stage({'_target_': 'llmlab.distributed.strategies.deepspeed', 'stage': 3}) == 3;"
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_precision_map():
-    from llmlab.precision import autocast_dtype, half_dtype, parameter_dtype, weights_dtype
+    from llmlab.distributed.precision import autocast_dtype, half_dtype, parameter_dtype, weights_dtype
 
     assert [weights_dtype(p) for p in ("32-true", "bf16-true", "16-true", "bf16-mixed")] == \
         ["float32", "bfloat16", "float16", None]
@@ -71,7 +71,7 @@ def test_greedy_answers_and_generate_text_agree_with_hf_generate():
     the model's train/eval mode is restored."""
     import torch
 
-    from llmlab.generation import generate_text, greedy_answers
+    from llmlab.evaluation.generation import generate_text, greedy_answers
 
     model, tok = tiny_lm()
     prompts = ["reverse abc", "sort dcba xy"]

@@ -1,10 +1,10 @@
-"""AtomicCheckpoint: Lightning's ModelCheckpoint, but every save survives `kill -9` (llmlab.checkpoints).
+"""AtomicCheckpoint: Lightning's ModelCheckpoint, but every save survives `kill -9` (llmlab.checkpointing.checkpoints).
 
 Same arguments and triggers as `ModelCheckpoint` (conf/callbacks/default.yaml: last.ckpt every
 `val_check_interval` steps). What changes is how a checkpoint is written: into `<name>.partial`, then
 renamed into place, the previous one kept as `<name>.prev` (see `save_checkpoint_atomic`), and each
 checkpoint records the run config it was made under (`checkpoint["llmlab_resume"]`), so a resume under
-a changed config is refused before any weights load (`llmlab.resume.check_resume`).
+a changed config is refused before any weights load (`llmlab.checkpointing.resume.check_resume`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from weakref import proxy
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from llmlab.checkpoints import remove_checkpoint, save_checkpoint_atomic
-from llmlab.resume import RESUME_KEY, run_snapshot
+from llmlab.checkpointing.checkpoints import remove_checkpoint, save_checkpoint_atomic
+from llmlab.checkpointing.resume import RESUME_KEY, run_snapshot
 
 
 class AtomicCheckpoint(ModelCheckpoint):

@@ -21,7 +21,7 @@ import logging
 
 import lightning as L
 
-from llmlab.evaluation import load_task_set
+from llmlab.evaluation.harness import load_task_set
 
 log = logging.getLogger("llmlab")
 
@@ -31,7 +31,7 @@ class LMEvalCallback(L.Callback):
                  batch_size: int = 8, num_fewshot: int | None = None, gen_kwargs: dict | None = None,
                  template: str | None = None, text_file: str | None = None):
         from llmlab.errors import ConfigError
-        from llmlab.evaluation import check_task_set
+        from llmlab.evaluation.harness import check_task_set
 
         self.task_set = load_task_set(task_set)
         if text_file is not None:
@@ -62,9 +62,9 @@ class LMEvalCallback(L.Callback):
             return  # stage=rm: a classifier has no log-likelihoods to score
         import torch
 
-        from llmlab.evaluation import evaluate
-        from llmlab.generation import generation_context
-        from llmlab.precision import autocast_dtype
+        from llmlab.distributed.precision import autocast_dtype
+        from llmlab.evaluation.generation import generation_context
+        from llmlab.evaluation.harness import evaluate
 
         dtype = autocast_dtype(trainer.precision)  # as validation ran: bf16-mixed -> bf16 autocast
         autocast = getattr(torch, dtype) if dtype else None

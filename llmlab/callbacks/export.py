@@ -25,9 +25,14 @@ class HFExport(L.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module):
-        from llmlab.export import export_model
-        from llmlab.peft import is_peft_model
-        from llmlab.zero3 import gathered_parameters, is_zero3, save_pretrained_gathered, settle_partitions
+        from llmlab.distributed.detect import is_zero3
+        from llmlab.distributed.zero3 import (
+            gathered_parameters,
+            save_pretrained_gathered,
+            settle_partitions,
+        )
+        from llmlab.models.export import export_model
+        from llmlab.models.peft import is_peft_model
 
         model, tokenizer = pl_module.model, pl_module.tokenizer
         adapter_dir = self.path.with_name(self.path.name + "_adapter")
@@ -41,7 +46,7 @@ class HFExport(L.Callback):
                 if trainer.is_global_zero:
                     export_model(model, tokenizer, self.path, adapter_dir=adapter_dir)
         else:  # written as hf.partial by all ranks, renamed into place by rank 0 when complete
-            from llmlab.atomic import remove, replace_path, sibling
+            from llmlab.checkpointing.atomic import remove, replace_path, sibling
 
             tmp = sibling(self.path, ".partial")
             if trainer.is_global_zero:

@@ -7,7 +7,7 @@ collectives (broadcast, barrier) while another waits in the gradient all-reduce:
 Slurm kills it at the time limit, and the slice's work is lost (Lightning issue #21406; it hung one of our
 CI runs). Here the handler only sets a flag. After each optimizer step (the same batches on every rank)
 the ranks OR their flags with one scalar all-reduce; if any rank was signalled, all of them write
-`<run dir>/hpc_ckpt_<n>.ckpt` together, atomically (llmlab.checkpoints), and rank 0 runs
+`<run dir>/hpc_ckpt_<n>.ckpt` together, atomically (llmlab.checkpointing.checkpoints), and rank 0 runs
 `scontrol requeue <job>`. Slurm stops the job (SIGTERM) and starts it again under the same job id;
 `resume=auto` continues from the newest intact checkpoint. train.py installs this callback, with
 `SLURMEnvironment(auto_requeue=False)` so that Lightning's handler stays out, whenever it runs as
@@ -73,7 +73,9 @@ class SlurmRequeue(L.Callback):
         path = Path(trainer.strategy.broadcast(str(next_hpc_checkpoint(self.run_dir))))  # rank 0 names it
         if trainer.is_global_zero:
             log.info("Slurm time-limit signal: checkpoint %s at step %d, then requeue", path, trainer.global_step)
-        from llmlab.checkpoints import save_checkpoint_atomic  # every rank writes its part
+        from llmlab.checkpointing.checkpoints import (
+            save_checkpoint_atomic,  # every rank writes its part
+        )
 
         save_checkpoint_atomic(trainer, path)
         if trainer.is_global_zero:

@@ -16,7 +16,9 @@ class StopAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step and not trainer.should_stop:
-            from llmlab.checkpoints import save_checkpoint_atomic  # survives kill -9, keeps the previous
+            from llmlab.checkpointing.checkpoints import (
+                save_checkpoint_atomic,  # survives kill -9, keeps the previous
+            )
 
             save_checkpoint_atomic(trainer, self.dirpath / "last.ckpt")
             trainer.should_stop = True

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from llmlab.atomic import atomic_write_text
+from llmlab.checkpointing.atomic import atomic_write_text
 from llmlab.stages.common import count_tokens
 from llmlab.stages.interface import SummarySource
 

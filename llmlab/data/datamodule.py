@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from llmlab.data.formats import FORMATS, TARGET_COUNTS
-from llmlab.data.sources import DataError, load_split
+from llmlab.data.sources import load_split
+from llmlab.errors import DataError
 from llmlab.stages.interface import Stage
 
 

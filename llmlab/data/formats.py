@@ -11,7 +11,17 @@ import torch
 from torch.utils.data import IterableDataset
 
 from llmlab.data.packing import pack
-from llmlab.data.sources import DataError
+from llmlab.data.rows import (
+    left_pad,
+    pack_examples,
+    pad_rows,
+    records_list,
+    tokenize_example,
+)
+from llmlab.data.templates import PromptRenderer
+from llmlab.data.unpaired import UnpairedFormat, unpaired_targets
+from llmlab.errors import DataError
+from llmlab.losses import IGNORE_INDEX
 
 
 def _texts(records: Iterable[dict], field: str) -> Iterator[str]:
@@ -75,78 +85,6 @@ FORMATS = {"lm": LMFormat}
 # --------------------------------------------------------------------------------------------------
 # Prompt/response formats (SFT, reward modeling, DPO, PPO)
 # --------------------------------------------------------------------------------------------------
-from llmlab.data.templates import PromptRenderer  # noqa: E402
-from llmlab.losses import IGNORE_INDEX  # noqa: E402
-
-
-def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict | None:
-    """prompt + response + EOS -> input_ids and labels with the prompt masked (IGNORE_INDEX).
-
-    EOS is a target, so the model learns to stop. The prompt keeps the tokenizer's own special tokens
-    (e.g. Llama's BOS). Too long: the prompt is cut from the left; None if no response token fits.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    overflow = len(prompt_ids) + len(response_ids) - max_length
-    if overflow > 0:
-        if overflow >= len(prompt_ids):
-            return None
-        prompt_ids = prompt_ids[overflow:]
-    return {"input_ids": prompt_ids + response_ids,
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-            "prompt_length": len(prompt_ids)}
-
-
-def pad_rows(rows: list[dict], pad_id: int) -> dict:
-    """Right-pad token rows into (B, T) tensors; padding gets segment id -1 and label IGNORE_INDEX."""
-    T = max(len(r["input_ids"]) for r in rows)
-    out = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": []}
-    for r in rows:
-        n, pad = len(r["input_ids"]), T - len(r["input_ids"])
-        out["input_ids"].append(r["input_ids"] + [pad_id] * pad)
-        out["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
-        out["segment_ids"].append(r.get("segment_ids", [0] * n) + [-1] * pad)
-        out["position_ids"].append(r.get("position_ids", list(range(n))) + [0] * pad)
-    return {k: torch.tensor(v) for k, v in out.items()}
-
-
-def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts for generation: left-padded ids (B, T) and attention mask (B, T)."""
-    T = max(len(t) for t in token_lists)
-    ids = torch.tensor([[pad_id] * (T - len(t)) + t for t in token_lists])
-    mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in token_lists])
-    return ids, mask
-
-
-def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
-    """Greedy packing of tokenized examples into rows of at most block_size tokens.
-
-    Each example keeps its own segment id and positions from 0; with `packing: document` the stage
-    masks attention across examples, so a packed example sees exactly what it would see alone.
-    """
-    rows, cur = [], None
-    for ex in examples:
-        n = len(ex["input_ids"])
-        if cur is None or len(cur["input_ids"]) + n > block_size:
-            cur = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": [], "_n": 0}
-            rows.append(cur)
-        cur["input_ids"] += ex["input_ids"]
-        cur["labels"] += ex["labels"]
-        cur["segment_ids"] += [cur["_n"]] * n
-        cur["position_ids"] += list(range(n))
-        cur["_n"] += 1
-    for r in rows:
-        del r["_n"]
-    return rows
-
-
-def _records(records) -> list[dict]:
-    if isinstance(records, IterableDataset) or type(records).__name__ == "IterableDataset":
-        raise DataError("data.streaming=true is supported for pretraining (stage=pretrain) only; "
-                        "set data.streaming=false for prompt/response data")
-    return [dict(r) for r in records]
-
-
 class SFTFormat:
     """Instruction tuning: prompt masked, response + EOS learned; optional packing of examples.
 
@@ -160,7 +98,7 @@ class SFTFormat:
 
     def build(self, records, split: str):
         examples = []
-        for r in _records(records):
+        for r in records_list(records):
             prompt, response = self.renderer.prompt(r), self.renderer.response(r)
             ex = tokenize_example(self.tokenizer, prompt, response, self.block_size)
             if ex is not None:
@@ -211,7 +149,7 @@ class PreferenceFormat:
 
     def build(self, records, split: str):
         pairs = []
-        for r in _records(records):
+        for r in records_list(records):
             prompt, chosen, rejected = self._split_prompt(r)
             c = tokenize_example(self.tokenizer, prompt, chosen, self.block_size)
             j = tokenize_example(self.tokenizer, prompt, rejected, self.block_size)
@@ -239,7 +177,7 @@ class PromptFormat:
 
     def build(self, records, split: str):
         out = []
-        for r in _records(records):
+        for r in records_list(records):
             text = self.renderer.prompt(r)
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"][-self.block_size:]
             out.append({"prompt": text, "prompt_ids": ids, "answer": r.get(self.answer_field)})
@@ -253,7 +191,7 @@ class PromptFormat:
                 "answers": [r["answer"] for r in rows]}
 
 
-FORMATS.update({"sft": SFTFormat, "preference": PreferenceFormat, "prompt": PromptFormat})
+FORMATS.update({"sft": SFTFormat, "preference": PreferenceFormat, "prompt": PromptFormat, "unpaired": UnpairedFormat})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,9 +213,5 @@ def preference_targets(batch: dict) -> dict[str, int]:
 
 
 # data format -> counting function; formats without one (prompt: PPO builds its own batches) get no counts
-TARGET_COUNTS = {"lm": lm_targets, "sft": lm_targets, "preference": preference_targets}
+TARGET_COUNTS = {"lm": lm_targets, "sft": lm_targets, "preference": preference_targets, "unpaired": unpaired_targets}
 
-from llmlab.data.unpaired import UnpairedFormat, unpaired_targets  # noqa: E402  (stage=kto; uses the helpers above)
-
-FORMATS["unpaired"] = UnpairedFormat
-TARGET_COUNTS["unpaired"] = unpaired_targets

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmlab.data import builtin
+from llmlab.errors import DataError
+from llmlab.nodes import to_plain
 
 BUILTIN_KINDS = {
     "lm": builtin.pretrain_documents,
@@ -17,10 +19,6 @@ BUILTIN_KINDS = {
     "prompt": builtin.ppo_prompts,
 }
 FILE_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """Bad data settings or contents; the message names the setting and the fix."""
 
 
 def _as_list(files) -> list[str]:
@@ -77,20 +75,13 @@ def load_split(cfg, kind: str, split: str, seed: int):
         # data.data_files: a hub dataset's own files, or local ones read by a packaged builder
         # (data.name=json|parquet|text|csv): how the streaming path is tested offline
         ds = load_dataset(cfg.name, cfg.get("config_name"), split=hub_split, streaming=bool(cfg.streaming),
-                          revision=cfg.get("revision"), data_files=_plain(cfg.get("data_files")))
+                          revision=cfg.get("revision"), data_files=to_plain(cfg.get("data_files")))
         if cfg.get("val_split"):
             return ds
         if cfg.streaming:  # no random split of a stream: hold out its first n_val records instead
             return ds.take(cfg.n_val) if split != "train" else ds.skip(cfg.n_val)
         return _split(ds, cfg.val_fraction, seed, split)
     raise DataError(f"data.source={source!r} is unknown; use builtin, text or hub")
-
-
-def _plain(value):
-    """OmegaConf lists/dicts -> Python ones (what `datasets` accepts); None stays None."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _split(ds, val_fraction: float, seed: int, split: str):

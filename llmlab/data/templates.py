@@ -11,7 +11,7 @@ course's "Question: {prompt}\n\nAnswer: ").
 """
 from __future__ import annotations
 
-from llmlab.data.sources import DataError
+from llmlab.errors import DataError
 
 FIELD_KEYS = ("prompt_field", "response_field", "instruction_field", "input_field", "output_field",
               "messages_field", "chosen_field", "rejected_field", "answer_field")

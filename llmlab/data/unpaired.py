@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.data.sources import DataError
+from llmlab.data.rows import left_pad, pad_rows, records_list
 from llmlab.data.templates import PromptRenderer
+from llmlab.errors import DataError
 from llmlab.losses import IGNORE_INDEX
 
 
@@ -72,10 +73,8 @@ class UnpairedFormat:
                                                                                   self.label_field, i)
 
     def build(self, records, split: str):
-        from llmlab.data.formats import _records  # formats registers this module at its end: import here
-
         examples = []
-        for prompt, completion, label in self._unpair(_records(records)):
+        for prompt, completion, label in self._unpair(records_list(records)):
             prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
             completion_ids = (self.tokenizer(completion, add_special_tokens=False)["input_ids"]
                               + [self.tokenizer.eos_token_id])  # EOS is a target, as everywhere
@@ -88,8 +87,6 @@ class UnpairedFormat:
         return examples
 
     def collate(self, examples: list[dict]) -> dict:
-        from llmlab.data.formats import left_pad, pad_rows
-
         B = len(examples)
         mismatched = [join(examples[i]["prompt_ids"], examples[(i - 1) % B]["completion_ids"], self.block_size)
                       or examples[i] for i in range(B)]  # prompt i + completion i-1 (too long: the example)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmlab.checks import GRPO_LOSS_TYPES as LOSS_TYPES
-from llmlab.checks import IS_LEVELS, SCALE_REWARDS
+from llmlab.checks.stage import GRPO_LOSS_TYPES as LOSS_TYPES
+from llmlab.checks.stage import IS_LEVELS, SCALE_REWARDS
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> tuple[Tensor, Tensor]:

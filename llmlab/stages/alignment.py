@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmlab.peft import is_peft_model
+from llmlab.models.peft import is_peft_model
 
 
 def hf_dir(path: str) -> str:

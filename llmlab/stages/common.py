@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.checks_model import HEAD_APART_MODEL_TYPES
+from llmlab.checks.model import HEAD_APART_MODEL_TYPES
 from llmlab.data.packing import block_causal_mask
+from llmlab.models.peft import uses_virtual_tokens
 from llmlab.optim import guard_optimizer, param_groups
-from llmlab.peft import uses_virtual_tokens
 
 
 def embedding_dtype(model) -> torch.dtype:
@@ -42,7 +42,7 @@ def forward_hidden(model, batch: dict, packing: str = "document"):
     The transformers model's backbone (`base_model`: GPT-2's `transformer`, OPT's/Llama's `model`) runs
     with PEFT's adapters in it; its output is what the causal-LM class feeds its head.
     """
-    from llmlab.peft import transformers_model
+    from llmlab.models.peft import transformers_model
 
     if uses_virtual_tokens(model):
         raise ValueError("stage.module.loss_chunk_tokens does not apply to prefix/prompt tuning (PEFT runs their "

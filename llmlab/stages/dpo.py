@@ -29,15 +29,25 @@ import logging
 import torch
 from torchmetrics import MeanMetric
 
+from llmlab.evaluation.generation import greedy_answers
+from llmlab.evaluation.metrics import ExactMatch
 from llmlab.losses import DPOLoss, causal_lm_loss_sum, sequence_logprobs
-from llmlab.metrics import ExactMatch
 from llmlab.optim import any_rank
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
-from llmlab.stages.common import configure_optimizers, for_backward, forward_logits, log_train, step_mean
-from llmlab.generation import greedy_answers
+from llmlab.stages.common import (
+    configure_optimizers,
+    for_backward,
+    forward_logits,
+    log_train,
+    step_mean,
+)
 from llmlab.stages.interface import Stage
-from llmlab.stages.shared_prefix import can_share_prompt, pair_completions, pair_token_logprobs
+from llmlab.stages.shared_prefix import (
+    can_share_prompt,
+    pair_completions,
+    pair_token_logprobs,
+)
 
 log = logging.getLogger("llmlab")
 

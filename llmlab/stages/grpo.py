@@ -37,20 +37,35 @@ import time
 import torch
 from torchmetrics import MeanMetric
 
-from llmlab.checks import check_grpo_args
-from llmlab.losses.grpo import (StepCounts, aggregate, group_advantages,
-                                grpo_token_loss, soft_overlong_penalty, zero_variance_groups)
-from llmlab.metrics import ExactMatch
+from llmlab.checks.stage import check_grpo_args
+from llmlab.evaluation.generation import generation_context, greedy_answers
+from llmlab.evaluation.metrics import ExactMatch
+from llmlab.losses.grpo import (
+    StepCounts,
+    aggregate,
+    group_advantages,
+    grpo_token_loss,
+    soft_overlong_penalty,
+    zero_variance_groups,
+)
 from llmlab.rewards import Rewards, build_rewards
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
-from llmlab.stages.common import (configure_optimizers, first_and_last_tenth, log_answer_validation,
-                                  position_ids_from_mask)
+from llmlab.stages.common import (
+    configure_optimizers,
+    first_and_last_tenth,
+    log_answer_validation,
+    position_ids_from_mask,
+)
 from llmlab.stages.interface import Stage
 from llmlab.stages.ppo import response_mask
-from llmlab.generation import generation_context, greedy_answers
-from llmlab.stages.shared_prefix import (can_share_prompt, full_logits, logprobs_and_entropy, prefill_prompts,
-                                        shared_prompt_logits)
+from llmlab.stages.shared_prefix import (
+    can_share_prompt,
+    full_logits,
+    logprobs_and_entropy,
+    prefill_prompts,
+    shared_prompt_logits,
+)
 
 
 class GRPOModule(Stage):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
+from llmlab.evaluation.generation import greedy_answers, needs_synced_gpus
 from llmlab.losses import KTOLoss
 from llmlab.stages.common import for_backward, forward_logits, log_train, step_mean
 from llmlab.stages.dpo import DPOModule, rows_of
-from llmlab.generation import greedy_answers, needs_synced_gpus
 
 
 class KTOModule(DPOModule):

@@ -41,18 +41,31 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from llmlab.checks import response_length_bounds
+from llmlab.checks.stage import response_length_bounds
 from llmlab.errors import ConfigError
-from llmlab.losses import (AdaptiveKLController, entropy_from_logits, gae_advantages, kl_penalized_rewards,
-                           leave_one_out_centered, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
-                           token_logprobs)
-from llmlab.metrics import ExactMatch
-from llmlab.stages import alignment
+from llmlab.evaluation.generation import generation_context, greedy_answers
+from llmlab.evaluation.metrics import ExactMatch
+from llmlab.losses import (
+    AdaptiveKLController,
+    entropy_from_logits,
+    gae_advantages,
+    kl_penalized_rewards,
+    leave_one_out_centered,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
+)
 from llmlab.rewards import ModelReward, Rewards, RuleReward, build_rewards
+from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
-from llmlab.stages.common import (configure_optimizers, first_and_last_tenth, log_answer_validation,
-                                  position_ids_from_mask)
-from llmlab.generation import generation_context, greedy_answers
+from llmlab.stages.common import (
+    configure_optimizers,
+    first_and_last_tenth,
+    log_answer_validation,
+    position_ids_from_mask,
+)
 from llmlab.stages.interface import Stage
 
 log = logging.getLogger("llmlab")

@@ -1,7 +1,6 @@
 """Stage `pretrain`: causal-LM next-token prediction on packed blocks."""
 from __future__ import annotations
 
-import torch
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 

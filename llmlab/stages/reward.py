@@ -19,7 +19,12 @@ from torchmetrics import MeanMetric
 
 from llmlab.losses import PairwiseRewardLoss, pairwise_accuracy
 from llmlab.stages import alignment
-from llmlab.stages.common import configure_optimizers, for_backward, log_train, step_mean
+from llmlab.stages.common import (
+    configure_optimizers,
+    for_backward,
+    log_train,
+    step_mean,
+)
 from llmlab.stages.interface import Stage
 
 

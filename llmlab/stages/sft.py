@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torchmetrics import MeanMetric
 
-from llmlab.generation import greedy_answers
+from llmlab.evaluation.generation import greedy_answers
+from llmlab.evaluation.metrics import ExactMatch
 from llmlab.losses import causal_lm_loss_sum
-from llmlab.metrics import ExactMatch
 from llmlab.stages.common import configure_optimizers, forward_logits, lm_training_step
 from llmlab.stages.interface import Stage
 

@@ -25,8 +25,11 @@ first-order count leaves out). Read it as -25% / +5% of the real peak.
 """
 from __future__ import annotations
 
-from llmlab.precision import half_dtype, weights_dtype
-from llmlab.zero3 import zero_stage
+import json
+from pathlib import Path
+
+from llmlab.distributed.detect import zero_stage
+from llmlab.distributed.precision import half_dtype, weights_dtype
 
 GIB = 1024 ** 3
 
@@ -68,8 +71,9 @@ def _dim(config, *names, default=None):
 
 
 def hidden_size(config) -> int | None:
-    """An HF config's hidden size under its architecture's name (`hidden_size`, GPT-2's `n_embd`, `d_model`)."""
-    return _dim(config, "hidden_size", "n_embd", "d_model")
+    """An HF config's hidden size under its architecture's name (`hidden_size`, GPT-2's `n_embd`, `d_model`);
+    given a model, its config's (None for a module without one)."""
+    return _dim(getattr(config, "config", config), "hidden_size", "n_embd", "d_model")
 
 
 def _four_bit_bytes(numel: int, blocksize: int = 64, nested: bool = True) -> float:
@@ -241,3 +245,13 @@ def release_and_reset_peak() -> None:
     if libc is not None:
         libc.malloc_trim(0)
     reset_peak()
+
+
+def dry_run_report(cfg, module, info: dict, run_dir: Path) -> None:
+    """`dry_run=true`: parameter counts and a memory estimate per device (llmlab/distributed/memory.py), no training."""
+    memory = estimate_for_run(cfg, module)
+    print(format_estimate(memory))
+    summary = {**info, "status": "dry_run", "memory": memory, "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return None

@@ -24,7 +24,7 @@ On disk (`<out>/`): config.json (the fp32 model's, tie_word_embeddings=false), t
 int8 (out, in), `<name>.qscale` float64 (out,), `<name>.bias`) and `quantization.json` (method,
 layers, sizes, the load call). Loads back with ONE call:
 
-    from llmlab.quantize import load_quantized; model = load_quantized(DIR)
+    from llmlab.models.quantize import load_quantized
 
 (`python -m llmlab.generate DIR` does this when it finds quantization.json).
 """
@@ -37,7 +37,7 @@ from llmlab.errors import ConfigError
 
 METHODS = ("int8",)
 MARKER = "quantization.json"
-LOAD_CALL = "from llmlab.quantize import load_quantized; model = load_quantized({dir!r})"
+LOAD_CALL = "from llmlab.models.quantize import load_quantized; model = load_quantized({dir!r})"
 # int4 on CPU (torchao 0.18 Int4WeightOnlyConfig / IntxWeightOnlyConfig) was tried and measured, see the
 # module docstring: not offered.
 WHY_NOT = {"int4": "torchao 0.18 has no int4 CPU kernel here (needs CUDA or the mslk package; its fallback "
@@ -201,7 +201,7 @@ def save_quantized(model, info: dict, tokenizer, out: Path, reference: dict | No
     `reference`: {"fp32"/"bf16"/...: bytes} sizes of unquantized exports to compare against."""
     from safetensors.torch import save_file
 
-    from llmlab.atomic import atomic_dir
+    from llmlab.checkpointing.atomic import atomic_dir
 
     out = Path(out)
     with atomic_dir(out) as tmp:

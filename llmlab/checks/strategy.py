@@ -8,23 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmlab.errors import StrategyConfigError
-from llmlab.precision import half_dtype, parameter_dtype
-from llmlab.zero3 import is_deepspeed, is_zero3, strategy_name
+from llmlab.checkpointing.checkpoints import is_deepspeed_checkpoint, is_fsdp_checkpoint
+from llmlab.distributed.detect import is_deepspeed, is_zero3, strategy_name, uses_cpu
+from llmlab.distributed.precision import half_dtype, parameter_dtype
+from llmlab.errors import ConfigError, StrategyConfigError
 
 UNPACKED_STORAGE = (None, "uint8", "int8")  # bitsandbytes' own packing: integer bytes
-
-
-def uses_cpu(accelerator: Any, cuda_available: bool | None = None) -> bool:
-    """Whether a run with this `trainer.accelerator` trains on the CPU (auto: when no CUDA GPU is visible)."""
-    accelerator = str(accelerator or "auto").lower()
-    if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
-    if accelerator == "auto":
-        return not cuda_available
-    return accelerator == "cpu"
 
 
 def _cpu_fp16_supported() -> bool:
@@ -94,40 +83,8 @@ def check_strategy(
         )
 
 
-def quant_storage_for(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> str | None:
-    """The storage dtype QLoRA's packed 4-bit weights get under this strategy (None: bitsandbytes' uint8).
-
-    ZeRO-3 partitions parameters as flat float buffers: uint8-packed 4-bit weights cannot be sharded;
-    the same bytes viewed as a float dtype can. That dtype must be the one DeepSpeed casts floating
-    parameters to (`precision.parameter_dtype`), or the cast would corrupt the packed bits. So under
-    ZeRO-3 an unset `peft.quantization.quant_storage` becomes that dtype (checked on CPU: bfloat16 with
-    bf16-true and bf16-mixed, float32 with 32-true); an explicit choice is kept (`check_run` refuses
-    the ones that cannot work).
-    """
-    if peft_cfg is None or peft_cfg.get("method") != "qlora":
-        return None
-    storage = (peft_cfg.get("quantization") or {}).get("quant_storage")
-    if storage is None and is_zero3(strategy_cfg):
-        return parameter_dtype(precision)
-    return storage
-
-
-def peft_for_strategy(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> Any:
-    """`peft_cfg`, with `quantization.quant_storage` as `quant_storage_for` decides (a copy when it changes).
-
-    llmlab.builder builds every model through this, so `peft=qlora strategy=zero3` needs no extra flag."""
-    storage = quant_storage_for(peft_cfg, strategy_cfg, precision)
-    if peft_cfg is None or peft_cfg.get("method") != "qlora" or storage == peft_cfg.quantization.get("quant_storage"):
-        return peft_cfg
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.create(OmegaConf.to_container(peft_cfg, resolve=True))
-    node.quantization.quant_storage = storage
-    return node
-
-
 def check_run(cfg: Any) -> None:
-    """The strategy rules of a composed run config (`llmlab.checks.check_config` calls this before any
+    """The strategy rules of a composed run config (`llmlab.checks.entry.check_config` calls this before any
     weights load): strategy x trainer x precision (`check_strategy`) and strategy x PEFT.
 
     Refused, each with the fix in the message:
@@ -178,8 +135,6 @@ def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
     """Resuming needs the checkpoint kind the strategy reads: DeepSpeed restores its own sharded
     directories (the same ZeRO stage and number of processes: its optimizer shards are per rank),
     sharded FSDP its torch.distributed.checkpoint directories, the other strategies single files."""
-    from llmlab.checkpoints import is_deepspeed_checkpoint, is_fsdp_checkpoint
-
     name = strategy_name(strategy_cfg)
     if is_deepspeed_checkpoint(path) and not is_deepspeed(strategy_cfg):
         raise StrategyConfigError(
@@ -201,3 +156,11 @@ def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
             "checkpoint directories it writes. Resume with the strategy it was written with (e.g. "
             "strategy=ddp), or with strategy=zero3 set strategy.load_full_weights=true to load it (ZeRO-3 only)."
         )
+
+
+def check_precision(cfg) -> None:
+    precision = str(cfg.trainer.precision)
+    accelerator = str(cfg.trainer.accelerator)
+    if half_dtype(precision) == "float16" and accelerator == "cpu":
+        raise ConfigError(f"precision={precision} (fp16 with loss scaling) needs a GPU; on CPU use "
+                          f"precision=bf16-mixed or precision=bf16-true (fast on AMX), or precision=32")

@@ -48,7 +48,7 @@ BASES: dict[str, list[str]] = {
 }
 # what else determines a base's weights: the libraries that train it
 _LIBRARIES = ("torch", "transformers", "lightning", "peft", "hydra-core", "omegaconf")
-_PROJECT = Path(__file__).resolve().parents[1]
+_PROJECT = Path(__file__).resolve().parents[2]
 
 
 def cache_dir() -> Path:

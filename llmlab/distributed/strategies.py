@@ -13,26 +13,33 @@ fixes exactly these two things when the accelerator is not CUDA and otherwise is
 `DeepSpeedStrategy`. DeepSpeed's own CPU accelerator uses oneCCL when `oneccl_bindings_for_pytorch`
 is installed and gloo otherwise; we pick the process-group backend the same way.
 
-Elsewhere: the rules that refuse impossible strategy combinations (`llmlab.checks_strategy`), "is this
-DeepSpeed / ZeRO-3" and the ZeRO-3 gather helpers (`llmlab.zero3`), generation under ZeRO-3
-(`llmlab.generation`), per-rank seeds (`llmlab.callbacks.seed`).
+Elsewhere: the rules that refuse impossible strategy combinations (`llmlab.checks.strategy`), "is this
+DeepSpeed / ZeRO-3" and the ZeRO-3 gather helpers (`llmlab.distributed.zero3`), generation under ZeRO-3
+(`llmlab.evaluation.generation`), per-rank seeds (`llmlab.callbacks.seed`).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 
-from llmlab.checks_strategy import check_fsdp
+from llmlab.checks.strategy import check_fsdp
+from llmlab.distributed.detect import is_deepspeed, loaded_class
 from llmlab.errors import StrategyConfigError
-from llmlab.zero3 import _to_plain
+from llmlab.nodes import to_plain
 
 __all__ = ["CPUDeepSpeedStrategy", "auto", "cpu_bf16", "ddp", "deepspeed", "fsdp"]
 
@@ -117,7 +124,7 @@ def _deep_merge(base: dict, overrides: Mapping) -> dict:
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
             _deep_merge(base[key], value)
         else:
-            base[key] = copy.deepcopy(_to_plain(value))
+            base[key] = copy.deepcopy(to_plain(value))
     return base
 
 
@@ -162,13 +169,6 @@ AUTO_SIZES = {  # zero_optimization key -> its size from the hidden size
     "stage3_max_live_parameters": lambda hidden: 10 * hidden * hidden,
     "stage3_max_reuse_distance": lambda hidden: 10 * hidden * hidden,
 }
-
-
-def hidden_size(model) -> int | None:
-    """The model's hidden size from its HF config (llmlab.memory.hidden_size), else None."""
-    from llmlab.memory import hidden_size as config_hidden_size
-
-    return config_hidden_size(getattr(model, "config", None))
 
 
 def fill_auto_sizes(strategy, hidden: int | None) -> None:
@@ -250,7 +250,7 @@ def deepspeed(
         # {zero_force_ds_cpu_optimizer: true}` once the stage uses it.
         strategy.config["zero_force_ds_cpu_optimizer"] = False
     if config_overrides:
-        _deep_merge(strategy.config, _to_plain(config_overrides))
+        _deep_merge(strategy.config, to_plain(config_overrides))
     return strategy
 
 
@@ -282,3 +282,18 @@ def fsdp(
         state_dict_type=state_dict_type,
         activation_checkpointing_policy=activation_checkpointing_policy,
     )
+
+
+def deepspeed_dict(obj: Any) -> dict | None:
+    """The DeepSpeed config dict behind a strategy object, a strategy config node, or a raw config."""
+    ds_strategy = loaded_class("lightning.pytorch.strategies", "DeepSpeedStrategy")
+    if ds_strategy is not None and isinstance(obj, ds_strategy):
+        return copy.deepcopy(obj.config)
+    obj = to_plain(obj)
+    if not isinstance(obj, Mapping) or not is_deepspeed(obj):
+        return None
+    if "zero_optimization" in obj:
+        return copy.deepcopy(dict(obj))
+    # the config node's own builder (below): the config it would run with
+    params = inspect.signature(deepspeed).parameters
+    return deepspeed(**{k: v for k, v in obj.items() if k in params}).config

@@ -6,7 +6,7 @@ different model, data, peft, stage, batch size, accumulation or world size is a 
 every `key: old -> new`, raised before any weights load; `resume_allow=[data.batch_size,...]` accepts
 the changes that can be accepted (model, peft and stage never: the weights would not fit; world size
 never under DeepSpeed: its optimizer shards are per rank). Finding and validating the checkpoint
-itself is llmlab/checkpoints.py.
+itself is llmlab/checkpointing/checkpoints.py.
 """
 from __future__ import annotations
 
@@ -14,9 +14,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llmlab.checkpoints import deepspeed_safe_globals, check_deepspeed_pickles, is_deepspeed_checkpoint
+from llmlab.checkpointing.checkpoints import (
+    CheckpointError,
+    check_deepspeed_pickles,
+    checkpoint_problem,
+    deepspeed_safe_globals,
+    find_resume_checkpoint,
+    is_checkpoint,
+    is_deepspeed_checkpoint,
+)
+from llmlab.checks.strategy import check_checkpoint_for_strategy
+from llmlab.distributed.detect import is_deepspeed
 from llmlab.errors import ConfigError
-from llmlab.zero3 import is_deepspeed
 
 log = logging.getLogger("llmlab")
 
@@ -132,3 +141,26 @@ def check_resume(cfg, ckpt_path: Any) -> None:
         fixes.append(f"accept the{' other' if never else ''} changes with resume_allow=[{acceptable}]")
     raise ConfigError(f"resume from {ckpt_path}: the run config differs from the one it was written under: "
                       f"{changes}. {'; '.join(fixes)}.")
+
+
+def resolve_ckpt_path(cfg) -> str | None:
+    """The checkpoint this run resumes from: `ckpt_path=<path>` (must be intact) or `resume=auto`
+    (the newest intact one in the run dir); the strategy must be able to read its kind."""
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        if not is_checkpoint(path):
+            raise CheckpointError(f"ckpt_path={path}: no such checkpoint file (or DeepSpeed/FSDP checkpoint directory)")
+        if problem := checkpoint_problem(path):
+            raise CheckpointError(f"ckpt_path={path}: the checkpoint is incomplete or corrupt ({problem}); "
+                                  f"pass an intact one or resume=auto (which falls back to the previous)")
+        check_checkpoint_for_strategy(path, cfg.strategy)
+        return str(path)
+    if cfg.resume == "auto":
+        path = find_resume_checkpoint(Path(cfg.paths.output_dir))
+        if path is None:
+            return None
+        check_checkpoint_for_strategy(path, cfg.strategy)
+        return str(path)
+    if cfg.resume not in (None, "none"):
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file>")
+    return None

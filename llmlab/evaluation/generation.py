@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from llmlab.zero3 import gathered_without_hooks, is_zero3, world_size
+from llmlab.distributed.detect import is_zero3
+from llmlab.distributed.zero3 import gathered_without_hooks, world_size
 
 
 def eager_generation():

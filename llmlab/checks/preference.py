@@ -56,7 +56,7 @@ def check_preference_losses(cfg) -> None:
 def check_kto_record(record: dict | None, data, path: str) -> None:
     """The first record of a stage=kto file: {prompt, completion, label} or a preference pair, before weights load
     (the format checks every record later, with the same message)."""
-    from llmlab.data.sources import DataError
+    from llmlab.errors import DataError
 
     if record is None:
         return
@@ -140,7 +140,7 @@ def check_preference(cfg) -> None:
         # several processes are fine: the KL coefficient and early stopping use all-rank means
         # (PPOModule.mean_over_ranks); rollouts under ZeRO-3 generate on gathered weights
     if stage.name in ("dpo", "ppo", "kto") and module.get("reference_model"):
-        from llmlab.models import build_tokenizer
+        from llmlab.models.build import build_tokenizer
         from llmlab.stages.alignment import check_same_tokenizer, hf_dir
 
         check_same_tokenizer(hf_dir(str(module.reference_model)), build_tokenizer(cfg.model),

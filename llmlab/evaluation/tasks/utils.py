@@ -1,7 +1,7 @@
 """Datasets and result helpers for llmlab's own lm-eval task YAMLs (referenced as `!function utils.x`).
 
 lm-eval calls a task's `custom_dataset` with the TaskManager's metadata (llmlab passes `data_dir`, where
-llmlab.evaluation.write_builtin_data wrote the jsonl files, and `text_file` for perplexity).
+llmlab.evaluation.harness.write_builtin_data wrote the jsonl files, and `text_file` for perplexity).
 """
 from __future__ import annotations
 

@@ -1,121 +1,20 @@
-"""Which ZeRO stage a run uses (`zero_stage`: the one answer to "is this DeepSpeed / ZeRO-3?"), and the
-collective ZeRO-3 helpers LLM work needs.
-
-`zero_stage` reads a strategy object, a strategy config node (or its name), a DeepSpeed config dict, a
-DeepSpeed engine, or a module; it imports neither torch nor Lightning, so the config-only checks
-(`checks.check_settings`, before torch loads) ask it too. Everything else here is collective under
-ZeRO-3: call it on every rank.
+"""The collective ZeRO-3 helpers LLM work needs: everything here is collective under ZeRO-3 (call it on
+every rank). Which stage a run uses is `distributed.detect.zero_stage`.
 - `hf_deepspeed_context`: makes Hugging Face build/load models partitioned and correctly initialised.
 - `gathered_state_dict`, `save_pretrained_gathered`: full weights for PEFT adapters and `hf/` exports
   (a PEFT adapter saved naively under ZeRO-3 is empty: trl#4416, peft#2500).
 - `gathered_parameters`: full parameters on every rank for the duration (the PEFT export merges them).
 - `gathered_without_hooks`: full parameters and DeepSpeed's per-layer hooks off (what generation needs,
-  `llmlab.generation.generation_context`).
+  `evaluation.generation.generation_context`).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import inspect
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
-# strategy config names (conf/strategy/<name>.yaml) that are DeepSpeed, with their ZeRO stage
-DEEPSPEED_NAMES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
-# `_target_`s that build a DeepSpeed strategy (llmlab's builder, or Lightning's class named directly)
-DEEPSPEED_TARGETS = ("llmlab.strategies.deepspeed", "DeepSpeedStrategy")
-
-
-def _to_plain(obj: Any) -> Any:
-    """OmegaConf containers (what Hydra passes) to plain dicts/lists; anything else unchanged."""
-    if "omegaconf" in sys.modules:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    return obj
-
-
-def _loaded_class(module: str, name: str) -> type | None:
-    """A class of a module only if that module is already imported: an object of that class cannot
-    exist otherwise, so asking costs no import."""
-    mod = sys.modules.get(module)
-    return getattr(mod, name, None) if mod is not None else None
-
-
-def zero_stage(obj: Any) -> int | None:
-    """The ZeRO stage (0-3) `obj` runs DeepSpeed with, or None when it is not DeepSpeed.
-
-    `obj`: a Lightning strategy (object or name), a `strategy` config node, a DeepSpeed config dict, a
-    DeepSpeed engine, or a module (3 when DeepSpeed has partitioned its parameters, else None: a module
-    alone does not tell ZeRO-1/2 from no DeepSpeed).
-    """
-    if obj is None:
-        return None
-    if isinstance(obj, str):
-        return DEEPSPEED_NAMES.get(obj)
-    ds_strategy = _loaded_class("lightning.pytorch.strategies", "DeepSpeedStrategy")
-    if ds_strategy is not None and isinstance(obj, ds_strategy):
-        return int(obj.config.get("zero_optimization", {}).get("stage", 0))
-    if type(obj).__name__ == "DeepSpeedEngine":
-        return int(obj.zero_optimization_stage())
-    module = _loaded_class("torch.nn", "Module")
-    if module is not None and isinstance(obj, module):
-        return 3 if any(hasattr(p, "ds_id") for p in obj.parameters()) else None
-    obj = _to_plain(obj)
-    if not isinstance(obj, Mapping):
-        return None  # another strategy object (DDP, FSDP, single device)
-    if "zero_optimization" in obj:  # a DeepSpeed config dict
-        return int(obj["zero_optimization"].get("stage", 0))
-    target = str(obj.get("_target_") or "")
-    if not target:
-        return DEEPSPEED_NAMES.get(str(obj.get("name")))
-    if not target.endswith(DEEPSPEED_TARGETS):
-        return None
-    # the builder's `stage` (Lightning's default 2), unless config_overrides / config sets another
-    for config in (obj.get("config_overrides"), obj.get("config")):
-        if isinstance(config, Mapping) and "stage" in (config.get("zero_optimization") or {}):
-            return int(config["zero_optimization"]["stage"])
-    return int(obj.get("stage", 2))
-
-
-def is_deepspeed(obj: Any) -> bool:
-    """`zero_stage(obj) is not None`: `obj` (strategy, config node, name, engine) is DeepSpeed."""
-    return zero_stage(obj) is not None
-
-
-def is_zero3(obj: Any) -> bool:
-    """`zero_stage(obj) == 3`: parameters are partitioned over the ranks."""
-    return zero_stage(obj) == 3
-
-
-def strategy_name(strategy_cfg: Any) -> str:
-    """The name a strategy choice goes by in messages: its `name`, else its `_target_`'s last part."""
-    if isinstance(strategy_cfg, str):
-        return strategy_cfg
-    if isinstance(strategy_cfg, Mapping) or hasattr(strategy_cfg, "get"):
-        name = strategy_cfg.get("name")
-        if name:
-            return str(name)
-        return str(strategy_cfg.get("_target_", "")).rsplit(".", 1)[-1]
-    raise TypeError(f"expected a strategy config node or name, got {type(strategy_cfg).__name__}")
-
-
-def deepspeed_dict(obj: Any) -> dict | None:
-    """The DeepSpeed config dict behind a strategy object, a strategy config node, or a raw config."""
-    ds_strategy = _loaded_class("lightning.pytorch.strategies", "DeepSpeedStrategy")
-    if ds_strategy is not None and isinstance(obj, ds_strategy):
-        return copy.deepcopy(obj.config)
-    obj = _to_plain(obj)
-    if not isinstance(obj, Mapping) or not is_deepspeed(obj):
-        return None
-    if "zero_optimization" in obj:
-        return copy.deepcopy(dict(obj))
-    from llmlab.strategies import deepspeed  # the config node's own builder: the config it would run with
-
-    params = inspect.signature(deepspeed).parameters
-    return deepspeed(**{k: v for k, v in obj.items() if k in params}).config
+from llmlab.distributed.detect import is_zero3, loaded_class, zero_stage
+from llmlab.distributed.strategies import deepspeed_dict
 
 
 @contextlib.contextmanager
@@ -285,7 +184,7 @@ def _zero3_engine(strategy: Any) -> Any:
     """The DeepSpeed engine of a ZeRO-3 strategy (or the engine itself), else None."""
     if type(strategy).__name__ == "DeepSpeedEngine":
         return strategy if zero_stage(strategy) == 3 else None
-    ds_strategy = _loaded_class("lightning.pytorch.strategies", "DeepSpeedStrategy")
+    ds_strategy = loaded_class("lightning.pytorch.strategies", "DeepSpeedStrategy")
     if ds_strategy is not None and isinstance(strategy, ds_strategy) and zero_stage(strategy) == 3:
         return strategy.model
     return None

@@ -30,7 +30,7 @@ have written theirs), `written` = every rank's part on disk, no manifest, nothin
 `swapping` = the old checkpoint moved to `.prev`, the new one not yet renamed into place.
 
 The resume config check (`check_resume`: same model, data, peft, ... as the checkpoint) is in
-llmlab/resume.py.
+llmlab/checkpointing/resume.py.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from llmlab.atomic import atomic_write_text, fsync_dir, remove, sibling
+from llmlab.checkpointing.atomic import atomic_write_text, fsync_dir, remove, sibling
 from llmlab.errors import ConfigError
 
 log = logging.getLogger("llmlab")
@@ -249,31 +249,6 @@ def find_resume_checkpoint(run_dir: Any) -> Path | None:
     return chosen
 
 
-def resolve_ckpt_path(cfg) -> str | None:
-    """The checkpoint this run resumes from: `ckpt_path=<path>` (must be intact) or `resume=auto`
-    (the newest intact one in the run dir); the strategy must be able to read its kind."""
-    from llmlab.checks_strategy import check_checkpoint_for_strategy
-
-    if cfg.ckpt_path:
-        path = Path(cfg.ckpt_path)
-        if not is_checkpoint(path):
-            raise CheckpointError(f"ckpt_path={path}: no such checkpoint file (or DeepSpeed/FSDP checkpoint directory)")
-        if problem := checkpoint_problem(path):
-            raise CheckpointError(f"ckpt_path={path}: the checkpoint is incomplete or corrupt ({problem}); "
-                                  f"pass an intact one or resume=auto (which falls back to the previous)")
-        check_checkpoint_for_strategy(path, cfg.strategy)
-        return str(path)
-    if cfg.resume == "auto":
-        path = find_resume_checkpoint(Path(cfg.paths.output_dir))
-        if path is None:
-            return None
-        check_checkpoint_for_strategy(path, cfg.strategy)
-        return str(path)
-    if cfg.resume not in (None, "none"):
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file>")
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading the weights (llmlab.export)
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +262,9 @@ def load_weights(path: Any) -> dict:
 
     path = Path(path)
     if is_deepspeed_checkpoint(path):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         check_deepspeed_pickles(path)  # DeepSpeed unpickles its shards with weights_only=False
         return get_fp32_state_dict_from_zero_checkpoint(str(path))

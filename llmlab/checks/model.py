@@ -1,14 +1,16 @@
 """Model and PEFT rules, before any weights load: `model.*` settings, a local model directory's
-config.json, and PEFT x model x precision (llmlab/peft.py), on the architecture built on the meta device."""
+config.json, and PEFT x model x precision (llmlab/models/peft.py), on the architecture built on the meta device."""
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
 
+from llmlab.checks.settings import number
+from llmlab.distributed.detect import is_deepspeed, strategy_name
+from llmlab.distributed.precision import half_dtype, weights_dtype
 from llmlab.errors import ConfigError
-from llmlab.precision import half_dtype, weights_dtype
-from llmlab.zero3 import is_deepspeed, strategy_name
+
 
 def local_model_dir(model_cfg) -> Path | None:
     """`model.pretrained` as a local directory (init=pretrained), else None (a hub name, or scratch)."""
@@ -71,7 +73,7 @@ def _architecture_on_meta(cfg):
     None when its architecture cannot be known offline (a hub model without `config:` values)."""
     import torch
 
-    from llmlab.models import architecture_config
+    from llmlab.models.build import architecture_config
 
     m, head = cfg.model, cfg.stage.get("head", "causal_lm")
     local = local_model_dir(m)
@@ -101,8 +103,8 @@ def _check_quantized_base(cfg, method: str, kind: str, alternative: str) -> None
 
 
 def check_peft(cfg) -> None:
-    """PEFT x model x precision x data rules (llmlab/peft.py), before any weights load."""
-    from llmlab import peft as peft_lib
+    """PEFT x model x precision x data rules (llmlab/models/peft.py), before any weights load."""
+    from llmlab.models import peft as peft_lib
 
     p = cfg.peft
     method = p.method
@@ -202,3 +204,17 @@ def check_loss_chunking(cfg) -> None:
     if model_type is not None and model_type not in HEAD_APART_MODEL_TYPES:
         raise ConfigError(f"{setting}: model type {model_type!r} is not one whose output layer can be applied "
                           f"apart ({', '.join(HEAD_APART_MODEL_TYPES)}); set stage.module.loss_chunk_tokens=null")
+
+
+def check_peft_numbers(cfg) -> None:
+    """peft.r / alpha / dropout of the LoRA family (PEFT itself fails late with a traceback)."""
+    p = cfg.get("peft") or {}
+    if p.get("method") in (None, "none"):
+        return
+    if "r" in p and (isinstance(p.r, bool) or not isinstance(p.r, int) or p.r < 1):
+        raise ConfigError(f"peft.r={p.r!r}: the LoRA rank must be an integer >= 1, e.g. peft.r=8 (or peft=none "
+                          f"for full fine-tuning)")
+    if "alpha" in p and number(p.alpha, "peft.alpha", "16") <= 0:
+        raise ConfigError(f"peft.alpha={p.alpha}: must be > 0 (the update is scaled by alpha/r), e.g. peft.alpha=16")
+    if "dropout" in p and not 0 <= number(p.dropout, "peft.dropout", "0.05") < 1:
+        raise ConfigError(f"peft.dropout={p.dropout}: give a probability in [0, 1)")

@@ -19,6 +19,10 @@ score head fully trainable (`modules_to_save`). Target modules default per archi
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from llmlab.distributed.detect import is_zero3
+from llmlab.distributed.precision import parameter_dtype
 
 METHODS = ("none", "lora", "dora", "qlora", "lora_int8", "ia3", "prefix", "prompt")
 QUANTIZED_BASE = ("qlora", "lora_int8")  # the base is quantized as it loads (bitsandbytes)
@@ -191,12 +195,12 @@ def apply_peft(model, peft_cfg, head: str = "causal_lm"):
     peft = import_peft()
 
     if method in QUANTIZED_BASE and next(model.parameters()).is_meta:
-        pass  # dry run on the meta device: shapes only, counted as LoRA on a 4-bit base (llmlab/memory.py)
+        pass  # dry run on the meta device: shapes only, counted as LoRA on a 4-bit base (llmlab/distributed/memory.py)
     elif method in QUANTIZED_BASE:
         bits = 4 if method == "qlora" else 8
         if not getattr(model, f"is_loaded_in_{bits}bit", False):
             raise ValueError(f"peft={method} needs a model loaded in {bits} bit (quantization_config from "
-                             "llmlab.peft.quantization_config)")
+                             "llmlab.models.peft.quantization_config)")
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(peft_cfg.gradient_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -238,3 +242,39 @@ def transformers_model(model):
 def uses_virtual_tokens(model) -> bool:
     """True for prefix / prompt tuning: PEFT prepends virtual tokens and extends only 2-D masks."""
     return is_peft_model(model) and bool(getattr(model.active_peft_config, "is_prompt_learning", False))
+
+
+# ---- PEFT settings that follow the strategy (a config transform, not a rule: the rules are checks/strategy.py)
+
+def quant_storage_for(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> str | None:
+    """The storage dtype QLoRA's packed 4-bit weights get under this strategy (None: bitsandbytes' uint8).
+
+    ZeRO-3 partitions parameters as flat float buffers: uint8-packed 4-bit weights cannot be sharded;
+    the same bytes viewed as a float dtype can. That dtype must be the one DeepSpeed casts floating
+    parameters to (`precision.parameter_dtype`), or the cast would corrupt the packed bits. So under
+    ZeRO-3 an unset `peft.quantization.quant_storage` becomes that dtype (checked on CPU: bfloat16 with
+    bf16-true and bf16-mixed, float32 with 32-true); an explicit choice is kept (`check_run` refuses
+    the ones that cannot work).
+    """
+    if peft_cfg is None or peft_cfg.get("method") != "qlora":
+        return None
+    storage = (peft_cfg.get("quantization") or {}).get("quant_storage")
+    if storage is None and is_zero3(strategy_cfg):
+        return parameter_dtype(precision)
+    return storage
+
+
+def peft_for_strategy(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-true") -> Any:
+    """`peft_cfg`, with `quantization.quant_storage` as `quant_storage_for` decides (a copy when it changes).
+
+    llmlab.stages.build builds every model through this, so `peft=qlora strategy=zero3` needs no extra flag."""
+    storage = quant_storage_for(peft_cfg, strategy_cfg, precision)
+    if peft_cfg is None or peft_cfg.get("method") != "qlora" or storage == peft_cfg.quantization.get("quant_storage"):
+        return peft_cfg
+    from omegaconf import (
+        OmegaConf,  # config nodes only reach here once Hydra has loaded omegaconf
+    )
+
+    node = OmegaConf.create(OmegaConf.to_container(peft_cfg, resolve=True))
+    node.quantization.quant_storage = storage
+    return node

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from hydra.utils import get_class, instantiate
 
-from llmlab.models import build_model
-from llmlab.peft import apply_peft, quantization_config
-from llmlab.checks_strategy import peft_for_strategy
+from llmlab.models.build import build_model
+from llmlab.models.peft import apply_peft, peft_for_strategy, quantization_config
 
 
 def stage_class(stage_cfg):

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from llmlab.checks.settings import override_list
+from llmlab.errors import PipelineError
+
 log = logging.getLogger("llmlab.pipeline")
 
 
@@ -64,8 +67,6 @@ def _evaluate(target: dict, task_set: str, overrides: list[str], out: Path) -> d
     log.info("eval %s: %s", target["name"], " ".join(cmd[3:]))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        from llmlab.pipeline import PipelineError
-
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         reason = next((ln for ln in reversed(lines) if ln.startswith("llmlab: error:")), lines[-1] if lines else "")
         raise PipelineError(f"eval step, model '{target['name']}' ({target['model']}) failed (exit "
@@ -81,11 +82,9 @@ def run_eval_step(cfg, out_dir: Path, entries: list[dict]) -> dict | None:
     spec = cfg.pipeline.get("eval")
     if not spec:
         return None
-    from llmlab.pipeline import _override_list
-
     task_set = str(spec.get("task_set", "builtin"))
-    overrides = _override_list(spec.get("overrides"), "pipeline.eval.overrides")
-    overrides += _override_list(cfg.get("eval_overrides"), "eval_overrides")
+    overrides = override_list(spec.get("overrides"), "pipeline.eval.overrides")
+    overrides += override_list(cfg.get("eval_overrides"), "eval_overrides")
     (out_dir / "eval").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, target in enumerate(eval_targets(cfg, out_dir, entries)):

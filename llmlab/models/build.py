@@ -7,16 +7,12 @@ One builder for every size: the tiny test model and OPT-1.3B differ only in thei
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+
+from llmlab.nodes import to_plain
 
 HEADS = ("causal_lm", "sequence_classification")
-
-
-def _plain(node: Any) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
 def build_tokenizer(model_cfg):
@@ -28,7 +24,7 @@ def build_tokenizer(model_cfg):
         return builtin_tokenizer()
     from transformers import AutoTokenizer
 
-    from llmlab.hub import hub_error
+    from llmlab.checks.hub import hub_error
 
     setting = "model.tokenizer" if model_cfg.get("tokenizer") else "model.pretrained"
     try:
@@ -45,7 +41,7 @@ def architecture_config(model_cfg, tokenizer=None, head: str = "causal_lm"):
     """The transformers config for `init: scratch` (vocab from the tokenizer unless given)."""
     from transformers import AutoConfig
 
-    kwargs = _plain(model_cfg.config)
+    kwargs = dict(to_plain(model_cfg.config) or {})
     model_type = kwargs.pop("model_type")
     if "vocab_size" not in kwargs and tokenizer is not None:
         kwargs["vocab_size"] = len(tokenizer)
@@ -74,7 +70,7 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
             raise ValueError("quantization needs init=pretrained weights to quantize")
         model = auto.from_config(config, dtype=dtype) if dtype else auto.from_config(config)
     else:
-        from llmlab.hub import hub_error
+        from llmlab.checks.hub import hub_error
 
         extra = {"num_labels": 1} if head == "sequence_classification" else {}
         try:
@@ -148,7 +144,7 @@ def compile_forward(model: torch.nn.Module) -> torch.nn.Module:
     then the training one; inductor caches them on disk across runs). Generation runs eager
     (`generation.eager_generation`); a frozen reference copied when the stage was built stays eager.
     """
-    from llmlab.peft import transformers_model
+    from llmlab.models.peft import transformers_model
 
     inner = transformers_model(model)
     inner.compile(backend="inductor")

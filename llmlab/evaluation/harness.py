@@ -2,7 +2,7 @@
 the training callback (llmlab/callbacks/evaluation.py) and the pipeline's `eval` step.
 
 A task set (conf/eval/<name>.yaml) names lm-eval tasks: stock ones (the course's ARC, HellaSwag, MMLU,
-TruthfulQA: their datasets come from the hub) or llmlab's own task YAMLs (llmlab/eval_tasks/: built-in
+TruthfulQA: their datasets come from the hub) or llmlab's own task YAMLs (llmlab/evaluation/tasks/: built-in
 held-out data written as jsonl at run time, and perplexity of a local text file). Everything that can
 be checked without torch is checked first (`check_task_set`): unknown task names (with close ones), a
 hub task set while offline, a missing text file.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from llmlab.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TASK_DIR = Path(__file__).resolve().parent / "eval_tasks"  # llmlab's own task YAMLs (shipped in the package)
+CONF = Path(__file__).resolve().parents[2] / "conf"
+TASK_DIR = Path(__file__).resolve().parent / "tasks"  # llmlab's own task YAMLs (shipped in the package)
 DEFAULT_TEMPLATE = "Question: {prompt}\n\nAnswer: "  # conf/data/builtin.yaml's prompt_template
 
 
@@ -70,7 +70,7 @@ def hub_offline() -> bool:
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
-    from llmlab.hub import hub_reachable
+    from llmlab.checks.hub import hub_reachable
 
     return not hub_reachable()
 
@@ -104,7 +104,7 @@ def check_task_set(task_set, setting: str | None = None) -> None:
         path = Path(str(text_file)).expanduser()
         if not path.is_file():
             raise ConfigError(f"eval.text_file={text_file}: no such file; give a .txt or .jsonl file")
-        from llmlab.eval_tasks.utils import read_documents
+        from llmlab.evaluation.tasks.utils import read_documents
 
         try:
             if not read_documents(str(path)):
