@@ -50,7 +50,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from llmlab.evaluation.harness import DEFAULT_TEMPLATE, evaluate
-    from llmlab.generate import load
+    from llmlab.models.load import load
 
     model, tokenizer = load(model_dir)
     task_set = OmegaConf.load(ROOT / "conf" / "eval" / "builtin.yaml")

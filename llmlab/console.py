@@ -2,9 +2,9 @@
 
 Hydra's `hydra/job_logging=llmlab` (conf/hydra/job_logging/llmlab.yaml) sends every record to the
 console through `ConsoleFormatter` + `DropNoise` and, unfiltered and timestamped, to `<run dir>/run.log`.
-`quiet_libraries()` runs before torch/lightning/transformers are imported and stops their own output
-paths (Lightning's own stderr handler: every message twice; transformers' tqdm bars; DeepSpeed's
-accelerator notice) and the warnings in `NOISE` below. Only the standard library is imported here:
+`quiet_libraries()` runs first thing in a run (before peft, torchao and DeepSpeed are imported: they
+speak as they import) and stops the libraries' own output paths (Lightning's own stderr handler: every
+message twice; transformers' tqdm bars; DeepSpeed's accelerator notice) and the warnings in `NOISE` below. Only the standard library is imported here:
 Hydra loads this module while it configures logging, before any run starts.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from pathlib import Path
 
 # Messages about the libraries' own state, not about the user's run, each with why it is dropped.
 # tests/test_console.py runs the default job and fails on any warning outside this list.
@@ -50,7 +51,8 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def quiet_libraries() -> None:
-    """Call before importing torch/lightning/transformers (train.py does, first thing)."""
+    """Call before a run builds anything (train.py does, first thing): before peft, torchao or DeepSpeed
+    is imported."""
     for pattern, _ in NOISE:  # warnings.warn(...) paths (Lightning's rank_zero_warn among them)
         warnings.filterwarnings("ignore", message=f".*(?:{pattern})")
     # loggers with handlers of their own (records never reach the console handler's filter)
@@ -58,6 +60,7 @@ def quiet_libraries() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropNoise) for f in logger.filters):
             logger.addFilter(DropNoise())
+    # lazy (here and below): Hydra loads this module while it configures logging, before any run
     import lightning.pytorch  # noqa: F401  (its import attaches the handler removed below)
 
     # Lightning prints through a stderr handler of its own when it is imported before logging is
@@ -76,8 +79,7 @@ def quiet_libraries() -> None:
 def print_summary(result: dict, run_dir) -> None:
     """The end of a run: a short table of the key results and where the outputs are (all of it in
     summary.json)."""
-    from pathlib import Path
-
+    # lazy: only the standard library at module level (Hydra loads this module to configure logging)
     from rich.console import Console
     from rich.table import Table
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from pathlib import Path
+
+from llmlab.redact import redact_text
 
 
 class ConfigError(ValueError):
@@ -43,14 +46,14 @@ def one_line(message: object) -> str:
 
 def fail(message: object, code: int = 2):
     """Print `llmlab: error: ...` (one line) and exit with `code` (2: the user's input)."""
-    from llmlab.redact import redact_text
-
     print(f"llmlab: error: {redact_text(one_line(message))}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
 def flat_keys(node, prefix: str = "") -> list[str]:
     """Dotted keys of a (nested) config, leaves and inner nodes alike, without resolving values."""
+    # lazy (OmegaConf, Hydra here and below): llmlab.report, .generate and .export import this module
+    # and answer --help without either
     from omegaconf import DictConfig, OmegaConf
 
     keys = []
@@ -83,8 +86,7 @@ def _bad_key(text: str) -> str | None:
 
 def _composed_keys(config_name: str, argv: list[str]) -> list[str]:
     """Keys of the config composed from the group choices in argv (bad keys left out); [] on failure."""
-    from pathlib import Path
-
+    # lazy: see flat_keys
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -122,6 +124,7 @@ def guard_hydra(config_name: str) -> None:
     Hydra reports them in hydra._internal.utils.run_and_report; we wrap the function it runs and turn
     its user-input exceptions into `fail()` (SystemExit passes through run_and_report untouched).
     """
+    # lazy: see flat_keys
     import hydra._internal.utils as hydra_utils
     from hydra.errors import (
         ConfigCompositionException,

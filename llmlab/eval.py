@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from llmlab.distributed.precision import autocast_dtype
+from llmlab.errors import ConfigError, fail, guard_hydra, is_user_error
+from llmlab.evaluation.harness import check_task_set, evaluate, flat_metrics, table_rows
+from llmlab.models.load import load, resolve_model
+from llmlab.models.peft import apply_peft, import_peft, quantization_config
+from llmlab.redact import redact_logs
 
 log = logging.getLogger("llmlab")
 
@@ -29,9 +37,6 @@ def _run_config(path: Path):
 def check_eval_settings(cfg: DictConfig) -> None:
     """Everything checkable before torch: the settings, the task set (names, hub while offline), the
     model path (a run dir must have an export)."""
-    from llmlab.errors import ConfigError
-    from llmlab.evaluation.harness import check_task_set
-
     if cfg.load not in ("auto", "merged", "adapter"):
         raise ConfigError(f"load={cfg.load!r}: use auto, merged (hf/) or adapter (base + hf_adapter/)")
     if cfg.autocast not in ("auto", "bf16", "none", None):
@@ -61,8 +66,6 @@ def check_eval_settings(cfg: DictConfig) -> None:
         if cfg.load == "adapter":
             raise ConfigError(f"load=adapter is for a run dir; {path} is not one (a PEFT adapter dir loads with "
                               f"its base by itself)")
-        from llmlab.generate import resolve_model
-
         resolve_model(str(cfg.path))  # no such dir / hub unreachable: one line, before torch
 
 
@@ -76,11 +79,12 @@ def _uses_adapter(cfg, run_cfg, path: Path) -> bool:
 def load_run_adapter(path: Path, run_cfg):
     """The run's model rebuilt as it was trained (base, 4-bit for QLoRA, PEFT structure from the run's
     config) with the adapter weights of `hf_adapter/`; eval mode."""
+    # lazy (torch, transformers, lightning here and below): `check_eval_settings` answers before they load,
+    # and --help without them
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from llmlab.errors import ConfigError
     from llmlab.models.build import build_model
-    from llmlab.models.peft import apply_peft, import_peft, quantization_config
     from llmlab.stages.build import keep_4bit_layout
 
     if run_cfg.model.init != "pretrained":
@@ -95,8 +99,6 @@ def load_run_adapter(path: Path, run_cfg):
     model = apply_peft(base, run_cfg.peft)
     keep_4bit_layout(model)
     peft = import_peft()
-    from safetensors.torch import load_file
-
     weights = adapter / "adapter_model.safetensors"
     result = peft.set_peft_model_state_dict(model, load_file(str(weights)))
     missing = [k for k in getattr(result, "unexpected_keys", []) or []]
@@ -108,9 +110,7 @@ def load_run_adapter(path: Path, run_cfg):
 
 def load_model(cfg):
     """(model, tokenizer, run_cfg or None, what was loaded) as `cfg.load` asks."""
-    import torch
-
-    from llmlab.generate import load, resolve_model
+    import torch  # lazy: see load_run_adapter
 
     path = Path(str(cfg.path)).expanduser()
     run_cfg = _run_config(path)
@@ -133,8 +133,6 @@ def run_template(cfg, run_cfg) -> str | None:
 
 def log_to_run(path: Path, run_cfg, metrics: dict[str, float]) -> list[str]:
     """Log `metrics` into the run's own loggers (its logger config), at the run's last step."""
-    from hydra.utils import instantiate
-
     step = 0
     try:
         step = int(json.loads((path / "summary.json").read_text()).get("global_step") or 0)
@@ -155,9 +153,7 @@ def log_to_run(path: Path, run_cfg, metrics: dict[str, float]) -> list[str]:
 
 
 def print_table(result: dict, title: str) -> None:
-    from llmlab.evaluation.harness import table_rows
-
-    try:
+    try:  # rich when installed (optional here), else plain lines
         from rich.console import Console
         from rich.table import Table
 
@@ -175,17 +171,12 @@ def print_table(result: dict, title: str) -> None:
 
 def evaluate_cli(cfg: DictConfig) -> dict:
     check_eval_settings(cfg)
-    import torch
-
-    from llmlab.evaluation.harness import evaluate, flat_metrics
+    import torch  # lazy: see load_run_adapter
 
     model, tokenizer, run_cfg, loaded = load_model(cfg)
     mode = str(cfg.autocast)
     if mode == "auto":
-        from llmlab.distributed.precision import (
-            autocast_dtype,  # as the run validated: bf16-mixed (or bare bf16)
-        )
-
+        # as the run validated: bf16-mixed (or bare bf16)
         mode = "bf16" if run_cfg is not None and autocast_dtype(run_cfg.trainer.precision) == "bfloat16" else "none"
     autocast = torch.bfloat16 if mode == "bf16" else None
     result = evaluate(model, tokenizer, cfg.eval, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
@@ -210,8 +201,6 @@ def evaluate_cli(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from llmlab.errors import fail, is_user_error
-
     try:
         evaluate_cli(cfg)
     except Exception as err:  # noqa: BLE001 - user errors: one line, exit 2; anything else: traceback
@@ -229,13 +218,8 @@ def model_argument(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from llmlab.errors import guard_hydra
-    from llmlab.redact import redact_logs
-
     sys.argv = model_argument(sys.argv)
     if not any(a.startswith(("path=", "--help", "-h", "--hydra-help", "--cfg", "--info")) for a in sys.argv[1:]):
-        from llmlab.errors import fail
-
         fail("give the model first: python -m llmlab.eval MODEL [eval=builtin|course|perplexity] (MODEL: a run "
              "dir, an HF model dir, a PEFT adapter dir or a hub name; --help lists the settings)")
     guard_hydra("eval")

@@ -31,25 +31,29 @@ merged model, and `hf_adapter/` the adapter.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
+from llmlab.checkpointing.checkpoints import (
+    checkpoint_problem,
+    find_resume_checkpoint,
+    load_weights,
+)
+from llmlab.checks.hub import hub_error
 from llmlab.errors import ConfigError, fail
 from llmlab.models.export import export_model
+from llmlab.models.peft import import_peft
+from llmlab.models.quantize import check_method, human, quantize_int8, save_quantized
 
 log = logging.getLogger("llmlab")
 
 
 def _load_run(run_dir: Path, ckpt: Path | None):
     """Rebuild a run's model from config_resolved.yaml and load its trained weights."""
+    # lazy (OmegaConf; torch, transformers, lightning below): `check_args` answers before they load
     from omegaconf import OmegaConf
-
-    from llmlab.checkpointing.checkpoints import (
-        checkpoint_problem,
-        find_resume_checkpoint,
-        load_weights,
-    )
 
     cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
     if ckpt is None:  # the newest intact checkpoint (last.ckpt, or its .partial/.prev when that is torn)
@@ -66,10 +70,9 @@ def _load_run(run_dir: Path, ckpt: Path | None):
             state = load_weights(ckpt)
         except ConfigError as err:  # name the argument the user gave
             raise ConfigError(f"--ckpt {err}") from None
+    # lazy: lightning, transformers only once the weights are readable
     from llmlab.models.build import build_tokenizer
-    from llmlab.stages.build import (
-        build_stage,  # lightning, transformers: only once the weights are readable
-    )
+    from llmlab.stages.build import build_stage
 
     tokenizer = build_tokenizer(cfg.model)
     module = build_stage(cfg, tokenizer)
@@ -84,8 +87,6 @@ def _load_run(run_dir: Path, ckpt: Path | None):
         return module.model, tokenizer
     adapter = run_dir / "hf_adapter"
     if (adapter / "adapter_config.json").is_file():
-        from llmlab.models.peft import import_peft
-
         model = import_peft().PeftModel.from_pretrained(module.model.get_base_model(), str(adapter))
         log.info("export: adapter from %s", adapter)
         return model, tokenizer
@@ -93,17 +94,11 @@ def _load_run(run_dir: Path, ckpt: Path | None):
 
 
 def _load_adapter(adapter_dir: Path, base: str | None, dtype):
-    import json
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmlab.models.peft import import_peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: see _load_run
 
     base = base or json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH_OR_HUB_NAME")
-    from llmlab.checks.hub import hub_error
-
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False)
         tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
@@ -129,8 +124,6 @@ def check_args(args) -> str:
             "adapter" if (path / "adapter_config.json").is_file() else
             "model" if (path / "config.json").is_file() and args.quantize else None)
     if args.quantize:
-        from llmlab.models.quantize import check_method
-
         check_method(args.quantize)
     if kind is None:
         raise ConfigError(f"{path}: neither a run directory (config_resolved.yaml) nor an adapter "
@@ -169,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         kind = check_args(args)
-        import torch
+        import torch  # lazy: see _load_run
 
         dtype = getattr(torch, args.dtype) if args.dtype else None
         path = args.path
@@ -197,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quantize(model_dir: Path, tokenizer, out: Path, method: str) -> int:
     """Quantize the exported model in `model_dir` into `out`; print where, the load call and the sizes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmlab.models.quantize import human, quantize_int8, save_quantized
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: see _load_run
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False)

@@ -23,12 +23,14 @@ Greedy decoding is the default (do_sample=false, num_beams=1). Each result print
 """
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
 
 from llmlab.checks.data import check_template_text
 from llmlab.errors import ConfigError, fail
+from llmlab.models.load import load, resolve_model
 
 DEFAULTS = dict(prompt=[], prompts_file=None, template="auto", max_new_tokens=64, num_beams=1, do_sample=False,
                 temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, stop=[], seed=0, batch_size=8,
@@ -37,6 +39,8 @@ DEFAULTS = dict(prompt=[], prompts_file=None, template="auto", max_new_tokens=64
 
 def _parse_value(raw: str):
     """A YAML value as on Hydra's command line: 16 -> int, false -> bool, ["."] -> list; else the text."""
+    # lazy (OmegaConf, and torch, transformers, lightning below): --help and every check of what the user
+    # typed answer before they load (`run`)
     from omegaconf import OmegaConf
 
     if not raw:
@@ -49,8 +53,6 @@ def _parse_value(raw: str):
 
 def parse_args(argv: list[str]) -> tuple[str, dict]:
     """MODEL then key=value settings (values parsed as YAML, as Hydra does); `prompt` may repeat."""
-    import difflib
-
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0)
@@ -155,82 +157,6 @@ def read_prompts(settings: dict) -> list[str]:
     return prompts
 
 
-def resolve_model(path: str) -> tuple[str, str | None]:
-    """(directory or hub name to load, the run's prompt template or None)."""
-    p = Path(path).expanduser()
-    template = None
-    if (p / "config_resolved.yaml").is_file():  # a run directory
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.load(p / "config_resolved.yaml")
-        if cfg.stage.name != "pretrain":
-            template = cfg.data.get("prompt_template")
-        for sub in ("hf", "hf_adapter"):
-            if (p / sub / "config.json").is_file() or (p / sub / "adapter_config.json").is_file():
-                return str(p / sub), template
-        raise ConfigError(f"{p} is a run dir without hf/ or hf_adapter/ (did training finish?); export it first: "
-                          f"python -m llmlab.export {p}")
-    if p.is_dir():
-        if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
-            raise ConfigError(f"MODEL={path}: a directory without config.json or adapter_config.json; give a run "
-                              f"dir, an HF model directory or a PEFT adapter directory")
-        if (p / "config.json").is_file():
-            config = json.loads((p / "config.json").read_text() or "{}")
-            if config.get("auto_map"):
-                raise ConfigError(f"MODEL={path}: its config.json maps to custom code (auto_map), which llmlab does "
-                                  f"not run (trust_remote_code stays off)")
-        return str(p), template
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
-        raise ConfigError(f"MODEL={path}: no such directory; give a run dir, an HF model directory or a hub name")
-    from llmlab.checks.hub import hub_fixes, hub_reachable, in_hub_cache
-
-    if not in_hub_cache(path) and not hub_reachable():
-        fixes = hub_fixes(path, "MODEL")
-        raise ConfigError(f"MODEL={path}: the Hugging Face hub cannot be reached and the model is not in the "
-                          f"local cache; {fixes}")
-    return path, template
-
-
-def load(path: str, dtype=None):
-    """Model (eval mode) and tokenizer; PEFT adapter directories load with their base. Never runs code
-    shipped with a model (trust_remote_code=False)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmlab.checks.hub import hub_error
-
-    p = Path(path)
-    from llmlab.models.quantize import is_quantized_dir, load_quantized
-
-    if is_quantized_dir(p):  # python -m llmlab.export ... quantize=int8: int8 weights, fp32 activations
-        if dtype is not None and dtype != torch_float32():
-            raise ConfigError(f"dtype={str(dtype).removeprefix('torch.')}: {path} is an int8 quantized export, "
-                              f"which computes in float32; leave dtype unset")
-        model = load_quantized(p)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model, tokenizer
-    try:
-        if (p / "adapter_config.json").is_file():
-            from llmlab.models.peft import import_peft
-
-            model = import_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise hub_error("MODEL", path, err) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
-
-
-def torch_float32():
-    import torch
-
-    return torch.float32
-
-
 def generation_kwargs(settings: dict) -> dict:
     """`generate()` keyword arguments of the decoding settings (sampling ones only when sampling)."""
     kwargs = dict(num_beams=int(settings["num_beams"]), do_sample=bool(settings["do_sample"]),
@@ -251,13 +177,14 @@ def run(argv: list[str]) -> int:
     if template is not None:
         setting = "template" if settings["template"] != "auto" else "the run's data.prompt_template"
         check_template_text(template, setting)
+    # lazy: everything above is checked before torch loads
     import torch
+
+    from llmlab.evaluation.generation import generate_text
 
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
     model, tokenizer = load(model_path, dtype)
     rendered = [template.format(prompt=p) if template else p for p in prompts]
-    from llmlab.evaluation.generation import generate_text
-
     torch.manual_seed(int(settings["seed"]))
     texts = generate_text(model, tokenizer, rendered, int(settings["max_new_tokens"]),
                           batch_size=max(1, int(settings["batch_size"])), stop=list(settings["stop"]),

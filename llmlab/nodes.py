@@ -10,6 +10,7 @@ def to_plain(obj: Any, resolve: bool = True) -> Any:
     """OmegaConf containers to plain dicts/lists (interpolations resolved unless `resolve=False`);
     anything else unchanged."""
     if "omegaconf" in sys.modules:
+        # lazy: only when already loaded (module docstring)
         from omegaconf import OmegaConf
 
         if OmegaConf.is_config(obj):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger("llmlab")
 
@@ -68,8 +70,6 @@ def any_rank(flag: bool) -> bool:
 
     Collective when torch.distributed is initialized (DDP, DeepSpeed): every rank must call it.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -150,8 +150,6 @@ def guard_optimizer(optimizer: torch.optim.Optimizer, guard: StepGuard | None = 
     The wrapper is bound to the optimizer (a method, as LR schedulers expect of `optimizer.step`).
     Lightning passes a closure (forward + backward + clipping): it runs first, then the decision.
     """
-    import types
-
     guard = guard or StepGuard()
     original = optimizer.step
 

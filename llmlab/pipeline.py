@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from llmlab.checks.settings import override_list
@@ -181,8 +182,6 @@ def write_summary(cfg, out_dir: Path, entries: list[dict], status: str) -> dict:
 def pipeline_dir(cfg: DictConfig) -> Path:
     """Where the chain's stages go: `hydra.run.dir` (which defaults to `out_dir`), so both
     `out_dir=X` and `hydra.run.dir=X` put every stage under X."""
-    from hydra.core.hydra_config import HydraConfig
-
     chosen = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.out_dir
     return Path(chosen).expanduser().resolve()
 

@@ -9,7 +9,9 @@ every `llmlab: error:` line.
 """
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 from typing import Any
 
 MASK = "***"
@@ -50,6 +52,8 @@ def redact(obj: Any, key: str = "") -> Any:
 
 def redacted_yaml(cfg, resolve: bool = True) -> str:
     """An OmegaConf config as YAML with its secrets masked (what config_resolved.yaml holds)."""
+    # lazy (OmegaConf, Hydra here and below): llmlab.errors imports this module, and llmlab.report,
+    # .generate and .export import that one and answer --help without either
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=resolve)
@@ -58,8 +62,6 @@ def redacted_yaml(cfg, resolve: bool = True) -> str:
 
 def redact_file(path) -> None:
     """Mask secrets in a text file in place (Hydra's .hydra/*.yaml, multirun.yaml); untouched if clean."""
-    from pathlib import Path
-
     path = Path(path)
     try:
         text = path.read_text()
@@ -73,9 +75,7 @@ def redact_file(path) -> None:
 def redact_hydra_outputs() -> None:
     """Mask secrets in what Hydra wrote for this job before calling it: <run dir>/.hydra/{config,hydra,
     overrides}.yaml and, in a sweep, <sweep dir>/multirun.yaml (they hold the command line verbatim)."""
-    from pathlib import Path
-
-    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig  # lazy: see redacted_yaml
 
     if not HydraConfig.initialized():
         return
@@ -91,8 +91,6 @@ def redact_logs() -> None:
     """Mask secrets in every log record of this process (Hydra's launcher logs each job's overrides,
     e.g. `#0 : +wandb_api_key=...`). A record factory survives Hydra's logging.config.dictConfig, which
     replaces handlers and filters."""
-    import logging
-
     previous = logging.getLogRecordFactory()
     if getattr(previous, "_llmlab_redact", False):
         return

@@ -76,6 +76,7 @@ def _planned_grid(sweep_dir: Path) -> list[list[str]] | None:
     if not sweeper.endswith("BasicSweeper"):
         return None
     try:
+        # lazy: Hydra only for a sweep's plan (llmlab.report answers --help and reads run dirs without it)
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -237,6 +238,7 @@ def write_csv(path: Path, jobs: list[Job], metric: str, best: Job | None) -> Non
 
 
 def plot_curves(path: Path, jobs: list[Job], best: Job | None, metric: str, curve: str) -> None:
+    # lazy: matplotlib (heavy) only when a plot is drawn; pyplot after the Agg backend is chosen
     import matplotlib
 
     matplotlib.use("Agg")

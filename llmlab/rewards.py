@@ -19,8 +19,14 @@ import re
 from collections.abc import Sequence
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from llmlab.data.rows import pad_rows, tokenize_example
 from llmlab.errors import ConfigError
+from llmlab.stages import alignment
+from llmlab.stages.reward import sequence_scores
 
 
 def _import(path: str, setting: str, example: str):
@@ -137,15 +143,11 @@ class ModelReward:
     the policy's, e.g. DeBERTa scoring OPT), built as stage=rm built its rows: prompt, response, EOS."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 512):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from llmlab.stages import alignment
-
         source = alignment.hf_dir(path)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = alignment._freeze(AutoModelForSequenceClassification.from_pretrained(source))
+        self.model = alignment.freeze(AutoModelForSequenceClassification.from_pretrained(source))
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size, self.max_length = batch_size, max_length
@@ -155,8 +157,6 @@ class ModelReward:
         return self
 
     def _row(self, prompt: str, response: str) -> dict:
-        from llmlab.data.rows import tokenize_example
-
         row = tokenize_example(self.tokenizer, prompt, response, self.max_length)
         if row is None:  # the response alone is too long: keep its end
             ids = (self.tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -166,9 +166,6 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **fields) -> torch.Tensor:
-        from llmlab.data.rows import pad_rows
-        from llmlab.stages.reward import sequence_scores
-
         device = next(self.model.parameters()).device
         scores = []
         for i in range(0, len(prompts), self.batch_size):
@@ -233,9 +230,6 @@ def build_rewards(group, required: bool = True) -> Rewards | None:
     """The `reward` config group ({name: {_target_, weight, ...}}) -> Rewards; a target that cannot be
     built is a ConfigError naming `reward.<name>`. In a stage's config it is a node with
     `_recursive_: false` (Hydra must not build the entries itself: `weight` is not their argument)."""
-    from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(group, DictConfig):
         missing = sorted(OmegaConf.missing_keys(group))
         if missing:

@@ -54,7 +54,12 @@ OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, r
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    redact_hydra_outputs()  # Hydra wrote the command line verbatim: no credentials on disk
+    # nothing goes into the run dir (.hydra/, run.log) until the checks pass: train() commits it after
+    # check_config and the resume checks; a refused command leaves an existing run dir byte-identical
+    from llmlab.checkpointing import run_dir
+
+    run_dir.begin(cfg)
+    redact_hydra_outputs()  # Hydra wrote the command line verbatim (multirun.yaml): no credentials on disk
     try:
         # pure-config rules first (no torch/lightning import: a typo fails in ~1 s, not ~10 s)
         from llmlab.checks.entry import check_settings
@@ -64,6 +69,7 @@ def main(cfg: DictConfig) -> float | None:
 
         return train(cfg)
     except RunDiverged as err:  # not a user error (exit 2) nor a crash: exit 1, summary.json says why
+        run_dir.settle()
         if _is_multirun():  # the sweep goes on; summary.json already records status=diverged
             log.error("job diverged: %s", err)
             return math.nan
@@ -72,50 +78,23 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 - every failure is reported once, in one place
         user_error = is_user_error(err)
+        writable = run_dir.settle()  # refused in an existing run dir: nothing is written there
         if _is_multirun():  # a failed sweep job must not stop the sweep: record it and go on
-            from llmlab.train import record_failure
+            if writable:
+                from llmlab.train import record_failure
 
-            record_failure(cfg, err)
+                record_failure(cfg, err)
             log.error("job failed: %s: %s", type(err).__name__, redact_text(one_line(err)), exc_info=not user_error)
             return math.nan
         if user_error:
-            restore_hydra_dir(_HYDRA_DIR_BEFORE)
             fail(err)
         raise
-
-
-# An existing run dir (resume: hydra.run.dir=<run dir>) gets its .hydra/*.yaml rewritten by Hydra before
-# the checks run; a refused command puts them back, so it leaves the run dir byte-identical.
-_HYDRA_DIR_BEFORE: dict = {}
-
-
-def snapshot_hydra_dir(argv: list[str]) -> dict:
-    """{path: bytes} of <hydra.run.dir>/.hydra/* named on the command line, when that dir exists."""
-    from pathlib import Path
-
-    for arg in argv:
-        if arg.startswith("hydra.run.dir="):
-            d = Path(arg.split("=", 1)[1]).expanduser() / ".hydra"
-            if d.is_dir():
-                return {"dir": d, "files": {f: f.read_bytes() for f in d.iterdir() if f.is_file()}}
-    return {}
-
-
-def restore_hydra_dir(snapshot: dict) -> None:
-    """Put an existing run's .hydra files back as they were (and drop files Hydra added)."""
-    if not snapshot:
-        return
-    for f in snapshot["dir"].iterdir():
-        if f.is_file() and f not in snapshot["files"]:
-            f.unlink()
-    for f, data in snapshot["files"].items():
-        if not f.is_file() or f.read_bytes() != data:
-            f.write_bytes(data)
+    finally:
+        run_dir.settle()
 
 
 if __name__ == "__main__":
     sys.argv = quote_numeric_choices(sys.argv)
-    _HYDRA_DIR_BEFORE.update(snapshot_hydra_dir(sys.argv[1:]))
     guard_hydra("train")
     redact_logs()
     main()

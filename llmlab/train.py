@@ -7,9 +7,41 @@ import math
 import traceback
 from pathlib import Path
 
+import lightning as L
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from llmlab.callbacks.nonfinite import NonFiniteGuard
+from llmlab.callbacks.preemption import SlurmRequeue
+from llmlab.callbacks.progress import StepProgressBar
+from llmlab.callbacks.seed import SeedPerRank
+from llmlab.callbacks.stop import StopAtStep
+from llmlab.callbacks.summary import RunSummary
 from llmlab.checkpointing.atomic import atomic_write_text
+from llmlab.checkpointing.resume import check_resume, resolve_ckpt_path
+from llmlab.checkpointing.run_dir import commit as commit_run_dir
+from llmlab.checks import entry as checks
+from llmlab.console import print_summary, quiet_libraries
+from llmlab.data.datamodule import LLMDataModule
+from llmlab.distributed.detect import is_deepspeed
+from llmlab.distributed.memory import (
+    dry_run_report,
+    hidden_size,
+    release_freed_memory,
+    weights_bytes,
+)
+from llmlab.distributed.strategies import fill_auto_sizes
+from llmlab.models.build import (
+    build_tokenizer,
+    compile_forward,
+    count_params,
+    param_bytes,
+)
+from llmlab.redact import redact_text, redacted_yaml
+from llmlab.stages.build import build_stage, stage_class
 
 log = logging.getLogger("llmlab")
 
@@ -22,10 +54,7 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
     """A failed job leaves summary.json with status=failed and its error (read by llmlab.report)."""
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from llmlab.redact import (
-        redact_text,  # an error may quote a setting's value (a URL with user:pass@)
-    )
-
+    # an error may quote a setting's value (a URL with user:pass@)
     summary = {"stage": cfg.stage.name, "status": "failed", "error": redact_text(f"{type(err).__name__}: {err}"),
                "run_dir": str(run_dir)}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -40,16 +69,12 @@ def close_process_group() -> None:
     with zero3 under torchrun on an AMD machine). Only after success: destroying while another rank is
     still inside a collective can deadlock (torchtitan#1342). The barrier makes every rank leave fit first.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def _instantiate_dict(node) -> list:
-    from hydra.utils import instantiate
-
     return [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
 
@@ -61,12 +86,6 @@ def build_strategy(strategy_cfg: DictConfig, module):
     `gradient_clipping`, which Lightning fills from `trainer.gradient_clip_val`, refused with manual
     optimization). So the stage's norm goes into the DeepSpeed config here, unless the config sets one.
     """
-    from hydra.utils import instantiate
-
-    from llmlab.distributed.detect import is_deepspeed
-    from llmlab.distributed.memory import hidden_size
-    from llmlab.distributed.strategies import fill_auto_sizes
-
     strategy = instantiate(strategy_cfg)
     if is_deepspeed(strategy):
         fill_auto_sizes(strategy, hidden_size(getattr(module, "model", None)))  # "auto" buffer sizes
@@ -79,51 +98,28 @@ def build_strategy(strategy_cfg: DictConfig, module):
 def _param_bytes(cfg: DictConfig, model) -> int:
     """Bytes of the parameters as loaded; a dry run on the meta device (nothing loaded) states what a
     real run would load: 4-bit linear weights under QLoRA (llmlab/distributed/memory.py)."""
-    from llmlab.distributed.memory import weights_bytes
-    from llmlab.models.build import param_bytes
-
     on_meta = any(p.is_meta for p in model.parameters())
     return int(weights_bytes(model, four_bit=cfg.peft.method == "qlora")) if on_meta else param_bytes(model)
 
 
 def train(cfg: DictConfig) -> float | None:
-    from llmlab.console import quiet_libraries
-
-    quiet_libraries()  # before torch/lightning/transformers speak: no library noise on the console
-    import lightning as L
-    import torch
-    from hydra.utils import instantiate
-
-    from llmlab.callbacks.nonfinite import NonFiniteGuard
-    from llmlab.callbacks.seed import SeedPerRank
-    from llmlab.callbacks.summary import RunSummary
-    from llmlab.checks import entry as checks
-    from llmlab.data.datamodule import LLMDataModule
-    from llmlab.distributed.memory import dry_run_report
-    from llmlab.models.build import build_tokenizer, count_params
-    from llmlab.stages.build import build_stage, stage_class
-
+    # first: the libraries' noise filtered before anything is built (peft, torchao and DeepSpeed, which speak
+    # as they import, load later, lazily); Lightning's own console handler off
+    quiet_libraries()
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     if cfg.get("release_freed_memory"):  # before the model's allocations; in every process (DDP re-runs this)
-        from llmlab.distributed.memory import release_freed_memory
-
         release_freed_memory()
         log.info("release_freed_memory: blocks >= 128 KiB are returned to the OS when freed (glibc mallopt)")
     # resume: the checkpoint must be intact and made under the same model/data/batch/world size; the
     # run dir's config_resolved.yaml (what the checkpoints were made under) is kept until that holds
-    from llmlab.checkpointing.resume import (
-        check_resume,
-        resolve_ckpt_path,  # torn/corrupt: skipped or refused
-    )
-
-    ckpt_path = None if cfg.dry_run else resolve_ckpt_path(cfg)
+    ckpt_path = None if cfg.dry_run else resolve_ckpt_path(cfg)  # torn/corrupt: skipped or refused
     if ckpt_path is not None:
         check_resume(cfg, ckpt_path)
+    # the checks passed: only now .hydra/{config,hydra,overrides}.yaml and run.log go into the run dir
+    commit_run_dir()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # credentials typed as overrides (+wandb_api_key=..., URLs with user:pass@) never reach the disk
-    from llmlab.redact import redacted_yaml
-
     atomic_write_text(run_dir / "config_resolved.yaml", redacted_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
@@ -153,8 +149,6 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.dry_run:
         return dry_run_report(cfg, module, info, run_dir)
     if cfg.get("compile"):  # the policy's forward through inductor, in place: checkpoints and hf/ unchanged
-        from llmlab.models.build import compile_forward
-
         compiled = compile_forward(module.model)
         log.info("compile: %s forward through torch.compile (inductor), compiled at its first call per input shape",
                  type(compiled).__name__)
@@ -166,19 +160,11 @@ def train(cfg: DictConfig) -> float | None:
     # (the guard runs before RunSummary so each step's `train/skipped_steps` is recorded with that step)
     callbacks = [guard, summary, SeedPerRank(cfg.seed), *_instantiate_dict(cfg.callbacks)]
     if cfg.trainer.get("enable_progress_bar", True):
-        from llmlab.callbacks.progress import StepProgressBar
-
         callbacks.append(StepProgressBar())
     if cfg.stop_at_step:
-        from llmlab.callbacks.stop import StopAtStep
-
         callbacks.append(StopAtStep(cfg.stop_at_step, dirpath=str(run_dir / "checkpoints")))
     plugins = []
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
     if SLURMEnvironment.detect():  # Slurm tasks (srun): our time-limit requeue, not Lightning's in-handler one
-        from llmlab.callbacks.preemption import SlurmRequeue
-
         slurm = SLURMEnvironment(auto_requeue=False)
         plugins.append(slurm)
         callbacks.append(SlurmRequeue(run_dir, slurm.requeue_signal))
@@ -200,8 +186,6 @@ def train(cfg: DictConfig) -> float | None:
     # RunSummary wrote summary.json at fit end, with what the stage and callbacks declare
     # (SummarySource: sft's val_predictions, the samples, the guard's status)
     result = summary.written or {}
-    from llmlab.console import print_summary
-
     print_summary(result, run_dir)
     if diverged:
         raise diverged

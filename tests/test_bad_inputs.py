@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import compose_group, run_module
+from tests.conftest import ROOT, compose_group, run_module
 
 TINY = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "data.n_train=64",
         "data.n_val=16", "trainer.enable_progress_bar=false", "model.config.n_layer=1", "model.config.n_embd=32",
@@ -53,10 +59,29 @@ def _run_case(case: Case, places: dict, workdir: Path) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _tree_hash(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under root (hidden ones included)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+def _tree_state(root: Path) -> dict[str, tuple]:
+    """{relative path: state} of root and everything under it (hidden ones included): a file's sha256, size
+    and mtime, a directory's listing and mtime. Equal states: nothing was written, not even rewritten with
+    the same bytes, nor created and deleted again (a temporary file changes its directory's mtime)."""
+    state = {}
+    for p in [root, *sorted(root.rglob("*"))]:
+        st = p.lstat()
+        if p.is_file():
+            state[str(p.relative_to(root))] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size,
+                                               st.st_mtime_ns)
+        elif p.is_dir():
+            state[str(p.relative_to(root))] = ("dir", tuple(sorted(c.name for c in p.iterdir())), st.st_mtime_ns)
+        else:
+            state[str(p.relative_to(root))] = ("other", st.st_mode, st.st_mtime_ns)
+    return state
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    """What differs between two `_tree_state`s: added, removed and changed paths."""
+    return ([f"added {k}" for k in sorted(set(after) - set(before))]
+            + [f"removed {k}" for k in sorted(set(before) - set(after))]
+            + [f"changed {k}: {before[k]} -> {after[k]}" for k in sorted(set(before) & set(after))
+               if before[k] != after[k]])
 
 
 CASES = [
@@ -269,14 +294,14 @@ def catalog(tmp_path_factory):
         "num_attention_heads": 2, "num_hidden_layers": 1, "num_key_value_heads": 2, "vocab_size": 300,
         "max_position_embeddings": 64}))
     places = {"tmp": str(tmp), "run": str(run), "sweep": str(sweep), "llama": str(llama)}
-    before = _tree_hash(sweep)
+    before = _tree_state(sweep)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(3) as pool:
         results = dict(zip([c.id for c in CASES], pool.map(lambda c: _run_case(c, places, tmp / "runs"), CASES)))
     wall = time.perf_counter() - t0
     print(f"\n{len(CASES)} bad inputs in {wall:.1f} s wall; slowest: "
           + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in sorted(results.items(), key=lambda kv: -kv[1]['seconds'])[:5]))
-    return {"results": results, "places": places, "before": before, "after": _tree_hash(sweep)}
+    return {"results": results, "places": places, "before": before, "after": _tree_state(sweep)}
 
 
 def test_catalog_has_40_cases_across_all_entry_points():
@@ -302,10 +327,117 @@ def test_bad_input_is_one_line(catalog, case):
 
 
 def test_existing_run_dir_is_left_byte_identical(catalog):
-    """The export/generate/report/resume cases pointed at a finished run: no file changed, none added."""
-    before, after = catalog["before"], catalog["after"]
-    assert sorted(set(after) - set(before)) == [] and sorted(set(before) - set(after)) == []
-    assert [k for k in before if before[k] != after[k]] == []
+    """The export/generate/report/resume cases pointed at a finished run (two resume cases run into it,
+    concurrently with others): nothing was written there, not even rewritten with the same bytes: no file
+    added, removed or changed, no mtime moved (files and directories). Hydra writes no .hydra/ and
+    run.log is opened only once the checks pass (llmlab/checkpointing/run_dir.py)."""
+    assert _changes(catalog["before"], catalog["after"]) == []
+
+
+def _existing_run_copy(catalog, dest: Path) -> Path:
+    """A copy of the catalog's finished run (the catalog's own stays as the other tests read it)."""
+    run = dest / "run"
+    shutil.copytree(catalog["places"]["run"], run, copy_function=shutil.copy2)
+    return run
+
+
+def _llmlab_run(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmlab.run", f"hydra.run.dir={run_dir}", *overrides],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# refused early (check_settings, before torch is imported) and late (the resume check: it loads the
+# checkpoint, after check_config)
+REFUSED_EARLY = ["resume=auto", *TINY, "stage.module.optimizer.lr=0"]
+REFUSED_LATE = ["resume=auto", *TINY, "model.config.n_embd=64"]
+
+
+def _watch(run: Path, before: dict, procs: list[subprocess.Popen], kill_after: dict[int, float]) -> list[str]:
+    """Poll the run dir while `procs` run (SIGKILL proc i after kill_after[i] s): every change seen."""
+    seen, t0 = [], time.monotonic()
+    while any(p.poll() is None for p in procs):
+        for i, after in kill_after.items():
+            if procs[i].poll() is None and time.monotonic() - t0 > after:
+                procs[i].send_signal(signal.SIGKILL)
+        seen += _changes(before, _tree_state(run))
+        time.sleep(0.05)
+    return seen
+
+
+@pytest.mark.slow  # the late refusal imports torch and loads the checkpoint (~5-25 s on 2 busy cores)
+def test_concurrent_refused_commands_leave_run_dir_byte_identical(catalog, tmp_path):
+    """Issue 20: three refused commands aimed at one existing run dir at once (two refused early, one
+    by the resume check): the run dir never changes while they run, and is byte-identical after."""
+    run = _existing_run_copy(catalog, tmp_path)
+    before = _tree_state(run)
+    procs = [_llmlab_run(run, *REFUSED_LATE), _llmlab_run(run, *REFUSED_EARLY), _llmlab_run(run, *REFUSED_EARLY)]
+    seen = _watch(run, before, procs, {})
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("llmlab: error:"), err[-3000:]
+    assert "model.config.n_embd: 32 -> 64" in outs[0][1]
+    assert seen == [] and _changes(before, _tree_state(run)) == []
+
+
+@pytest.mark.slow  # as above
+def test_refused_command_killed_midway_leaves_run_dir_untouched(catalog, tmp_path):
+    """A refused command killed with SIGKILL mid-way (here at 0.5 s: Hydra's job start, and at 2 s: inside
+    the checks) cannot leave the run dir altered: nothing is written there before the checks pass (the
+    dir is polled while they run), so there is nothing to undo."""
+    run = _existing_run_copy(catalog, tmp_path)
+    before = _tree_state(run)
+    procs = [_llmlab_run(run, *REFUSED_LATE), _llmlab_run(run, *REFUSED_LATE)]
+    seen = _watch(run, before, procs, {0: 0.5, 1: 2.0})
+    for p in procs:
+        p.communicate(timeout=60)
+    assert -signal.SIGKILL in [p.returncode for p in procs]  # at least one really was killed mid-way
+    assert all(p.returncode in (-signal.SIGKILL, 2) for p in procs)
+    assert seen == [] and _changes(before, _tree_state(run)) == []
+
+
+def test_successful_run_has_its_hydra_files(catalog):
+    """A run that passed its checks has .hydra/config.yaml, hydra.yaml and overrides.yaml as Hydra wrote
+    them (llmlab writes them, atomically, once the checks pass): the job config unresolved, the hydra
+    node, the task overrides."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    run = Path(catalog["places"]["run"])
+    hydra_dir = run / ".hydra"
+    assert sorted(p.name for p in hydra_dir.iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) == TINY
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        composed = compose("train", overrides=TINY)
+    assert (hydra_dir / "config.yaml").read_text() == OmegaConf.to_yaml(composed)  # unresolved, no hydra node
+    assert "${hydra:runtime.output_dir}" in (hydra_dir / "config.yaml").read_text()
+    h = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]
+    assert h["runtime"]["output_dir"] == str(run) and h["run"]["dir"] == str(run)
+    assert h["overrides"]["task"] == TINY and h["overrides"]["hydra"] == [f"hydra.run.dir={run}", "hydra.mode=RUN"]
+    assert h["output_subdir"] == ".hydra" and h["job"]["name"] == "run"
+    assert h["job_logging"]["handlers"]["file"]["class"] == "llmlab.checkpointing.run_dir.DeferredFileHandler"
+    assert "model tiny:" in (run / "run.log").read_text()  # the log, held until the checks passed, is there
+
+
+@pytest.mark.slow  # two dry-run jobs (~10 s of CPU)
+def test_sweep_jobs_have_their_hydra_files(tmp_path):
+    """In a sweep, every job dir gets its .hydra/ files too: a job that passed its checks (a dry run) and
+    a job refused by them in its fresh dir (as before: the report reads its overrides)."""
+    sweep = tmp_path / "sweep"
+    proc = run_module("llmlab.run", "-m", *TINY, "dry_run=true", "stage.module.optimizer.lr=0.001,-1.0",
+                      f"hydra.sweep.dir={sweep}", timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, lr in (("0", "0.001"), ("1", "-1.0")):
+        hydra_dir = sweep / job / ".hydra"
+        assert sorted(p.name for p in hydra_dir.iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+        # as Hydra's sweeper writes them: each job's overrides re-printed (false -> False)
+        overrides = [o.replace("=false", "=False") for o in TINY] + ["dry_run=True", f"stage.module.optimizer.lr={lr}"]
+        assert yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) == overrides
+        h = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]
+        assert h["runtime"]["output_dir"] == str(sweep / job) and h["job"]["num"] == int(job)
+        assert yaml.safe_load((hydra_dir / "config.yaml").read_text())["stage"]["module"]["optimizer"]["lr"] == float(lr)
+    assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "failed"
 
 
 def test_hub_load_errors_are_rephrased():

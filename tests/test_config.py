@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 
 from llmlab.checks import entry as checks
 from llmlab.checks.stage import STAGES
-from llmlab.checks.strategy import check_precision
+from llmlab.checks.trainer import check_precision
 from llmlab.errors import ConfigError
 from llmlab.models import bases
 from tests.conftest import CONF, ROOT, run_module, run_python

@@ -108,7 +108,7 @@ def llmlab_exact_match(model, tokenizer, n: int) -> tuple[int, int]:
 def test_builtin_sft_model_beats_untrained_and_matches_llmlab_exact_match(tmp_path, untrained):
     from llmlab.models.bases import ensure_base
     from llmlab.evaluation.harness import evaluate
-    from llmlab.generate import load
+    from llmlab.models.load import load
 
     sft_dir, n = ensure_base("tiny-sft"), 64
     proc = run_module("llmlab.eval", sft_dir, f"limit={n}", f"out={tmp_path / 'eval.json'}")
@@ -200,7 +200,7 @@ def test_callback_under_zero3_logs_what_the_exported_model_scores(cli):
     evaluates, every rank logs rank 0's numbers; the last ones equal lm-eval on the exported hf/.
     (Measured by hand: a DDP run of the same command logs the same numbers.)"""
     from llmlab.evaluation.harness import evaluate
-    from llmlab.generate import load
+    from llmlab.models.load import load
 
     run = cli("stage=sft", "model=tiny_base", "strategy=zero3", "trainer.devices=2", *FAST, "callbacks=with_eval",
               "callbacks.lm_eval.limit=16")

@@ -49,7 +49,7 @@ def brevity(prompts, completions, **fields):
 
 
 def test_user_reward_and_combination():
-    user = UserReward("tests.test_rewards:brevity")
+    user = UserReward("tests.test_reward_functions:brevity")
     assert user(PROMPTS, ["", "abc"]) == [1.0, 0.25]
     rewards = Rewards({"task": TaskReward(), "short": user}, {"task": 1.0, "short": 2.0})
     total, per = rewards(["p", "p"], ["cba", "abc"], answer=["cba", "cba"])

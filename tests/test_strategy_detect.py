@@ -1,6 +1,6 @@
-"""zero3.zero_stage (the one "is this DeepSpeed / ZeRO-3?" answer), precision.PRECISIONS (the one
+"""detect.zero_stage (the one "is this DeepSpeed / ZeRO-3?" answer), precision.PRECISIONS (the one
 precision -> dtype map) and llmlab.evaluation.generation on one process (the ZeRO-3 paths run in
-tests/test_strategies.py and tests/test_distributed_llmlab.py with 2 processes)."""
+tests/test_strategy_runs.py and tests/test_distributed_llmlab.py with 2 processes)."""
 from __future__ import annotations
 
 import pytest
@@ -48,7 +48,7 @@ def test_zero_stage_reads_overrides_and_objects():
 
 def test_zero_stage_needs_no_torch():
     """check_settings asks it before torch is imported."""
-    code = ("import sys; from llmlab.distributed.zero3 import zero_stage; from llmlab.checks.strategy import quant_storage_for;"
+    code = ("import sys; from llmlab.distributed.detect import zero_stage; from llmlab.models.peft import quant_storage_for;"
             "assert zero_stage({'_target_': 'llmlab.distributed.strategies.deepspeed', 'stage': 3}) == 3;"
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = run_python("-c", code)

@@ -12,6 +12,7 @@ from pathlib import Path
 from weakref import proxy
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
 
 from llmlab.checkpointing.checkpoints import remove_checkpoint, save_checkpoint_atomic
 from llmlab.checkpointing.resume import RESUME_KEY, run_snapshot
@@ -29,8 +30,6 @@ class AtomicCheckpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage):
         super().setup(trainer, pl_module, stage)
         if self.config_file is not None and self.config_file.is_file():
-            from omegaconf import OmegaConf
-
             self._snapshot = run_snapshot(OmegaConf.load(self.config_file), world_size=trainer.world_size)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):

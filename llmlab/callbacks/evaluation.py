@@ -20,8 +20,12 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import torch
 
-from llmlab.evaluation.harness import load_task_set
+from llmlab.distributed.precision import autocast_dtype
+from llmlab.errors import ConfigError
+from llmlab.evaluation.generation import generation_context
+from llmlab.evaluation.harness import check_task_set, evaluate, load_task_set
 
 log = logging.getLogger("llmlab")
 
@@ -30,9 +34,6 @@ class LMEvalCallback(L.Callback):
     def __init__(self, task_set="builtin", every_n_steps: int | None = None, limit: int | float | None = 50,
                  batch_size: int = 8, num_fewshot: int | None = None, gen_kwargs: dict | None = None,
                  template: str | None = None, text_file: str | None = None):
-        from llmlab.errors import ConfigError
-        from llmlab.evaluation.harness import check_task_set
-
         self.task_set = load_task_set(task_set)
         if text_file is not None:
             self.task_set.text_file = text_file
@@ -46,8 +47,6 @@ class LMEvalCallback(L.Callback):
         self.evaluated_steps: list[int] = []
 
     def setup(self, trainer, pl_module, stage):
-        from llmlab.errors import ConfigError
-
         interval = trainer.val_check_interval
         if self.every_n_steps and isinstance(interval, int) and self.every_n_steps % interval:
             raise ConfigError(f"callbacks.lm_eval.every_n_steps={self.every_n_steps}: it runs after a validation, "
@@ -60,12 +59,6 @@ class LMEvalCallback(L.Callback):
         base = pl_module.model.get_base_model() if hasattr(pl_module.model, "get_base_model") else pl_module.model
         if not callable(getattr(base, "generate", None)):
             return  # stage=rm: a classifier has no log-likelihoods to score
-        import torch
-
-        from llmlab.distributed.precision import autocast_dtype
-        from llmlab.evaluation.generation import generation_context
-        from llmlab.evaluation.harness import evaluate
-
         dtype = autocast_dtype(trainer.precision)  # as validation ran: bf16-mixed -> bf16 autocast
         autocast = getattr(torch, dtype) if dtype else None
         result = None

@@ -11,6 +11,16 @@ from pathlib import Path
 
 import lightning as L
 
+from llmlab.checkpointing.atomic import remove, replace_path, sibling
+from llmlab.distributed.detect import is_zero3
+from llmlab.distributed.zero3 import (
+    gathered_parameters,
+    save_pretrained_gathered,
+    settle_partitions,
+)
+from llmlab.models.export import export_model
+from llmlab.models.peft import is_peft_model
+
 
 class HFExport(L.Callback):
     """Runs when training ends (before the strategy tears down, so a DeepSpeed engine is still intact).
@@ -25,15 +35,6 @@ class HFExport(L.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module):
-        from llmlab.distributed.detect import is_zero3
-        from llmlab.distributed.zero3 import (
-            gathered_parameters,
-            save_pretrained_gathered,
-            settle_partitions,
-        )
-        from llmlab.models.export import export_model
-        from llmlab.models.peft import is_peft_model
-
         model, tokenizer = pl_module.model, pl_module.tokenizer
         adapter_dir = self.path.with_name(self.path.name + "_adapter")
         if not is_zero3(model):
@@ -46,8 +47,6 @@ class HFExport(L.Callback):
                 if trainer.is_global_zero:
                     export_model(model, tokenizer, self.path, adapter_dir=adapter_dir)
         else:  # written as hf.partial by all ranks, renamed into place by rank 0 when complete
-            from llmlab.checkpointing.atomic import remove, replace_path, sibling
-
             tmp = sibling(self.path, ".partial")
             if trainer.is_global_zero:
                 remove(tmp)

@@ -5,6 +5,9 @@ import logging
 
 import lightning as L
 
+from llmlab.distributed.detect import is_zero3
+from llmlab.evaluation.generation import generate_text, generation_context
+
 log = logging.getLogger(__name__)
 
 
@@ -18,9 +21,6 @@ class SampleGeneration(L.Callback):
         base = pl_module.model.get_base_model() if hasattr(pl_module.model, "get_base_model") else pl_module.model
         if not self.prompts or not callable(getattr(base, "generate", None)):
             return  # nothing to ask, or a model that does not generate (stage=rm's classifier, with PEFT too)
-        from llmlab.distributed.detect import is_zero3
-        from llmlab.evaluation.generation import generation_context
-
         model = pl_module.model
         if not is_zero3(model):  # every rank has the whole model: rank 0 alone generates
             if trainer.is_global_zero:
@@ -34,8 +34,6 @@ class SampleGeneration(L.Callback):
             self._log()
 
     def _generate(self, model, tokenizer, extra: dict) -> list[dict]:
-        from llmlab.evaluation.generation import generate_text
-
         texts = generate_text(model, tokenizer, self.prompts, self.max_new_tokens, do_sample=False, **extra)
         return [{"prompt": p, "generated": t} for p, t in zip(self.prompts, texts)]
 

@@ -17,7 +17,7 @@ import logging
 
 import lightning as L
 
-from llmlab.errors import RunDiverged
+from llmlab.errors import ConfigError, RunDiverged
 
 log = logging.getLogger("llmlab")
 
@@ -31,8 +31,6 @@ def deepspeed_skipped(trainer) -> bool:
 class NonFiniteGuard(L.Callback):
     def __init__(self, max_bad_steps: int = 3):
         if int(max_bad_steps) < 1:
-            from llmlab.errors import ConfigError
-
             raise ConfigError(f"trainer.max_bad_steps={max_bad_steps}: use 1 or more")
         self.max_bad_steps = int(max_bad_steps)
         self.diverged_at: int | None = None     # global step at which the run was stopped

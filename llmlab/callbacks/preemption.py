@@ -24,6 +24,8 @@ from pathlib import Path
 
 import lightning as L
 
+from llmlab.checkpointing.checkpoints import save_checkpoint_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -73,11 +75,7 @@ class SlurmRequeue(L.Callback):
         path = Path(trainer.strategy.broadcast(str(next_hpc_checkpoint(self.run_dir))))  # rank 0 names it
         if trainer.is_global_zero:
             log.info("Slurm time-limit signal: checkpoint %s at step %d, then requeue", path, trainer.global_step)
-        from llmlab.checkpointing.checkpoints import (
-            save_checkpoint_atomic,  # every rank writes its part
-        )
-
-        save_checkpoint_atomic(trainer, path)
+        save_checkpoint_atomic(trainer, path)  # every rank writes its part
         if trainer.is_global_zero:
             job = slurm_job_id()
             r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

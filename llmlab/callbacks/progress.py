@@ -11,6 +11,13 @@ import sys
 import time
 
 from lightning.pytorch.callbacks.progress import ProgressBar
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from llmlab.stages.common import count_tokens
 
@@ -43,14 +50,6 @@ class StepProgressBar(ProgressBar):
             return
         self._total = max(trainer.max_steps, 1)
         if sys.stdout.isatty():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
             self._progress = Progress(TextColumn("step"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=False)
             self._progress.start()

@@ -1,7 +1,11 @@
 """SeedPerRank: each rank its own random stream once training starts."""
 from __future__ import annotations
 
+import random
+
 import lightning as L
+import numpy as np
+import torch
 
 
 class SeedPerRank(L.Callback):
@@ -16,11 +20,6 @@ class SeedPerRank(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         if trainer.world_size > 1:
-            import random
-
-            import numpy as np
-            import torch
-
             rank_seed = self.seed + trainer.global_rank
             random.seed(rank_seed)
             np.random.seed(rank_seed % 2**32)

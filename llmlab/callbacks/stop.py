@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 
+from llmlab.checkpointing.checkpoints import save_checkpoint_atomic
+
 
 class StopAtStep(L.Callback):
     def __init__(self, step: int, dirpath: str):
@@ -16,9 +18,5 @@ class StopAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step and not trainer.should_stop:
-            from llmlab.checkpointing.checkpoints import (
-                save_checkpoint_atomic,  # survives kill -9, keeps the previous
-            )
-
-            save_checkpoint_atomic(trainer, self.dirpath / "last.ckpt")
+            save_checkpoint_atomic(trainer, self.dirpath / "last.ckpt")  # survives kill -9, keeps the previous
             trainer.should_stop = True

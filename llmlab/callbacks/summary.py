@@ -119,6 +119,7 @@ class RunSummary(L.Callback):
 
 
 def plot_losses(history: dict, path: Path) -> None:
+    # lazy: pyplot only after the Agg backend is chosen (no display needed)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -50,11 +50,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` via `<path>.partial` + fsync + os.replace."""
     path = Path(path)
     tmp = sibling(path, f".partial{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, an unencodable character) leaves no stray file
+        raise
     fsync_dir(path.parent)
 
 

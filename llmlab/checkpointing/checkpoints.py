@@ -258,10 +258,12 @@ def load_weights(path: Any) -> dict:
     """The LightningModule state dict (`model.` keys) of any checkpoint kind, full tensors on CPU:
     a file (`state_dict`; also FSDP with state_dict_type=full), a DeepSpeed directory (shards gathered
     to fp32), a sharded FSDP directory (torch.distributed.checkpoint, read without a process group)."""
+    # lazy (torch, lightning here and below): llmlab.checks imports this module before torch loads
     import torch
 
     path = Path(path)
     if is_deepspeed_checkpoint(path):
+        # lazy (DeepSpeed here and below): a heavy optional library, for DeepSpeed checkpoints only
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
         )

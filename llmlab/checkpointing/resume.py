@@ -14,6 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from omegaconf import OmegaConf
+
 from llmlab.checkpointing.checkpoints import (
     CheckpointError,
     check_deepspeed_pickles,
@@ -65,8 +68,6 @@ def world_size_of(cfg) -> int | str:
 
 def run_snapshot(cfg, world_size: int | str | None = None) -> dict:
     """The flat `key: value` config a checkpoint's state depends on (what `check_resume` compares)."""
-    from omegaconf import OmegaConf
-
     out: dict = {}
     for group in RESUME_GROUPS:
         node = cfg.get(group)
@@ -91,8 +92,6 @@ def _checkpoint_dict_file(path: Path) -> Path | None:
 def stored_snapshot(path: Any) -> dict | None:
     """The run config a checkpoint was written under: recorded in the checkpoint (mmap load: tensor
     bytes are not read), else the `config_resolved.yaml` of the run dir it lies in, else None."""
-    import torch
-
     path = Path(path)
     f = _checkpoint_dict_file(path)
     if f is not None:
@@ -105,8 +104,6 @@ def stored_snapshot(path: Any) -> dict | None:
             return dict(state[RESUME_KEY])
     for run_dir in (path.parent.parent, path.parent):
         if (run_dir / "config_resolved.yaml").is_file() and (run_dir / "checkpoints").is_dir():
-            from omegaconf import OmegaConf
-
             return run_snapshot(OmegaConf.load(run_dir / "config_resolved.yaml"))
     return None
 

@@ -1,5 +1,14 @@
-"""Model and PEFT rules, before any weights load: `model.*` settings, a local model directory's
-config.json, and PEFT x model x precision (llmlab/models/peft.py), on the architecture built on the meta device."""
+"""The model and peft groups' rules, before any weights load.
+
+model (`check_model`, config alone): model.init / pretrained / config / tokenizer / dtype / trust_remote_code,
+and a local model directory's own config.json (no custom code); `check_loss_chunking`:
+stage.module.loss_chunk_tokens against the model type, compile and virtual tokens.
+
+peft (`check_peft_settings`, config alone): the method name, r / alpha / dropout, a quantized base (qlora,
+lora_int8: bitsandbytes installed, pretrained weights), PEFT x precision (QLoRA's compute dtype and 4-bit
+storage dtype), virtual tokens x packing; `check_peft` (on the architecture built on the meta device, no
+weights): target modules the model has (`check_peft_targets`). PEFT x strategy is strategy.py `check_run`.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +16,6 @@ import json
 from pathlib import Path
 
 from llmlab.checks.settings import number
-from llmlab.distributed.detect import is_deepspeed, strategy_name
 from llmlab.distributed.precision import half_dtype, weights_dtype
 from llmlab.errors import ConfigError
 
@@ -51,23 +59,6 @@ def model_positions(model_cfg) -> int | None:
     return None
 
 
-def check_model(cfg) -> None:
-    m = cfg.model
-    if m.init not in ("scratch", "pretrained"):
-        raise ConfigError(f"model.init={m.init!r}: use scratch or pretrained")
-    if m.init == "pretrained" and not m.get("pretrained"):
-        raise ConfigError("model.init=pretrained needs model.pretrained=<hub name or local directory>")
-    if m.init == "pretrained" and str(m.pretrained).startswith(("/", ".", "~")) and not Path(
-            str(m.pretrained)).expanduser().is_dir():
-        raise ConfigError(f"model.pretrained={m.pretrained}: no such directory (a local model needs its "
-                          f"config.json and weights there)")
-    if m.init == "scratch" and not m.get("config"):
-        raise ConfigError(f"model={m.name} has no `config:` architecture; use model.init=pretrained")
-    if m.init == "scratch" and m.get("tokenizer") is None and not m.get("pretrained"):
-        raise ConfigError("model.tokenizer is null and there is no model.pretrained to take it from: "
-                          "set model.tokenizer=builtin or a tokenizer name/path")
-
-
 def _architecture_on_meta(cfg):
     """The configured model built on the meta device (module names only: no memory, no weights), or
     None when its architecture cannot be known offline (a hub model without `config:` values)."""
@@ -102,64 +93,27 @@ def _check_quantized_base(cfg, method: str, kind: str, alternative: str) -> None
                           f"{cfg.model.init}; use model.init=pretrained ({alternative})")
 
 
-def check_peft(cfg) -> None:
-    """PEFT x model x precision x data rules (llmlab/models/peft.py), before any weights load."""
-    from llmlab.models import peft as peft_lib
-
-    p = cfg.peft
-    method = p.method
-    if method not in peft_lib.METHODS:
-        raise ConfigError(f"peft.method={method!r}: use one of {peft_lib.METHODS} (peft=<name>)")
-    if method == "none":
-        return
-    if method == "qlora":
-        _check_quantized_base(cfg, "qlora", "4-bit NF4",
-                              "or peft=lora; dry_run=true estimates QLoRA on an init=scratch architecture")
-        q = p.quantization
-        precision = str(cfg.trainer.precision)
-        compute = str(q.compute_dtype)
-        if half_dtype(precision) == "float16" and compute != "float16":
-            raise ConfigError(f"peft=qlora computes in peft.quantization.compute_dtype={compute} but "
-                              f"precision={precision} is fp16: set peft.quantization.compute_dtype=float16 "
-                              f"or precision=bf16-mixed / bf16-true")
-        if half_dtype(precision) == "bfloat16" and compute == "float16":
-            raise ConfigError(f"peft=qlora with precision={precision} needs "
-                              f"peft.quantization.compute_dtype=bfloat16 (got float16)")
-        storage = q.get("quant_storage")
-        true_dtype = weights_dtype(precision)
-        if precision.endswith("-true") and storage not in (None, "uint8", "int8") and storage != true_dtype:
-            raise ConfigError(f"precision={precision} casts float tensors, including 4-bit weights packed "
-                              f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
-                              f"or {true_dtype}")
-        # qlora x strategy (ZeRO-3 needs float storage: set automatically): checks_strategy.check_run
-    if method == "lora_int8":
-        _check_quantized_base(cfg, "lora_int8", "LLM.int8", "or peft=lora")
-        strategy = cfg.get("strategy") or {}
-        if is_deepspeed(strategy) or "fsdp" in str(strategy.get("_target_", "")).lower():
-            raise ConfigError(f"peft=lora_int8 with strategy={strategy_name(strategy)}: bitsandbytes int8 "
-                              f"weights x DeepSpeed/FSDP sharding is not supported by llmlab; use strategy=ddp "
-                              f"(or the default), or peft=qlora (4-bit, works with strategy=zero3)")
-    if method in peft_lib.PROMPT_LEARNING:
-        if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
-            raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
-                              f"packed documents cannot take: set data.packing=concat with stage=pretrain")
-        if cfg.data.get("pack_examples"):
-            raise ConfigError(f"peft={method} prepends virtual tokens, which packed examples' masks cannot "
-                              f"take: set data.pack_examples=false")
-    else:
-        model = _architecture_on_meta(cfg)
-        if model is not None:
-            peft_lib.check_fits(p, model, cfg.model.name)
-
-
 DTYPES = (None, "auto", "float32", "bfloat16", "float16")
+INITS = ("scratch", "pretrained")
 
 
-def check_model_settings(cfg) -> None:
-    """model.init / dtype / trust_remote_code, and a local model directory's own config.json."""
+def check_model(cfg) -> None:
+    """model.init / pretrained / config / tokenizer / dtype / trust_remote_code, and a local model directory's
+    own config.json."""
     m = cfg.model
-    if m.get("init") not in ("scratch", "pretrained"):
+    if m.get("init") not in INITS:
         raise ConfigError(f"model.init={m.get('init')!r}: use scratch or pretrained")
+    if m.init == "pretrained" and not m.get("pretrained"):
+        raise ConfigError("model.init=pretrained needs model.pretrained=<hub name or local directory>")
+    if m.init == "pretrained" and str(m.pretrained).startswith(("/", ".", "~")) and not Path(
+            str(m.pretrained)).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={m.pretrained}: no such directory (a local model needs its "
+                          f"config.json and weights there)")
+    if m.init == "scratch" and not m.get("config"):
+        raise ConfigError(f"model={m.name} has no `config:` architecture; use model.init=pretrained")
+    if m.init == "scratch" and m.get("tokenizer") is None and not m.get("pretrained"):
+        raise ConfigError("model.tokenizer is null and there is no model.pretrained to take it from: "
+                          "set model.tokenizer=builtin or a tokenizer name/path")
     if m.get("dtype") not in DTYPES:
         raise ConfigError(f"model.dtype={m.get('dtype')!r}: use one of float32, bfloat16, float16, auto or null")
     if m.get("trust_remote_code"):
@@ -206,10 +160,16 @@ def check_loss_chunking(cfg) -> None:
                           f"apart ({', '.join(HEAD_APART_MODEL_TYPES)}); set stage.module.loss_chunk_tokens=null")
 
 
-def check_peft_numbers(cfg) -> None:
-    """peft.r / alpha / dropout of the LoRA family (PEFT itself fails late with a traceback)."""
+def check_peft_settings(cfg) -> None:
+    """The peft group with the config alone: method name, LoRA numbers (PEFT itself fails late with a
+    traceback), a quantized base, PEFT x precision, virtual tokens x packing."""
+    from llmlab.models.peft import METHODS, PROMPT_LEARNING
+
     p = cfg.get("peft") or {}
-    if p.get("method") in (None, "none"):
+    method = p.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"peft.method={method!r}: use one of {METHODS} (peft=<name>)")
+    if method == "none":
         return
     if "r" in p and (isinstance(p.r, bool) or not isinstance(p.r, int) or p.r < 1):
         raise ConfigError(f"peft.r={p.r!r}: the LoRA rank must be an integer >= 1, e.g. peft.r=8 (or peft=none "
@@ -218,3 +178,66 @@ def check_peft_numbers(cfg) -> None:
         raise ConfigError(f"peft.alpha={p.alpha}: must be > 0 (the update is scaled by alpha/r), e.g. peft.alpha=16")
     if "dropout" in p and not 0 <= number(p.dropout, "peft.dropout", "0.05") < 1:
         raise ConfigError(f"peft.dropout={p.dropout}: give a probability in [0, 1)")
+    if method == "qlora":
+        _check_quantized_base(cfg, "qlora", "4-bit NF4",
+                              "or peft=lora; dry_run=true estimates QLoRA on an init=scratch architecture")
+        q = p.quantization
+        precision = str(cfg.trainer.precision)
+        compute = str(q.compute_dtype)
+        if half_dtype(precision) == "float16" and compute != "float16":
+            raise ConfigError(f"peft=qlora computes in peft.quantization.compute_dtype={compute} but "
+                              f"precision={precision} is fp16: set peft.quantization.compute_dtype=float16 "
+                              f"or precision=bf16-mixed / bf16-true")
+        if half_dtype(precision) == "bfloat16" and compute == "float16":
+            raise ConfigError(f"peft=qlora with precision={precision} needs "
+                              f"peft.quantization.compute_dtype=bfloat16 (got float16)")
+        storage = q.get("quant_storage")
+        true_dtype = weights_dtype(precision)
+        if precision.endswith("-true") and storage not in (None, "uint8", "int8") and storage != true_dtype:
+            raise ConfigError(f"precision={precision} casts float tensors, including 4-bit weights packed "
+                              f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
+                              f"or {true_dtype}")
+    if method == "lora_int8":
+        _check_quantized_base(cfg, "lora_int8", "LLM.int8", "or peft=lora")
+    if method in PROMPT_LEARNING:
+        if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
+            raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
+                              f"packed documents cannot take: set data.packing=concat with stage=pretrain")
+        if cfg.data.get("pack_examples"):
+            raise ConfigError(f"peft={method} prepends virtual tokens, which packed examples' masks cannot "
+                              f"take: set data.pack_examples=false")
+
+
+def check_peft(cfg) -> None:
+    """The peft group against the architecture that will be built (on the meta device: no memory, no
+    weights): the modules it targets exist (`check_peft_targets`)."""
+    from llmlab.models.peft import PROMPT_LEARNING
+
+    method = cfg.peft.method
+    if method == "none" or method in PROMPT_LEARNING:
+        return
+    model = _architecture_on_meta(cfg)
+    if model is not None:
+        check_peft_targets(cfg.peft, model, cfg.model.name)
+
+
+def check_peft_targets(peft_cfg, model, model_name: str) -> None:
+    """ConfigError when the method's target modules are not in this architecture (none by default for its
+    type, or named ones it does not have). `model` may live on the meta device: only module names and the
+    config are read."""
+    from llmlab.models.peft import target_modules, missing_targets
+
+    method = peft_cfg.method
+    model_type = model.config.model_type
+    linear_names = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    for key in ("target_modules", "feedforward_modules") if method == "ia3" else ("target_modules",):
+        targets = target_modules(peft_cfg, model_type, key)
+        if targets is None:
+            raise ConfigError(f"peft={method}: no default peft.{key} for model type {model_type!r} "
+                              f"(model={model_name}); set peft.{key}=[...] (its linear layers include "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})})")
+        missing = missing_targets(linear_names, targets)
+        if missing:
+            raise ConfigError(f"peft.{key}={targets}: {missing} match no linear layer of model={model_name} "
+                              f"({model_type}); its layers are named "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")

@@ -1,7 +1,7 @@
 """Rules of the preference stages (rm, dpo, kto, orpo, simpo, ppo), before any weights load.
 
-`check_preference_losses` (config only, no torch import: runs inside `checks.check_settings`): which
-loss goes with which stage and which reference settings. `check_preference` (in `checks.check_config`):
+`check_preference_losses` (config only, no torch import: runs inside `checks.entry.check_settings`): which
+loss goes with which stage and which reference settings. `check_preference` (in `checks.entry.check_config`):
 the data files' fields, the reward model and reference model named (their configs and tokenizers).
 """
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""The stage node's rules: the stage name, optimizer and schedule numbers, PPO's response budget and rule
-reward, GRPO's settings, the reward group of the online RL stages, resume settings.
+"""The stage group's rules (config alone): the stage name, optimizer and schedule numbers
+(`check_optimization`), PPO's response budget and rule reward, GRPO's settings, the reward group of the online
+RL stages (`check_stage_settings`). The preference stages' losses and data are preference.py; resume and
+ckpt_path are top-level settings (settings.py); strategy.load_full_weights is strategy.py.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from llmlab.checks.settings import number
-from llmlab.distributed.detect import zero_stage
 from llmlab.errors import ConfigError
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "kto", "orpo", "simpo")
@@ -22,6 +21,11 @@ IS_LEVELS = ("token", "sequence")
 
 
 SCHEDULES = ("cosine", "linear", "constant")
+
+
+def check_stage_name(cfg) -> None:
+    if cfg.stage.name not in STAGES:
+        raise ConfigError(f"stage={cfg.stage.name!r}: use one of {STAGES}")
 
 
 def check_optimization(cfg) -> None:
@@ -117,7 +121,8 @@ def check_reward_settings(cfg) -> None:
 
 
 def check_stage_settings(cfg) -> None:
-    """PPO's response budget and reward source, resume settings, DeepSpeed's load_full_weights."""
+    """PPO's response budget and rule reward, the reward group (grpo, ppo), GRPO's settings and its optimizer
+    stepping (trainer.accumulate_grad_batches=1)."""
     import importlib.util
 
     module = cfg.stage.get("module") or {}
@@ -145,14 +150,3 @@ def check_stage_settings(cfg) -> None:
         if int(cfg.trainer.get("accumulate_grad_batches") or 1) != 1:
             raise ConfigError("stage=grpo steps its optimizer per mini-batch itself: set "
                               "trainer.accumulate_grad_batches=1 (use stage.module.micro_batch_size)")
-    strategy = cfg.get("strategy") or {}
-    if strategy.get("load_full_weights") and zero_stage(strategy) != 3:
-        raise ConfigError(f"strategy.load_full_weights=true only applies to ZeRO-3 (strategy=zero3), not "
-                          f"strategy={strategy.get('name', '?')}: resume a single-file checkpoint with the strategy it "
-                          f"was written with (e.g. strategy=ddp), or use strategy=zero3")
-    if cfg.get("resume") not in (None, "none", "auto"):
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (continue from the run dir's last checkpoint), "
-                          f"or ckpt_path=<file>")
-    ckpt = cfg.get("ckpt_path")
-    if ckpt and not Path(str(ckpt)).expanduser().exists():
-        raise ConfigError(f"ckpt_path={ckpt}: no such checkpoint file (or DeepSpeed checkpoint directory)")

@@ -1,7 +1,12 @@
-"""The strategy rules of a run, before any weights load: strategy x trainer x precision x PEFT, and which
-checkpoint kinds a strategy can resume. Each refusal is a `StrategyConfigError` (a ConfigError: one line,
-exit 2) naming the override to change. Also QLoRA's 4-bit storage dtype under ZeRO-3, set automatically
-(`peft_for_strategy`). No torch import at module level; DeepSpeed-ness comes from `zero3.zero_stage`.
+"""The strategy group's rules, before any weights load: strategy x trainer x precision (`check_strategy`),
+strategy x PEFT (`check_run`: QLoRA's 4-bit storage under DeepSpeed, QLoRA x FSDP, LLM.int8 x DeepSpeed/FSDP),
+strategy.load_full_weights, and which checkpoint kinds a strategy can resume (`check_checkpoint_for_strategy`).
+Each refusal is a `StrategyConfigError` (a ConfigError: one line, exit 2) naming the override to change.
+QLoRA's storage dtype under ZeRO-3 is set automatically (llmlab.models.peft.peft_for_strategy). No torch import
+at module level; DeepSpeed-ness comes from `detect.zero_stage`.
+
+Elsewhere: precision x device (fp16 needs a GPU, every strategy) is trainer.py `check_precision`; PEFT x
+precision (QLoRA's compute dtype, 4-bit storage under -true) is model.py `check_peft_settings`.
 """
 from __future__ import annotations
 
@@ -11,19 +16,15 @@ from typing import Any
 from llmlab.checkpointing.checkpoints import is_deepspeed_checkpoint, is_fsdp_checkpoint
 from llmlab.distributed.detect import is_deepspeed, is_zero3, strategy_name, uses_cpu
 from llmlab.distributed.precision import half_dtype, parameter_dtype
-from llmlab.errors import ConfigError, StrategyConfigError
+from llmlab.errors import StrategyConfigError
 
 UNPACKED_STORAGE = (None, "uint8", "int8")  # bitsandbytes' own packing: integer bytes
 
 
-def _cpu_fp16_supported() -> bool:
-    """What DeepSpeed's CPU accelerator asks (`is_fp16_supported`): oneDNN fp16 kernels on this CPU."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except Exception:
-        return False
+def is_fsdp(strategy_cfg: Any) -> bool:
+    """strategy=fsdp, or a strategy node whose `_target_` builds FSDP."""
+    target = str(strategy_cfg.get("_target_", "")) if hasattr(strategy_cfg, "get") else ""
+    return strategy_name(strategy_cfg) == "fsdp" or "fsdp" in target.lower()
 
 
 def check_fsdp(accelerator: Any = "auto", cuda_available: bool | None = None) -> None:
@@ -55,7 +56,7 @@ def check_strategy(
     precision = str(precision)
     on_cpu = uses_cpu(accelerator, cuda_available)
 
-    if name == "fsdp":
+    if is_fsdp(strategy_cfg):
         check_fsdp(accelerator, cuda_available)
 
     if name == "cpu_bf16":
@@ -76,20 +77,15 @@ def check_strategy(
                 "precision=bf16-mixed for several CPU processes."
             )
 
-    if is_deepspeed(strategy_cfg) and on_cpu and half_dtype(precision) == "float16" and not _cpu_fp16_supported():
-        raise StrategyConfigError(
-            f"strategy={name} with precision={precision} on CPU: this CPU has no fp16 support in oneDNN, "
-            "which DeepSpeed's CPU accelerator requires for fp16; use precision=bf16-mixed (AMX) or precision=32."
-        )
-
 
 def check_run(cfg: Any) -> None:
     """The strategy rules of a composed run config (`llmlab.checks.entry.check_config` calls this before any
     weights load): strategy x trainer x precision (`check_strategy`) and strategy x PEFT.
 
     Refused, each with the fix in the message:
-    - `strategy=fsdp` on CPU; `cpu_bf16` with a non-bf16 precision, a GPU, or several processes;
-      DeepSpeed fp16 on a CPU without oneDNN fp16 kernels (`check_strategy`).
+    - `strategy=fsdp` on CPU; `cpu_bf16` with a non-bf16 precision, a GPU, or several processes (`check_strategy`).
+    - `strategy.load_full_weights=true` with a strategy other than ZeRO-3.
+    - `peft=lora_int8` x DeepSpeed/FSDP (bitsandbytes int8 weights cannot be sharded by llmlab).
     - `peft=qlora` x ZeRO-3 with an integer `quant_storage` (uint8/int8 cannot be partitioned; an unset
       one is set automatically, see `quant_storage_for`); `peft=qlora` x DeepSpeed with a float
       `quant_storage` other than the precision's parameter dtype (DeepSpeed's cast would corrupt it).
@@ -103,11 +99,21 @@ def check_run(cfg: Any) -> None:
         devices=trainer.get("devices", 1),
         num_nodes=trainer.get("num_nodes", 1) or 1,
     )
-    peft_cfg = cfg.get("peft")
-    if peft_cfg is None or peft_cfg.get("method") != "qlora":
-        return
     name = strategy_name(strategy_cfg)
-    if name == "fsdp":
+    if strategy_cfg.get("load_full_weights") and not is_zero3(strategy_cfg):
+        raise StrategyConfigError(
+            f"strategy.load_full_weights=true only applies to ZeRO-3 (strategy=zero3), not strategy={name}: resume "
+            f"a single-file checkpoint with the strategy it was written with (e.g. strategy=ddp), or use "
+            f"strategy=zero3")
+    peft_cfg = cfg.get("peft")
+    method = peft_cfg.get("method") if peft_cfg is not None else None
+    if method == "lora_int8" and (is_deepspeed(strategy_cfg) or is_fsdp(strategy_cfg)):
+        raise StrategyConfigError(
+            f"peft=lora_int8 with strategy={name}: bitsandbytes int8 weights x DeepSpeed/FSDP sharding is not "
+            f"supported by llmlab; use strategy=ddp (or the default), or peft=qlora (4-bit, works with strategy=zero3)")
+    if method != "qlora":
+        return
+    if is_fsdp(strategy_cfg):
         raise StrategyConfigError(
             "peft=qlora with strategy=fsdp is not supported by llmlab (bitsandbytes 4-bit weights x FSDP "
             "flat parameters are untested here); use strategy=zero3 (QLoRA x ZeRO-3 is supported), "
@@ -156,11 +162,3 @@ def check_checkpoint_for_strategy(path: Any, strategy_cfg: Any) -> None:
             "checkpoint directories it writes. Resume with the strategy it was written with (e.g. "
             "strategy=ddp), or with strategy=zero3 set strategy.load_full_weights=true to load it (ZeRO-3 only)."
         )
-
-
-def check_precision(cfg) -> None:
-    precision = str(cfg.trainer.precision)
-    accelerator = str(cfg.trainer.accelerator)
-    if half_dtype(precision) == "float16" and accelerator == "cpu":
-        raise ConfigError(f"precision={precision} (fp16 with loss scaling) needs a GPU; on CPU use "
-                          f"precision=bf16-mixed or precision=bf16-true (fast on AMX), or precision=32")

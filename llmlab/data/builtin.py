@@ -74,13 +74,18 @@ def pretrain_documents(n: int, split: str = "train", seed: int = 0) -> list[dict
     return docs
 
 
-def sft_examples(n: int, split: str = "train", seed: int = 0) -> list[dict]:
-    rng = _rng(seed, split, "sft")
+def _prompts_with(answer_key: str, n: int, split: str, seed: int, purpose: str) -> list[dict]:
+    """n instances as {prompt, <answer_key>: answer}, from the RNG stream of `purpose`."""
+    rng = _rng(seed, split, purpose)
     out = []
     for _ in range(n):
         task, x, y = instance(rng, split)
-        out.append({"prompt": f"{task} {x}", "response": y})
+        out.append({"prompt": f"{task} {x}", answer_key: y})
     return out
+
+
+def sft_examples(n: int, split: str = "train", seed: int = 0) -> list[dict]:
+    return _prompts_with("response", n, split, seed, "sft")
 
 
 def _wrong_answer(rng: random.Random, task: str, x: str, y: str) -> str:
@@ -118,12 +123,7 @@ def unpaired_examples(n: int, split: str = "train", seed: int = 0) -> list[dict]
 
 def ppo_prompts(n: int, split: str = "train", seed: int = 0) -> list[dict]:
     """Prompts with their reference answer; `rule_reward` scores a generation against it."""
-    rng = _rng(seed, split, "ppo")
-    out = []
-    for _ in range(n):
-        task, x, y = instance(rng, split)
-        out.append({"prompt": f"{task} {x}", "answer": y})
-    return out
+    return _prompts_with("answer", n, split, seed, "ppo")
 
 
 def rule_reward(response: str, answer: str) -> float:

@@ -44,6 +44,7 @@ def check_files(files, setting: str) -> list[Path]:
 
 
 def _load_files(paths: list[Path], setting: str):
+    # lazy (datasets, here and below): llmlab.checks imports this module (check_files) before torch loads
     from datasets import load_dataset
 
     try:
@@ -69,7 +70,7 @@ def load_split(cfg, kind: str, split: str, seed: int):
         files = check_files(cfg.train_files, "data.train_files")
         return _split(_load_files(files, "data.train_files"), cfg.val_fraction, seed, split)
     if source == "hub":
-        from datasets import load_dataset
+        from datasets import load_dataset  # lazy: see _load_files
 
         hub_split = cfg.split if split == "train" else (cfg.get("val_split") or cfg.split)
         # data.data_files: a hub dataset's own files, or local ones read by a packaged builder

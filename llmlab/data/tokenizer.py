@@ -6,6 +6,9 @@ loads with `save_pretrained` / `AutoTokenizer.from_pretrained` like any hub toke
 """
 from __future__ import annotations
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|bos|>"
 # A minimal chat template so chat-formatted data works with the built-in tokenizer too.
 CHAT_TEMPLATE = (
@@ -15,9 +18,6 @@ CHAT_TEMPLATE = (
 
 
 def builtin_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte symbols, stable order
     vocab = {sym: i for i, sym in enumerate(alphabet)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -13,8 +13,9 @@ from llmlab.nodes import to_plain
 
 # strategy config names (conf/strategy/<name>.yaml) that are DeepSpeed, with their ZeRO stage
 DEEPSPEED_NAMES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
-# `_target_`s that build a DeepSpeed strategy (llmlab's builder, or Lightning's class named directly)
-DEEPSPEED_TARGETS = ("llmlab.distributed.strategies.deepspeed", "DeepSpeedStrategy")
+# `_target_`s that build a DeepSpeed strategy: llmlab's builder (and its pre-regroup path
+# `llmlab.strategies.deepspeed`, which saved configs may name), or Lightning's class named directly
+DEEPSPEED_TARGETS = ("llmlab.distributed.strategies.deepspeed", "llmlab.strategies.deepspeed", "DeepSpeedStrategy")
 
 
 def loaded_class(module: str, name: str) -> type | None:
@@ -86,7 +87,7 @@ def uses_cpu(accelerator: Any, cuda_available: bool | None = None) -> bool:
     """Whether a run with this `trainer.accelerator` trains on the CPU (auto: when no CUDA GPU is visible)."""
     accelerator = str(accelerator or "auto").lower()
     if cuda_available is None:
-        import torch
+        import torch  # lazy: the config checks import this module before torch loads
 
         cuda_available = torch.cuda.is_available()
     if accelerator == "auto":

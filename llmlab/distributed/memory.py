@@ -25,8 +25,12 @@ first-order count leaves out). Read it as -25% / +5% of the real peak.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from llmlab.distributed.detect import zero_stage
 from llmlab.distributed.precision import half_dtype, weights_dtype
@@ -40,8 +44,6 @@ RELEASE_FROM_BYTES = 128 * 1024
 
 def glibc():
     """The C library as a ctypes handle when it is glibc (has `mallopt`), else None (musl, macOS)."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -186,8 +188,6 @@ def estimate(model, *, precision: str, batch_size: int, seq_len: int, optimizer_
 
 def estimate_for_run(cfg, module) -> dict:
     """`estimate` with the settings of a composed run config and its built stage module."""
-    from omegaconf import OmegaConf
-
     devices = cfg.trainer.get("devices", 1)
     world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.get("num_nodes", 1) or 1)
     opt = cfg.stage.module.get("optimizer") or {}
@@ -238,8 +238,6 @@ def reset_peak() -> None:
 def release_and_reset_peak() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise), then restart the peak counter, so the
     next peak is that of what follows (e.g. a training step, not model loading)."""
-    import gc
-
     gc.collect()
     libc = glibc()
     if libc is not None:

@@ -32,6 +32,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    FSDPStrategy,
     SingleDeviceStrategy,
     Strategy,
 )
@@ -52,6 +53,7 @@ __all__ = ["CPUDeepSpeedStrategy", "auto", "cpu_bf16", "ddp", "deepspeed", "fsdp
 def _cpu_process_group_backend() -> str:
     """oneCCL when its torch bindings are installed (the Xeon multi-process recipe), else gloo."""
     if importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None:
+        # lazy: optional, imported only where installed
         import oneccl_bindings_for_pytorch  # noqa: F401  (registers the "ccl" backend)
 
         return "ccl"
@@ -61,6 +63,7 @@ def _cpu_process_group_backend() -> str:
 def _use_deepspeed_cpu_accelerator() -> None:
     """DeepSpeed picks its accelerator once per process from the hardware (CUDA when present). A run
     asked for on CPU (`trainer.accelerator=cpu`) on a GPU machine must use DeepSpeed's CPU accelerator."""
+    # lazy (DeepSpeed here and below): heavy and optional, for DeepSpeed strategies only
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
     if get_accelerator().device_name() != "cpu":
@@ -274,8 +277,6 @@ def fsdp(
     """PyTorch FSDP (CUDA only). `accelerator` (the yaml passes `trainer.accelerator`) lets this
     refuse CPU runs here, with the fix, instead of deep inside Lightning."""
     check_fsdp(accelerator or "auto")
-    from lightning.pytorch.strategies import FSDPStrategy
-
     return FSDPStrategy(
         sharding_strategy=sharding_strategy,
         cpu_offload=cpu_offload,

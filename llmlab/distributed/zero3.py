@@ -13,6 +13,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations import deepspeed as hf_ds
+
 from llmlab.distributed.detect import is_zero3, loaded_class, zero_stage
 from llmlab.distributed.strategies import deepspeed_dict
 
@@ -43,9 +47,6 @@ def hf_deepspeed_context(strategy: Any) -> Iterator[Any]:
     if not is_zero3(strategy):
         yield None
         return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations import deepspeed as hf_ds
-
     config = deepspeed_dict(strategy)
     # zero.Init parses the whole config, which must name a batch size (Lightning adds the real one).
     if "train_batch_size" not in config:
@@ -60,21 +61,15 @@ def hf_deepspeed_context(strategy: Any) -> Iterator[Any]:
 
 
 def _distributed() -> bool:
-    import torch
-
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _rank() -> int:
-    import torch
-
     return torch.distributed.get_rank() if _distributed() else 0
 
 
 def world_size() -> int:
     """Processes in the default process group (1 when there is none)."""
-    import torch
-
     return torch.distributed.get_world_size() if _distributed() else 1
 
 
@@ -82,7 +77,7 @@ def _gathered(params: list) -> contextlib.AbstractContextManager:
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # lazy: heavy and optional, for DeepSpeed-partitioned parameters only
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
@@ -113,8 +108,6 @@ def gathered_state_dict(module, *, trainable_only: bool = False, rank0_only: boo
     (e.g. bitsandbytes 4-bit quant states) is honoured. `trainable_only` keeps parameters with
     `requires_grad` (a PEFT adapter) and gathers only those.
     """
-    import torch
-
     keep = not rank0_only or _rank() == 0
     out: dict[str, torch.Tensor] = {}
     # one copy per parameter: tied weights (GPT-2's lm_head = wte) stay one tensor under both names,
@@ -164,8 +157,6 @@ def save_pretrained_gathered(model, save_directory: str, **kwargs: Any) -> None:
     save (so every adapter type sees full tensors). Any other HF model saves a full gathered
     state dict (an `hf/` export loadable with `from_pretrained`).
     """
-    import torch
-
     # duck-typed PeftModel check: importing peft imports bitsandbytes, which warns on CPU machines
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -123,6 +123,7 @@ def comparison_markdown(pipeline: str, comparison: dict) -> str:
 
 
 def plot_comparison(comparison: dict, path: Path) -> None:
+    # lazy: matplotlib (heavy) only when a plot is drawn; pyplot after the Agg backend is chosen
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,7 +5,7 @@ A task set (conf/eval/<name>.yaml) names lm-eval tasks: stock ones (the course's
 TruthfulQA: their datasets come from the hub) or llmlab's own task YAMLs (llmlab/evaluation/tasks/: built-in
 held-out data written as jsonl at run time, and perplexity of a local text file). Everything that can
 be checked without torch is checked first (`check_task_set`): unknown task names (with close ones), a
-hub task set while offline, a missing text file.
+hub task set while offline, a missing text file (for the training callback: llmlab/checks/callbacks.py).
 
 The model is handed to lm-eval as an object (`lm_eval.models.huggingface.HFLM(pretrained=<model>)`),
 so a run's model is evaluated exactly as llmlab loaded it (a PEFT adapter on a 4-bit base included).
@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import json
+import logging
 import os
+import random
 import re
+import tempfile
+import time
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from llmlab.checks.hub import hub_reachable
+from llmlab.data.builtin import ALPHABET, TASKS, preference_pairs, sft_examples
 from llmlab.errors import ConfigError
+from llmlab.evaluation.tasks.utils import read_documents
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TASK_DIR = Path(__file__).resolve().parent / "tasks"  # llmlab's own task YAMLs (shipped in the package)
@@ -41,8 +51,6 @@ def own_tasks() -> tuple[str, ...]:
 def stock_tasks() -> frozenset[str]:
     """Task, group and tag names of lm-eval's own task YAMLs, read as text (~1 s; lm-eval's TaskManager
     parses all ~14k YAMLs, ~9 s). Tags may be a scalar or a list."""
-    import importlib.util
-
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or spec.origin is None:
         raise ConfigError("lm-eval is not installed; pip install 'lm-eval[hf]' (or llmlab[eval])")
@@ -70,8 +78,6 @@ def hub_offline() -> bool:
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
-    from llmlab.checks.hub import hub_reachable
-
     return not hub_reachable()
 
 
@@ -104,8 +110,6 @@ def check_task_set(task_set, setting: str | None = None) -> None:
         path = Path(str(text_file)).expanduser()
         if not path.is_file():
             raise ConfigError(f"eval.text_file={text_file}: no such file; give a .txt or .jsonl file")
-        from llmlab.evaluation.tasks.utils import read_documents
-
         try:
             if not read_documents(str(path)):
                 raise ConfigError(f"eval.text_file={text_file} is empty: it has no document to score")
@@ -116,8 +120,6 @@ def check_task_set(task_set, setting: str | None = None) -> None:
 
 def load_task_set(task_set, setting: str = "callbacks.lm_eval.task_set"):
     """A task set node: a conf/eval name ("builtin"), or a mapping like conf/eval/*.yaml."""
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(task_set, (dict, DictConfig)):
         return OmegaConf.create(task_set)
     path = CONF / "eval" / f"{task_set}.yaml"
@@ -129,25 +131,6 @@ def load_task_set(task_set, setting: str = "callbacks.lm_eval.task_set"):
     return OmegaConf.load(path)
 
 
-def check_eval_callbacks(cfg) -> None:
-    """llmlab.run: an LMEvalCallback in `callbacks` is checked with the config alone (no torch), so a
-    typo'd task or a hub task set offline fails in seconds, not after the model and data are built."""
-    for name, node in (cfg.get("callbacks") or {}).items():
-        if node is None or not str(node.get("_target_", "")).endswith("LMEvalCallback"):
-            continue
-        task_set = load_task_set(node.get("task_set", "builtin"), f"callbacks.{name}.task_set")
-        if node.get("text_file"):
-            task_set.text_file = node.text_file
-        check_task_set(task_set, f"callbacks.{name}.task_set={task_set.get('name')}")
-        every, interval = node.get("every_n_steps"), cfg.trainer.get("val_check_interval")
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ConfigError(f"callbacks.{name}.every_n_steps={every!r}: give an integer >= 1 (a multiple of "
-                              f"trainer.val_check_interval) or null (every validation)")
-        if every and isinstance(interval, int) and every % interval:
-            raise ConfigError(f"callbacks.{name}.every_n_steps={every}: it runs after a validation, so give a "
-                              f"multiple of trainer.val_check_interval={interval}")
-
-
 # --------------------------------------------------------------------------------------------------
 # llmlab's built-in held-out data as jsonl (the same instances as the stages' validation splits)
 # --------------------------------------------------------------------------------------------------
@@ -155,8 +138,6 @@ def check_eval_callbacks(cfg) -> None:
 
 def mc_choices(pair: dict, x: str, task: str) -> list[str]:
     """chosen, rejected and two more wrong answers (other tasks' answers, else one letter changed), unique."""
-    from llmlab.data.builtin import ALPHABET, TASKS
-
     choices = [pair["chosen"], pair["rejected"]]
     candidates = [TASKS[t](x) for t in sorted(TASKS) if t != task]
     candidates += [pair["chosen"][:i] + c + pair["chosen"][i + 1:] for i in range(len(pair["chosen"]))
@@ -173,10 +154,6 @@ def write_builtin_data(data_dir: Path, n: int, seed: int, template: str, eos: st
     """llmlab_builtin_em.jsonl: the SFT validation instances `sft_examples(n, "validation", seed)` (what
     stage=sft/dpo validate on, in that order); llmlab_builtin_mc.jsonl: the preference validation
     pairs with four choices, each ending with the EOS token text."""
-    import random
-
-    from llmlab.data.builtin import preference_pairs, sft_examples
-
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "llmlab_builtin_em.jsonl", "w") as f:
         for ex in sft_examples(n, "validation", seed):
@@ -241,13 +218,10 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
     `template` renders llmlab's built-in prompts (default: the built-in data's "Question: ...").
     `autocast_dtype` (e.g. torch.bfloat16) evaluates under autocast, as a bf16-mixed run validated.
     """
-    import logging
-    import tempfile
-    import time
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not any(t not in own_tasks() for t in task_set.tasks):  # local data only: never ask the hub
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # lazy: lm-eval is heavy and optional, and datasets (which it imports) reads HF_DATASETS_OFFLINE once
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -285,8 +259,7 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
 def _keeping_rng_state(fn, *args, **kwargs):
     """lm-eval seeds python, numpy and torch's global generators; during training (the callback) that
     would reset dropout's randomness at every evaluation: their states are put back afterwards."""
-    import random
-
+    # lazy: llmlab.checks imports this module (check_task_set) before torch loads
     import numpy as np
     import torch
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -47,8 +48,6 @@ def chunked_causal_lm_loss_sum(hidden: Tensor, head, labels: Tensor, chunk_token
     rather than the whole batch's. The same sum and gradients as the full path up to fp32 summation
     order (tests/test_chunked_loss.py).
     """
-    from torch.utils.checkpoint import checkpoint
-
     hidden, labels = hidden[:, :-1], labels[:, 1:]  # (B, T-1, H), (B, T-1): position t predicts t+1
     keep = labels != ignore_index  # (B, T-1)
     hidden, targets = hidden[keep], labels[keep]  # (n, H), (n,)

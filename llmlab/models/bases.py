@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
@@ -83,8 +84,6 @@ def sources_digest(project: Path = _PROJECT) -> str:
 
 
 def _library_versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     def _version(name: str) -> str:
         try:
             return version(name)

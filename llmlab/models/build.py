@@ -9,7 +9,16 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
+from llmlab.checks.hub import hub_error
+from llmlab.data.tokenizer import builtin_tokenizer
+from llmlab.models.peft import transformers_model
 from llmlab.nodes import to_plain
 
 HEADS = ("causal_lm", "sequence_classification")
@@ -17,15 +26,9 @@ HEADS = ("causal_lm", "sequence_classification")
 
 def build_tokenizer(model_cfg):
     """`tokenizer: builtin` -> the byte-level tokenizer; a name/path -> AutoTokenizer; null -> `pretrained`."""
-    from llmlab.data.tokenizer import builtin_tokenizer
-
     source = model_cfg.get("tokenizer") or model_cfg.get("pretrained")
     if source == "builtin":
         return builtin_tokenizer()
-    from transformers import AutoTokenizer
-
-    from llmlab.checks.hub import hub_error
-
     setting = "model.tokenizer" if model_cfg.get("tokenizer") else "model.pretrained"
     try:
         # trust_remote_code stays off whatever the config says: code shipped with a model never runs
@@ -39,8 +42,6 @@ def build_tokenizer(model_cfg):
 
 def architecture_config(model_cfg, tokenizer=None, head: str = "causal_lm"):
     """The transformers config for `init: scratch` (vocab from the tokenizer unless given)."""
-    from transformers import AutoConfig
-
     kwargs = dict(to_plain(model_cfg.config) or {})
     model_type = kwargs.pop("model_type")
     if "vocab_size" not in kwargs and tokenizer is not None:
@@ -59,8 +60,6 @@ def torch_dtype(name: str | None):
 
 def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization_config=None):
     """A causal LM (`head=causal_lm`) or a one-output reward model (`head=sequence_classification`)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     assert head in HEADS, head
     auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
     dtype = torch_dtype(model_cfg.get("dtype"))
@@ -70,8 +69,6 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
             raise ValueError("quantization needs init=pretrained weights to quantize")
         model = auto.from_config(config, dtype=dtype) if dtype else auto.from_config(config)
     else:
-        from llmlab.checks.hub import hub_error
-
         extra = {"num_labels": 1} if head == "sequence_classification" else {}
         try:
             model = auto.from_pretrained(
@@ -144,8 +141,6 @@ def compile_forward(model: torch.nn.Module) -> torch.nn.Module:
     then the training one; inductor caches them on disk across runs). Generation runs eager
     (`generation.eager_generation`); a frozen reference copied when the stage was built stays eager.
     """
-    from llmlab.models.peft import transformers_model
-
     inner = transformers_model(model)
     inner.compile(backend="inductor")
     return inner

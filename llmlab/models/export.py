@@ -5,6 +5,7 @@ computed, up to rounding; prefix and prompt tuning have nothing to merge (only t
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ log = logging.getLogger("llmlab")
 def _base_tensor(module_tensor, module=None):
     """A base weight as a plain tensor; bitsandbytes 4-bit and 8-bit (LLM.int8) weights are de-quantized."""
     if type(module_tensor).__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # lazy: optional; its import warns on CPU
 
         return bnbf.dequantize_4bit(module_tensor.data, module_tensor.quant_state)
     if type(module_tensor).__name__ == "Int8Params":
@@ -28,6 +29,7 @@ def _base_tensor(module_tensor, module=None):
 
 def _is_conv1d(model, module_name: str) -> bool:
     """True when `module_name` in `model` is transformers' Conv1D (GPT-2's (in, out) linear layers)."""
+    # lazy (transformers, torch below): llmlab.export imports this module and checks its arguments first
     from transformers.pytorch_utils import Conv1D
 
     try:
@@ -39,9 +41,7 @@ def _is_conv1d(model, module_name: str) -> bool:
 def plain_base_model(peft_model, dtype=None):
     """A new, unwrapped copy of the PEFT model's base: original module names, adapters left out,
     4-bit weights de-quantized. The PEFT model itself is not changed."""
-    import copy
-
-    import torch
+    import torch  # lazy: see _is_conv1d
 
     base = peft_model.get_base_model()
     config = copy.deepcopy(base.config)

@@ -14,11 +14,13 @@ Methods (conf/peft/<method>.yaml, `method:` names the one in use):
 
 `head=sequence_classification` (reward models) uses PEFT's SEQ_CLS task type, which keeps the new
 score head fully trainable (`modules_to_save`). Target modules default per architecture
-(`DEFAULT_TARGETS`); `check_fits` refuses modules the model does not have before weights load.
+(`DEFAULT_TARGETS`). The rules on the peft settings (method, numbers, PEFT x precision, target modules the
+model has) are llmlab/checks/model.py; PEFT x strategy is llmlab/checks/strategy.py.
 """
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from llmlab.distributed.detect import is_zero3
@@ -59,7 +61,7 @@ def import_peft():
     """Import `peft`. It imports bitsandbytes when installed, whose CPU backend logs a warning about
     an optional `kernels` package (the built-in fallback kernel works); keep that out of the logs."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import peft
+    import peft  # lazy: heavy, pulls bitsandbytes (a warning on CPU) and torchao
 
     return peft
 
@@ -77,6 +79,8 @@ def quantization_config(peft_cfg, precision: str | None = None):
     """
     if peft_cfg.method not in QUANTIZED_BASE:
         return None
+    # lazy (torch, transformers here and below): llmlab.checks, .export and .generate import this module
+    # before torch loads
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -110,38 +114,9 @@ def _module_matches(name: str, target: str) -> bool:
 
 def missing_targets(module_names: list[str], targets: list[str] | str) -> list[str]:
     """Entries of `targets` that match no module (a str is a regex over full names, as in PEFT)."""
-    import re
-
     if isinstance(targets, str):
         return [] if any(re.fullmatch(targets, n) for n in module_names) else [targets]
     return [t for t in targets if not any(_module_matches(n, t) for n in module_names)]
-
-
-def check_fits(peft_cfg, model, model_name: str) -> None:
-    """ConfigError when the method cannot be applied to this architecture (e.g. absent targets).
-
-    `model` may live on the meta device: only module names and the config are read.
-    """
-    from llmlab.errors import ConfigError
-
-    method = peft_cfg.method
-    if method not in METHODS:
-        raise ConfigError(f"peft.method={method!r}: use one of {METHODS} (choose with peft=<name>)")
-    if method == "none" or method in PROMPT_LEARNING:
-        return
-    model_type = model.config.model_type
-    linear_names = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
-    for key in ("target_modules", "feedforward_modules") if method == "ia3" else ("target_modules",):
-        targets = target_modules(peft_cfg, model_type, key)
-        if targets is None:
-            raise ConfigError(f"peft={method}: no default peft.{key} for model type {model_type!r} "
-                              f"(model={model_name}); set peft.{key}=[...] (its linear layers include "
-                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})})")
-        missing = missing_targets(linear_names, targets)
-        if missing:
-            raise ConfigError(f"peft.{key}={targets}: {missing} match no linear layer of model={model_name} "
-                              f"({model_type}); its layers are named "
-                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")
 
 
 def peft_config(peft_cfg, model_type: str, head: str = "causal_lm"):
@@ -218,7 +193,7 @@ def _frozen_matrices_to_compute_dtype(model, peft_cfg) -> None:
     its tied output head is cast to bf16 again and that copy saved for backward: on OPT-1.3B (seq 256)
     this is ~0.6 GB of a ~2.3 GB step.
     """
-    import torch
+    import torch  # lazy: see quantization_config
 
     dtype = getattr(torch, peft_cfg.quantization.compute_dtype)
     matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
@@ -253,8 +228,8 @@ def quant_storage_for(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-tru
     the same bytes viewed as a float dtype can. That dtype must be the one DeepSpeed casts floating
     parameters to (`precision.parameter_dtype`), or the cast would corrupt the packed bits. So under
     ZeRO-3 an unset `peft.quantization.quant_storage` becomes that dtype (checked on CPU: bfloat16 with
-    bf16-true and bf16-mixed, float32 with 32-true); an explicit choice is kept (`check_run` refuses
-    the ones that cannot work).
+    bf16-true and bf16-mixed, float32 with 32-true); an explicit choice is kept (llmlab.checks.strategy.check_run
+    refuses the ones that cannot work).
     """
     if peft_cfg is None or peft_cfg.get("method") != "qlora":
         return None
@@ -271,9 +246,9 @@ def peft_for_strategy(peft_cfg: Any, strategy_cfg: Any, precision: Any = "32-tru
     storage = quant_storage_for(peft_cfg, strategy_cfg, precision)
     if peft_cfg is None or peft_cfg.get("method") != "qlora" or storage == peft_cfg.quantization.get("quant_storage"):
         return peft_cfg
-    from omegaconf import (
-        OmegaConf,  # config nodes only reach here once Hydra has loaded omegaconf
-    )
+    # lazy: config nodes only reach here once Hydra has loaded omegaconf (export and generate import this
+    # module and answer --help without it)
+    from omegaconf import OmegaConf
 
     node = OmegaConf.create(OmegaConf.to_container(peft_cfg, resolve=True))
     node.quantization.quant_storage = storage

@@ -33,7 +33,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmlab.checkpointing.atomic import atomic_dir
 from llmlab.errors import ConfigError
+
+# torch, transformers and safetensors are imported inside the functions that use them ("lazy" below):
+# llmlab.export checks its arguments (check_method) and llmlab.generate looks for an int8 export
+# (is_quantized_dir) before torch loads.
 
 METHODS = ("int8",)
 MARKER = "quantization.json"
@@ -53,6 +58,7 @@ def check_method(method: str) -> str:
 
 def _engine() -> str:
     """The int8 kernel backend; FBGEMM-based ('x86' or 'fbgemm') only: qnnpack (ARM) is not tested here."""
+    # lazy: see the note under the imports
     import torch
 
     engines = torch.backends.quantized.supported_engines
@@ -67,6 +73,7 @@ def _engine() -> str:
 def conv1d_to_linear(model) -> list[str]:
     """Replace transformers' Conv1D (GPT-2: y = x @ W + b, W (in, out)) by nn.Linear (W.t(): (out, in))
     in place; returns the replaced module names. Same outputs, now visible to Linear quantizers."""
+    # lazy: see the note under the imports
     import torch
     from transformers.pytorch_utils import Conv1D
 
@@ -90,6 +97,7 @@ def _set_module(model, name: str, module) -> None:
 
 def _untie_head(model) -> bool:
     """Give the LM head its own weight when it shares the input embedding's; True when it did."""
+    # lazy: see the note under the imports
     import torch
 
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
@@ -104,6 +112,7 @@ def _untie_head(model) -> bool:
 
 def _qlinear(weight_int8, scale, bias):
     """An FBGEMM dynamic int8 Linear from int8 weights (out, in) and per-output-channel scales (out,)."""
+    # lazy: see the note under the imports
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynLinear
 
@@ -116,6 +125,7 @@ def _qlinear(weight_int8, scale, bias):
 
 def _int8_weight(weight):
     """Symmetric per-output-channel int8: (out, in) fp -> int8 (out, in), scale (out,) float64."""
+    # lazy: see the note under the imports
     import torch
 
     w = weight.detach().double()
@@ -125,6 +135,7 @@ def _int8_weight(weight):
 
 def quantizable_linears(model) -> list[str]:
     """The names of the plain nn.Linear layers (subclasses, e.g. bitsandbytes' 4/8-bit ones, excluded)."""
+    # lazy: see the note under the imports
     import torch
 
     return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
@@ -132,6 +143,7 @@ def quantizable_linears(model) -> list[str]:
 
 def check_model(model) -> None:
     """ConfigError for a model this quantizer cannot handle, before any work is done."""
+    # lazy: see the note under the imports
     import torch
 
     if getattr(model, "peft_config", None) is not None:
@@ -155,6 +167,7 @@ def check_model(model) -> None:
 def quantize_int8(model):
     """The model with every Linear as an int8 dynamic Linear (fp32 elsewhere), in place. Returns
     (model, info) with the quantized layer names, the Conv1D layers converted and whether the head was untied."""
+    # lazy: see the note under the imports
     import torch
 
     check_model(model)
@@ -199,9 +212,8 @@ def dir_size(path: Path) -> int:
 def save_quantized(model, info: dict, tokenizer, out: Path, reference: dict | None = None) -> dict:
     """Write the quantized model to `out` (atomically); returns the summary written to quantization.json.
     `reference`: {"fp32"/"bf16"/...: bytes} sizes of unquantized exports to compare against."""
+    # lazy: see the note under the imports
     from safetensors.torch import save_file
-
-    from llmlab.checkpointing.atomic import atomic_dir
 
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -226,6 +238,7 @@ def is_quantized_dir(path) -> bool:
 
 def load_quantized(path):
     """The int8 model saved by save_quantized (eval mode, CPU). The one documented load call."""
+    # lazy: see the note under the imports
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmlab.errors import ConfigError
 from llmlab.models.peft import is_peft_model
 
 
@@ -31,7 +33,7 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -51,7 +53,7 @@ class FrozenReference(nn.Module):
         super().__init__()
         self.shares_policy = reference is None and is_peft_model(policy)
         self._policy = [policy]  # a list: not a submodule (no second registration of the policy)
-        self.copy = None if self.shares_policy else _freeze(reference if reference is not None
+        self.copy = None if self.shares_policy else freeze(reference if reference is not None
                                                               else copy.deepcopy(policy))
 
     def train(self, mode: bool = True):  # the copy stays in eval mode whatever Lightning asks
@@ -78,10 +80,6 @@ class FrozenReference(nn.Module):
 
 def load_reference(path: str, policy_tokenizer, dtype=None):
     """A causal LM to use as the reference, refusing one whose tokenizer differs from the policy's."""
-    from transformers import AutoModelForCausalLM
-
-    from llmlab.errors import ConfigError
-
     source = hf_dir(path)
     check_same_tokenizer(source, policy_tokenizer, "reference_model")
     try:
@@ -97,10 +95,6 @@ def tokenizers_match(a, b) -> bool:
 
 
 def check_same_tokenizer(path: str, policy_tokenizer, setting: str) -> None:
-    from transformers import AutoTokenizer
-
-    from llmlab.errors import ConfigError
-
     try:
         other = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -5,18 +5,18 @@ head (causal LM or one-output classifier) comes from `stage.head`.
 """
 from __future__ import annotations
 
+import torch
 from hydra.utils import get_class, instantiate
 
+from llmlab.errors import ConfigError
 from llmlab.models.build import build_model
 from llmlab.models.peft import apply_peft, peft_for_strategy, quantization_config
+from llmlab.stages.interface import Stage
 
 
 def stage_class(stage_cfg):
     """The stage's LightningModule class; it must be a `llmlab.stages.interface.Stage` (what the run reads
     from a stage is declared there)."""
-    from llmlab.errors import ConfigError
-    from llmlab.stages.interface import Stage
-
     cls = get_class(stage_cfg.module._target_)
     if not (isinstance(cls, type) and issubclass(cls, Stage)):
         raise ConfigError(f"stage.module._target_={stage_cfg.module._target_}: not an llmlab stage; "
@@ -29,8 +29,6 @@ def build_stage(cfg, tokenizer):
     if cfg.get("dry_run") and cfg.model.init == "scratch":
         # counts and memory need shapes only: build on the meta device (no memory, no init time; an
         # OPT-1.3B dry run takes seconds). QLoRA is then counted as LoRA on a 4-bit base.
-        import torch
-
         with torch.device("meta"):
             model = apply_peft(build_model(cfg.model, tokenizer, head=head), cfg.peft, head=head)
             return instantiate(cfg.stage.module, model=model, tokenizer=tokenizer, _recursive_=True)
@@ -43,8 +41,6 @@ def build_stage(cfg, tokenizer):
     try:
         return instantiate(cfg.stage.module, model=model, tokenizer=tokenizer, _recursive_=True)
     except Exception as err:  # a ConfigError from a nested node (e.g. a reward) arrives wrapped by Hydra
-        from llmlab.errors import ConfigError
-
         cause = err
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__

@@ -5,7 +5,8 @@ import torch
 
 from llmlab.checks.model import HEAD_APART_MODEL_TYPES
 from llmlab.data.packing import block_causal_mask
-from llmlab.models.peft import uses_virtual_tokens
+from llmlab.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum
+from llmlab.models.peft import transformers_model, uses_virtual_tokens
 from llmlab.optim import guard_optimizer, param_groups
 
 
@@ -42,8 +43,6 @@ def forward_hidden(model, batch: dict, packing: str = "document"):
     The transformers model's backbone (`base_model`: GPT-2's `transformer`, OPT's/Llama's `model`) runs
     with PEFT's adapters in it; its output is what the causal-LM class feeds its head.
     """
-    from llmlab.models.peft import transformers_model
-
     if uses_virtual_tokens(model):
         raise ValueError("stage.module.loss_chunk_tokens does not apply to prefix/prompt tuning (PEFT runs their "
                          "virtual tokens inside its own forward): set stage.module.loss_chunk_tokens=null")
@@ -61,7 +60,7 @@ def _virtual_token_logits(model, batch: dict, packing: str) -> torch.Tensor:
     """Logits (B, T, V) under prefix/prompt tuning: a 2-D padding mask, so one example per row.
 
     A block-diagonal mask cannot be extended by PEFT's virtual tokens, so packed rows are refused
-    (checks.py refuses the settings earlier); prompt tuning's logits for the virtual tokens are dropped.
+    (llmlab/checks/ refuses the settings earlier); prompt tuning's logits for the virtual tokens are dropped.
     """
     mask = batch.get("attention_mask")
     if "segment_ids" in batch and packing == "document":
@@ -166,8 +165,6 @@ def count_tokens(batch: dict) -> int:
 
 def lm_training_step(module, batch: dict) -> torch.Tensor:
     """The causal-LM step of pretrain and sft: token-weighted over the whole optimizer step (see step_mean)."""
-    from llmlab.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum
-
     chunk = getattr(module, "loss_chunk_tokens", None)
     if chunk:  # the head applied chunk by chunk: the (B, T, V) logits are never held at once
         hidden, head = forward_hidden(module.model, batch, module.packing)  # (B, T, H)
@@ -188,6 +185,23 @@ def log_answer_validation(module, answers: list[str], score: torch.Tensor, refer
     if all(a is not None for a in references):
         module.val_exact_match.update(answers, references)
         module.log("val/exact_match", module.val_exact_match)
+
+
+def sum_over_ranks(module, value) -> float:
+    """The sum of a per-process scalar over all processes (DDP / DeepSpeed), the same on every rank.
+    Collective (every rank calls it); identity on one process."""
+    if module._trainer is None or module.trainer.world_size <= 1:
+        return float(value)
+    return mean_over_ranks(module, value) * module.trainer.world_size
+
+
+def mean_over_ranks(module, value) -> float:
+    """The mean of a per-process scalar over all processes, so decisions taken from it (ppo's KL
+    coefficient and early stop, grpo's refills) are the same on every rank. Collective; identity on one."""
+    if module._trainer is None or module.trainer.world_size <= 1:
+        return float(value)
+    tensor = torch.tensor(float(value), device=module.device, dtype=torch.float64)
+    return float(module.trainer.strategy.reduce(tensor, reduce_op="mean"))
 
 
 def first_and_last_tenth(history: list) -> tuple[list, list]:

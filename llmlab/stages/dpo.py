@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
 from llmlab.evaluation.generation import greedy_answers
@@ -81,7 +82,7 @@ class DPOModule(Stage):
         if disable_dropout:
             alignment.disable_dropout(model)
         # a reference-free loss (ORPO, SimPO: `needs_reference = False`) gets no reference at all: no
-        # frozen copy in memory, no second forward (checks.check_settings refuses reference settings then)
+        # frozen copy in memory, no second forward (checks.entry.check_settings refuses reference settings then)
         self.reference = None
         if self.needs_reference:
             ref = load_reference(reference_model, tokenizer) if reference_model else None
@@ -155,8 +156,6 @@ class DPOModule(Stage):
             logits = forward_logits(self.model, rows_batch, self.packing)  # (B, T, V), freed after this call
             logps = self._sequence_logps(logits, rows_batch["labels"])
             return logps, (causal_lm_loss_sum(logits, rows_batch["labels"]) if with_nll else None)
-
-        from torch.utils.checkpoint import checkpoint
 
         return checkpoint(run, *half.values(), use_reentrant=False)
 

@@ -55,9 +55,11 @@ from llmlab.stages.common import (
     configure_optimizers,
     first_and_last_tenth,
     log_answer_validation,
+    mean_over_ranks,
     position_ids_from_mask,
+    sum_over_ranks,
 )
-from llmlab.stages.interface import Stage
+from llmlab.stages.interface import RolloutStage
 from llmlab.stages.ppo import response_mask
 from llmlab.stages.shared_prefix import (
     can_share_prompt,
@@ -68,7 +70,7 @@ from llmlab.stages.shared_prefix import (
 )
 
 
-class GRPOModule(Stage):
+class GRPOModule(RolloutStage):
     data_format = "prompt"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, *, reward=None, rollout_batch_size: int = 16,
@@ -115,19 +117,6 @@ class GRPOModule(Stage):
     def steps_per_iteration(self) -> int:
         return self.num_iterations * math.ceil(self.rollout_batch_size * self.G / self.mini_batch_size)
 
-    def trainer_overrides(self, trainer_cfg) -> dict:
-        """No automatic clipping (manual optimization clips here); a validation interval in optimizer
-        steps converted to rollouts (Lightning counts batches)."""
-        out = {"gradient_clip_val": None}
-        interval = trainer_cfg.get("val_check_interval")
-        if isinstance(interval, int):
-            out["val_check_interval"] = max(1, interval // self.steps_per_iteration)
-        return out
-
-    def batches_done(self) -> int:
-        """Training batches (rollouts) consumed so far: where the resumable sampler continues."""
-        return len(self.history)
-
     def on_fit_start(self):
         super().on_fit_start()
         self.rewards.to(self.device)
@@ -167,17 +156,6 @@ class GRPOModule(Stage):
             self.sampling_state = torch.get_rng_state()
             if cuda:
                 self.sampling_state = {"cpu": self.sampling_state, "cuda": torch.cuda.get_rng_state(self.device)}
-
-    # ------------------------------------------------------------------ collectives (identity on one rank)
-    def global_sum(self, value: float) -> float:
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return float(value)
-        t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
-        return float(self.trainer.strategy.reduce(t, reduce_op="mean")) * self.trainer.world_size
-
-    def global_mean(self, value: float) -> float:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return self.global_sum(value) / world
 
     # ------------------------------------------------------------------ rollout
     def completion_logprobs(self, model, ro: dict, idx, entropy: bool = False):
@@ -249,7 +227,7 @@ class GRPOModule(Stage):
             return groups, 0, zero_share
         kept, dropped, rounds = [self._select(groups, ~zero)], [self._select(groups, zero)], 0
         have = int((~zero).sum())
-        while rounds < self.max_refill_rounds and self.global_sum(max(0, B - have)) > 0:
+        while rounds < self.max_refill_rounds and sum_over_ranks(self, max(0, B - have)) > 0:
             rounds += 1
             more = self.sample_groups(self.refill_batch(B))
             z = zero_variance_groups(more["rewards"].cpu(), G)
@@ -344,15 +322,15 @@ class GRPOModule(Stage):
         mask = ro["loss_mask"]
         steps_per_pass = math.ceil(N / self.mini_batch_size)
         world = self.trainer.world_size if self._trainer is not None else 1
-        dapo_tokens = self.global_sum(mask.sum()) / steps_per_pass
+        dapo_tokens = sum_over_ranks(self, mask.sum()) / steps_per_pass
         stats = {k: [] for k in ("loss", "clip_low", "clip_high", "kl", "entropy")}
         self.model.train()
         for _ in range(self.num_iterations):
             order = torch.randperm(N, generator=self.generator).to(self.device)
             for mini in order.split(self.mini_batch_size):
-                counts = StepCounts(sequences=self.global_sum(len(mini)), tokens=self.global_sum(mask[mini].sum()),
-                                    dapo_tokens=dapo_tokens, max_completion_length=self.max_completion_length,
-                                    world_size=world)
+                counts = StepCounts(sequences=sum_over_ranks(self, len(mini)),
+                                    tokens=sum_over_ranks(self, mask[mini].sum()), dapo_tokens=dapo_tokens,
+                                    max_completion_length=self.max_completion_length, world_size=world)
                 optimizer.zero_grad()
                 for idx in mini.split(self.micro_batch_size):
                     loss, st = self.micro_batch_loss(ro, idx, counts, want_entropy=not stats["entropy"])
@@ -387,8 +365,8 @@ class GRPOModule(Stage):
         stats = self.policy_update(ro)
         rewards, mask = ro["rewards"], ro["mask"]
         lengths = mask.sum(1).float()
-        reward_mean = self.global_mean(float(rewards.mean()))
-        kl = self.global_mean(stats["kl"]) if "kl" in stats else None
+        reward_mean = mean_over_ranks(self, float(rewards.mean()))
+        kl = mean_over_ranks(self, stats["kl"]) if "kl" in stats else None
         self.history.append({"reward": reward_mean, "kl": kl})
         total = time.perf_counter() - t0
         metrics = {
@@ -403,9 +381,7 @@ class GRPOModule(Stage):
         self.log("train/reward_mean", reward_mean, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, sync_dist=True)
         batch["attention_mask"] = ro["attention_mask"]  # rollout tokens count for tokens/s
-        max_steps = self.trainer.max_steps
-        if max_steps and max_steps > 0 and self.global_step + self.steps_per_iteration > max_steps:
-            self.trainer.should_stop = True  # no room for another rollout: stop here, after a validation
+        self.stop_if_no_room()
 
     def validation_step(self, batch, batch_idx):
         answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],

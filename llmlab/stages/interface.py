@@ -13,6 +13,9 @@ and nothing outside a stage looks for attributes with `hasattr`/`getattr`:
 | `summary_values(summary)` | `RunSummary`, once at fit end on rank 0 | `{}` |
 | `step_guard` | `callbacks.nonfinite.NonFiniteGuard` (set by `common.configure_optimizers`) | `None` |
 
+`RolloutStage` (ppo, grpo): a training batch is one rollout of `steps_per_iteration` optimizer steps
+with one `history` row; it answers `trainer_overrides` and `batches_done` for both.
+
 `Stage.on_fit_start` puts the module in train mode (a model loaded with from_pretrained comes in eval
 mode, which Lightning keeps); a stage overriding the hook calls it first.
 
@@ -65,3 +68,32 @@ class Stage(L.LightningModule):
     def summary_values(self, summary: dict) -> dict:
         """Literal summary.json keys this stage adds (e.g. rm: `val_accuracy`); called once at fit end."""
         return {}
+
+
+class RolloutStage(Stage):
+    """A stage whose training batch is one rollout (ppo, grpo): `steps_per_iteration` optimizer steps
+    (manual optimization) and one row appended to `history` per rollout."""
+
+    history: list[dict]
+    steps_per_iteration: int  # a property of each stage
+
+    def trainer_overrides(self, trainer_cfg) -> dict:
+        """No automatic clipping (manual optimization clips here); a validation interval given in optimizer
+        steps converted to rollouts (Lightning counts batches)."""
+        out = {"gradient_clip_val": None}
+        interval = trainer_cfg.get("val_check_interval")
+        if isinstance(interval, int):
+            out["val_check_interval"] = max(1, interval // self.steps_per_iteration)
+        return out
+
+    def batches_done(self) -> int:
+        """Prompt batches (rollouts) consumed: where the resumable sampler continues (a rollout is several
+        optimizer steps, so global_step x batch would skip prompts on resume)."""
+        return len(self.history)
+
+    def stop_if_no_room(self) -> None:
+        """At the end of a training step: stop here (after a validation) when another rollout would pass
+        `trainer.max_steps`."""
+        max_steps = self.trainer.max_steps
+        if max_steps and max_steps > 0 and self.global_step + self.steps_per_iteration > max_steps:
+            self.trainer.should_stop = True

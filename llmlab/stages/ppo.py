@@ -64,9 +64,10 @@ from llmlab.stages.common import (
     configure_optimizers,
     first_and_last_tenth,
     log_answer_validation,
+    mean_over_ranks,
     position_ids_from_mask,
 )
-from llmlab.stages.interface import Stage
+from llmlab.stages.interface import RolloutStage
 
 log = logging.getLogger("llmlab")
 
@@ -111,7 +112,7 @@ def response_mask(responses: torch.Tensor, budgets: torch.Tensor, eos_id: int | 
 
 
 # ---------------------------------------------------------------------------------------- stage
-class PPOModule(Stage):
+class PPOModule(RolloutStage):
     data_format = "prompt"
 
     def __init__(self, model, tokenizer, optimizer, scheduler=None, *, reward_model: str | None = None,
@@ -170,20 +171,6 @@ class PPOModule(Stage):
     @property
     def steps_per_iteration(self) -> int:
         return self.ppo_epochs * math.ceil(self.rollout_batch_size * self.samples_per_prompt / self.mini_batch_size)
-
-    def trainer_overrides(self, trainer_cfg) -> dict:
-        """Trainer kwargs this stage needs: no automatic clipping (manual optimization clips here), and a
-        validation interval given in optimizer steps converted to iterations (Lightning counts batches)."""
-        out = {"gradient_clip_val": None}
-        interval = trainer_cfg.get("val_check_interval")
-        if isinstance(interval, int):
-            out["val_check_interval"] = max(1, interval // self.steps_per_iteration)
-        return out
-
-    def batches_done(self) -> int:
-        """Prompt batches (iterations) consumed: where the resumable sampler continues (an iteration is
-        several optimizer steps, so global_step x batch would skip prompts on resume)."""
-        return len(self.history)
 
     def on_fit_start(self):
         super().on_fit_start()
@@ -309,7 +296,7 @@ class PPOModule(Stage):
                     stats[key].append(float(value.detach()))
                 epoch_kl.append(float(approx_kl))
             if (self.early_stopping and self.target_kl
-                    and self.mean_over_ranks(sum(epoch_kl) / len(epoch_kl)) > 1.5 * self.target_kl):
+                    and mean_over_ranks(self, sum(epoch_kl) / len(epoch_kl)) > 1.5 * self.target_kl):
                 break  # TRL's early stopping: the policy moved too far from the rollout policy
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
@@ -323,23 +310,15 @@ class PPOModule(Stage):
             return count
         return self.trainer.strategy.reduce(count, reduce_op="mean")
 
-    def mean_over_ranks(self, value: float) -> float:
-        """The mean of a per-process scalar over all processes (DDP / DeepSpeed), so decisions taken from
-        it (KL coefficient, early stopping) are the same on every rank. Collective; identity on one."""
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return value
-        tensor = torch.tensor(float(value), device=self.device, dtype=torch.float32)
-        return float(self.trainer.strategy.reduce(tensor, reduce_op="mean"))
-
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         t0 = time.perf_counter()
         ro = self.rollout(batch)
         stats = self.ppo_update(ro)
         # several processes: every rank adapts the KL coefficient from the same (all-rank) mean
-        kl_mean = self.mean_over_ranks(float(ro["kl"].mean()))
+        kl_mean = mean_over_ranks(self, float(ro["kl"].mean()))
         self.kl_ctl.update(kl_mean, ro["input_ids"].shape[0])
-        reward_mean = self.mean_over_ranks(float(ro["score"].mean()))
+        reward_mean = mean_over_ranks(self, float(ro["score"].mean()))
         self.history.append({"reward": reward_mean, "kl": kl_mean})
         total = time.perf_counter() - t0
         metrics = {
@@ -357,9 +336,7 @@ class PPOModule(Stage):
         self.log("train/reward_mean", metrics.pop("train/reward_mean"), prog_bar=True)
         self.log_dict(metrics)
         batch["attention_mask"] = ro["attention_mask"]  # rollout tokens (prompt + response) count for tokens/s
-        max_steps = self.trainer.max_steps
-        if max_steps and max_steps > 0 and self.global_step + self.steps_per_iteration > max_steps:
-            self.trainer.should_stop = True  # no room for another iteration: stop here, after a validation
+        self.stop_if_no_room()
 
     def validation_step(self, batch, batch_idx):
         answers = greedy_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],

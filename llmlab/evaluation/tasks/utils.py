@@ -11,6 +11,8 @@ from pathlib import Path
 
 
 def _jsonl(path: Path):
+    # lazy (datasets, here and below): evaluation.harness imports this module, and llmlab.checks imports
+    # that one before torch loads
     import datasets
 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(
@@ -36,7 +38,7 @@ def read_documents(text_file: str) -> list[str]:
 
 
 def text_documents(text_file: str | None = None, **_):
-    import datasets
+    import datasets  # lazy: see _jsonl
 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": d} for d in read_documents(text_file)])})
 
