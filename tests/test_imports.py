@@ -369,15 +369,15 @@ def test_library_modules_do_not_import_entry_points():
 
 
 @pytest.mark.parametrize("source", [
-    "from llmlab.stages import alignment\nalignment._freeze(None)\n",
-    "from llmlab.stages.alignment import _freeze\n",
-    "from ..stages.alignment import _freeze\n",
-    "import llmlab.stages.alignment as a\na._freeze(None)\n",
-    "import llmlab.stages.alignment\nllmlab.stages.alignment._freeze(None)\n",
-    "def f():\n    from llmlab import stages\n    return stages.alignment._freeze\n",
+    "from llmlab import errors\nerrors._bad_key('x')\n",
+    "from llmlab.errors import _bad_key\n",
+    "from ..errors import _bad_key\n",
+    "import llmlab.errors as e\ne._bad_key('x')\n",
+    "import llmlab.errors\nllmlab.errors._bad_key('x')\n",
+    "def f():\n    from llmlab import errors\n    return errors._bad_key\n",
 ])
 def test_private_name_scan_sees_each_spelling(source):
     """The (d) scan is not vacuous: each way of reaching another module's private name is seen."""
     found = _private_uses("llmlab.checks.probe", ast.parse(source), "llmlab.checks")
-    assert found == {("llmlab.checks.probe", "llmlab.stages.alignment", "_freeze")}
-    assert not _private_uses("llmlab.stages.alignment", ast.parse(source), "llmlab.stages")  # its own name
+    assert found == {("llmlab.checks.probe", "llmlab.errors", "_bad_key")}
+    assert not _private_uses("llmlab.errors", ast.parse(source), "llmlab")  # its own name

@@ -138,7 +138,7 @@ def check_preference(cfg) -> None:
         if int(module.get("mini_batch_size") or 1) < 1 or int(module.get("ppo_epochs") or 1) < 1:
             raise ConfigError("stage.module.mini_batch_size and stage.module.ppo_epochs must be >= 1")
         # several processes are fine: the KL coefficient and early stopping use all-rank means
-        # (PPOModule.mean_over_ranks); rollouts under ZeRO-3 generate on gathered weights
+        # (stages.common.mean_over_ranks); rollouts under ZeRO-3 generate on gathered weights
     if stage.name in ("dpo", "ppo", "kto") and module.get("reference_model"):
         from llmlab.models.build import build_tokenizer
         from llmlab.stages.alignment import check_same_tokenizer, hf_dir
