@@ -13,8 +13,9 @@ Methods (conf/peft/<method>.yaml, `method:` names the one in use):
 - prompt: trained soft-prompt embeddings prepended to the input (Lester et al. 2021)
 
 `head=sequence_classification` (reward models) uses PEFT's SEQ_CLS task type, which keeps the new
-score head fully trainable (`modules_to_save`). Target modules default per architecture
-(`DEFAULT_TARGETS`); `check_fits` refuses modules the model does not have before weights load.
+score head fully trainable (`modules_to_save`). Target modules default per architecture (`target_modules`:
+llmlab's own choices in `DEFAULT_TARGETS`, then PEFT's per-architecture table, then, for the LoRA family,
+`all-linear`); `check_fits` refuses modules the model does not have before weights load.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ METHODS = ("none", "lora", "dora", "qlora", "lora_int8", "ia3", "prefix", "promp
 QUANTIZED_BASE = ("qlora", "lora_int8")  # the base is quantized as it loads (bitsandbytes)
 PROMPT_LEARNING = ("prefix", "prompt")  # prepend virtual tokens: attention masks must be 2-D
 
-# model_type -> default modules (the course's choice for OPT; what PEFT itself uses for the others)
+# model_type -> llmlab's own default modules, looked up before PEFT's table (peft.utils.constants): the course's
+# choice for OPT/GPT-2 (the same as PEFT's), and (IA)^3 on keys, values and the FF output as the paper does
+# (PEFT's OPT entry scales queries instead of values)
 DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
     "lora": {
         "gpt2": ["c_attn"],
@@ -93,14 +96,37 @@ def quantization_config(peft_cfg, precision: str | None = None):
     )
 
 
+ALL_LINEAR = "all-linear"  # PEFT's own name: every nn.Linear (and bnb 4/8-bit Linear) but the output layer
+
+
+def peft_table(kind: str) -> dict[str, list[str]]:
+    """PEFT's per-architecture default modules: kind lora | ia3 | ia3_feedforward."""
+    from peft.utils import constants
+
+    name = {"lora": "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+            "ia3": "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+            "ia3_feedforward": "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING"}[kind]
+    return getattr(constants, name, {})
+
+
 def target_modules(peft_cfg, model_type: str, key: str = "target_modules") -> list[str] | str | None:
-    """The configured modules, or the default for this architecture (None when there is none)."""
+    """The configured modules, or the default for this architecture (None when there is none).
+
+    Default, in order: llmlab's `DEFAULT_TARGETS` (the course's OPT recipe), PEFT's own per-architecture table
+    (what `peft.LoraConfig(target_modules=None)` would pick: q_proj/v_proj on Llama, Qwen, Gemma, Mistral...),
+    and for the LoRA family on an architecture PEFT has no entry for (phi3's fused qkv_proj, qwen3_moe, olmo2,
+    granite, smollm3, ...) `all-linear`, which needs no module names (conf/peft/lora.yaml says why).
+    (IA)^3 has no such fallback (which layers are feed-forward is per architecture): None.
+    """
     given = peft_cfg.get(key)
     if given is not None:
         return given if isinstance(given, str) else list(given)
     family = _method_family(peft_cfg.method)
-    table = DEFAULT_TARGETS["ia3_feedforward" if key == "feedforward_modules" else family]
-    return table.get(model_type)
+    kind = "ia3_feedforward" if key == "feedforward_modules" else family
+    found = DEFAULT_TARGETS[kind].get(model_type) or peft_table(kind).get(model_type)
+    if found is not None:
+        return list(found)
+    return ALL_LINEAR if family == "lora" else None
 
 
 def _module_matches(name: str, target: str) -> bool:
@@ -112,6 +138,8 @@ def missing_targets(module_names: list[str], targets: list[str] | str) -> list[s
     """Entries of `targets` that match no module (a str is a regex over full names, as in PEFT)."""
     import re
 
+    if targets == ALL_LINEAR:
+        return [] if module_names else [targets]
     if isinstance(targets, str):
         return [] if any(re.fullmatch(targets, n) for n in module_names) else [targets]
     return [t for t in targets if not any(_module_matches(n, t) for n in module_names)]
@@ -134,9 +162,9 @@ def check_fits(peft_cfg, model, model_name: str) -> None:
     for key in ("target_modules", "feedforward_modules") if method == "ia3" else ("target_modules",):
         targets = target_modules(peft_cfg, model_type, key)
         if targets is None:
-            raise ConfigError(f"peft={method}: no default peft.{key} for model type {model_type!r} "
-                              f"(model={model_name}); set peft.{key}=[...] (its linear layers include "
-                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})})")
+            raise ConfigError(f"peft={method}: PEFT has no default peft.{key} for model type {model_type!r} "
+                              f"(model={model_name}); set peft.{key}=[...] from its linear layers "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")
         missing = missing_targets(linear_names, targets)
         if missing:
             raise ConfigError(f"peft.{key}={targets}: {missing} match no linear layer of model={model_name} "
@@ -228,6 +256,36 @@ def _frozen_matrices_to_compute_dtype(model, peft_cfg) -> None:
     for p in matrices:
         if not p.requires_grad and p.dtype == torch.float32:
             p.data = p.data.to(dtype)
+    if head is not None and head.weight.dtype == dtype:
+        _head_computes_in_weight_dtype(head)
+
+
+def _head_computes_in_weight_dtype(head) -> None:
+    """Without autocast (precision=32), run the compute-dtype output layer as bitsandbytes runs a 4-bit layer:
+    input cast to its weight dtype, output cast back to the input's dtype.
+
+    Needed where the residual stream is fp32 at the head: Llama-style RMSNorms return `weight * x`, so the
+    fp32 norms prepare_model_for_kbit_training leaves make the final hidden states fp32, while the frozen head
+    is held in the compute dtype (bf16): `F.linear` refused the mix ("expected m1 and m2 to have the same
+    dtype"). GPT-2/OPT's LayerNorms keep the bf16 of their input, so they never met it. Under autocast
+    (bf16-mixed) the hooks step aside: autocast casts both, and the logits stay in its dtype as before.
+    """
+    import torch
+
+    def cast_in(module, args):
+        x = args[0]
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == module.weight.dtype:
+            module._llmlab_out_dtype = None
+            return None
+        module._llmlab_out_dtype = x.dtype
+        return (x.to(module.weight.dtype), *args[1:])
+
+    def cast_out(module, args, out):
+        dtype = getattr(module, "_llmlab_out_dtype", None)
+        return out if dtype is None else out.to(dtype)
+
+    head.register_forward_pre_hook(cast_in)
+    head.register_forward_hook(cast_out)
 
 
 def is_peft_model(model) -> bool:
