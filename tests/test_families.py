@@ -29,17 +29,21 @@ def test_lora_needs_no_module_names_on_any_family(model_type):
     gpt_neox query_key_value), all-linear where it has none (phi3's fused qkv_proj, qwen3_moe)."""
     from omegaconf import OmegaConf
 
-    from llmlab.models.peft import check_fits, import_peft, peft_config, target_modules
+    from llmlab.models.peft import apply_peft, check_fits, target_modules
 
-    cfg = OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "bias": "none",
+    cfg = OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.05, "bias": "none",
                             "target_modules": None, "modules_to_save": None})
     expected = {"gpt_neox": ["query_key_value"], "phi3": "all-linear", "qwen3_moe": "all-linear"}
     assert target_modules(cfg, model_type) == expected.get(model_type, ["q_proj", "v_proj"])
     model = meta_model(model_type)
     check_fits(cfg, model, model_type)
-    wrapped = import_peft().get_peft_model(model, peft_config(cfg, model_type))
+    wrapped = apply_peft(model, cfg)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if "lora_A" in n}
-    assert adapted and "lm_head" not in adapted, adapted
+    # all-linear fallback: every Linear but the head (phi3: fused qkv and gate_up; qwen3_moe: attention, not the
+    # fused experts nor the router, which PEFT's own all-linear wraps and then refuses with dropout > 0)
+    assert adapted == {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+                       "qwen3_moe": {"q_proj", "k_proj", "v_proj", "o_proj"}}.get(model_type, set(
+                           expected.get(model_type, ["q_proj", "v_proj"]))), adapted
 
 
 def test_ia3_on_a_family_peft_does_not_know_lists_its_layers():
@@ -115,3 +119,91 @@ def test_model_name_follows_the_weights():
     name_model_after_weights(cfg, ["model.pretrained=/models/Qwen3-0.6B", "model.name=mine"])
     assert cfg.model.name == "mine"
     assert compose("model=hf", "model.pretrained=/models/Qwen3-0.6B").model.name == "Qwen3-0.6B"
+
+
+# ---------------------------------------------------------------------------------------------------
+# sft on chat data per family x (full, lora, qlora): the fast tier runs llama and qwen3_moe with LoRA,
+# the slow tier every cell (docs/support-matrix.md "Model families")
+# ---------------------------------------------------------------------------------------------------
+CELLS = ["none", "lora", "qlora"]
+# (model_type, peft) -> the reason it is refused (none today: every cell trains)
+REFUSED: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    lines = ["hear me speak", "Speak, speak.", "You are all resolved rather to die than to famish?",
+             "Resolved. resolved.", "First, you know Caius Marcius is chief enemy to the people."]
+    with path.open("w") as f:
+        for i in range(40):
+            msgs = [{"role": "user", "content": lines[i % 5]}, {"role": "assistant", "content": lines[(i + 1) % 5]}]
+            if i % 2:
+                msgs += [{"role": "user", "content": lines[(i + 2) % 5]}, {"role": "assistant", "content": lines[(i + 3) % 5]}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def sft_cell(model_dir, peft: str, chat_file, tmp_path, steps: int = 2):
+    """`steps` optimizer steps of stage=sft model=hf on the chat file, through a plain Lightning Trainer:
+    the first and last training losses."""
+    import lightning as L
+
+    from llmlab.checks import entry as checks
+    from llmlab.data.datamodule import LLMDataModule
+    from llmlab.models.build import build_tokenizer
+    from llmlab.stages.build import build_stage, stage_class
+
+    cfg = compose("stage=sft", "model=hf", f"model.pretrained={model_dir}", f"peft={peft}", "data=text",
+                  f"data.train_files={chat_file}", "data.batch_size=4", "data.block_size=128", tmp_path=tmp_path)
+    checks.check_config(cfg)
+    tok = build_tokenizer(cfg.model)
+    dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
+    module = build_stage(cfg, tok)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Record()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    return losses
+
+
+def check_cell(family_dir, model_type, peft, chat_file, tmp_path):
+    if peft == "qlora":
+        pytest.importorskip("bitsandbytes")
+    if (model_type, peft) in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[model_type, peft]):
+            sft_cell(family_dir(model_type), peft, chat_file, tmp_path)
+        return
+    losses = sft_cell(family_dir(model_type), peft, chat_file, tmp_path)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_sft_lora_trains_a_dense_and_a_moe_family(family_dir, model_type, chat_file, tmp_path):
+    check_cell(family_dir, model_type, "lora", chat_file, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", CELLS)
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_matrix(family_dir, model_type, peft, chat_file, tmp_path):
+    check_cell(family_dir, model_type, peft, chat_file, tmp_path)
+
+
+@pytest.mark.slow
+def test_readme_chat_finetune_of_a_local_dir(family_dir, chat_file, cli):
+    """The README's first example: a local chat model fine-tuned with LoRA on chat data in one command; the run
+    is named after the directory."""
+    run = cli("stage=sft", "model=hf", f"model.pretrained={family_dir('qwen2')}", "peft=lora", "data=text",
+              f"data.train_files={chat_file}", "data.block_size=128", "trainer.max_steps=2",
+              "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false")
+    assert_ok(run)
+    assert run.summary["model"] == "qwen2" and "model=qwen2" in run.stdout + run.stderr

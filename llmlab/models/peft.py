@@ -235,7 +235,24 @@ def apply_peft(model, peft_cfg, head: str = "causal_lm"):
         if method == "qlora" and peft_cfg.get("upcast", "norms") == "norms":
             _frozen_matrices_to_compute_dtype(model, peft_cfg)
     config = peft_config(peft_cfg, model.config.model_type, head)
+    if config.target_modules == ALL_LINEAR and peft_cfg.get("target_modules") is None:
+        config.target_modules = linear_layer_names(model)  # llmlab's fallback: see linear_layer_names
     return peft.get_peft_model(model, config)
+
+
+def linear_layer_names(model) -> set[str]:
+    """The names (last component) of the model's nn.Linear layers (4-bit / 8-bit ones included), output layer
+    and classification head excluded: what llmlab's `all-linear` fallback adapts.
+
+    PEFT's own `all-linear` also wraps parameters that are not nn.Linear on transformers-5 MoE blocks (the
+    fused expert tensors and the router, as `target_parameters`), which PEFT then refuses with any
+    lora_dropout but 0 and which put adapters on the routing decision; by names, the fallback adapts the
+    attention and dense projections only. `peft.target_modules=all-linear` set explicitly is PEFT's rule."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and name.rsplit(".", 1)[-1] not in ("score", "classifier")}
 
 
 def _frozen_matrices_to_compute_dtype(model, peft_cfg) -> None:
