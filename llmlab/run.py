@@ -9,9 +9,10 @@ import logging
 import math
 import re
 import sys
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmlab.errors import RunDiverged, fail, guard_hydra, is_user_error, one_line
 from llmlab.redact import redact_hydra_outputs, redact_logs, redact_text
@@ -52,6 +53,29 @@ def _base_resolver(name: str) -> str:
 OmegaConf.register_new_resolver("llmlab_base", _base_resolver, use_cache=True, replace=True)
 
 
+def model_name_of(pretrained) -> str:
+    """A model's name from `model.pretrained`: a local directory's name (an llmlab run's export `<run>/hf`:
+    `<run>/hf`), else the hub name as given."""
+    text = str(pretrained).rstrip("/")
+    path = Path(text).expanduser()
+    if not (path.is_dir() or text.startswith((".", "/", "~"))):
+        return text
+    return f"{path.parent.name}/{path.name}" if path.name in ("hf", "hf_adapter") else path.name
+
+
+OmegaConf.register_new_resolver("llmlab_model_name", model_name_of, replace=True)
+
+
+def name_model_after_weights(cfg: DictConfig, overrides: list[str]) -> None:
+    """`model.pretrained=<dir|hub name>` on the command line (without `model.name=`) names the run's model
+    after those weights: `stage=sft model.pretrained=/models/Qwen2.5-0.5B` is Qwen2.5-0.5B in the console and
+    summary.json, not the model file's name (tiny-base)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    if "model.pretrained" in keys and "model.name" not in keys and cfg.model.get("pretrained"):
+        with open_dict(cfg):
+            cfg.model.name = model_name_of(cfg.model.pretrained)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # nothing goes into the run dir (.hydra/, run.log) until the checks pass: train() commits it after
@@ -61,6 +85,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir.begin(cfg)
     redact_hydra_outputs()  # Hydra wrote the command line verbatim (multirun.yaml): no credentials on disk
     try:
+        from hydra.core.hydra_config import HydraConfig
+
+        name_model_after_weights(cfg, list(HydraConfig.get().overrides.task))
         # pure-config rules first (no torch/lightning import: a typo fails in ~1 s, not ~10 s)
         from llmlab.checks.entry import check_settings
 

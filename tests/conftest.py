@@ -151,3 +151,20 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """family_dir(model_type) -> a tiny random model of that family (tests/families.py: llama, mistral, qwen2,
+    qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe, gpt_neox) saved with a BPE tokenizer and the
+    family's real chat template; each built once per session, on first use."""
+    from tests.families import build_family
+
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            built[model_type] = build_family(model_type, root / model_type)
+        return built[model_type]
+
+    return get

@@ -405,8 +405,30 @@ def render(outcomes: list[Outcome], command: str, seconds: float, updated: str =
         lines += [f"| `{o.cell.key}` | {MARK[o.status]} {o.status} | {o.detail.replace('|', chr(92) + '|')} |"
                   for o in refused]
         lines.append("")
+    lines += family_section()
     lines += ["## Raw outcomes", "", "```json", json.dumps([o.as_dict() for o in outcomes], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def family_section() -> list[str]:
+    """The model-family dimension: stage=sft x family x (full, lora, qlora), as tests/test_families.py's slow
+    `test_family_matrix` runs it (in-process, 2 steps) and its `REFUSED` table declares."""
+    from tests.families import FAMILIES
+    from tests.test_families import CELLS, REFUSED
+
+    lines = ["## Model families (stage=sft, model=hf)", "",
+             "Tiny random models of each family (tests/families.py: 2 layers, 64 wide, 2 KV heads, a byte-level BPE "
+             "tokenizer with the family's real chat template from TRL) loaded as `model=hf model.pretrained=<dir>`, "
+             "trained 2 optimizer steps of sft on multi-turn chat data (precision 32, one CPU process) by "
+             "`tests/test_families.py::test_family_matrix` (slow tier; llama and qwen3_moe with LoRA also in the fast "
+             "tier). ✅: both steps ran with finite losses. LoRA targets are PEFT's per-architecture defaults, "
+             "`all-linear` (every Linear but the head) for families PEFT has none for (phi3, qwen3_moe).", "",
+             "| family | " + " | ".join("full" if c == "none" else c for c in CELLS) + " |",
+             "|---|" + "---|" * len(CELLS)]
+    for family in sorted(FAMILIES):
+        cells = [f"refused: {REFUSED[family, c]}" if (family, c) in REFUSED else "✅" for c in CELLS]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def parse_doc(text: str) -> dict[str, dict]:

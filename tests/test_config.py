@@ -135,7 +135,8 @@ def test_conf_tree_is_what_help_readme_and_entry_points_say():
 
 # data files with required values (`???`) the user gives on the command line
 REQUIRED = {("data", "text"): ["data.train_files=/data/train.jsonl"], ("data", "hub"): ["data.name=some/dataset"],
-            ("reward", "model"): ["reward.model.path=/runs/rm"], ("reward", "user"): ["reward.user.fn=my_rewards:score"]}
+            ("reward", "model"): ["reward.model.path=/runs/rm"], ("reward", "user"): ["reward.user.fn=my_rewards:score"],
+            ("model", "hf"): ["model.pretrained=Qwen/Qwen2.5-0.5B-Instruct"]}
 
 
 # pipeline and eval choices belong to their own roots (pipeline.yaml, eval.yaml): tests/test_pipeline.py and

@@ -233,9 +233,9 @@ def check_peft_targets(peft_cfg, model, model_name: str) -> None:
     for key in ("target_modules", "feedforward_modules") if method == "ia3" else ("target_modules",):
         targets = target_modules(peft_cfg, model_type, key)
         if targets is None:
-            raise ConfigError(f"peft={method}: no default peft.{key} for model type {model_type!r} "
-                              f"(model={model_name}); set peft.{key}=[...] (its linear layers include "
-                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})})")
+            raise ConfigError(f"peft={method}: PEFT has no default peft.{key} for model type {model_type!r} "
+                              f"(model={model_name}); set peft.{key}=[...] from its linear layers "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")
         missing = missing_targets(linear_names, targets)
         if missing:
             raise ConfigError(f"peft.{key}={targets}: {missing} match no linear layer of model={model_name} "

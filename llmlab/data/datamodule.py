@@ -114,7 +114,7 @@ class LLMDataModule(L.LightningDataModule):
     def __init__(self, data_cfg, data_format: str, tokenizer, seed: int = 0, format_kwargs: dict | None = None):
         super().__init__()
         self.cfg, self.data_format, self.tokenizer, self.seed = data_cfg, data_format, tokenizer, seed
-        keys = ("block_size", "prompt_template", "record_format", "pack_examples")
+        keys = ("block_size", "prompt_template", "record_format", "pack_examples", "train_on")
         fmt_args = {k: v for k, v in data_cfg.items() if k.endswith("_field") or k in keys}
         fmt_args.update(format_kwargs or {})
         self.format = FORMATS[data_format](tokenizer=tokenizer, **fmt_args)

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import IterableDataset
 
+from llmlab.data.chat import ChatEncoder
 from llmlab.data.packing import pack
 from llmlab.data.rows import (
     left_pad,
@@ -92,13 +93,21 @@ class SFTFormat:
     score greedy generations by exact match.
     """
 
-    def __init__(self, tokenizer, block_size: int, pack_examples: bool = False, **fields):
+    def __init__(self, tokenizer, block_size: int, pack_examples: bool = False, train_on: str = "all_assistant",
+                 **fields):
         self.tokenizer, self.block_size, self.pack = tokenizer, block_size, pack_examples
         self.renderer = PromptRenderer(tokenizer, **{k: v for k, v in fields.items() if v is not None})
+        self.chat = None  # conversations through the tokenizer's own chat template (llmlab/data/chat.py)
+        if getattr(tokenizer, "chat_template", None):
+            self.chat = ChatEncoder(tokenizer, block_size, train_on or "all_assistant",
+                                    fields.get("messages_field") or "messages")
 
     def build(self, records, split: str):
         examples = []
         for r in records_list(records):
+            if self.chat is not None and self.renderer.detect(r) == "chat":
+                examples += self.chat.examples(r)
+                continue
             prompt, response = self.renderer.prompt(r), self.renderer.response(r)
             ex = tokenize_example(self.tokenizer, prompt, response, self.block_size)
             if ex is not None:
@@ -113,7 +122,7 @@ class SFTFormat:
 
     def collate(self, examples: list[dict]) -> dict:
         batch = pad_rows(examples, self.tokenizer.pad_token_id)
-        if "prompt_length" in examples[0]:
+        if all("prompt_length" in e for e in examples):
             prompts = [e["input_ids"][: e["prompt_length"]] for e in examples]
             batch["prompt_ids"], batch["prompt_mask"] = left_pad(prompts, self.tokenizer.pad_token_id)
             batch["answers"] = [e["answer"] for e in examples]
@@ -151,8 +160,10 @@ class PreferenceFormat:
         pairs = []
         for r in records_list(records):
             prompt, chosen, rejected = self._split_prompt(r)
-            c = tokenize_example(self.tokenizer, prompt, chosen, self.block_size)
-            j = tokenize_example(self.tokenizer, prompt, rejected, self.block_size)
+            # a prompt the chat template rendered carries its own BOS
+            specials = not (self.renderer.f["prompt"] in r and self.renderer.templated(r))
+            c = tokenize_example(self.tokenizer, prompt, chosen, self.block_size, specials)
+            j = tokenize_example(self.tokenizer, prompt, rejected, self.block_size, specials)
             if c is not None and j is not None:
                 pairs.append({"chosen": c, "rejected": j, "answer": chosen})
         if not pairs:
@@ -179,7 +190,8 @@ class PromptFormat:
         out = []
         for r in records_list(records):
             text = self.renderer.prompt(r)
-            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"][-self.block_size:]
+            # a chat-template prompt carries its own BOS: adding the tokenizer's would double it (Llama 3, Gemma)
+            ids = self.tokenizer(text, add_special_tokens=not self.renderer.templated(r))["input_ids"][-self.block_size:]
             out.append({"prompt": text, "prompt_ids": ids, "answer": r.get(self.answer_field)})
         if not out:
             raise DataError(f"the {split} split has no prompt")

@@ -44,7 +44,8 @@ def pack(token_lists: Iterable[list[int]], block_size: int, eos_id: int) -> Iter
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """segment_ids (B, T) -> additive mask (B, 1, T, T): 0 where a token may attend, -inf-like elsewhere.
+    """segment_ids (B, T) -> additive mask (B, 1, T, T): 0 where a token may attend, -inf-like elsewhere
+    (`dtype=torch.bool`: True where a token may attend, what SDPA takes for queries of any dtype).
 
     Causal within a segment, nothing across segments. Padding gets its own segment id (-1) in the
     collators, so real tokens never attend to it.
@@ -55,6 +56,8 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
     allowed = same & causal
     # rows of padding would be fully masked (NaN in softmax): let them see themselves
     allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)
+    if dtype == torch.bool:
+        return allowed[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )[:, None]

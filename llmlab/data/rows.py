@@ -10,13 +10,15 @@ from llmlab.errors import DataError
 from llmlab.losses import IGNORE_INDEX
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict | None:
+def tokenize_example(tokenizer, prompt: str, response: str, max_length: int,
+                     add_special_tokens: bool = True) -> dict | None:
     """prompt + response + EOS -> input_ids and labels with the prompt masked (IGNORE_INDEX).
 
     EOS is a target, so the model learns to stop. The prompt keeps the tokenizer's own special tokens
-    (e.g. Llama's BOS). Too long: the prompt is cut from the left; None if no response token fits.
+    (e.g. Llama's BOS) unless `add_special_tokens=False` (a prompt rendered by a chat template, which writes
+    them itself). Too long: the prompt is cut from the left; None if no response token fits.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] if prompt else []
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     overflow = len(prompt_ids) + len(response_ids) - max_length
     if overflow > 0:

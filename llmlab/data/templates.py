@@ -3,9 +3,11 @@
 Record shapes, picked by `data.record_format` (auto detects from the fields present):
 - prompt_response: {prompt_field, response_field} (preference data: {prompt, chosen, rejected})
 - alpaca: {instruction, input, output}; prompt = instruction + "\n\n" + input (when non-empty)
-- chat: {messages: [{role, content}, ...]}; the last assistant message is the response and the rest
-  is rendered with the tokenizer's chat template (generation prompt added) when it has one, else
-  the conversation is flattened as "role: content" lines.
+- chat: {messages: [{role, content}, ...]} (or ShareGPT {conversations: [{from, value}]}). SFT with a
+  tokenizer that has a chat template trains whole conversations through it (llmlab/data/chat.py); here
+  (preference/PPO prompts, or no template) the last assistant message is the response and the rest is
+  rendered with the chat template (generation prompt added) when there is one, else flattened as
+  "role: content" lines.
 Non-chat prompts go through `data.prompt_template`, which must contain "{prompt}" (e.g. the
 course's "Question: {prompt}\n\nAnswer: ").
 """
@@ -34,7 +36,7 @@ class PromptRenderer:
     def detect(self, record: dict) -> str:
         if self.record_format != "auto":
             return self.record_format
-        if self.f["messages"] in record:
+        if self.f["messages"] in record or "conversations" in record:  # ShareGPT: conversations [{from, value}]
             return "chat"
         if self.f["instruction"] in record:
             return "alpaca"
@@ -64,14 +66,18 @@ class PromptRenderer:
                             f"set data.{key}_field to the right column")
         return str(record[field])
 
+    def templated(self, record: dict) -> bool:
+        """True when prompt(record) is rendered by the tokenizer's chat template, which writes the special
+        tokens itself (BOS included): encode it with add_special_tokens=False."""
+        return self.detect(record) == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
+
     def _chat(self, record: dict) -> tuple[str, str]:
-        messages = record.get(self.f["messages"])
-        if not messages or messages[-1].get("role") != "assistant":
-            raise DataError(f"data.messages_field={self.f['messages']!r}: each conversation must end with an "
-                            f"assistant message (the response to learn)")
+        from llmlab.data.chat import conversation
+
+        messages, tools = conversation(record, self.f["messages"])
         history, answer = messages[:-1], messages[-1]["content"]
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(history, tools=tools, tokenize=False, add_generation_prompt=True)
             return text, answer
         flat = "".join(f"{m['role']}: {m['content']}\n\n" for m in history)
         return self.template.format(prompt=flat.strip()), answer

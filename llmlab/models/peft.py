@@ -13,9 +13,10 @@ Methods (conf/peft/<method>.yaml, `method:` names the one in use):
 - prompt: trained soft-prompt embeddings prepended to the input (Lester et al. 2021)
 
 `head=sequence_classification` (reward models) uses PEFT's SEQ_CLS task type, which keeps the new
-score head fully trainable (`modules_to_save`). Target modules default per architecture
-(`DEFAULT_TARGETS`). The rules on the peft settings (method, numbers, PEFT x precision, target modules the
-model has) are llmlab/checks/model.py; PEFT x strategy is llmlab/checks/strategy.py.
+score head fully trainable (`modules_to_save`). Target modules default per architecture (`target_modules`:
+llmlab's own choices in `DEFAULT_TARGETS`, then PEFT's per-architecture table, then, for the LoRA family,
+`all-linear`). The rules on the peft settings (method, numbers, PEFT x precision, target modules the model
+has) are llmlab/checks/model.py; PEFT x strategy is llmlab/checks/strategy.py.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ METHODS = ("none", "lora", "dora", "qlora", "lora_int8", "ia3", "prefix", "promp
 QUANTIZED_BASE = ("qlora", "lora_int8")  # the base is quantized as it loads (bitsandbytes)
 PROMPT_LEARNING = ("prefix", "prompt")  # prepend virtual tokens: attention masks must be 2-D
 
-# model_type -> default modules (the course's choice for OPT; what PEFT itself uses for the others)
+# model_type -> llmlab's own default modules, looked up before PEFT's table (peft.utils.constants): the course's
+# choice for OPT/GPT-2 (the same as PEFT's), and (IA)^3 on keys, values and the FF output as the paper does
+# (PEFT's OPT entry scales queries instead of values)
 DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
     "lora": {
         "gpt2": ["c_attn"],
@@ -97,14 +100,37 @@ def quantization_config(peft_cfg, precision: str | None = None):
     )
 
 
+ALL_LINEAR = "all-linear"  # PEFT's own name: every nn.Linear (and bnb 4/8-bit Linear) but the output layer
+
+
+def peft_table(kind: str) -> dict[str, list[str]]:
+    """PEFT's per-architecture default modules: kind lora | ia3 | ia3_feedforward."""
+    from peft.utils import constants
+
+    name = {"lora": "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+            "ia3": "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+            "ia3_feedforward": "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING"}[kind]
+    return getattr(constants, name, {})
+
+
 def target_modules(peft_cfg, model_type: str, key: str = "target_modules") -> list[str] | str | None:
-    """The configured modules, or the default for this architecture (None when there is none)."""
+    """The configured modules, or the default for this architecture (None when there is none).
+
+    Default, in order: llmlab's `DEFAULT_TARGETS` (the course's OPT recipe), PEFT's own per-architecture table
+    (what `peft.LoraConfig(target_modules=None)` would pick: q_proj/v_proj on Llama, Qwen, Gemma, Mistral...),
+    and for the LoRA family on an architecture PEFT has no entry for (phi3's fused qkv_proj, qwen3_moe, olmo2,
+    granite, smollm3, ...) `all-linear`, which needs no module names (conf/peft/lora.yaml says why).
+    (IA)^3 has no such fallback (which layers are feed-forward is per architecture): None.
+    """
     given = peft_cfg.get(key)
     if given is not None:
         return given if isinstance(given, str) else list(given)
     family = _method_family(peft_cfg.method)
-    table = DEFAULT_TARGETS["ia3_feedforward" if key == "feedforward_modules" else family]
-    return table.get(model_type)
+    kind = "ia3_feedforward" if key == "feedforward_modules" else family
+    found = DEFAULT_TARGETS[kind].get(model_type) or peft_table(kind).get(model_type)
+    if found is not None:
+        return list(found)
+    return ALL_LINEAR if family == "lora" else None
 
 
 def _module_matches(name: str, target: str) -> bool:
@@ -114,6 +140,8 @@ def _module_matches(name: str, target: str) -> bool:
 
 def missing_targets(module_names: list[str], targets: list[str] | str) -> list[str]:
     """Entries of `targets` that match no module (a str is a regex over full names, as in PEFT)."""
+    if targets == ALL_LINEAR:
+        return [] if module_names else [targets]
     if isinstance(targets, str):
         return [] if any(re.fullmatch(targets, n) for n in module_names) else [targets]
     return [t for t in targets if not any(_module_matches(n, t) for n in module_names)]
@@ -182,7 +210,24 @@ def apply_peft(model, peft_cfg, head: str = "causal_lm"):
         if method == "qlora" and peft_cfg.get("upcast", "norms") == "norms":
             _frozen_matrices_to_compute_dtype(model, peft_cfg)
     config = peft_config(peft_cfg, model.config.model_type, head)
+    if config.target_modules == ALL_LINEAR and peft_cfg.get("target_modules") is None:
+        config.target_modules = linear_layer_names(model)  # llmlab's fallback: see linear_layer_names
     return peft.get_peft_model(model, config)
+
+
+def linear_layer_names(model) -> set[str]:
+    """The names (last component) of the model's nn.Linear layers (4-bit / 8-bit ones included), output layer
+    and classification head excluded: what llmlab's `all-linear` fallback adapts.
+
+    PEFT's own `all-linear` also wraps parameters that are not nn.Linear on transformers-5 MoE blocks (the
+    fused expert tensors and the router, as `target_parameters`), which PEFT then refuses with any
+    lora_dropout but 0 and which put adapters on the routing decision; by names, the fallback adapts the
+    attention and dense projections only. `peft.target_modules=all-linear` set explicitly is PEFT's rule."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and name.rsplit(".", 1)[-1] not in ("score", "classifier")}
 
 
 def _frozen_matrices_to_compute_dtype(model, peft_cfg) -> None:
@@ -203,6 +248,36 @@ def _frozen_matrices_to_compute_dtype(model, peft_cfg) -> None:
     for p in matrices:
         if not p.requires_grad and p.dtype == torch.float32:
             p.data = p.data.to(dtype)
+    if head is not None and head.weight.dtype == dtype:
+        _head_computes_in_weight_dtype(head)
+
+
+def _head_computes_in_weight_dtype(head) -> None:
+    """Without autocast (precision=32), run the compute-dtype output layer as bitsandbytes runs a 4-bit layer:
+    input cast to its weight dtype, output cast back to the input's dtype.
+
+    Needed where the residual stream is fp32 at the head: Llama-style RMSNorms return `weight * x`, so the
+    fp32 norms prepare_model_for_kbit_training leaves make the final hidden states fp32, while the frozen head
+    is held in the compute dtype (bf16): `F.linear` refused the mix ("expected m1 and m2 to have the same
+    dtype"). GPT-2/OPT's LayerNorms keep the bf16 of their input, so they never met it. Under autocast
+    (bf16-mixed) the hooks step aside: autocast casts both, and the logits stay in its dtype as before.
+    """
+    import torch
+
+    def cast_in(module, args):
+        x = args[0]
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == module.weight.dtype:
+            module._llmlab_out_dtype = None
+            return None
+        module._llmlab_out_dtype = x.dtype
+        return (x.to(module.weight.dtype), *args[1:])
+
+    def cast_out(module, args, out):
+        dtype = getattr(module, "_llmlab_out_dtype", None)
+        return out if dtype is None else out.to(dtype)
+
+    head.register_forward_pre_hook(cast_in)
+    head.register_forward_hook(cast_out)
 
 
 def is_peft_model(model) -> bool:

@@ -26,11 +26,27 @@ def forward_logits(model, batch: dict, packing: str = "document") -> torch.Tenso
     return model(input_ids=batch["input_ids"], use_cache=False, **_mask_kwargs(model, batch, packing)).logits
 
 
+def mask_dtype(model) -> torch.dtype:
+    """The dtype of the 4D block-diagonal mask `model` is given.
+
+    SDPA takes a boolean mask (True: attend) whatever dtype its queries compute in; an additive float mask
+    must match the query dtype, which no single tensor of the model tells: under QLoRA the frozen embedding
+    is held in the bf16 compute dtype while fp32 norms make the queries fp32 (the mask used to be built in
+    the embedding's dtype: "Expected attn_mask dtype to be bool or float or to match query dtype").
+    Eager attention adds the mask to its fp32-promoted scores, so any float dtype works there: the autocast
+    dtype under autocast, else the embedding's.
+    """
+    from llmlab.models.peft import transformers_model
+
+    if getattr(getattr(transformers_model(model), "config", None), "_attn_implementation", None) == "sdpa":
+        return torch.bool
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
+
+
 def _mask_kwargs(model, batch: dict, packing: str) -> dict:
     """attention_mask (and position_ids for document-masked packed rows) for a batch from the collators."""
     if "segment_ids" in batch and packing == "document":
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
-        return {"attention_mask": block_causal_mask(batch["segment_ids"], dtype), "position_ids": batch["position_ids"]}
+        return {"attention_mask": block_causal_mask(batch["segment_ids"], mask_dtype(model)), "position_ids": batch["position_ids"]}
     if "attention_mask" in batch:
         return {"attention_mask": batch["attention_mask"]}
     return {}

@@ -1,0 +1,216 @@
+"""Real model families: PEFT defaults without module names, QLoRA on a Llama, `model=hf`, and sft + LoRA through
+the CLI on tiny random llama and qwen3_moe dirs (tests/families.py). The slow tier runs every family x
+(full, lora, qlora): tests/test_family_matrix.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmlab.errors import ConfigError
+from tests.conftest import assert_ok
+from tests.families import FAMILIES
+
+
+def meta_model(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.families import _ARCH
+
+    overrides, _ = FAMILIES[model_type]
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=512, pad_token_id=0,
+                                                                     **{**_ARCH, **overrides}))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_lora_needs_no_module_names_on_any_family(model_type):
+    """peft=lora with target_modules=null fits every family: PEFT's table where it has the family (q_proj,v_proj;
+    gpt_neox query_key_value), all-linear where it has none (phi3's fused qkv_proj, qwen3_moe)."""
+    from omegaconf import OmegaConf
+
+    from llmlab.checks.model import check_peft_targets
+    from llmlab.models.peft import apply_peft, target_modules
+
+    cfg = OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.05, "bias": "none",
+                            "target_modules": None, "modules_to_save": None})
+    expected = {"gpt_neox": ["query_key_value"], "phi3": "all-linear", "qwen3_moe": "all-linear"}
+    assert target_modules(cfg, model_type) == expected.get(model_type, ["q_proj", "v_proj"])
+    model = meta_model(model_type)
+    check_peft_targets(cfg, model, model_type)
+    wrapped = apply_peft(model, cfg)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    # all-linear fallback: every Linear but the head (phi3: fused qkv and gate_up; qwen3_moe: attention, not the
+    # fused experts nor the router, which PEFT's own all-linear wraps and then refuses with dropout > 0)
+    assert adapted == {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+                       "qwen3_moe": {"q_proj", "k_proj", "v_proj", "o_proj"}}.get(model_type, set(
+                           expected.get(model_type, ["q_proj", "v_proj"]))), adapted
+
+
+def test_ia3_on_a_family_peft_does_not_know_lists_its_layers():
+    from omegaconf import OmegaConf
+
+    from llmlab.checks.model import check_peft_targets
+
+    cfg = OmegaConf.create({"method": "ia3", "target_modules": None, "feedforward_modules": None})
+    check_peft_targets(cfg, meta_model("qwen2"), "qwen2")  # PEFT's table
+    with pytest.raises(ConfigError) as err:
+        check_peft_targets(cfg, meta_model("phi3"), "phi3")
+    message = str(err.value)
+    assert "\n" not in message and "'phi3'" in message and "qkv_proj" in message and "gate_up_proj" in message
+
+
+def compose(*overrides: str, tmp_path="/tmp/llmlab-test"):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import llmlab.run  # noqa: F401  registers the config resolvers
+    from tests.conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_qlora_on_llama_trains_with_packed_masks(family_dir, precision):
+    """Issue 21: QLoRA on a local Llama failed inside SDPA: the 4D block-diagonal mask was built in the embedding's
+    dtype (bf16, the compute dtype QLoRA holds frozen embeddings in) while fp32 norms made the queries fp32; then
+    the bf16 head met fp32 hidden states. Packed rows (segment ids) with a padded row, a forward and backward."""
+    pytest.importorskip("bitsandbytes")
+    import contextlib
+
+    from llmlab.data.rows import pack_examples, pad_rows
+    from llmlab.losses import IGNORE_INDEX
+    from llmlab.models.build import build_tokenizer
+    from llmlab.stages.build import build_stage
+    from llmlab.stages.common import forward_logits, mask_dtype
+
+    cfg = compose("stage=sft", "model=hf", f"model.pretrained={family_dir('llama')}", "peft=qlora",
+                  f"precision='{precision}'")
+    tok = build_tokenizer(cfg.model)
+    model = build_stage(cfg, tok).model
+    assert mask_dtype(model) == torch.bool  # sdpa: a boolean mask fits queries of any dtype
+    ids = [tok("hear me speak")["input_ids"], tok("All: Speak, speak. First Citizen")["input_ids"]]
+    rows = pack_examples([{"input_ids": i, "labels": i} for i in ids], 64) + [{"input_ids": ids[0], "labels": ids[0]}]
+    batch = pad_rows(rows, tok.pad_token_id)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    with autocast:
+        logits = forward_logits(model, batch)
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_model_name_follows_the_weights():
+    from omegaconf import OmegaConf
+
+    from llmlab.run import model_name_of, name_model_after_weights
+
+    assert model_name_of("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert model_name_of("/models/Llama-3.2-1B/") == "Llama-3.2-1B"
+    assert model_name_of("/runs/sft/hf") == "sft/hf"
+    cfg = OmegaConf.create({"model": {"name": "tiny-base", "pretrained": "/models/Qwen3-0.6B"}})
+    name_model_after_weights(cfg, ["stage=sft", "model.pretrained=/models/Qwen3-0.6B"])
+    assert cfg.model.name == "Qwen3-0.6B"
+    cfg.model.name = "mine"
+    name_model_after_weights(cfg, ["model.pretrained=/models/Qwen3-0.6B", "model.name=mine"])
+    assert cfg.model.name == "mine"
+    assert compose("model=hf", "model.pretrained=/models/Qwen3-0.6B").model.name == "Qwen3-0.6B"
+
+
+# ---------------------------------------------------------------------------------------------------
+# sft on chat data per family x (full, lora, qlora): the fast tier runs llama and qwen3_moe with LoRA,
+# the slow tier every cell (docs/support-matrix.md "Model families")
+# ---------------------------------------------------------------------------------------------------
+CELLS = ["none", "lora", "qlora"]
+# (model_type, peft) -> the reason it is refused (none today: every cell trains)
+REFUSED: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    lines = ["hear me speak", "Speak, speak.", "You are all resolved rather to die than to famish?",
+             "Resolved. resolved.", "First, you know Caius Marcius is chief enemy to the people."]
+    with path.open("w") as f:
+        for i in range(40):
+            msgs = [{"role": "user", "content": lines[i % 5]}, {"role": "assistant", "content": lines[(i + 1) % 5]}]
+            if i % 2:
+                msgs += [{"role": "user", "content": lines[(i + 2) % 5]}, {"role": "assistant", "content": lines[(i + 3) % 5]}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def sft_cell(model_dir, peft: str, chat_file, tmp_path, steps: int = 2):
+    """`steps` optimizer steps of stage=sft model=hf on the chat file, through a plain Lightning Trainer:
+    the first and last training losses."""
+    import lightning as L
+
+    from llmlab.checks import entry as checks
+    from llmlab.data.datamodule import LLMDataModule
+    from llmlab.models.build import build_tokenizer
+    from llmlab.stages.build import build_stage, stage_class
+
+    cfg = compose("stage=sft", "model=hf", f"model.pretrained={model_dir}", f"peft={peft}", "data=text",
+                  f"data.train_files={chat_file}", "data.batch_size=4", "data.block_size=128", tmp_path=tmp_path)
+    checks.check_config(cfg)
+    tok = build_tokenizer(cfg.model)
+    dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
+    module = build_stage(cfg, tok)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Record()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    return losses
+
+
+def check_cell(family_dir, model_type, peft, chat_file, tmp_path):
+    if peft == "qlora":
+        pytest.importorskip("bitsandbytes")
+    if (model_type, peft) in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[model_type, peft]):
+            sft_cell(family_dir(model_type), peft, chat_file, tmp_path)
+        return
+    losses = sft_cell(family_dir(model_type), peft, chat_file, tmp_path)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_sft_lora_trains_a_dense_and_a_moe_family(family_dir, model_type, chat_file, tmp_path):
+    check_cell(family_dir, model_type, "lora", chat_file, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", CELLS)
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_matrix(family_dir, model_type, peft, chat_file, tmp_path):
+    check_cell(family_dir, model_type, peft, chat_file, tmp_path)
+
+
+@pytest.mark.slow
+def test_readme_chat_finetune_of_a_local_dir(family_dir, chat_file, cli):
+    """The README's first example: a local chat model fine-tuned with LoRA on chat data in one command; the run
+    is named after the directory."""
+    run = cli("stage=sft", "model=hf", f"model.pretrained={family_dir('qwen2')}", "peft=lora", "data=text",
+              f"data.train_files={chat_file}", "data.block_size=128", "trainer.max_steps=2",
+              "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false")
+    assert_ok(run)
+    assert run.summary["model"] == "qwen2" and "model=qwen2" in run.stdout + run.stderr
+
+
+def test_support_matrix_lists_every_family():
+    from tests.support_matrix import DOC, family_section
+
+    assert "\n".join(family_section()) in DOC.read_text(), "run: python -m tests.support_matrix --rejudge"
