@@ -14,7 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from llmlab.errors import RunDiverged, fail, guard_hydra, is_user_error, one_line
+from llmlab.checks.settings import check_run_dir_arguments
+from llmlab.errors import ConfigError, RunDiverged, fail, guard_hydra, is_user_error, one_line
 from llmlab.redact import redact_hydra_outputs, redact_logs, redact_text
 
 log = logging.getLogger("llmlab")
@@ -124,4 +125,8 @@ if __name__ == "__main__":
     sys.argv = quote_numeric_choices(sys.argv)
     guard_hydra("train")
     redact_logs()
+    try:
+        check_run_dir_arguments(sys.argv[1:])  # Hydra creates the run dir before main(): check it first
+    except ConfigError as err:
+        fail(err)
     main()

@@ -196,3 +196,14 @@ def test_cli_refuses_with_one_line(cli, overrides, named):
     assert "Traceback" not in run.stdout + run.stderr
     assert len(lines) >= 1 and lines[-1].startswith("llmlab: error: ") and named in lines[-1], run.stderr[-3000:]
     assert sum(ln.startswith("llmlab: error:") for ln in lines) == 1
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_cli_refuses_a_run_dir_hydra_cannot_create(key):
+    """Hydra makes the run dir before llmlab's checks: an impossible one is refused before Hydra starts."""
+    from tests.conftest import run_module
+
+    proc = run_module("llmlab.run", f"{key}={UNWRITABLE}", timeout=120, env={"OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines == [lines[-1]] and lines[-1].startswith(f"llmlab: error: {key}={UNWRITABLE}: "), proc.stderr[-3000:]

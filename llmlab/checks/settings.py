@@ -160,3 +160,17 @@ def check_output_dir(cfg) -> None:
     if reason:
         raise ConfigError(f"paths.output_dir={out}: cannot create or write the run directory there ({reason}); "
                           f"give a writable directory with hydra.run.dir=<dir> (paths.output_dir follows it by default)")
+
+
+def check_run_dir_arguments(argv: list[str]) -> None:
+    """`hydra.run.dir=` / `hydra.sweep.dir=` given on the command line must be directories this process can
+    create: Hydra makes them before any llmlab code runs (and before `check_output_dir`), so an impossible one
+    would end in Hydra's traceback."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            reason = unwritable_reason(Path(value))
+            if reason:
+                raise ConfigError(f"{key}={value}: cannot create the run directory there ({reason}); "
+                                  f"give a writable location, e.g. {key}=outputs/my-run")
+
