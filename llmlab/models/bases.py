@@ -35,7 +35,8 @@ BASES: dict[str, list[str]] = {
     "tiny-sft": ["stage=sft", "model=tiny_base", "seed=0"],
     # the SFT recipe stopped early: a real SFT policy that is still imperfect, so ppo and grpo have headroom.
     # Stopped by its quality, not a step count: at the first validation (every 20 steps) whose held-out greedy
-    # exact match exceeds 0.4. The SFT curve is steep (EM ~0 at step 260, 0.95 at 600) and where it rises moves
+    # exact match exceeds 0.4. The SFT curve is steep (lr 3e-3: EM ~0 at step 260, 0.95 at 600; lr 1.5e-3, the
+    # recipe since 2026-12-06: 0.10 at 200, 0.88 at 400) and where it rises moves
     # with the code, libraries and machine: at a fixed 400 steps the same recipe gave 0.195, 0.275 and 0.96 on
     # different checkouts, so RL tests from it measured different problems.
     "tiny-sft-early": ["stage=sft", "model=tiny_base", "seed=0", "trainer.val_check_interval=20",
