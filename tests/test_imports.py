@@ -381,3 +381,11 @@ def test_private_name_scan_sees_each_spelling(source):
     found = _private_uses("llmlab.checks.probe", ast.parse(source), "llmlab.checks")
     assert found == {("llmlab.checks.probe", "llmlab.errors", "_bad_key")}
     assert not _private_uses("llmlab.errors", ast.parse(source), "llmlab")  # its own name
+
+
+def test_every_llmlab_folder_with_code_is_a_regular_package():
+    """setuptools' find_packages (pyproject.toml) skips folders without __init__.py: a `pip install .` (not
+    editable) would leave such a folder out and every import of it would fail on the user's machine."""
+    folders = {p.parent for p in (ROOT / "llmlab").rglob("*.py") if "__pycache__" not in p.parts}
+    folders -= {ROOT / "llmlab" / "evaluation" / "tasks"}  # lm-eval task YAMLs + their functions: package data
+    assert sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file()) == []

@@ -1,0 +1,1 @@
+"""llmlab: declarative LLM training experiments on Hydra and Lightning."""

@@ -1,0 +1,1 @@
+"""Callbacks: run summary (summary.json, loss.png), sample generation, HF export."""

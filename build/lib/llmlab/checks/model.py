@@ -1,0 +1,243 @@
+"""The model and peft groups' rules, before any weights load.
+
+model (`check_model`, config alone): model.init / pretrained / config / tokenizer / dtype / trust_remote_code,
+and a local model directory's own config.json (no custom code); `check_loss_chunking`:
+stage.module.loss_chunk_tokens against the model type, compile and virtual tokens.
+
+peft (`check_peft_settings`, config alone): the method name, r / alpha / dropout, a quantized base (qlora,
+lora_int8: bitsandbytes installed, pretrained weights), PEFT x precision (QLoRA's compute dtype and 4-bit
+storage dtype), virtual tokens x packing; `check_peft` (on the architecture built on the meta device, no
+weights): target modules the model has (`check_peft_targets`). PEFT x strategy is strategy.py `check_run`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from llmlab.checks.settings import number
+from llmlab.distributed.precision import half_dtype, weights_dtype
+from llmlab.errors import ConfigError
+
+
+def local_model_dir(model_cfg) -> Path | None:
+    """`model.pretrained` as a local directory (init=pretrained), else None (a hub name, or scratch)."""
+    path = model_cfg.get("pretrained") if model_cfg.get("init") == "pretrained" else None
+    if not path:
+        return None
+    path = Path(str(path)).expanduser()
+    return path if path.is_dir() else None
+
+
+def local_config(model_cfg) -> dict | None:
+    """A local model directory's config.json (the architecture that will load), else None."""
+    path = local_model_dir(model_cfg)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.pretrained={path}: config.json is not readable JSON ({err}); re-export "
+                          f"the model with save_pretrained") from None
+
+
+def architecture_values(model_cfg) -> dict:
+    """The architecture that will be built: a local directory's config.json, else the model file's `config:`."""
+    return local_config(model_cfg) or dict(model_cfg.get("config") or {})
+
+
+def model_positions(model_cfg) -> int | None:
+    """Max positions of the architecture that will be built, without loading weights or the network.
+
+    A local directory's config.json wins (it is what from_pretrained loads: `model=gpt2
+    model.pretrained=<a llama dir>` is a llama); else the `config:` values of the model file.
+    """
+    arch = architecture_values(model_cfg)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(arch.get(key), int) and arch[key] > 0:
+            return arch[key]
+    return None
+
+
+def _architecture_on_meta(cfg):
+    """The configured model built on the meta device (module names only: no memory, no weights), or
+    None when its architecture cannot be known offline (a hub model without `config:` values)."""
+    import torch
+
+    from llmlab.models.build import architecture_config
+
+    m, head = cfg.model, cfg.stage.get("head", "causal_lm")
+    local = local_model_dir(m)
+    if local is not None:  # what from_pretrained will load, whatever the yaml `config:` says
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(local), trust_remote_code=False)
+    elif m.get("config"):
+        config = architecture_config(m, None, head)
+    else:
+        return None
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def _check_quantized_base(cfg, method: str, kind: str, alternative: str) -> None:
+    """A bitsandbytes-quantized base (qlora, lora_int8): the package is there and the weights are pretrained."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"peft={method} needs bitsandbytes ({kind}): pip install 'llmlab[bnb]' "
+                          "(bitsandbytes>=0.45), or use peft=lora")
+    if cfg.model.init != "pretrained" and not cfg.dry_run:
+        raise ConfigError(f"peft={method} quantizes pretrained weights as they load, but model.init="
+                          f"{cfg.model.init}; use model.init=pretrained ({alternative})")
+
+
+DTYPES = (None, "auto", "float32", "bfloat16", "float16")
+INITS = ("scratch", "pretrained")
+
+
+def check_model(cfg) -> None:
+    """model.init / pretrained / config / tokenizer / dtype / trust_remote_code, and a local model directory's
+    own config.json."""
+    m = cfg.model
+    if m.get("init") not in INITS:
+        raise ConfigError(f"model.init={m.get('init')!r}: use scratch or pretrained")
+    if m.init == "pretrained" and not m.get("pretrained"):
+        raise ConfigError("model.init=pretrained needs model.pretrained=<hub name or local directory>")
+    if m.init == "pretrained" and str(m.pretrained).startswith(("/", ".", "~")) and not Path(
+            str(m.pretrained)).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={m.pretrained}: no such directory (a local model needs its "
+                          f"config.json and weights there)")
+    if m.init == "scratch" and not m.get("config"):
+        raise ConfigError(f"model={m.name} has no `config:` architecture; use model.init=pretrained")
+    if m.init == "scratch" and m.get("tokenizer") is None and not m.get("pretrained"):
+        raise ConfigError("model.tokenizer is null and there is no model.pretrained to take it from: "
+                          "set model.tokenizer=builtin or a tokenizer name/path")
+    if m.get("dtype") not in DTYPES:
+        raise ConfigError(f"model.dtype={m.get('dtype')!r}: use one of float32, bfloat16, float16, auto or null")
+    if m.get("trust_remote_code"):
+        raise ConfigError("model.trust_remote_code=true would run Python code shipped with the model; llmlab "
+                          "does not allow it: use a model transformers supports natively "
+                          "(model.trust_remote_code=false)")
+    config = local_config(m)
+    if config is None:
+        return
+    where = f"model.pretrained={m.pretrained}"
+    if config.get("auto_map"):
+        raise ConfigError(f"{where}: its config.json maps to custom code (auto_map), which llmlab does not run "
+                          f"(trust_remote_code stays off); use a model of a built-in transformers architecture")
+    if not config.get("model_type"):
+        raise ConfigError(f"{where}: config.json has no model_type; re-export the model with save_pretrained")
+
+
+# Model types whose causal-LM forward is exactly `lm_head(backbone(...).last_hidden_state)`: nothing between
+# (no logit soft-capping as Gemma 2, no logit scaling as Cohere/Granite), so the head can be applied apart
+# (`stage.module.loss_chunk_tokens`, llmlab.stages.common.forward_hidden).
+HEAD_APART_MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3")
+
+
+def check_loss_chunking(cfg) -> None:
+    """`stage.module.loss_chunk_tokens` (pretrain, sft): a positive count, on a model whose head can be applied
+    apart from its backbone (HEAD_APART_MODEL_TYPES), without compile or virtual tokens."""
+    chunk = (cfg.stage.get("module") or {}).get("loss_chunk_tokens")
+    if chunk is None:
+        return
+    setting = f"stage.module.loss_chunk_tokens={chunk!r}"
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"{setting}: give a number of target tokens per chunk (e.g. 1024), or null for the "
+                          f"full logits")
+    if cfg.get("compile"):
+        raise ConfigError(f"{setting} with compile=true: compile covers the model's whole forward, which the "
+                          f"chunked loss does not call (it runs the backbone and the head apart); drop one of them")
+    method = (cfg.get("peft") or {}).get("method")
+    if method in ("prefix", "prompt"):
+        raise ConfigError(f"{setting} with peft={method}: PEFT runs the virtual tokens inside its own forward; "
+                          f"set stage.module.loss_chunk_tokens=null")
+    model_type = architecture_values(cfg.model).get("model_type")
+    if model_type is not None and model_type not in HEAD_APART_MODEL_TYPES:
+        raise ConfigError(f"{setting}: model type {model_type!r} is not one whose output layer can be applied "
+                          f"apart ({', '.join(HEAD_APART_MODEL_TYPES)}); set stage.module.loss_chunk_tokens=null")
+
+
+def check_peft_settings(cfg) -> None:
+    """The peft group with the config alone: method name, LoRA numbers (PEFT itself fails late with a
+    traceback), a quantized base, PEFT x precision, virtual tokens x packing."""
+    from llmlab.models.peft import METHODS, PROMPT_LEARNING
+
+    p = cfg.get("peft") or {}
+    method = p.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"peft.method={method!r}: use one of {METHODS} (peft=<name>)")
+    if method == "none":
+        return
+    if "r" in p and (isinstance(p.r, bool) or not isinstance(p.r, int) or p.r < 1):
+        raise ConfigError(f"peft.r={p.r!r}: the LoRA rank must be an integer >= 1, e.g. peft.r=8 (or peft=none "
+                          f"for full fine-tuning)")
+    if "alpha" in p and number(p.alpha, "peft.alpha", "16") <= 0:
+        raise ConfigError(f"peft.alpha={p.alpha}: must be > 0 (the update is scaled by alpha/r), e.g. peft.alpha=16")
+    if "dropout" in p and not 0 <= number(p.dropout, "peft.dropout", "0.05") < 1:
+        raise ConfigError(f"peft.dropout={p.dropout}: give a probability in [0, 1)")
+    if method == "qlora":
+        _check_quantized_base(cfg, "qlora", "4-bit NF4",
+                              "or peft=lora; dry_run=true estimates QLoRA on an init=scratch architecture")
+        q = p.quantization
+        precision = str(cfg.trainer.precision)
+        compute = str(q.compute_dtype)
+        if half_dtype(precision) == "float16" and compute != "float16":
+            raise ConfigError(f"peft=qlora computes in peft.quantization.compute_dtype={compute} but "
+                              f"precision={precision} is fp16: set peft.quantization.compute_dtype=float16 "
+                              f"or precision=bf16-mixed / bf16-true")
+        if half_dtype(precision) == "bfloat16" and compute == "float16":
+            raise ConfigError(f"peft=qlora with precision={precision} needs "
+                              f"peft.quantization.compute_dtype=bfloat16 (got float16)")
+        storage = q.get("quant_storage")
+        true_dtype = weights_dtype(precision)
+        if precision.endswith("-true") and storage not in (None, "uint8", "int8") and storage != true_dtype:
+            raise ConfigError(f"precision={precision} casts float tensors, including 4-bit weights packed "
+                              f"in peft.quantization.quant_storage={storage}: use quant_storage=null (uint8) "
+                              f"or {true_dtype}")
+    if method == "lora_int8":
+        _check_quantized_base(cfg, "lora_int8", "LLM.int8", "or peft=lora")
+    if method in PROMPT_LEARNING:
+        if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
+            raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
+                              f"packed documents cannot take: set data.packing=concat with stage=pretrain")
+        if cfg.data.get("pack_examples"):
+            raise ConfigError(f"peft={method} prepends virtual tokens, which packed examples' masks cannot "
+                              f"take: set data.pack_examples=false")
+
+
+def check_peft(cfg) -> None:
+    """The peft group against the architecture that will be built (on the meta device: no memory, no
+    weights): the modules it targets exist (`check_peft_targets`)."""
+    from llmlab.models.peft import PROMPT_LEARNING
+
+    method = cfg.peft.method
+    if method == "none" or method in PROMPT_LEARNING:
+        return
+    model = _architecture_on_meta(cfg)
+    if model is not None:
+        check_peft_targets(cfg.peft, model, cfg.model.name)
+
+
+def check_peft_targets(peft_cfg, model, model_name: str) -> None:
+    """ConfigError when the method's target modules are not in this architecture (none by default for its
+    type, or named ones it does not have). `model` may live on the meta device: only module names and the
+    config are read."""
+    from llmlab.models.peft import target_modules, missing_targets
+
+    method = peft_cfg.method
+    model_type = model.config.model_type
+    linear_names = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    for key in ("target_modules", "feedforward_modules") if method == "ia3" else ("target_modules",):
+        targets = target_modules(peft_cfg, model_type, key)
+        if targets is None:
+            raise ConfigError(f"peft={method}: PEFT has no default peft.{key} for model type {model_type!r} "
+                              f"(model={model_name}); set peft.{key}=[...] from its linear layers "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")
+        missing = missing_targets(linear_names, targets)
+        if missing:
+            raise ConfigError(f"peft.{key}={targets}: {missing} match no linear layer of model={model_name} "
+                              f"({model_type}); its layers are named "
+                              f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")

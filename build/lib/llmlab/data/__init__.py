@@ -1,0 +1,1 @@
+"""Data: sources (builtin/text/hub), stage formats, packing, and the LightningDataModule."""

@@ -1,0 +1,148 @@
+"""Conversations trained as the model will be used: the tokenizer's own chat template decides every token.
+
+A record `{messages: [{role, content}, ...]}` (or ShareGPT's `{conversations: [{from, value}, ...]}`, optional
+`tools`) becomes token rows whose
+- input_ids are exactly `tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)`: the template
+  writes BOS where the model expects it, nothing is added on top (encoding the rendered text with
+  add_special_tokens=True doubled BOS for Llama 3 / Gemma tokenizers, whose post-processor adds it too);
+- targets (labels) are, for every assistant turn (`data.train_on=all_assistant`, the default) or the last one
+  (`last_assistant`), exactly what the model generates after the template's generation prompt, through its
+  end-of-turn token: render messages[:i] with add_generation_prompt=True (P) and messages[:i+1] (F); F must
+  start with P; the turn's targets are F's tokens after P up to and including the first special token (the
+  template's end of turn: <|eot_id|>, <|im_end|>, <end_of_turn>, <|end|>; what follows it, e.g. the newline
+  Qwen writes after <|im_end|>, is context the model never generates). System, user and tool messages
+  (tool results) are never targets; an assistant turn's tool calls are, as the template renders them.
+
+Templates that do not preserve prefixes. Some templates render an earlier turn differently once later turns
+follow: Qwen 3 drops an earlier assistant turn's reasoning (and its empty <think></think>) once a later user
+message exists; Phi-3.5 writes an extra <|end|> after the last message. The rule, checked per conversation
+and per turn: a turn is trained inside the whole conversation's tokens when those tokens, up to the end of
+the turn's targets, equal F's (what the model saw and generated at that turn). Otherwise the turn is trained
+as the last turn of its own prefix: one more row, F with that turn's targets. So every target is trained in
+exactly the context the model has when it generates it (Phi-3.5's trailing <|end|> lies after every target,
+so its conversations stay one row; Qwen 3's earlier turns become rows of their own).
+"""
+from __future__ import annotations
+
+from llmlab.errors import DataError
+from llmlab.losses import IGNORE_INDEX
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "observation": "tool", "function_response": "tool"}
+TRAIN_ON = ("all_assistant", "last_assistant")
+# a message key -> the word a template that supports it contains
+FEATURES = {"tool_calls": "tool_calls", "reasoning_content": "reasoning_content"}
+
+
+def conversation(record: dict, messages_field: str = "messages") -> tuple[list[dict], list | None]:
+    """(messages, tools) of a record, validated; ShareGPT `conversations` records converted."""
+    if messages_field in record:
+        messages, field = record[messages_field], f"data.messages_field={messages_field!r}"
+        sharegpt = False
+    elif "conversations" in record:
+        messages, field, sharegpt = record["conversations"], "'conversations' (ShareGPT)", True
+    else:
+        raise DataError(f"a chat record needs data.messages_field={messages_field!r} (or ShareGPT 'conversations'); "
+                        f"fields: {sorted(record)}")
+    keys = ("from", "value") if sharegpt else ("role", "content")
+    if not isinstance(messages, (list, tuple)) or not messages or \
+            not all(isinstance(m, dict) and keys[0] in m for m in messages):
+        raise DataError(f"{field}: a conversation must be a non-empty list of {{{keys[0]}, {keys[1]}}} messages "
+                        f"(got {str(messages)[:80]!r})")
+    out = []
+    for m in messages:
+        m = dict(m)
+        if sharegpt:
+            speaker = m.pop("from")
+            role = SHAREGPT_ROLES.get(str(speaker))
+            if role is None:
+                raise DataError(f"{field}: unknown 'from' {speaker!r}: use one of {sorted(SHAREGPT_ROLES)}")
+            m = {"role": role, "content": m.pop("value", ""), **m}
+        if m["role"] not in ROLES:
+            raise DataError(f"{field}: unknown role {m['role']!r}: use one of {', '.join(ROLES)}")
+        if m.get("content") is None and not m.get("tool_calls"):
+            raise DataError(f"{field}: a {m['role']} message has no content: give each message a 'content' string")
+        if m.get("content") is None:
+            m["content"] = ""
+        out.append(m)
+    if out[-1]["role"] != "assistant":
+        raise DataError(f"{field}: each conversation must end with an assistant message (the response to learn); "
+                        f"this one ends with {out[-1]['role']!r}")
+    tools = record.get("tools") or None
+    if isinstance(tools, str):  # datasets often store tool schemas as a JSON string
+        import json
+
+        tools = json.loads(tools)
+    return out, tools
+
+
+class ChatEncoder:
+    """Token rows of conversations through the tokenizer's chat template (module docstring)."""
+
+    def __init__(self, tokenizer, block_size: int, train_on: str = "all_assistant", messages_field: str = "messages"):
+        if train_on not in TRAIN_ON:
+            raise DataError(f"data.train_on={train_on!r}: use {' or '.join(TRAIN_ON)}")
+        self.tokenizer, self.block_size, self.train_on, self.field = tokenizer, block_size, train_on, messages_field
+        self.template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.end_ids = set(tokenizer.all_special_ids) | {i for i, t in decoder.items() if getattr(t, "special", False)}
+        self.end_ids.discard(tokenizer.bos_token_id)
+
+    def ids(self, messages: list[dict], tools, generation_prompt: bool = False) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False,
+                                                 add_generation_prompt=generation_prompt)
+        return list(out)
+
+    def _check_features(self, messages: list[dict], tools) -> None:
+        if tools and "tools" not in self.template:
+            raise DataError("the record has 'tools' but the tokenizer's chat template does not render tools: "
+                            "use a model whose template supports tools, or drop the field")
+        for key, word in FEATURES.items():
+            if any(m.get(key) for m in messages) and word not in self.template:
+                raise DataError(f"a message has {key!r} but the tokenizer's chat template does not render it: "
+                                f"use a model whose template supports it, or drop the field")
+        if any(m["role"] == "tool" for m in messages) and "tool" not in self.template:
+            raise DataError("the conversation has 'tool' messages but the tokenizer's chat template has no tool role")
+
+    def turn(self, messages: list[dict], tools, i: int) -> tuple[list[int], int, int]:
+        """(F, start, end): the tokens of messages[:i+1] and the span [start, end) of turn i's targets."""
+        prompt = self.ids(messages[:i], tools, generation_prompt=True)
+        full = self.ids(messages[: i + 1], tools)
+        if full[: len(prompt)] != prompt:
+            raise DataError(f"the chat template's generation prompt is not where it renders assistant turn {i} "
+                            f"(rendering messages[:{i}] with add_generation_prompt=True is not a prefix of "
+                            f"messages[:{i + 1}]): this template cannot mark what the model generates")
+        end = next((k + 1 for k in range(len(prompt), len(full)) if full[k] in self.end_ids), len(full))
+        if end == len(prompt):
+            raise DataError(f"assistant turn {i} renders to no token after the generation prompt")
+        return full, len(prompt), end
+
+    def examples(self, record: dict) -> list[dict]:
+        """Rows {input_ids, labels, prompt_length, answer} of one record; prompt_length/answer: the last turn."""
+        messages, tools = conversation(record, self.field)
+        self._check_features(messages, tools)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.train_on == "last_assistant":
+            turns = turns[-1:]
+        whole = self.ids(messages, tools)
+        spans, alone = [], []
+        for i in turns:
+            full, start, end = self.turn(messages, tools, i)
+            if whole[:end] == full[:end]:
+                spans.append((start, end))
+            else:
+                alone.append(self._row(full, [(start, end)], messages[i]["content"]))
+        rows = [self._row(whole, spans, messages[-1]["content"])] if spans else []
+        return [r for r in rows + alone if r is not None]
+
+    def _row(self, ids: list[int], spans: list[tuple[int, int]], answer: str) -> dict | None:
+        """A row with targets on `spans`; cut at block_size (None when no target is left)."""
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[start:end] = ids[start:end]
+        ids, labels = ids[: self.block_size], labels[: self.block_size]
+        kept = [s for s, e in spans if e <= len(ids)]
+        if not kept:
+            return None
+        return {"input_ids": ids, "labels": labels, "prompt_length": kept[-1], "answer": str(answer)}

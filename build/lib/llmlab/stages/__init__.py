@@ -1,0 +1,1 @@
+"""One LightningModule per training stage; shared pieces live in common.py as functions."""
