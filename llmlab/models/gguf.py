@@ -237,6 +237,16 @@ def _run_converter(where: str, model_dir: str, outfile: str, quant: str, threads
                                       "it, and it is not GPT-2's byte-level split)") from None
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    load_hparams = base.ModelBase.load_hparams
+
+    def load_hparams_v5(dir_model, is_mistral_format):
+        # transformers 5 no longer writes GPT-2's `n_ctx` (n_positions's old alias), which the converter reads
+        hparams = load_hparams(dir_model, is_mistral_format)
+        if hparams.get("model_type") == "gpt2" and "n_ctx" not in hparams and "n_positions" in hparams:
+            hparams["n_ctx"] = hparams["n_positions"]
+        return hparams
+
+    base.ModelBase.load_hparams = staticmethod(load_hparams_v5)
     first = outfile if quant != "q4_k_m" else outfile + ".f32"
     sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", first, "--outtype", CONVERTER_OUTTYPE[quant]]
     converter.main()
