@@ -185,7 +185,10 @@ def convert(model_dir: Path, out_dir: Path, quant: str, threads: int | None = No
     with atomic_dir(out_dir) as tmp:
         cmd = [sys.executable, "-m", "llmlab.models.gguf", "_convert", str(where), str(model_dir),
                str(Path(tmp) / GGUF_FILE), quant, str(threads or os.cpu_count() or 1)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # the child runs this same llmlab (a checkout first on the path, as here), whatever the cwd
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
             raise ConversionFailed(f"llama.cpp's converter stopped on {model_dir} (quantize={quant}): "
@@ -340,15 +343,16 @@ def _go(text: str) -> str:
 def go_template(parts: dict) -> str:
     """Ollama's TEMPLATE (Go text/template over .Messages) that writes what `render_parts` writes, minus BOS
     (llama.cpp adds it when tokenizing, as the GGUF's add_bos_token says). Ollama always asks for the
-    assistant's turn, so the generation prompt closes it."""
-    sys_default = (f'{{{{- if or (eq (len .Messages) 0) (ne (index .Messages 0).Role "system") }}}}'
+    assistant's turn, so the generation prompt closes it. No `{{-` trim markers: they would eat the
+    newlines the template's own text ends with."""
+    sys_default = (f'{{{{ if or (eq (len .Messages) 0) (ne (index .Messages 0).Role "system") }}}}'
                    f'{_go(parts["default_system"])}{{{{ end }}}}') if parts["default_system"] else ""
     return (sys_default
-            + '{{- range .Messages }}'
-            + f'{{{{- if eq .Role "system" }}}}{_go(parts["sys_pre"])}{{{{ .Content }}}}{_go(parts["sys_post"])}'
-            + f'{{{{- else if eq .Role "user" }}}}{_go(parts["user_pre"])}{{{{ .Content }}}}{_go(parts["user_post"])}'
-            + f'{{{{- else if eq .Role "assistant" }}}}{_go(parts["asst_pre"])}{{{{ .Content }}}}{_go(parts["asst_post"])}'
-            + '{{- end }}{{- end }}' + _go(parts["gen"]))
+            + '{{ range .Messages }}'
+            + f'{{{{ if eq .Role "system" }}}}{_go(parts["sys_pre"])}{{{{ .Content }}}}{_go(parts["sys_post"])}'
+            + f'{{{{ else if eq .Role "user" }}}}{_go(parts["user_pre"])}{{{{ .Content }}}}{_go(parts["user_post"])}'
+            + f'{{{{ else if eq .Role "assistant" }}}}{_go(parts["asst_pre"])}{{{{ .Content }}}}{_go(parts["asst_post"])}'
+            + '{{ end }}{{ end }}' + _go(parts["gen"]))
 
 
 def _family(template: str) -> str:
