@@ -167,12 +167,13 @@ def check_gguf_args(args, kind: str) -> None:
     from llmlab.models import gguf
 
     gguf.check_quant(args.quantize)
+    if kind == "run":
+        _gguf_source(args.path, args.ckpt)
     where = gguf.check_installed()
     config = None
     if kind == "model":
         config = json.loads((args.path / "config.json").read_text())
     elif kind == "run":
-        _gguf_source(args.path, args.ckpt)
         config = _run_model_config(args.path)
     else:
         base = args.base or json.loads((args.path / "adapter_config.json").read_text()).get("base_model_name_or_path")

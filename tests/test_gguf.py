@@ -84,9 +84,10 @@ BAD = {
 }
 
 
-@needs_llama_cpp
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_inputs(case, config_dirs, tmp_path):
+    if case == "family" and importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("the family check reads llama.cpp's converter (scripts/setup.sh installs it)")
     args, expected = BAD[case]
     paths = {"llama": config_dirs / "llama", "opt": config_dirs / "opt", "run": config_dirs / "run", "out": tmp_path / "o"}
     proc = run_module("llmlab.export", *[a.format(**paths) for a in args])
