@@ -2,7 +2,7 @@
 
     python -m llmlab.generate MODEL [key=value ...]
 
-MODEL: a run directory (uses its `hf/`, or `hf_adapter/` for prefix/prompt tuning, and its prompt
+MODEL: a GGUF export (`model.gguf` or its `gguf-<quant>/` directory: llama.cpp decodes), a run directory (uses its `hf/`, or `hf_adapter/` for prefix/prompt tuning, and its prompt
 template), a local HF directory (a full model, or a PEFT adapter with adapter_config.json), or a hub
 name. Settings, Hydra-style `key=value` (lists as `stop='[".", "\\n"]'`):
 
@@ -170,6 +170,10 @@ def resolve_model(path: str) -> tuple[str, str | None]:
                 return str(p / sub), template
         raise ConfigError(f"{p} is a run dir without hf/ or hf_adapter/ (did training finish?); export it first: "
                           f"python -m llmlab.export {p}")
+    from llmlab.models.gguf import is_gguf
+
+    if is_gguf(p):  # python -m llmlab.export ... format=gguf: model.gguf (or its gguf-<quant>/ directory)
+        return str(p), template
     if p.is_dir():
         if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
             raise ConfigError(f"MODEL={path}: a directory without config.json or adapter_config.json; give a run "
@@ -251,6 +255,12 @@ def run(argv: list[str]) -> int:
     if template is not None:
         setting = "template" if settings["template"] != "auto" else "the run's data.prompt_template"
         check_template_text(template, setting)
+    from llmlab.models.gguf import generate_gguf, is_gguf
+
+    if is_gguf(model_path):  # llama.cpp decodes; no torch
+        rendered = [template.format(prompt=p) if template else p for p in prompts]
+        texts = generate_gguf(model_path, rendered, settings)
+        return _print_results(prompts, texts, settings)
     import torch
 
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
@@ -262,6 +272,10 @@ def run(argv: list[str]) -> int:
     texts = generate_text(model, tokenizer, rendered, int(settings["max_new_tokens"]),
                           batch_size=max(1, int(settings["batch_size"])), stop=list(settings["stop"]),
                           **generation_kwargs(settings))
+    return _print_results(prompts, texts, settings)
+
+
+def _print_results(prompts: list[str], texts: list[str], settings: dict) -> int:
     results = [{"prompt": p, "generated": g} for p, g in zip(prompts, texts)]
     lines = [json.dumps(r, ensure_ascii=False) for r in results]
     print("\n".join(lines))

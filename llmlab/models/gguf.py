@@ -456,6 +456,40 @@ def greedy(llm, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = 
     return out
 
 
+def generate_gguf(path, prompts: list[str], settings: dict) -> list[str]:
+    """llmlab.generate on a GGUF export: llama.cpp decodes each prompt (tokenized as transformers does:
+    no BOS added, special tokens parsed). Greedy is `greedy` (argmax of llama.cpp's logits, ending at EOS);
+    sampling is llama.cpp's own sampler (temperature, top_k, top_p, repeat_penalty, seed)."""
+    from llmlab.evaluation.generation import cut_at_stop
+
+    if int(settings["num_beams"]) > 1:
+        raise ConfigError(f"num_beams={settings['num_beams']}: {path} is a GGUF export; llama.cpp decodes greedily or "
+                          f"by sampling here (num_beams=1)")
+    if settings.get("dtype"):
+        raise ConfigError(f"dtype={settings['dtype']}: {path} is a GGUF export, whose weights' type was chosen at "
+                          f"export (quantize=); leave dtype unset")
+    stop = [s for s in settings["stop"] if s]
+    llm = load_gguf(path, n_ctx=max(512, int(settings["max_new_tokens"]) + 512))
+    texts = []
+    for prompt in prompts:
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        if settings["do_sample"]:
+            llm.reset()
+            out = llm.create_completion(ids, max_tokens=int(settings["max_new_tokens"]),
+                                        temperature=float(settings["temperature"]), top_k=int(settings["top_k"]),
+                                        top_p=float(settings["top_p"]),
+                                        repeat_penalty=float(settings["repetition_penalty"]),
+                                        seed=int(settings["seed"]))
+            text = out["choices"][0]["text"]
+        else:
+            if float(settings["repetition_penalty"]) != 1.0:
+                raise ConfigError("repetition_penalty: with a GGUF export only when sampling (do_sample=true)")
+            new = greedy(llm, ids, int(settings["max_new_tokens"]), stop_at_eos=True)
+            text = llm.detokenize(new).decode("utf-8", errors="replace")
+        texts.append(cut_at_stop(text, stop))
+    return texts
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_convert"]:  # the child process of convert()
         where, model_dir, outfile, quant, threads = argv[1:6]
