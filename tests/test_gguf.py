@@ -25,21 +25,29 @@ import pytest
 from tests.conftest import ROOT, run_module
 
 N_NEW = 32  # greedy tokens compared (the issue asks for >= 32)
-# q4_k_m: llama.cpp's held-out perplexity may exceed fp32's by at most this factor (measured: see
-# test_q4_k_m_perplexity's docstring)
-Q4_PPL_RATIO = 1.10
+# q4_k_m: llama.cpp's held-out perplexity may exceed fp32's by at most this factor. Measured 2026-12-06 on these
+# tiny models: Llama 109.93 -> 110.63 (1.006x), Qwen2 see the test's output; llama.cpp's own figures for
+# Q4_K_M on 7B models are +1-5%.
+Q4_PPL_RATIO = 1.05
 PROMPTS_N = 3
+# The largest |logit difference| llama.cpp vs transformers fp32 measured on these models at a prompt's end:
+# f16 ~0.002, q8_0 0.01-0.05 (its activations are quantized too). A greedy step whose top-1 margin is below
+# the type's bound is a near-tie that rounding may flip on another CPU: such a prompt is left out of the
+# comparison (reported), and at least MIN_COMPARED of the prompts must be compared.
+NEAR_TIE = {"f16": 0.005, "q8_0": 0.03}
+MIN_COMPARED = 4
+GGUF_FILE_NAME = "model.gguf"
 # scripts/setup.sh installs llama-cpp-python, so CI runs these; a venv without it skips them with the reason
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed (scripts/setup.sh installs it)")
 
 
 def prompts() -> list[str]:
-    """llmlab's built-in held-out prompts, as its SFT template writes them, and a line of the play."""
+    """llmlab's built-in held-out prompts, as its SFT template writes them, and three openings from the play."""
     from llmlab.data.builtin import sft_examples
 
-    return [f"Question: {e['prompt']}\n\nAnswer: " for e in sft_examples(PROMPTS_N - 1, split="val")] + \
-           ["KING RICHARD III:\nNow is the winter of"]
+    return [f"Question: {e['prompt']}\n\nAnswer: " for e in sft_examples(PROMPTS_N, split="val")] + \
+           ["KING RICHARD III:\nNow is the winter of", "ROMEO:\nBut soft, what light", "First Citizen:\nBefore we proceed"]
 
 
 def fail_line(proc) -> str:
@@ -175,18 +183,25 @@ def test_greedy_equals_transformers(family, family_dirs, converted):
 
     tok = AutoTokenizer.from_pretrained(family_dirs[family])
     model = AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
-    report = []
+    paths = {}
+    for prompt in prompts():
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        paths[prompt] = (ids, *hf_greedy(model, ids, N_NEW))
     for quant in ("f16", "q8_0"):
         llm = load_gguf(converted(family, quant), n_ctx=256, threads=1)
-        for prompt in prompts():
-            ids = tok(prompt, add_special_tokens=False).input_ids
+        compared = 0
+        for prompt, (ids, want, margin) in paths.items():
             assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids, (quant, prompt)
-            want, margin = hf_greedy(model, ids, N_NEW)
+            if margin < NEAR_TIE[quant]:
+                print(f"{family} {quant}: {prompt!r} left out: a near-tie on its greedy path (margin {margin:.4f})")
+                continue
             got = greedy(llm, ids, N_NEW)
             assert got == want, (family, quant, prompt, margin, tok.decode(want), tok.decode(got))
-            report.append(f"{quant} min top-1 margin {margin:.3f}")
-        del llm
-    print(family, "; ".join(report))
+            compared += 1
+        llm.close()
+        print(f"{family} {quant}: {compared}/{len(paths)} prompts x {N_NEW} greedy tokens equal; smallest top-1 "
+              f"margins {sorted(round(m, 3) for _, _, m in paths.values())}")
+        assert compared >= MIN_COMPARED, (family, quant, compared)
 
 
 def perplexity_hf(model, windows) -> float:
@@ -220,12 +235,14 @@ def perplexity_llama_cpp(path: Path, windows) -> float:
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
         n += len(w) - 1
+    llm.close()
     return math.exp(nll / n)
 
 
 @needs_llama_cpp
 @pytest.mark.slow
-def test_q4_k_m_perplexity(family_dirs, converted):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_q4_k_m_perplexity(family, family_dirs, converted):
     """q4_k_m (converted at f32, quantized by llama_model_quantize): llama.cpp's perplexity on held-out
     Shakespeare (the file's last 20,000 characters; training read the first 300,000) within Q4_PPL_RATIO of
     transformers' fp32; f16 through llama.cpp within 1% (the same model, so the check is a fair one)."""
@@ -233,14 +250,13 @@ def test_q4_k_m_perplexity(family_dirs, converted):
 
     from tests.gguf_models import TEXT
 
-    family = "llama"
     tok = AutoTokenizer.from_pretrained(family_dirs[family])
     ids = tok(TEXT.read_text()[-20_000:], add_special_tokens=False).input_ids
     windows = [ids[i: i + 128] for i in range(0, 128 * 8, 128)]
     fp32 = perplexity_hf(AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval(), windows)
     f16 = perplexity_llama_cpp(converted(family, "f16"), windows)
     q4 = perplexity_llama_cpp(converted(family, "q4_k_m"), windows)
-    print(f"held-out perplexity: fp32 {fp32:.3f}, llama.cpp f16 {f16:.3f}, q4_k_m {q4:.3f} ({q4 / fp32:.3f}x)")
+    print(f"{family} held-out perplexity: fp32 {fp32:.3f}, llama.cpp f16 {f16:.3f}, q4_k_m {q4:.3f} ({q4 / fp32:.3f}x)")
     assert abs(f16 / fp32 - 1) < 0.01, (fp32, f16)
     assert q4 / fp32 < Q4_PPL_RATIO, (fp32, q4)
     sizes = {q: (converted(family, q) / GGUF_FILE_NAME).stat().st_size for q in ("f16", "q4_k_m")}
@@ -286,7 +302,7 @@ func main() {
 def test_chat_template_and_modelfile(family, family_dirs, converted):
     """The GGUF carries the model's chat template, and it renders each conversation as transformers renders
     it (through llama-cpp-python's own chat formatter, and llama.cpp's C `llama_chat_apply_template`, which
-    recognizes these families' templates); the Ollama Modelfile beside it points at the file, stops at the
+    recognizes these families' templates, except Qwen 2.5's default system message when none is given); the Ollama Modelfile beside it points at the file, stops at the
     turn's end token, and its TEMPLATE (Go) renders the same text without BOS (llama.cpp adds it)."""
     import ctypes
 
@@ -300,10 +316,10 @@ def test_chat_template_and_modelfile(family, family_dirs, converted):
     out = converted(family, "q8_0")
     llm = load_gguf(out, n_ctx=256, threads=1)
     template = llm.metadata["tokenizer.chat_template"]
+    assert llm._model.token_get_text(llm.token_eos()) == tok.eos_token  # the end-of-turn token of the template
+    llm.close()
     assert template == tok.chat_template
-    eos = llm._model.token_get_text(llm.token_eos())
-    assert eos == tok.eos_token
-    fmt = Jinja2ChatFormatter(template, eos_token=eos, bos_token=tok.bos_token or "")
+    fmt = Jinja2ChatFormatter(template, eos_token=tok.eos_token, bos_token=tok.bos_token or "")
     parsed = parse_modelfile((out / MODELFILE).read_text())
     assert (out / parsed["FROM"]).resolve() == (out / GGUF_FILE_NAME).resolve()
     assert ("stop", {"llama": "<|eot_id|>", "qwen2": "<|im_end|>"}[family]) in parsed["PARAMETER"]
@@ -311,7 +327,10 @@ def test_chat_template_and_modelfile(family, family_dirs, converted):
     for messages in CONVERSATIONS:
         want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert fmt(messages=messages).prompt == want
-        # llama.cpp's own renderer (no jinja: it detects the template's family)
+        # llama.cpp's own C renderer (no jinja: it detects the template's family and writes that family's
+        # format; it does not know Qwen 2.5's default system message, which the jinja route above writes)
+        if family == "qwen2" and messages[0]["role"] != "system":
+            continue
         chat = (llama_cpp.llama_chat_message * len(messages))(
             *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
         buf = ctypes.create_string_buffer(4096)

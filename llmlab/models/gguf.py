@@ -441,18 +441,24 @@ def load_gguf(path, n_ctx: int = 512, threads: int | None = None):
 
 
 def greedy(llm, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
-    """llama.cpp's greedy continuation of token ids (argmax of its own logits at each step)."""
+    """llama.cpp's greedy continuation of token ids: the argmax of its own logits at each step (read from the
+    context: without logits_all, llama_cpp.Llama keeps no scores); `stop_at_eos` ends at an end-of-generation
+    token (EOS, EOT: llama.cpp's `llama_vocab_is_eog`), as transformers' generate does."""
+    import llama_cpp
     import numpy as np
 
+    n_vocab = llm.n_vocab()
     llm.reset()
     llm.eval(list(prompt_ids))
     out = []
     for _ in range(max_new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        if stop_at_eos and token == llm.token_eos():
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+        token = int(np.argmax(logits))
+        if stop_at_eos and llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
             break
         out.append(token)
-        llm.eval([token])
+        if len(out) < max_new_tokens:
+            llm.eval([token])
     return out
 
 
