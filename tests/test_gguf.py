@@ -339,3 +339,45 @@ def test_chat_template_and_modelfile(family, family_dirs, converted):
         rendered = go_render(parsed["TEMPLATE"], messages)
         if rendered is not None:
             assert rendered == want.removeprefix(tok.bos_token or "")
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_lora_run_to_gguf_through_the_cli(family_dirs, tmp_path):
+    """A real llmlab run (SFT + LoRA, 4 steps, on the tiny Llama as its pretrained base) exported with
+    `python -m llmlab.export RUN format=gguf quantize=q8_0`: the adapter is merged first (merged/ differs from
+    the base), the GGUF and Modelfile sit in export/gguf-q8_0/, and `python -m llmlab.generate` on the GGUF
+    (llama.cpp) answers what it answers on merged/ (transformers), greedy."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import assert_ok, run_cli
+
+    run = run_cli(tmp_path / "run", "stage=sft", "model=tiny", "model.init=pretrained",
+                  f"model.pretrained={family_dirs['llama']}", "model.tokenizer=null", "peft=lora",
+                  "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                  "data.n_train=64", "data.n_val=8", "data.batch_size=8", "trainer.enable_progress_bar=false",
+                  "stage.module.max_new_tokens=4", "stage.module.optimizer.lr=1e-2")
+    assert_ok(run)
+    proc = run_module("llmlab.export", str(run.dir), "format=gguf", "quantize=q8_0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run.dir / "export"
+    gguf_dir, merged = out / "gguf-q8_0", out / "merged"
+    assert f"gguf: {gguf_dir / GGUF_FILE_NAME}" in proc.stdout and "ollama create NAME -f Modelfile" in proc.stdout
+    assert {p.name for p in gguf_dir.iterdir()} == {GGUF_FILE_NAME, "Modelfile", "gguf.json"}
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    base = load_file(family_dirs["llama"] / "model.safetensors")
+    trained = load_file(merged / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert (trained[key] - base[key]).abs().max() > 1e-4  # LoRA's update merged in
+    info = json.loads((gguf_dir / "gguf.json").read_text())
+    assert info["quantize"] == "q8_0" and info["architecture"] == "LlamaForCausalLM" and info["source"] == str(merged)
+
+    answers = {}
+    for model in (gguf_dir, merged):
+        proc = run_module("llmlab.generate", str(model), f"prompt={prompts()[3]}", f"prompt={prompts()[0]}",
+                          "template=none", "max_new_tokens=24")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers[model.name] = [json.loads(line)["generated"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert answers["gguf-q8_0"] == answers["merged"] and all(answers["merged"]), answers
+    proc = run_module("llmlab.generate", str(gguf_dir), "prompt=x", "num_beams=2")
+    assert "is a GGUF export; llama.cpp decodes greedily or by sampling here" in fail_line(proc)
