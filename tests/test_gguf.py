@@ -125,6 +125,29 @@ def test_converter_missing_says_how_to_keep_it(config_dirs, tmp_path):
     assert "but not llama.cpp's converter of that version" in line and "install-converter" in line, line
 
 
+def test_modelfile_template_from_the_chat_template(tmp_path):
+    """The Modelfile of a model with llmlab's built-in tokenizer: its chat template taken apart into a Go
+    TEMPLATE that renders what the jinja renders (by Go's text/template when `go` is installed), the EOS stop,
+    the model's context, greedy; a template that is not a plain wrap of each role's content gets no TEMPLATE."""
+    from llmlab.data.tokenizer import builtin_tokenizer
+    from llmlab.models.gguf import chat_parts, go_template, modelfile, parse_modelfile, render_parts
+
+    tok = builtin_tokenizer()
+    parsed = parse_modelfile(modelfile(tok, {"n_positions": 256}, tmp_path)[0])
+    assert parsed["FROM"] == "./model.gguf"
+    assert parsed["PARAMETER"] == [("stop", "<|endoftext|>"), ("num_ctx", "256"), ("temperature", "0")]
+    assert parsed["TEMPLATE"] == go_template(chat_parts(tok))
+    for messages in CONVERSATIONS:
+        want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert render_parts(chat_parts(tok), messages, True) == want
+        rendered = go_render(parsed["TEMPLATE"], messages)
+        assert rendered in (None, want)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    assert chat_parts(tok) is None
+    text, notes = modelfile(tok, {}, tmp_path)
+    assert "TEMPLATE" not in parse_modelfile(text) and "# no TEMPLATE" in text
+
+
 # --------------------------------------------------------------------------------------------------
 # round trips
 # --------------------------------------------------------------------------------------------------
