@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(TORCH + GGUF))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sizes-only", action="store_true", help="export every variant, print sizes, no timing")
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM
@@ -95,6 +96,10 @@ def main() -> None:
                 print(f"converted {n} in {time.perf_counter() - start:.0f} s", flush=True)
                 sizes[n] = (tmp / f"gguf-{n}" / GGUF_FILE).stat().st_size
         ids = prompt[0].tolist()
+        if args.sizes_only:
+            print(f"{n_params / 1e6:.1f}M parameters; sizes: " +
+                  ", ".join(f"{n} {sizes[n] / 2**20:.1f} MiB" for n in names))
+            return
 
         def run(n: str, t: int, new: int) -> tuple[float, float]:
             wall, cpu = time.perf_counter(), time.process_time()
