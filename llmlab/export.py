@@ -3,6 +3,7 @@
     python -m llmlab.export RUN_DIR [--out DIR] [--ckpt PATH] [--dtype bfloat16]
     python -m llmlab.export ADAPTER_DIR --out DIR [--base PATH_OR_HUB_NAME]
     python -m llmlab.export RUN_DIR quantize=int8            (also: HF_MODEL_DIR quantize=int8 --out DIR)
+    python -m llmlab.export RUN_DIR format=gguf quantize=f16|q8_0|q4_k_m   (also: HF_MODEL_DIR ... --out DIR)
 
 RUN_DIR is a run's output directory: the model is rebuilt from its `config_resolved.yaml` and the
 trained weights are read from `--ckpt` (default: the newest intact checkpoint of the run, as
@@ -24,6 +25,12 @@ does this).
 weights for CPU deployment (llmlab.models.quantize: what is quantized, why that library, the format), loaded
 back with `from llmlab.models.quantize import load_quantized; model = load_quantized(DIR)`; its size on disk is
 printed against the unquantized export's. An HF model directory (config.json) is quantized directly.
+
+`format=gguf` (or `--format gguf`) also writes `<out>/gguf-<quant>/`: the merged model converted by llama.cpp's
+own converter to `model.gguf` (tokenizer and chat template in its metadata; `quantize=` takes llama.cpp's
+names f16 (default), q8_0, q4_k_m) and an Ollama `Modelfile` beside it (llmlab.models.gguf: which converter,
+why, what the Modelfile carries). Needs llama-cpp-python and its converter (`pip install 'llmlab[gguf]'`;
+scripts/setup.sh installs both). A run without checkpoints is converted from its `hf/`.
 
 The run's own `hf/` (written by llmlab.callbacks.export.HFExport at the end of training) is the same
 merged model, and `hf_adapter/` the adapter.
@@ -115,21 +122,92 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message} (usage: {' '.join(self.format_usage().split()).removeprefix('usage: ')})")
 
 
+def _run_model_config(run_dir: Path) -> dict | None:
+    """The run's model config as far as it is known without building it (for the GGUF family check):
+    hf/config.json, else the scratch config's model_type, else a local pretrained dir's config.json."""
+    import json
+
+    if (run_dir / "hf" / "config.json").is_file():
+        return json.loads((run_dir / "hf" / "config.json").read_text())
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.load(run_dir / "config_resolved.yaml").model
+    if model.get("init") == "scratch" and model.get("config") is not None:
+        return {"model_type": model.config.get("model_type")}
+    local = Path(str(model.get("pretrained") or "")).expanduser()
+    if (local / "config.json").is_file():
+        return json.loads((local / "config.json").read_text())
+    return None  # a hub name: checked on the merged model, still before conversion
+
+
+def _gguf_source(run_dir: Path, ckpt: Path | None) -> str:
+    """'ckpt' when the run has weights to rebuild from (a checkpoint or hf_adapter/), 'hf' when only its
+    merged hf/ is there; ConfigError when it has nothing to export."""
+    from llmlab.checkpointing.checkpoints import find_resume_checkpoint
+
+    if ckpt is not None or find_resume_checkpoint(run_dir) or (run_dir / "checkpoints" / "last.ckpt").exists() \
+            or (run_dir / "hf_adapter" / "adapter_config.json").is_file():
+        return "ckpt"
+    if (run_dir / "hf" / "config.json").is_file():
+        return "hf"
+    raise ConfigError(f"{run_dir}: a run without an export: no checkpoint, hf/ or hf_adapter/ to convert (did "
+                      f"training finish?); pass --ckpt PATH or train it to the end")
+
+
+def check_gguf_args(args, kind: str) -> None:
+    """format=gguf: the type, llama-cpp-python and its converter, the model family, the run's weights; all
+    before any work."""
+    import json
+
+    from llmlab.models import gguf
+
+    gguf.check_quant(args.quantize)
+    if kind == "run":
+        _gguf_source(args.path, args.ckpt)
+    where = gguf.check_installed()
+    config = None
+    if kind == "model":
+        config = json.loads((args.path / "config.json").read_text())
+    elif kind == "run":
+        config = _run_model_config(args.path)
+    else:
+        base = args.base or json.loads((args.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base and (Path(base) / "config.json").is_file():
+            config = json.loads((Path(base) / "config.json").read_text())
+    if config is not None:
+        gguf.check_family(config, where)
+
+
 def check_args(args) -> str:
     """What the arguments point at ('run' or 'adapter'), checked before torch loads; ConfigError else."""
+    from llmlab.models.gguf import FORMATS, QUANTS
+
     path = args.path
+    if args.format not in FORMATS:
+        raise ConfigError(f"format={args.format}: unknown export format; use one of {', '.join(FORMATS)} "
+                          f"(gguf: llama.cpp / Ollama)")
+    gguf = args.format == "gguf"
+    if gguf and args.quantize is None:
+        args.quantize = "f16"
+    if gguf and args.quantize not in QUANTS:
+        from llmlab.models.gguf import check_quant
+
+        check_quant(args.quantize)
     if not path.exists():
         raise ConfigError(f"{path}: no such directory; give a run directory or a PEFT adapter directory")
     kind = ("run" if (path / "config_resolved.yaml").is_file() else
             "adapter" if (path / "adapter_config.json").is_file() else
             "model" if (path / "config.json").is_file() and args.quantize else None)
-    if args.quantize:
+    if args.quantize and not gguf:
+        if args.quantize in QUANTS:
+            raise ConfigError(f"quantize={args.quantize} is a GGUF type: add format=gguf (format=hf takes quantize=int8)")
         check_method(args.quantize)
     if kind is None:
         raise ConfigError(f"{path}: neither a run directory (config_resolved.yaml) nor an adapter "
                           f"(adapter_config.json){'' if args.quantize else ' (an HF model directory only with quantize=int8)'}")
     if kind == "model" and args.out is None:
-        raise ConfigError(f"{path} is an HF model directory: give --out DIR for quantized-{args.quantize}/")
+        raise ConfigError(f"{path} is an HF model directory: give --out DIR for "
+                          f"{'gguf' if gguf else 'quantized'}-{args.quantize}/")
     if kind == "adapter" and args.out is None:
         raise ConfigError(f"{path} is an adapter directory: give --out DIR for the merged model")
     if kind == "run" and args.base is not None:
@@ -142,6 +220,8 @@ def check_args(args) -> str:
         raise ConfigError(f"--ckpt {args.ckpt}: no such checkpoint file (or DeepSpeed checkpoint directory)")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a directory for merged/ and adapter/")
+    if gguf:
+        check_gguf_args(args, kind)
     return kind
 
 
@@ -154,10 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the merged weights (default: as trained; QLoRA: its compute dtype)")
     parser.add_argument("--quantize", default=None, metavar="int8",
-                        help="also write <out>/quantized-int8 for CPU deployment (same as quantize=int8)")
+                        help="also write <out>/quantized-int8 for CPU deployment (same as quantize=int8); with "
+                             "format=gguf: f16 (default), q8_0 or q4_k_m")
+    parser.add_argument("--format", default="hf", metavar="hf|gguf",
+                        help="gguf: also write <out>/gguf-<quantize>/ (model.gguf + Ollama Modelfile) with "
+                             "llama.cpp's converter (same as format=gguf)")
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Hydra-style `quantize=int8`, as the other entry points take settings
-    argv = [a for item in argv for a in (["--quantize", item.split("=", 1)[1]] if item.startswith("quantize=") else [item])]
+    # Hydra-style `quantize=int8` / `format=gguf`, as the other entry points take settings
+    argv = [a for item in argv for a in ([f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]]
+                                         if item.startswith(("quantize=", "format=")) else [item])]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -167,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         path = args.path
         if kind == "model":
+            if args.format == "gguf":
+                return _gguf(path, args.out / f"gguf-{args.quantize}", args.quantize)
             return _quantize(path, None, args.out / f"quantized-{args.quantize}", args.quantize)
+        if kind == "run" and args.format == "gguf" and _gguf_source(path, args.ckpt) == "hf":
+            log.info("export: %s has no checkpoint; converting its hf/", path)
+            return _gguf(path / "hf", (args.out or path / "export") / f"gguf-{args.quantize}", args.quantize)
         if kind == "run":
             model, tokenizer = _load_run(path, args.ckpt)
             out = args.out or path / "export"
@@ -184,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         if result["merged"] is None:
             fail(f"quantize={args.quantize}: {args.path} has no merged model (prefix/prompt tuning: virtual tokens "
                  f"only); quantize a full or LoRA-family run")
+        if args.format == "gguf":
+            return _gguf(Path(result["merged"]), out / f"gguf-{args.quantize}", args.quantize)
         return _quantize(Path(result["merged"]), tokenizer, out / f"quantized-{args.quantize}", args.quantize)
     return 0
 
@@ -209,6 +301,23 @@ def _quantize(model_dir: Path, tokenizer, out: Path, method: str) -> int:
     print(f"size: {human(summary['size_bytes'])} int8 weights vs {human(reference[f'export_{dtype}_on_disk'])} "
           f"for the {dtype} export ({model_dir}); parameters alone: fp32 {human(reference['fp32_params'])}, "
           f"bf16 {human(reference['bf16_params'])}")
+    return 0
+
+
+def _gguf(model_dir: Path, out: Path, quant: str) -> int:
+    """Convert the exported model in `model_dir` to GGUF in `out` (llmlab.models.gguf); print where and how big."""
+    from llmlab.models.gguf import ConversionFailed, convert
+    from llmlab.models.quantize import dir_size, human
+
+    try:
+        summary = convert(model_dir, out, quant)
+    except ConfigError as err:
+        fail(err)
+    except ConversionFailed as err:
+        fail(err, code=1)
+    print(f"gguf: {summary['file']} ({human(summary['size_bytes'])} {quant} vs {human(dir_size(model_dir))} "
+          f"for {model_dir})")
+    print(f"ollama: {summary['ollama']}")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m llmlab.generate MODEL [key=value ...]
 
-MODEL: a run directory (uses its `hf/`, or `hf_adapter/` for prefix/prompt tuning, and its prompt
+MODEL: a GGUF export (`model.gguf` or its `gguf-<quant>/` directory: llama.cpp decodes), a run directory (uses its `hf/`, or `hf_adapter/` for prefix/prompt tuning, and its prompt
 template), a local HF directory (a full model, or a PEFT adapter with adapter_config.json), or a hub
 name. Settings, Hydra-style `key=value` (lists as `stop='[".", "\\n"]'`):
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from llmlab.checks.data import check_template_text
 from llmlab.errors import ConfigError, fail
+from llmlab.models.gguf import generate_gguf, is_gguf
 from llmlab.models.load import load, resolve_model
 
 DEFAULTS = dict(prompt=[], prompts_file=None, template="auto", max_new_tokens=64, num_beams=1, do_sample=False,
@@ -177,6 +178,10 @@ def run(argv: list[str]) -> int:
     if template is not None:
         setting = "template" if settings["template"] != "auto" else "the run's data.prompt_template"
         check_template_text(template, setting)
+    if is_gguf(model_path):  # llama.cpp decodes; no torch
+        rendered = [template.format(prompt=p) if template else p for p in prompts]
+        texts = generate_gguf(model_path, rendered, settings)
+        return _print_results(prompts, texts, settings)
     # lazy: everything above is checked before torch loads
     import torch
 
@@ -189,6 +194,10 @@ def run(argv: list[str]) -> int:
     texts = generate_text(model, tokenizer, rendered, int(settings["max_new_tokens"]),
                           batch_size=max(1, int(settings["batch_size"])), stop=list(settings["stop"]),
                           **generation_kwargs(settings))
+    return _print_results(prompts, texts, settings)
+
+
+def _print_results(prompts: list[str], texts: list[str], settings: dict) -> int:
     results = [{"prompt": p, "generated": g} for p, g in zip(prompts, texts)]
     lines = [json.dumps(r, ensure_ascii=False) for r in results]
     print("\n".join(lines))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from llmlab.checks.hub import hub_error, hub_fixes, hub_reachable, in_hub_cache
 from llmlab.errors import ConfigError
+from llmlab.models.gguf import is_gguf
 from llmlab.models.peft import import_peft
 from llmlab.models.quantize import is_quantized_dir, load_quantized
 
@@ -28,6 +29,8 @@ def resolve_model(path: str) -> tuple[str, str | None]:
                 return str(p / sub), template
         raise ConfigError(f"{p} is a run dir without hf/ or hf_adapter/ (did training finish?); export it first: "
                           f"python -m llmlab.export {p}")
+    if is_gguf(p):  # python -m llmlab.export ... format=gguf: model.gguf (or its gguf-<quant>/ directory)
+        return str(p), template
     if p.is_dir():
         if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
             raise ConfigError(f"MODEL={path}: a directory without config.json or adapter_config.json; give a run "
