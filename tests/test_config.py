@@ -328,3 +328,29 @@ def test_zero_choices_are_zero1_plus_their_differences():
     for choice, changed in differences.items():
         node = compose_resolved([f"strategy={choice}"])[1]["strategy"]
         assert list(node.items()) == list({**base, **changed}.items()), choice
+
+
+def sbatch_usage_overrides() -> list[tuple[str, list[str]]]:
+    """(template, llmlab.run overrides) of every `#   sbatch ... slurm/X.sbatch k=v ...` usage line in slurm/."""
+    found = []
+    for path in sorted((ROOT / "slurm").glob("*.sbatch")):
+        for line in path.read_text().splitlines():
+            words = line.split("#", 2)[1].split() if line.startswith("#   sbatch ") else []
+            args = words[words.index(f"slurm/{path.name}") + 1:] if f"slurm/{path.name}" in words else []
+            overrides = [w for w in args if "=" in w]
+            if overrides:
+                found.append((path.name, overrides))
+    return found
+
+
+@pytest.mark.parametrize("template,overrides", sbatch_usage_overrides(), ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_sbatch_usage_lines_name_choices_that_exist(template, overrides):
+    """The usage lines of slurm/*.sbatch are commands users copy: each composes (multi_node.sbatch named
+    strategy=deepspeed_zero2 and model=gpt2-medium, single_node.sbatch model=opt-1.3b: none exists)."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    assert cfg.stage.name and cfg.model.name
+
+
+def test_sbatch_usage_lines_are_found():
+    assert {t for t, _ in sbatch_usage_overrides()} == {"multi_node.sbatch", "single_node.sbatch"}
