@@ -1,1 +1,0 @@
-"""llmlab: declarative LLM training experiments on Hydra and Lightning."""

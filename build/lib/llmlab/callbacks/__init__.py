@@ -1,1 +1,0 @@
-"""Callbacks: run summary (summary.json, loss.png), sample generation, HF export."""

@@ -1,1 +1,0 @@
-"""Every rule checked before weights load, one file per config group (the entry points: entry.py)."""

@@ -1,1 +1,0 @@
-"""Data: sources (builtin/text/hub), stage formats, packing, and the LightningDataModule."""

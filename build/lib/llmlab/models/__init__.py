@@ -1,1 +1,0 @@
-"""Models: build from a config node, PEFT, tiny bases, export, quantized formats, loading what a user points at."""
