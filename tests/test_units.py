@@ -180,8 +180,8 @@ def test_resumable_csv_logger_appends_where_lightnings_starts_over(tmp_path):
 class _ChatTokenizer:
     chat_template = "{% for m in messages %}...{% endfor %}"
 
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-        assert tokenize is False and add_generation_prompt is True
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt, tools=None):
+        assert tokenize is False and add_generation_prompt is True and tools is None
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
 
@@ -220,7 +220,7 @@ def test_prompt_renderer_errors_name_the_setting():
         r.prompt({"prompt": None, "response": "r"})
     with pytest.raises(DataError, match="must end with an assistant message"):
         r.prompt({"messages": [{"role": "user", "content": "hi"}]})
-    with pytest.raises(DataError, match="must end with an assistant message"):
+    with pytest.raises(DataError, match=r"a conversation must be a non-empty list of \{role, content\} messages"):
         r.response({"messages": []})
 
 

@@ -210,7 +210,8 @@ def apply_peft(model, peft_cfg, head: str = "causal_lm"):
         if method == "qlora" and peft_cfg.get("upcast", "norms") == "norms":
             _frozen_matrices_to_compute_dtype(model, peft_cfg)
     config = peft_config(peft_cfg, model.config.model_type, head)
-    if config.target_modules == ALL_LINEAR and peft_cfg.get("target_modules") is None:
+    # prompt/prefix tuning configs have no target_modules
+    if getattr(config, "target_modules", None) == ALL_LINEAR and peft_cfg.get("target_modules") is None:
         config.target_modules = linear_layer_names(model)  # llmlab's fallback: see linear_layer_names
     return peft.get_peft_model(model, config)
 
