@@ -251,7 +251,8 @@ def test_default_ppo_learns(cli):
     One intra-op thread (as tests/test_dpo.py::test_default_dpo_learns): on the shared CPU machine two
     spinning OpenMP threads per process made steps ~9x slower; the thread count changes only the order
     of float sums."""
-    run = cli("stage=ppo", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"})
+    # timeout: the first test to need tiny-sft-early builds it (and tiny-pretrained) inside this subprocess
+    run = cli("stage=ppo", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"}, timeout=1500)
     assert_ok(run)
     s = run.summary
     assert s["reward_mean_last"] > s["reward_mean_first"], s
