@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TEXT = Path("/work/shared/data/tinyshakespeare.txt")
-if not TEXT.is_file():  # a clone elsewhere: the repo's sibling shared/ directory
-    TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from tests.families import SHAKESPEARE as TEXT  # the repo's sibling shared/data/ (as CI lays it out)
 
 FAMILIES = {
     # special tokens, chat template file in trl/chat_templates, eos, bos
