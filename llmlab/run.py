@@ -14,8 +14,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from llmlab.checkpointing import run_dir
 from llmlab.checks.settings import check_run_dir_arguments
-from llmlab.errors import ConfigError, RunDiverged, fail, guard_hydra, is_user_error, one_line
+from llmlab.errors import (
+    ConfigError,
+    RunDiverged,
+    fail,
+    guard_hydra,
+    is_user_error,
+    one_line,
+)
 from llmlab.redact import redact_hydra_outputs, redact_logs, redact_text
 
 log = logging.getLogger("llmlab")
@@ -81,8 +89,6 @@ def name_model_after_weights(cfg: DictConfig, overrides: list[str]) -> None:
 def main(cfg: DictConfig) -> float | None:
     # nothing goes into the run dir (.hydra/, run.log) until the checks pass: train() commits it after
     # check_config and the resume checks; a refused command leaves an existing run dir byte-identical
-    from llmlab.checkpointing import run_dir
-
     run_dir.begin(cfg)
     redact_hydra_outputs()  # Hydra wrote the command line verbatim (multirun.yaml): no credentials on disk
     try:

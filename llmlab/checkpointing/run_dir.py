@@ -28,6 +28,12 @@ import os
 import weakref
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict, read_write
+
+from llmlab.checkpointing.atomic import atomic_write_text
+from llmlab.redact import redact_text
+
 HYDRA_SUBDIR = ".hydra"
 _HELD_MAX = 10_000  # records held before the checks pass (a run logs a few dozen there)
 _handlers: weakref.WeakSet = weakref.WeakSet()
@@ -94,11 +100,6 @@ def _rank() -> int:
 def hydra_files(cfg) -> dict[str, str]:
     """{name: text} of what Hydra 1.3's run_job writes into `<run dir>/.hydra/` for `cfg` (the task config
     it passes to the job): the same YAML, with `hydra.output_subdir: .hydra` (where the files are)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict, read_write
-
-    from llmlab.redact import redact_text
-
     hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
     with read_write(hydra_cfg.hydra), open_dict(hydra_cfg.hydra):
         hydra_cfg.hydra.output_subdir = HYDRA_SUBDIR
@@ -110,8 +111,6 @@ def hydra_files(cfg) -> dict[str, str]:
 def begin(cfg) -> None:
     """At the start of a Hydra job: note the run dir, whether it is fresh (empty: Hydra just made it) and
     the `.hydra/` files to write. Writes nothing."""
-    from hydra.core.hydra_config import HydraConfig
-
     _job.clear()
     if not HydraConfig.initialized():
         return
@@ -131,8 +130,6 @@ def commit() -> None:
     log. Idempotent; nothing without `begin` (train() called outside `python -m llmlab.run`)."""
     if not _job or _job["committed"]:
         return
-    from llmlab.checkpointing.atomic import atomic_write_text
-
     _job["committed"] = True
     if _job["files"]:
         out = _job["dir"] / HYDRA_SUBDIR

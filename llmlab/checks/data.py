@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from llmlab.checks.model import local_config, model_positions
 from llmlab.checks.settings import in_range, integer, one_of, switch
+from llmlab.data.sources import check_files
 from llmlab.errors import ConfigError
 
 SOURCES = ("builtin", "text", "hub")
@@ -59,8 +60,6 @@ def check_data_settings(cfg) -> None:
     d, stage = cfg.data, cfg.stage.name
     check_data_numbers(cfg)
     if d.get("source") == "text" and not cfg.get("dry_run"):  # local files exist, readable types
-        from llmlab.data.sources import check_files
-
         check_files(d.get("train_files"), "data.train_files")
         if d.get("val_files"):
             check_files(d.val_files, "data.val_files")

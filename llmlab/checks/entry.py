@@ -23,10 +23,19 @@ from __future__ import annotations
 from llmlab.checks.callbacks import check_eval_callbacks
 from llmlab.checks.data import check_data_settings
 from llmlab.checks.hub import check_hub
-from llmlab.checks.model import check_loss_chunking, check_model, check_peft, check_peft_settings
+from llmlab.checks.model import (
+    check_loss_chunking,
+    check_model,
+    check_peft,
+    check_peft_settings,
+)
 from llmlab.checks.preference import check_preference, check_preference_losses
 from llmlab.checks.settings import check_top_level
-from llmlab.checks.stage import check_optimization, check_stage_name, check_stage_settings
+from llmlab.checks.stage import (
+    check_optimization,
+    check_stage_name,
+    check_stage_settings,
+)
 from llmlab.checks.strategy import check_run
 from llmlab.checks.trainer import (
     check_compile,

@@ -18,6 +18,7 @@ from pathlib import Path
 from llmlab.checks.settings import number
 from llmlab.distributed.precision import half_dtype, weights_dtype
 from llmlab.errors import ConfigError
+from llmlab.models.peft import METHODS, PROMPT_LEARNING, missing_targets, target_modules
 
 
 def local_model_dir(model_cfg) -> Path | None:
@@ -163,8 +164,6 @@ def check_loss_chunking(cfg) -> None:
 def check_peft_settings(cfg) -> None:
     """The peft group with the config alone: method name, LoRA numbers (PEFT itself fails late with a
     traceback), a quantized base, PEFT x precision, virtual tokens x packing."""
-    from llmlab.models.peft import METHODS, PROMPT_LEARNING
-
     p = cfg.get("peft") or {}
     method = p.get("method")
     if method not in METHODS:
@@ -211,8 +210,6 @@ def check_peft_settings(cfg) -> None:
 def check_peft(cfg) -> None:
     """The peft group against the architecture that will be built (on the meta device: no memory, no
     weights): the modules it targets exist (`check_peft_targets`)."""
-    from llmlab.models.peft import PROMPT_LEARNING
-
     method = cfg.peft.method
     if method == "none" or method in PROMPT_LEARNING:
         return
@@ -225,8 +222,6 @@ def check_peft_targets(peft_cfg, model, model_name: str) -> None:
     """ConfigError when the method's target modules are not in this architecture (none by default for its
     type, or named ones it does not have). `model` may live on the meta device: only module names and the
     config are read."""
-    from llmlab.models.peft import target_modules, missing_targets
-
     method = peft_cfg.method
     model_type = model.config.model_type
     linear_names = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmlab.errors import ConfigError
+from llmlab.errors import ConfigError, DataError
 
 REFERENCE_FREE = ("ORPOLoss", "SimPOLoss")  # losses that declare needs_reference = False
 UNPAIRED = ("KTOLoss",)  # losses of labelled single examples (stage=kto's batches)
@@ -56,8 +56,6 @@ def check_preference_losses(cfg) -> None:
 def check_kto_record(record: dict | None, data, path: str) -> None:
     """The first record of a stage=kto file: {prompt, completion, label} or a preference pair, before weights load
     (the format checks every record later, with the same message)."""
-    from llmlab.errors import DataError
-
     if record is None:
         return
     completion, label = data.get("completion_field", "completion"), data.get("label_field", "label")

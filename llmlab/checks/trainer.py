@@ -7,8 +7,16 @@ The switches' types themselves are top-level settings (settings.py).
 """
 from __future__ import annotations
 
-from llmlab.checks.settings import count_or_fraction, integer, is_int, number, one_of, switch
+from llmlab.checks.settings import (
+    count_or_fraction,
+    integer,
+    is_int,
+    number,
+    one_of,
+    switch,
+)
 from llmlab.distributed.detect import uses_cpu
+from llmlab.distributed.memory import glibc
 from llmlab.distributed.precision import PRECISIONS, half_dtype
 from llmlab.errors import ConfigError
 
@@ -161,8 +169,6 @@ def check_release_freed_memory(cfg) -> None:
     """`release_freed_memory=true` needs glibc's mallopt (llmlab.distributed.memory.release_freed_memory); the
     switch's type is a top-level setting (settings.py)."""
     if cfg.get("release_freed_memory") is True:
-        from llmlab.distributed.memory import glibc
-
         if glibc() is None:
             raise ConfigError("release_freed_memory=true sets glibc's malloc options, and this system's C library "
                               "is not glibc (no mallopt): set release_freed_memory=false")
