@@ -51,8 +51,23 @@ from llmlab.checkpointing.checkpoints import (
 from llmlab.checks.hub import hub_error
 from llmlab.errors import ConfigError, fail
 from llmlab.models.export import export_model
+from llmlab.models.gguf import (
+    FORMATS,
+    QUANTS,
+    ConversionFailed,
+    check_family,
+    check_installed,
+    check_quant,
+    convert,
+)
 from llmlab.models.peft import import_peft
-from llmlab.models.quantize import check_method, human, quantize_int8, save_quantized
+from llmlab.models.quantize import (
+    check_method,
+    dir_size,
+    human,
+    quantize_int8,
+    save_quantized,
+)
 
 log = logging.getLogger("llmlab")
 
@@ -143,8 +158,6 @@ def _run_model_config(run_dir: Path) -> dict | None:
 def _gguf_source(run_dir: Path, ckpt: Path | None) -> str:
     """'ckpt' when the run has weights to rebuild from (a checkpoint or hf_adapter/), 'hf' when only its
     merged hf/ is there; ConfigError when it has nothing to export."""
-    from llmlab.checkpointing.checkpoints import find_resume_checkpoint
-
     if ckpt is not None or find_resume_checkpoint(run_dir) or (run_dir / "checkpoints" / "last.ckpt").exists() \
             or (run_dir / "hf_adapter" / "adapter_config.json").is_file():
         return "ckpt"
@@ -157,14 +170,10 @@ def _gguf_source(run_dir: Path, ckpt: Path | None) -> str:
 def check_gguf_args(args, kind: str) -> None:
     """format=gguf: the type, llama-cpp-python and its converter, the model family, the run's weights; all
     before any work."""
-    import json
-
-    from llmlab.models import gguf
-
-    gguf.check_quant(args.quantize)
+    check_quant(args.quantize)
     if kind == "run":
         _gguf_source(args.path, args.ckpt)
-    where = gguf.check_installed()
+    where = check_installed()
     config = None
     if kind == "model":
         config = json.loads((args.path / "config.json").read_text())
@@ -175,13 +184,11 @@ def check_gguf_args(args, kind: str) -> None:
         if base and (Path(base) / "config.json").is_file():
             config = json.loads((Path(base) / "config.json").read_text())
     if config is not None:
-        gguf.check_family(config, where)
+        check_family(config, where)
 
 
 def check_args(args) -> str:
     """What the arguments point at ('run' or 'adapter'), checked before torch loads; ConfigError else."""
-    from llmlab.models.gguf import FORMATS, QUANTS
-
     path = args.path
     if args.format not in FORMATS:
         raise ConfigError(f"format={args.format}: unknown export format; use one of {', '.join(FORMATS)} "
@@ -190,8 +197,6 @@ def check_args(args) -> str:
     if gguf and args.quantize is None:
         args.quantize = "f16"
     if gguf and args.quantize not in QUANTS:
-        from llmlab.models.gguf import check_quant
-
         check_quant(args.quantize)
     if not path.exists():
         raise ConfigError(f"{path}: no such directory; give a run directory or a PEFT adapter directory")
@@ -306,9 +311,6 @@ def _quantize(model_dir: Path, tokenizer, out: Path, method: str) -> int:
 
 def _gguf(model_dir: Path, out: Path, quant: str) -> int:
     """Convert the exported model in `model_dir` to GGUF in `out` (llmlab.models.gguf); print where and how big."""
-    from llmlab.models.gguf import ConversionFailed, convert
-    from llmlab.models.quantize import dir_size, human
-
     try:
         summary = convert(model_dir, out, quant)
     except ConfigError as err:

@@ -13,6 +13,7 @@ course's "Question: {prompt}\n\nAnswer: ").
 """
 from __future__ import annotations
 
+from llmlab.data.chat import conversation
 from llmlab.errors import DataError
 
 FIELD_KEYS = ("prompt_field", "response_field", "instruction_field", "input_field", "output_field",
@@ -72,8 +73,6 @@ class PromptRenderer:
         return self.detect(record) == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
 
     def _chat(self, record: dict) -> tuple[str, str]:
-        from llmlab.data.chat import conversation
-
         messages, tools = conversation(record, self.f["messages"])
         history, answer = messages[:-1], messages[-1]["content"]
         if getattr(self.tokenizer, "chat_template", None):

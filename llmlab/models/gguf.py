@@ -38,6 +38,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from llmlab.checkpointing.atomic import atomic_dir
 from llmlab.errors import ConfigError
 
 FORMATS = ("hf", "gguf")
@@ -105,8 +106,6 @@ def check_installed() -> Path:
 def install_converter(sdist: Path, dest: Path | None = None) -> Path:
     """Keep llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/) from a llama-cpp-python
     sdist under `dest` (default: converter_dir of the sdist's version). Written atomically; idempotent."""
-    from llmlab.checkpointing.atomic import atomic_dir
-
     sdist = Path(sdist)
     version = re.search(r"llama_cpp_python-([\w.]+)\.tar\.gz$", sdist.name)
     if version is None:
@@ -172,8 +171,6 @@ def convert(model_dir: Path, out_dir: Path, quant: str, threads: int | None = No
     """Convert the HF model in `model_dir` to `out_dir/model.gguf` (+ Modelfile, gguf.json), atomically.
     Returns the summary written to gguf.json."""
     import time
-
-    from llmlab.checkpointing.atomic import atomic_dir
 
     check_quant(quant)
     where = check_installed()

@@ -19,7 +19,9 @@ def resolve_model(path: str) -> tuple[str, str | None]:
     p = Path(path).expanduser()
     template = None
     if (p / "config_resolved.yaml").is_file():  # a run directory
-        from omegaconf import OmegaConf  # lazy: `llmlab.generate --help` answers without it
+        from omegaconf import (
+            OmegaConf,  # lazy: `llmlab.generate --help` answers without it
+        )
 
         cfg = OmegaConf.load(p / "config_resolved.yaml")
         if cfg.stage.name != "pretrain":

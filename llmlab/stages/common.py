@@ -36,8 +36,6 @@ def mask_dtype(model) -> torch.dtype:
     Eager attention adds the mask to its fp32-promoted scores, so any float dtype works there: the autocast
     dtype under autocast, else the embedding's.
     """
-    from llmlab.models.peft import transformers_model
-
     if getattr(getattr(transformers_model(model), "config", None), "_attn_implementation", None) == "sdpa":
         return torch.bool
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
