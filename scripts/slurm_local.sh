@@ -6,6 +6,9 @@
 #   sudo scripts/slurm_local.sh status    # show daemons + sinfo
 #   sudo scripts/slurm_local.sh stop      # stop slurmd(s), slurmctld, munged; remove the namespaces (state kept)
 #   sudo scripts/slurm_local.sh purge     # stop and delete state/spool/logs (next start is clean)
+#   sudo scripts/slurm_local.sh kill-node node2     # the node dies: its link goes down, every process in
+#                                                   # its namespace (slurmd, job steps, tasks) gets SIGKILL
+#   sudo scripts/slurm_local.sh revive-node node2   # link up, slurmd again (the node returns to service)
 #
 # One node (the default): node `$(hostname -s)` at 127.0.0.1 in partition `debug`.
 # Two nodes (`--nodes 2`, or LLMLAB_SLURM_NODES=2): the same, plus nodes `node1` and `node2` in partition
@@ -36,11 +39,13 @@ set -euo pipefail
 CMD="${1:-start}"
 [ $# -gt 0 ] && shift
 NODES="${LLMLAB_SLURM_NODES:-1}"
+NODE_ARG=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) NODES="${2:-}"; shift 2 || true ;;
     --nodes=*) NODES="${1#--nodes=}"; shift ;;
-    *) echo "usage: $0 [start [--nodes 1|2]|stop|purge|status]" >&2; exit 2 ;;
+    node1|node2) NODE_ARG="$1"; shift ;;
+    *) echo "usage: $0 [start [--nodes 1|2]|stop|purge|status|kill-node NODE|revive-node NODE]" >&2; exit 2 ;;
   esac
 done
 case "$NODES" in 1|2) ;; *) echo "[slurm_local] ERROR: --nodes must be 1 or 2 (got '${NODES}')" >&2; exit 2 ;; esac
@@ -379,6 +384,29 @@ case "$CMD" in
     stop_munge
     rm -rf "$BASE"
     ;;
+  kill-node)
+    need_root
+    [ -n "$NODE_ARG" ] || { echo "usage: $0 kill-node node1|node2" >&2; exit 2; }
+    ns="$(ns_of "$NODE_ARG")"
+    ip netns list | grep -qw "^$ns" || die "no network namespace $ns: start the cluster with --nodes 2"
+    # link first: a dead machine sends no FIN/RST, so its peers are not told (they wait, as on a cluster)
+    ip -n "$ns" link set eth0 down
+    pids="$(ip netns pids "$ns")"
+    for p in $pids; do kill -9 "$p" 2>/dev/null || true; done
+    rm -f "$BASE/run/slurmd-$NODE_ARG.pid"
+    log "node $NODE_ARG killed (link down; SIGKILL to pids:" $pids ")"
+    ;;
+  revive-node)
+    need_root
+    [ -n "$NODE_ARG" ] || { echo "usage: $0 revive-node node1|node2" >&2; exit 2; }
+    ns="$(ns_of "$NODE_ARG")"
+    ip netns list | grep -qw "^$ns" || die "no network namespace $ns: start the cluster with --nodes 2"
+    ip -n "$ns" link set eth0 up
+    if ! pid_alive "$BASE/run/slurmd-$NODE_ARG.pid"; then
+      log "starting slurmd ($NODE_ARG, network namespace $ns)"
+      start_ns_slurmd "$NODE_ARG"
+    fi
+    ;;
   status)
     for d in munged slurmctld; do
       p="$(find_pid "$d")"; echo "$d: ${p:-not running}"
@@ -392,5 +420,5 @@ case "$CMD" in
     sinfo 2>/dev/null || echo "sinfo: not available / controller not reachable"
     ;;
   *)
-    echo "usage: $0 [start [--nodes 1|2]|stop|purge|status]" >&2; exit 2 ;;
+    echo "usage: $0 [start [--nodes 1|2]|stop|purge|status|kill-node NODE|revive-node NODE]" >&2; exit 2 ;;
 esac

@@ -66,3 +66,22 @@ def jobs():
     yield ids
     for jid in ids:
         subprocess.run(["scancel", jid], capture_output=True)
+
+
+def two_nodes_state(partition: str = "") -> tuple[bool, str]:
+    """(up, why not): the two namespaced nodes node1, node2 of `scripts/slurm_local.sh start --nodes 2`
+    answer, in partition `LLMLAB_SLURM_MULTI_PARTITION` (default multi)."""
+    if not UP:
+        return False, WHY
+    part = partition or os.environ.get("LLMLAB_SLURM_MULTI_PARTITION", "multi")
+    r = subprocess.run(["sinfo", "-h", "-N", "-p", part, "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+    states = dict(line.split()[:2] for line in r.stdout.splitlines() if len(line.split()) >= 2)
+    usable = {n for n, s in states.items() if s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing")}
+    if not {"node1", "node2"} <= usable:
+        return False, (f"no two-node cluster (partition {part!r}: {states or 'absent'}); "
+                       "start it: sudo scripts/slurm_local.sh start --nodes 2")
+    return True, ""
+
+
+UP2, WHY2 = two_nodes_state()
+skip_without_two_nodes = pytest.mark.skipif(not UP2, reason=WHY2)
