@@ -250,6 +250,7 @@ net_down() {
     ip link del "llmlab-v$i" 2>/dev/null || true
     rm -rf "/etc/netns/$ns"
   done
+  rmdir /etc/netns 2>/dev/null || true  # only if nothing else put a namespace's files there
   ip link del "$BRIDGE" 2>/dev/null || true
 }
 

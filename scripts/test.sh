@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Run the test suite. As root with apt (CI), first start a one-node local Slurm cluster so the
-# `slurm` tests run for real; elsewhere they skip with the reason.
+# Run the test suite. As root with apt (CI), first start the local Slurm cluster -- this host's node plus
+# two nodes in their own network namespaces (scripts/slurm_local.sh start --nodes 2) -- so the `slurm`
+# tests run for real; elsewhere they skip with the reason. LLMLAB_SLURM_NODES=1: the one-node cluster only
+# (the two-node tests then skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  bash scripts/slurm_local.sh start >/tmp/llmlab-slurm-start.log 2>&1 \
-    || { echo "llmlab: local Slurm did not start (slurm tests will skip):"; tail -5 /tmp/llmlab-slurm-start.log; }
+  # (where namespaces are refused, e.g. an unprivileged container, the one-node cluster still serves the rest)
+  if ! bash scripts/slurm_local.sh start --nodes "${LLMLAB_SLURM_NODES:-2}" >/tmp/llmlab-slurm-start.log 2>&1; then
+    echo "llmlab: local Slurm with ${LLMLAB_SLURM_NODES:-2} node(s) did not start:"; tail -5 /tmp/llmlab-slurm-start.log
+    bash scripts/slurm_local.sh start --nodes 1 >>/tmp/llmlab-slurm-start.log 2>&1 \
+      && echo "llmlab: started the one-node cluster instead (the two-node tests will skip)" \
+      || { echo "llmlab: local Slurm did not start (slurm tests will skip):"; tail -5 /tmp/llmlab-slurm-start.log; }
+  fi
 fi
 export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 # one pytest worker per core (pytest-xdist; LLMLAB_TEST_WORKERS=1 for one process), each test process on

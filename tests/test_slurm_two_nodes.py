@@ -146,7 +146,10 @@ def test_multi_node_sbatch_equals_one_node(tmp_path, jobs, ref_root, strategy):
     run_dir = tmp_path / "slurm" / f"llmlab-{jid}"
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "finished" and s["world_size"] == 2 and s["global_step"] == 6
-    assert_close(losses(run_dir), one_node_losses(ref_root, strategy))
+    two, one = losses(run_dir), one_node_losses(ref_root, strategy)
+    print(f"{strategy}: 2 nodes x 1 {[round(v, 6) for v in two]}\n{strategy}: 1 node x 2  {[round(v, 6) for v in one]}"
+          f"\n{strategy}: max relative difference {max(abs(a - b) / abs(b) for a, b in zip(two, one)):.1e}")
+    assert_close(two, one)
 
 
 def test_sigusr1_to_one_nodes_task_checkpoints_requeues_and_resumes(tmp_path, jobs):
@@ -257,15 +260,18 @@ def test_dead_node_ends_the_job_in_bounded_time_and_requeued_job_resumes(tmp_pat
     t_back = time.time()
     subprocess.run(["bash", str(SCRIPT), "revive-node", "node2"], check=True, capture_output=True, timeout=60)
     log_path = tmp_path / f"slurm-{jid}.out"
+    wait_for(lambda: job_info(jid).get("JobState") in ("RUNNING", *ENDED), 120, "the requeued job to start", jid=jid)
+    t_start = time.time() - t_back
     wait_for(lambda: "restart 1 from node1" in log_path.read_text() and
              "Restoring states from the checkpoint path" in log_path.read_text(), 240, "the resumed run", jid=jid)
     t_resume = time.time() - t_back
     info = wait_done(jid, 300)
     log = log_path.read_text()
     record_property("dead_node_time_to_fail_s", round(t_fail, 1))
+    record_property("dead_node_time_to_restart_s", round(t_start, 1))
     record_property("dead_node_time_to_resume_s", round(t_resume, 1))
-    print(f"node2 killed -> job requeued: {t_fail:.1f} s (SlurmdTimeout {slurmd_timeout()} s); "
-          f"node2 back -> training resumed from step {at_failure}: {t_resume:.1f} s")
+    print(f"node2 killed -> job requeued: {t_fail:.1f} s (SlurmdTimeout {slurmd_timeout()} s); node2 back -> "
+          f"job running again: {t_start:.1f} s, training resumed from step {at_failure}: {t_resume:.1f} s")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     assert "DUE TO NODE FAILURE" in log, log[-3000:]
     assert f"Restoring states from the checkpoint path at {last}" in log, log[-3000:]
