@@ -1,4 +1,4 @@
-"""What the two Slurm test files share: is a cluster up, job state, waiting, and cancelling what a test
+"""What the Slurm test files share: is a cluster up, job state, waiting, and cancelling what a test
 submitted. A test module marks itself `pytestmark = [pytest.mark.slurm, skip_without_cluster]`: its tests
 skip, with the reason, when no cluster answers (start one: `sudo scripts/slurm_local.sh`). Importing
 this module or a Slurm test module needs no cluster."""

@@ -5,7 +5,8 @@ can only talk over those addresses: the namespaces share no loopback.
 
 - slurm/multi_node.sbatch, 2 nodes x 1 task: DDP and ZeRO-2 losses equal the same run as 2 processes on
   one node (no Slurm);
-- SIGUSR1 to node2's task only -> checkpoint on both nodes -> requeue -> resume, every step once;
+- SIGUSR1 (scancel --signal=USR1 to both nodes; or to node2's task only) -> checkpoint on both nodes ->
+  requeue -> resume, every step once;
 - `-m launcher=slurm trainer.num_nodes=2`: a submitit job on both nodes;
 - torchrun with c10d rendezvous on node1, one agent per node (started by srun);
 - node2 dies mid-run (link down, every process in its namespace SIGKILLed): the job ends within Slurm's
@@ -152,9 +153,12 @@ def test_multi_node_sbatch_equals_one_node(tmp_path, jobs, ref_root, strategy):
     assert_close(two, one)
 
 
-def test_sigusr1_to_one_nodes_task_checkpoints_requeues_and_resumes(tmp_path, jobs):
-    """SIGUSR1 to node2's task only (rank 1): both ranks agree at the next step boundary, both nodes write
-    their part of hpc_ckpt_1.ckpt, rank 0 (node1) requeues; the job comes back on both nodes and resumes."""
+@pytest.mark.parametrize("to", ["scancel", "node2_only"])
+def test_sigusr1_checkpoints_requeues_and_resumes_on_two_nodes(tmp_path, jobs, to):
+    """scancel: `scancel --signal=USR1 <job>`, as Slurm sends it at the time limit, to the tasks on both nodes.
+    node2_only: SIGUSR1 to node2's task (rank 1) alone (scancel cannot pick one node's task). Either way the
+    ranks agree at the next step boundary, both nodes write their part of hpc_ckpt_1.ckpt, rank 0 (node1)
+    requeues; the job comes back on both nodes and resumes."""
     steps = LONG["trainer.max_steps"]
     jid = sbatch_multi(tmp_path, "strategy=ddp", *tiny(**LONG))
     jobs.append(jid)
@@ -162,7 +166,10 @@ def test_sigusr1_to_one_nodes_task_checkpoints_requeues_and_resumes(tmp_path, jo
     wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 240, "the first periodic checkpoint", jid=jid)
     pid = task_pid(jid, 1)
     assert netns_of(pid) == "llmlab-node2"
-    os.kill(pid, signal.SIGUSR1)
+    if to == "scancel":
+        subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # to the srun tasks, not the batch shell
+    else:
+        os.kill(pid, signal.SIGUSR1)
     info = wait_done(jid, 400)
     log = (tmp_path / f"slurm-{jid}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
