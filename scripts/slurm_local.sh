@@ -14,8 +14,9 @@
 # Two nodes (`--nodes 2`, or LLMLAB_SLURM_NODES=2): the same, plus nodes `node1` and `node2` in partition
 # `multi`, each a slurmd in its own network namespace (llmlab-node1/2: `ip netns` + a veth pair to the
 # bridge llmlab-br0 in the root namespace, addresses ${SUBNET}.11/.12, the controller at ${SUBNET}.1)
-# and its own UTS namespace (hostname node1/node2). Each namespace sees /etc/netns/<ns>/hosts as its
-# /etc/hosts (ip netns exec bind-mounts it), so jobs there resolve node1/node2 to their namespace
+# and its own UTS namespace (hostname node1/node2). Each node's slurmd (and so its jobs) sees
+# /etc/netns/<ns>/hosts as /etc/hosts (bound over it in the slurmd's own mount namespace, as
+# `ip netns exec <ns>` does for a shell), so jobs there resolve node1/node2 to their namespace
 # addresses -- as on a real cluster, and gloo binds the address its hostname resolves to. The host's
 # /etc/hosts is not touched. Going back to one node: `start` (or `start --nodes 1`) again: the
 # configuration changes, the daemons restart and the namespaces are removed.
@@ -241,6 +242,7 @@ ${SUBNET}.12 node2"
 
 net_down() {
   local i ns p
+  command -v ip >/dev/null || return 0  # (no iproute2: no namespaces were made)
   for i in 1 2; do
     ns="$(ns_of "node$i")"
     if ip netns list 2>/dev/null | grep -qw "^$ns"; then
