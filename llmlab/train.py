@@ -24,6 +24,7 @@ from llmlab.checkpointing.atomic import atomic_write_text
 from llmlab.checkpointing.resume import check_resume, resolve_ckpt_path
 from llmlab.checkpointing.run_dir import commit as commit_run_dir
 from llmlab.checks import entry as checks
+from llmlab.checks.data import fill_block_size
 from llmlab.console import print_summary, quiet_libraries
 from llmlab.data.datamodule import LLMDataModule
 from llmlab.distributed.detect import is_deepspeed
@@ -106,6 +107,7 @@ def train(cfg: DictConfig) -> float | None:
     # first: the libraries' noise filtered before anything is built (peft, torchao and DeepSpeed, which speak
     # as they import, load later, lazily); Lightning's own console handler off
     quiet_libraries()
+    fill_block_size(cfg)  # data.block_size=null: the model's positions (before the checks and the saved config)
     checks.check_config(cfg)  # every cross-group rule, before any weights load
     if cfg.get("release_freed_memory"):  # before the model's allocations; in every process (DDP re-runs this)
         release_freed_memory()
