@@ -200,6 +200,7 @@ class LLMDataModule(L.LightningDataModule):
         if isinstance(self.train_set, IterableDataset):
             self.train_set.rank, self.train_set.world_size = rank, world
             self.train_set.skip = self.consumed_samples() // world
+            self.train_set.batch_size = self.cfg.batch_size
             return DataLoader(self.train_set, batch_size=self.cfg.batch_size, collate_fn=self.format.collate,
                               num_workers=self.cfg.num_workers)
         trainer = self.trainer
