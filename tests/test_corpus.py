@@ -235,3 +235,50 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
         assert_ok(run)
         rss[mb] = run.summary["peak_rss_mb"]
     assert rss[16] - rss[1] < 60, rss
+
+
+def _same(a, b) -> bool:
+    """Equal, tensors compared by value (dtype and shape included), containers item by item."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("kind", ["sft", "chat", "preference"])
+def test_other_stages_examples_are_cached_and_equal(tmp_path, kind):
+    """SFT (prompt/response and conversations through the family's chat template) and preference examples:
+    tokenized once, read back equal to a fresh build; the second time nothing is tokenized."""
+    from llmlab.data.corpus import cached_examples
+    from llmlab.data.formats import FORMATS
+
+    rows = []
+    for i in range(40):
+        q, a, b = TEXT[i * 90:i * 90 + 40], TEXT[i * 90 + 40:i * 90 + 90], TEXT[i * 90 + 5:i * 90 + 30]
+        rows.append({"sft": {"prompt": q, "response": a},
+                     "chat": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                     "preference": {"prompt": q, "chosen": a, "rejected": b}}[kind])
+    path = tmp_path / f"{kind}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmt_name = "preference" if kind == "preference" else "sft"
+    tok = family_tokenizer("qwen2_5") if kind == "chat" else builtin_tokenizer()
+    cfg = data_cfg(tmp_path, [path], block_size=128, holdout="random")
+    args = {"block_size": 128, "prompt_template": cfg.prompt_template, "record_format": "auto"}
+    fmt = FORMATS[fmt_name](tokenizer=tok, **args)
+    calls = []
+
+    def build(records, split):
+        calls.append(split)
+        return fmt.build(records, split)
+
+    for split in ("train", "validation"):
+        first = cached_examples(cfg, fmt_name, args, tok, split, 0, lambda r, s=split: build(r, s))
+        again = cached_examples(cfg, fmt_name, args, tok, split, 0, lambda r, s=split: build(r, s))
+        fresh = fmt.build(load_split(cfg, fmt_name, split, 0), split)
+        assert _same(first, fresh) and _same(again, fresh) and len(fresh) > 1
+    assert calls == ["train", "validation"]  # each split tokenized once
+    other = cached_examples(cfg, fmt_name, {**args, "block_size": 64}, tok, "train", 0, lambda r: build(r, "train"))
+    assert calls[-1] == "train" and len(calls) == 3 and not _same(other, fresh)  # another setting: tokenized again

@@ -458,3 +458,57 @@ def lm_splits(data_cfg, tokenizer, block_size: int, seed: int) -> tuple[TokenBlo
             path = corpus(name, identity, lambda s=split: load_split(d, "lm", s, seed), selection, int(size * share))
         out.append(blocks(path, "data.train_files" if split == "train" else "the validation split"))
     return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples of the other stages (sft, rm, dpo, kto, ppo prompts), cached the same way
+# --------------------------------------------------------------------------------------------------
+def cached_examples(data_cfg, data_format: str, format_args: dict, tokenizer, split: str, seed: int, build):
+    """The examples `build()` makes for one split of a text or (non-streamed) hub source, tokenized once: saved
+    under data.cache_dir as examples.pt (torch.save of the format's list; read back with weights_only=True) and
+    keyed like a corpus plus the format, its settings and the tokenizer's chat template. Prompt/response data is
+    small next to a pretraining corpus (LIMA: 1,000 examples), so it is a list in memory, not token files."""
+    from llmlab.data.sources import check_files, load_split
+    from llmlab.nodes import to_plain
+
+    d = data_cfg
+    seed = d.get("seed", seed)
+    if d.source == "text":
+        own_files = split != "train" and d.get("val_files")
+        paths = check_files(d.val_files if own_files else d.train_files,
+                            "data.val_files" if own_files else "data.train_files")
+        identity, name = file_identity(paths), paths[0].stem
+        selection = "all" if own_files or (split == "train" and d.get("val_files")) else \
+            {"split": split, "val_fraction": d.val_fraction, "seed": seed}
+        records = None
+    else:
+        records = load_split(d, data_format, split, seed)
+        identity, name, selection = {"hub": records._fingerprint}, str(d.name).replace("/", "--"), split
+    key = {"version": VERSION, "files": identity, "records": selection, "format": data_format,
+           "format_args": to_plain(format_args), "sample_by": d.get("sample_by"),
+           "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None)}
+    root = cache_root(d)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data.cache_dir={root} cannot be written ({type(err).__name__}: {err.strerror or err}); "
+                        f"set data.cache_dir (or LLMLAB_CACHE) to a writable directory") from None
+    path = root / f"{name}-{data_format}-{key_digest(key)}"
+    with _locked(root / f"{path.name}.lock"):
+        meta_file = path / "meta.json"
+        if meta_file.is_file() and (path / "examples.pt").is_file():
+            try:
+                if json.loads(meta_file.read_text()).get("key") == key:
+                    return torch.load(path / "examples.pt", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+                log.warning("cached examples %s cannot be read (%s: %s); tokenizing again", path, type(err).__name__, err)
+        examples = build(records if records is not None else load_split(d, data_format, split, seed))
+        tmp = root / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+        remove(tmp)
+        tmp.mkdir()
+        torch.save(examples, tmp / "examples.pt")
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "n_examples": len(examples)}, indent=1))
+        fsync_dir(tmp)
+        remove(path)
+        os.rename(tmp, path)
+        return examples

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from llmlab.data.corpus import lm_splits
+from llmlab.data.corpus import cached_examples, lm_splits
 from llmlab.data.formats import FORMATS, TARGET_COUNTS
 from llmlab.data.sources import load_split
 from llmlab.errors import DataError
@@ -156,6 +156,7 @@ class LLMDataModule(L.LightningDataModule):
         keys = ("block_size", "prompt_template", "record_format", "pack_examples", "train_on")
         fmt_args = {k: v for k, v in data_cfg.items() if k.endswith("_field") or k in keys}
         fmt_args.update(format_kwargs or {})
+        self.fmt_args = fmt_args
         self.format = FORMATS[data_format](tokenizer=tokenizer, **fmt_args)
         self.train_set = self.val_set = None
 
@@ -165,6 +166,12 @@ class LLMDataModule(L.LightningDataModule):
             # pretraining on files or a hub dataset: tokenized once into a prepared corpus (data/corpus.py) that
             # this and every later run, and every rank, read by offset: memory flat in the corpus size
             self.train_set, self.val_set = lm_splits(self.cfg, self.tokenizer, self.format.block_size, self.seed)
+        if self.train_set is None and self.cfg.source in ("text", "hub") and not self.cfg.get("streaming"):
+            # the other stages' examples: tokenized once too (data/corpus.py cached_examples)
+            self.train_set, self.val_set = (
+                cached_examples(self.cfg, self.data_format, self.fmt_args, self.tokenizer, split, self.seed,
+                                lambda records, s=split: self.format.build(records, s))
+                for split in ("train", "validation"))
         if self.train_set is None:
             self.train_set = self.format.build(load_split(self.cfg, self.data_format, "train", self.seed), "train")
             self.val_set = self.format.build(load_split(self.cfg, self.data_format, "validation", self.seed),
