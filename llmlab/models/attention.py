@@ -25,10 +25,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from llmlab.checks.model import ATTN_IMPLEMENTATIONS  # noqa: F401  (model.attn_implementation's values, re-exported)
 from llmlab.data.packing import block_causal_mask
 
-# model.attn_implementation: transformers' names (null: transformers' default for the model, sdpa where supported)
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 CUDA_ONLY = ("flash_attention_2", "flash_attention_3")
 DOCUMENT_SDPA = "llmlab_document_sdpa"
 # rows shorter than this keep the boolean mask under DOCUMENT_SDPA: at 8 x 256 tokens (the tiny default runs) the
@@ -135,4 +134,6 @@ def packed_attention_kwargs(model, segment_ids: torch.Tensor, position_ids: torc
         return {"position_ids": position_ids, **varlen_kwargs(segment_ids)}
     if impl == "flex_attention":
         return {"attention_mask": flex_block_mask(segment_ids), "position_ids": position_ids}
-    return {"attention_mask": block_causal_mask(segment_ids, mask_dtype()), "position_ids": position_ids}
+    # sdpa (and DOCUMENT_SDPA, which is sdpa with a mask) takes a boolean mask whatever its queries' dtype
+    dtype = torch.bool if impl in ("sdpa", DOCUMENT_SDPA) else mask_dtype()
+    return {"attention_mask": block_causal_mask(segment_ids, dtype), "position_ids": position_ids}

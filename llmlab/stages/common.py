@@ -5,7 +5,7 @@ import torch
 
 from llmlab.checks.model import HEAD_APART_MODEL_TYPES
 from llmlab.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum
-from llmlab.models.attention import packed_attention_kwargs
+from llmlab.models.attention import DOCUMENT_SDPA, attn_implementation, packed_attention_kwargs
 from llmlab.models.peft import transformers_model, uses_virtual_tokens
 from llmlab.optim import guard_optimizer, param_groups
 
@@ -36,7 +36,7 @@ def mask_dtype(model) -> torch.dtype:
     Eager attention adds the mask to its fp32-promoted scores, so any float dtype works there: the autocast
     dtype under autocast, else the embedding's.
     """
-    if getattr(getattr(transformers_model(model), "config", None), "_attn_implementation", None) == "sdpa":
+    if attn_implementation(transformers_model(model)) in ("sdpa", DOCUMENT_SDPA):
         return torch.bool
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
 
