@@ -51,8 +51,9 @@ def one_cell(variant: str, T: int, device: str, steps: int, mean: int, layers: i
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from llmlab.data.packing import block_causal_mask
-    from llmlab.models.attention import DOCUMENT_SDPA, flex_block_mask, varlen_kwargs
+    from llmlab.models.attention import DOCUMENT_SDPA, flex_block_mask, register_document_sdpa, varlen_kwargs
 
+    register_document_sdpa()
     impl = {"float": "sdpa", "bool": "sdpa", "document": DOCUMENT_SDPA}.get(variant, variant)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=512,

@@ -15,13 +15,13 @@ Why per-document on CPU (bench/RESULTS.md "Packed attention"): torch's CPU SDPA 
 (query, key) pair of the row and then masks them, while one causal SDPA call per document computes only the pairs inside
 documents; flex attention's backward does not run on CPU in torch 2.13 (`NotImplementedError: FlexAttention does not
 support backward on CPU`). `DOCUMENT_SDPA` is registered with transformers as an attention implementation of its own
-name; without the cumulative lengths (generation, unpacked batches) it is transformers' `sdpa` unchanged.
+name (`register_document_sdpa`); without the cumulative lengths (generation, unpacked batches, rows shorter than
+`DOCUMENT_MIN_TOKENS`, which keep the boolean mask) it is transformers' `sdpa` unchanged.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -91,8 +91,14 @@ def document_sdpa_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_forward)
-AttentionMaskInterface.register(DOCUMENT_SDPA, document_sdpa_mask)
+def register_document_sdpa() -> None:
+    """Make `DOCUMENT_SDPA` a name transformers' models dispatch on (idempotent). Called where a model is switched
+    to it, not at import: transformers.modeling_utils imports torchao, which warns as it loads, and this module is
+    imported by train.py before `console.quiet_libraries()` runs."""
+    from transformers.modeling_utils import AttentionInterface  # lazy: an order that matters (see above)
+
+    AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_forward)
+    AttentionMaskInterface.register(DOCUMENT_SDPA, document_sdpa_mask)
 
 
 def flex_block_mask(segment_ids: torch.Tensor):
@@ -129,6 +135,7 @@ def packed_attention_kwargs(model, segment_ids: torch.Tensor, position_ids: torc
     shorter than `DOCUMENT_MIN_TOKENS` keep the boolean mask (DOCUMENT_SDPA with a mask is sdpa)."""
     impl = attn_implementation(model)
     if impl == "sdpa" and segment_ids.device.type == "cpu" and not is_compiled(model):
+        register_document_sdpa()
         model.config._attn_implementation = impl = DOCUMENT_SDPA
     if impl in CUDA_ONLY or (impl == DOCUMENT_SDPA and segment_ids.shape[1] >= DOCUMENT_MIN_TOKENS):
         return {"position_ids": position_ids, **varlen_kwargs(segment_ids)}
