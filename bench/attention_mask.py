@@ -9,7 +9,9 @@ random lengths, for each variant; each (variant, T) runs in a fresh process so i
 
 Variants (llmlab.models.attention's table): `float` sdpa with an additive fp32 (B,1,T,T) mask, `bool` sdpa with a
 boolean one (llmlab's CPU path before this bench), `document` per-document SDPA calls (llmlab's CPU default now),
-`flash_attention_2` cumulative lengths (CUDA, needs flash_attn), `flex_attention` a BlockMask.
+`flash_attention_2` cumulative lengths (CUDA, needs flash_attn), `flex_attention` a BlockMask. CUDA runs every
+variant in bf16; the CPU in fp32. Peak memory: the process's peak RSS (CPU, one process per cell) or
+torch.cuda.max_memory_allocated (CUDA, reset per cell; `--in-process`).
 Prints a markdown table row per cell; `--out FILE` appends the rows.
 """
 from __future__ import annotations
@@ -59,7 +61,7 @@ def one_cell(variant: str, T: int, device: str, steps: int, mean: int, layers: i
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=512,
                          max_position_embeddings=T)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if variant in ("flash_attention_2", "flex_attention") else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # every CUDA variant in bf16 (FlashAttention's)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl if impl != DOCUMENT_SDPA else "sdpa",
                                              dtype=dtype).to(device)
     model.config._attn_implementation = impl
@@ -69,7 +71,7 @@ def one_cell(variant: str, T: int, device: str, steps: int, mean: int, layers: i
 
     def boundaries():  # what the packed forward passes, built every step as training does
         if variant == "float":
-            return {"attention_mask": block_causal_mask(seg, torch.float32)}
+            return {"attention_mask": block_causal_mask(seg, dtype)}  # additive, in the queries' dtype
         if variant == "bool":
             return {"attention_mask": block_causal_mask(seg, torch.bool)}
         if variant == "flex_attention":
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--out", default=None, help="append the table rows to this file")
+    p.add_argument("--in-process", action="store_true",
+                   help="every cell in this process (CUDA: peak memory is reset per cell; faster start)")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: one cell in this process
     args = p.parse_args(argv)
     shape = dict(mean=args.mean_doc, layers=args.layers, hidden=args.hidden, heads=args.heads, batch=args.batch)
@@ -126,15 +130,21 @@ def main(argv=None) -> int:
     print("\n".join(rows), flush=True)
     for T in (int(x) for x in args.lengths.split(",")):
         for variant in variants:
-            cmd = [sys.executable, __file__, "--cell", f"{variant}:{T}", "--device", args.device,
-                   "--steps", str(args.steps), "--mean-doc", str(args.mean_doc), "--layers", str(args.layers),
-                   "--hidden", str(args.hidden), "--heads", str(args.heads), "--batch", str(args.batch)]
-            run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            if run.returncode:
-                last = (run.stderr.strip().splitlines() or ["?"])[-1]
+            if args.in_process:
+                try:
+                    r, last = one_cell(variant, T, args.device, args.steps, **shape), None
+                except Exception as err:  # noqa: BLE001 - a failed cell is a row of the table, not the end of it
+                    r, last = None, f"{type(err).__name__}: {err}".splitlines()[0]
+            else:
+                cmd = [sys.executable, __file__, "--cell", f"{variant}:{T}", "--device", args.device,
+                       "--steps", str(args.steps), "--mean-doc", str(args.mean_doc), "--layers", str(args.layers),
+                       "--hidden", str(args.hidden), "--heads", str(args.heads), "--batch", str(args.batch)]
+                run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                r = json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else None
+                last = None if r else (run.stderr.strip().splitlines() or ["?"])[-1]
+            if r is None:
                 row = f"| {args.batch} x {T} | {variant} | - | - | failed: {last[:120]} | - |"
             else:
-                r = json.loads(run.stdout.strip().splitlines()[-1])
                 row = (f"| {args.batch} x {T} | {variant} | {r['docs']} | {r['mask_mib']:.2f} | {r['step_s']:.3f} | "
                        f"{r['peak_mib']:.0f} |")
             rows.append(row)
