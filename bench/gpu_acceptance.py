@@ -98,9 +98,14 @@ def check_precisions(tmp: Path) -> list[dict]:
               f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", timeout=100), "GPU precision sweep")
     rows = []
     for i, name in enumerate(names):
-        s = summary(sweep / str(i))
-        loss, log = s.get("val_loss_last"), (sweep / str(i) / "run.log").read_text()
-        rel = abs(loss - ref) / ref if isinstance(loss, (int, float)) else float("inf")
+        job = sweep / str(i)
+        s = summary(job) if (job / "summary.json").exists() else {"status": "no summary.json"}
+        loss, log = s.get("val_loss_last"), (job / "run.log").read_text() if (job / "run.log").exists() else ""
+        if not isinstance(loss, (int, float)):  # a failed sweep job is recorded and the sweep goes on
+            rows.append(row("precisions", f"precision={name}", f"{s.get('status')}: {s.get('error', '')[:200]}",
+                            "a finished run", False))
+            continue
+        rel = abs(loss - ref) / ref
         on_gpu = "x GPU (" in log
         precision = s.get("precision")
         expected_precision = "bf16-mixed" if name == "default" else None
@@ -283,7 +288,7 @@ def check_mfu(tmp: Path) -> list[dict]:
 
 def check_grpo(tmp: Path) -> list[dict]:
     run = tmp / "grpo"
-    proc = llmlab("stage=grpo", "model=tiny", "trainer.max_steps=8", "trainer.val_check_interval=8",
+    proc = llmlab("stage=grpo", "model=tiny", "trainer.max_steps=24", "trainer.val_check_interval=24",
                   "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
                   "callbacks.samples=null", "callbacks.hf_export=null", "callbacks.model_checkpoint=null",
                   f"hydra.run.dir={run}", timeout=55)
