@@ -118,8 +118,9 @@ def check_precisions(tmp: Path) -> list[dict]:
 
 def check_fsdp(tmp: Path) -> list[dict]:
     run = tmp / "fsdp"
-    args = ["strategy=fsdp", "trainer.max_steps=40", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
-            "data.n_train=4000", "data.n_val=32", "trainer.enable_progress_bar=false", "callbacks.samples=null",
+    # a checkpoint every 50 steps of 300: the kill lands after the first one, well before the end
+    args = ["strategy=fsdp", "trainer.max_steps=300", "trainer.val_check_interval=50", "trainer.limit_val_batches=1",
+            "data.n_train=4000", "data.n_val=16", "trainer.enable_progress_bar=false", "callbacks.samples=null",
             f"hydra.run.dir={run}"]
     proc = subprocess.Popen([sys.executable, "-m", "llmlab.run", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -141,10 +142,20 @@ def check_fsdp(tmp: Path) -> list[dict]:
                     "exit 0, finished", resumed.returncode == 0 and s.get("status") == "finished"))
     export = subprocess.run([sys.executable, "-m", "llmlab.export", str(run)], cwd=ROOT, env=env(),
                             capture_output=True, text=True, timeout=30)
-    rows.append(row("fsdp", "llmlab.export of the FSDP run", f"exit {export.returncode}; hf/config.json "
-                    f"{'present' if (run / 'hf' / 'config.json').exists() else 'absent'}", "exit 0",
-                    export.returncode == 0 and (run / "hf" / "config.json").exists()))
+    merged = run / "export" / "merged"
+    diff = weights_diff(merged, run / "hf") if export.returncode == 0 and (run / "hf").is_dir() else None
+    rows.append(row("fsdp", "llmlab.export (from the sharded checkpoint) vs the run's own hf/",
+                    f"exit {export.returncode}" + (f"; max |weight diff| {diff:.1e}" if diff is not None else ""),
+                    "exit 0, same weights (<= 1e-6)", diff is not None and diff <= 1e-6))
     return rows
+
+
+def weights_diff(a: Path, b: Path) -> float:
+    """Largest |difference| between two saved models' parameters (same architecture)."""
+    from transformers import AutoModelForCausalLM
+
+    sa, sb = (AutoModelForCausalLM.from_pretrained(p).float().state_dict() for p in (a, b))
+    return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
 def tiny_llama_dir(out: Path, vocab: int) -> Path:

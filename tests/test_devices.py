@@ -8,6 +8,7 @@ import re
 import pytest
 
 from conftest import FAST, assert_ok, run_cli
+from tests.test_config import bases_without_building, compose_resolved  # noqa: F401  (fixture)
 from llmlab.distributed.devices import (
     bf16_emulation_warning,
     choose_accelerator,
@@ -74,8 +75,36 @@ def test_matmul_ratio_measures_this_cpu():
 def test_console_line_says_devices_and_precision():
     assert describe({"accelerator": "gpu", "precision": "bf16-mixed", "devices": 1, "device_name": "NVIDIA H100",
                      "cuda_devices": 8}) == "devices: 1 x GPU (NVIDIA H100; 8 visible), precision bf16-mixed"
+    assert describe({"accelerator": "gpu", "precision": "bf16-mixed", "devices": -1, "device_name": "NVIDIA H100",
+                     "cuda_devices": 8}).startswith("devices: 8 x GPU")  # trainer.devices=-1: all of them
     assert describe({"accelerator": "cpu", "precision": "32-true", "devices": 1, "device_name": "AMD EPYC",
                      "cuda_devices": 0}) == "devices: CPU (AMD EPYC), precision 32-true"
+
+
+H100 = {"available": True, "count": 8, "bf16": True, "name": "NVIDIA H100 80GB HBM3"}
+NO_GPU = {"available": False, "count": 0, "bf16": False, "name": None}
+
+
+def test_headline_command_on_a_gpu_node_trains_on_the_gpu_in_bf16(bases_without_building):
+    """`model=opt1.3b peft=qlora strategy=zero3` composed as the CLI does, resolved with a GPU node's facts: gpu,
+    bf16-mixed, and the strategy/PEFT rules accept it; on this machine's facts the same command stays CPU fp32."""
+    from llmlab.checks.strategy import check_run
+    from llmlab.distributed.devices import resolve_devices
+
+    for facts, accelerator, precision in ((H100, "gpu", "bf16-mixed"), (NO_GPU, "cpu", "32-true")):
+        cfg, _ = compose_resolved(["model=opt1.3b", "peft=qlora", "strategy=zero3"])
+        assert cfg.trainer.accelerator == "auto" and cfg.trainer.precision == "32-true"
+        line = describe(resolve_devices(cfg, "default", cfg.strategy.name, cuda=facts))
+        assert (cfg.trainer.accelerator, cfg.trainer.precision) == (accelerator, precision)
+        assert line.endswith(f"precision {precision}") and (("1 x GPU (NVIDIA H100" in line) == (facts is H100))
+        check_run(cfg)
+    # a named precision is kept on the GPU; strategy=cpu_bf16 stays on the CPU there
+    cfg, _ = compose_resolved(["precision='32'"])
+    resolve_devices(cfg, "32", "auto", cuda=H100)
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "32-true")
+    cfg, _ = compose_resolved(["strategy=cpu_bf16"])
+    resolve_devices(cfg, "bf16-mixed", "cpu_bf16", cuda=H100)
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("cpu", "bf16-mixed")
 
 
 @pytest.fixture(scope="module")

@@ -87,25 +87,29 @@ def bf16_emulation_warning(ratio: float) -> str:
             f"run will be that much slower. Fix: precision=32 (and strategy=auto instead of cpu_bf16)")
 
 
-def resolve_devices(cfg, precision_choice: str | None, strategy: str | None = None) -> dict:
-    """Write `trainer.accelerator` and `trainer.precision` into `cfg` (in place) as `choose_*` decide with what
-    torch sees; returns what the console's first line states, with `warning` when a CPU run computes in bf16 on a
-    CPU that emulates it (a warning, not a refusal: the run is correct, only slow, and a user may want exactly
-    that, e.g. to check a bf16 recipe before a GPU run)."""
+def cuda_facts() -> dict:
+    """What torch sees: CUDA available, GPU count, bf16 support, the first GPU's name."""
     import torch
 
     cuda = torch.cuda.is_available()
-    count = torch.cuda.device_count() if cuda else 0
-    accelerator = choose_accelerator(cfg.trainer.get("accelerator", "auto"), cuda, count, strategy)
-    bf16_gpu = bool(cuda and torch.cuda.is_bf16_supported())
-    precision = choose_precision(precision_choice, cfg.trainer.precision, accelerator, bf16_gpu)
+    return {"available": cuda, "count": torch.cuda.device_count() if cuda else 0,
+            "bf16": bool(cuda and torch.cuda.is_bf16_supported()), "name": torch.cuda.get_device_name(0) if cuda else None}
+
+
+def resolve_devices(cfg, precision_choice: str | None, strategy: str | None = None, cuda: dict | None = None) -> dict:
+    """Write `trainer.accelerator` and `trainer.precision` into `cfg` (in place) as `choose_*` decide with what
+    torch sees (`cuda`: `cuda_facts()` unless given); returns what the console's first line states, with `warning` when a CPU run computes in bf16 on a
+    CPU that emulates it (a warning, not a refusal: the run is correct, only slow, and a user may want exactly
+    that, e.g. to check a bf16 recipe before a GPU run)."""
+    cuda = cuda_facts() if cuda is None else cuda  # tests pass a GPU machine's facts (`cuda_facts()`'s keys)
+    accelerator = choose_accelerator(cfg.trainer.get("accelerator", "auto"), cuda["available"], cuda["count"], strategy)
+    precision = choose_precision(precision_choice, cfg.trainer.precision, accelerator, cuda["bf16"])
     with open_dict(cfg):
         cfg.trainer.accelerator = accelerator
         cfg.trainer.precision = precision
-    on_gpu = accelerator in ("gpu", "cuda") and cuda
+    on_gpu = accelerator in ("gpu", "cuda") and cuda["available"]
     facts = {"accelerator": accelerator, "precision": precision, "devices": cfg.trainer.get("devices", 1),
-             "device_name": torch.cuda.get_device_name(0) if on_gpu else cpu_name(),
-             "cuda_devices": count}
+             "device_name": cuda["name"] if on_gpu else cpu_name(), "cuda_devices": cuda["count"]}
     if not on_gpu and half_dtype(precision) == "bfloat16":
         native, ratio = cpu_bf16_support(cpu_flags())
         facts["bf16_native"] = native
@@ -126,6 +130,8 @@ def cpu_name(cpuinfo: str | None = None) -> str:
 
 def describe(facts: dict) -> str:
     """The console's first line: where and in what precision this run trains."""
-    where = (f"{facts['devices']} x GPU ({facts['device_name']}; {facts['cuda_devices']} visible)"
+    n = facts["devices"]
+    n = facts["cuda_devices"] if str(n) in ("-1", "auto") else len(n) if isinstance(n, (list, tuple)) else n
+    where = (f"{n} x GPU ({facts['device_name']}; {facts['cuda_devices']} visible)"
              if facts["accelerator"] in ("gpu", "cuda") else f"CPU ({facts['device_name']})")
     return f"devices: {where}, precision {facts['precision']}"
