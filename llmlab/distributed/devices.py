@@ -98,8 +98,8 @@ def cuda_facts() -> dict:
 
 def resolve_devices(cfg, precision_choice: str | None, strategy: str | None = None, cuda: dict | None = None) -> dict:
     """Write `trainer.accelerator` and `trainer.precision` into `cfg` (in place) as `choose_*` decide with what
-    torch sees (`cuda`: `cuda_facts()` unless given); returns what the console's first line states, with `warning` when a CPU run computes in bf16 on a
-    CPU that emulates it (a warning, not a refusal: the run is correct, only slow, and a user may want exactly
+    torch sees (`cuda`: `cuda_facts()` unless given); returns what the console's first line states, with
+    `warning` when a CPU run computes in bf16 on a CPU that emulates it (a warning, not a refusal: the run is correct, only slow, and a user may want exactly
     that, e.g. to check a bf16 recipe before a GPU run)."""
     cuda = cuda_facts() if cuda is None else cuda  # tests pass a GPU machine's facts (`cuda_facts()`'s keys)
     accelerator = choose_accelerator(cfg.trainer.get("accelerator", "auto"), cuda["available"], cuda["count"], strategy)
@@ -131,7 +131,10 @@ def cpu_name(cpuinfo: str | None = None) -> str:
 def describe(facts: dict) -> str:
     """The console's first line: where and in what precision this run trains."""
     n = facts["devices"]
-    n = facts["cuda_devices"] if str(n) in ("-1", "auto") else len(n) if isinstance(n, (list, tuple)) else n
+    if str(n) in ("-1", "auto"):
+        n = facts["cuda_devices"]
+    elif hasattr(n, "__len__") and not isinstance(n, str):  # a list of GPU indices (a ListConfig too)
+        n = len(n)
     where = (f"{n} x GPU ({facts['device_name']}; {facts['cuda_devices']} visible)"
              if facts["accelerator"] in ("gpu", "cuda") else f"CPU ({facts['device_name']})")
     return f"devices: {where}, precision {facts['precision']}"
