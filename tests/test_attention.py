@@ -129,6 +129,32 @@ def test_per_document_model_forward_equals_the_boolean_mask_forward_and_saves_pl
     assert torch.equal(out, model.generate(ids[:, :5], max_new_tokens=3, do_sample=False))
 
 
+def test_per_document_training_gradients_equal_the_masked_ones_with_gradient_checkpointing():
+    """Training mode, gradient checkpointing on (attention re-runs in backward): the parameter gradients of a packed
+    long row through per-document SDPA equal those through sdpa with the boolean mask."""
+    from llmlab.stages.common import forward_logits
+
+    torch.manual_seed(0)
+    seg, pos = _rows(DOCUMENT_MIN_TOKENS)
+    ids = torch.randint(0, 100, seg.shape)
+    grads = []
+    for per_document in (True, False):
+        torch.manual_seed(0)
+        model = _llama()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if per_document:  # llmlab's packed forward: switches sdpa to DOCUMENT_SDPA, passes cumulative lengths
+            logits = forward_logits(model, {"input_ids": ids, "segment_ids": seg, "position_ids": pos})
+            assert model.config._attn_implementation == DOCUMENT_SDPA
+        else:
+            logits = model(input_ids=ids, position_ids=pos, attention_mask=block_causal_mask(seg, torch.bool),
+                           use_cache=False).logits
+        logits.logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_flex_attention_backward_does_not_run_on_this_cpu():
     """Why flex_attention is refused for CPU training (check_attention_device): torch 2.13 has no CPU backward.
     When this test fails, torch has one: drop the rule."""

@@ -49,8 +49,10 @@ ARCHS = {
 ATTN = ("sdpa", "eager", "flex_attention")
 
 
-@pytest.mark.parametrize("rows", ["short", "long"])
-@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("rows,attn", [
+    ("short", "sdpa"), ("short", "eager"), ("short", "flex_attention"), ("long", "sdpa"),
+    # long rows with a dense float mask / a BlockMask: the same code paths as short ones, 5-8 s each here
+    pytest.param("long", "eager", marks=pytest.mark.slow), pytest.param("long", "flex_attention", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow, id="compiled")])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_document_logits_do_not_depend_on_block_neighbours(arch, compiled, attn, rows):

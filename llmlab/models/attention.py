@@ -40,8 +40,8 @@ def document_lengths(segment_ids: torch.Tensor) -> torch.Tensor:
     """segment_ids (B, T) -> cumulative lengths (N + 1,) int32 of the N runs of equal segment id in the rows laid end
     to end (a row's end always ends a run), FlashAttention's `cu_seqlens` over the (B x T) flattened tokens.
 
-    Padding (segment id -1) is a run of its own: real tokens never see it (it comes after them, and a run is causal);
-    padding's own outputs are never scored."""
+    Padding (segment id -1) is a run of its own, so real tokens never see it wherever it sits; padding's own outputs
+    are never scored."""
     B, T = segment_ids.shape
     starts = torch.ones_like(segment_ids, dtype=torch.bool)  # (B, T): True where a run starts
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
