@@ -53,7 +53,12 @@ def one_cell(variant: str, T: int, device: str, steps: int, mean: int, layers: i
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from llmlab.data.packing import block_causal_mask
-    from llmlab.models.attention import DOCUMENT_SDPA, flex_block_mask, register_document_sdpa, varlen_kwargs
+    from llmlab.models.attention import (
+        DOCUMENT_SDPA,
+        flex_block_mask,
+        register_document_sdpa,
+        varlen_kwargs,
+    )
 
     register_document_sdpa()
     impl = {"float": "sdpa", "bool": "sdpa", "document": DOCUMENT_SDPA}.get(variant, variant)
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
             if args.in_process:
                 try:
                     r, last = one_cell(variant, T, args.device, args.steps, **shape), None
-                except Exception as err:  # noqa: BLE001 - a failed cell is a row of the table, not the end of it
+                except Exception as err:
                     r, last = None, f"{type(err).__name__}: {err}".splitlines()[0]
             else:
                 cmd = [sys.executable, __file__, "--cell", f"{variant}:{T}", "--device", args.device,

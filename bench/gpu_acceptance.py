@@ -7,14 +7,15 @@ the results are markdown lines ready for bench/RESULTS.md, written to `--out` (d
 bench/gpu_acceptance_results.md) after every check, so a run cut short keeps what it measured.
 
 Checks (seconds allowed; all models are built from configs, random weights: nothing is downloaded):
-- precisions (110): the tiny default run on the GPU at precision=default (must become bf16-mixed), 32,
+- precisions (100): the tiny default run on the GPU at precision=default (must become bf16-mixed), 32,
   bf16-mixed, bf16-true, 16-mixed, each final validation loss within tolerance of the same run on the CPU at fp32;
 - fsdp (100): strategy=fsdp trains, is killed (-9) after its first checkpoint, `resume=auto` finishes it, export;
 - qlora (60): 4-bit weights on CUDA (bitsandbytes' CUDA kernels) + LoRA trained through `peft=qlora`;
-- attention (70): packed rows equal each document alone with flash_attention_2 (if flash_attn is installed),
-  flex_attention and sdpa on CUDA; the mask memory / step time table of bench/attention_mask.py at T = 2,048 /
+- attention (90): packed rows equal each document alone with flash_attention_2 (if flash_attn is installed),
+  flex_attention and sdpa on CUDA; packed training through llmlab with flex (and flash) attention; the mask
+  memory / step time table of bench/attention_mask.py at T = 2,048 /
   4,096 / 8,192;
-- mfu (80): GPT-2 124M tokens/s and MFU, llmlab vs a plain PyTorch loop on the same GPU (bf16 autocast);
+- mfu (70): GPT-2 124M tokens/s and MFU, llmlab vs a plain PyTorch loop on the same GPU (bf16 autocast);
 - grpo (60): GRPO rollout samples/s on the tiny model.
 `--dry-run` runs nothing on a GPU: it checks the arguments, plans every check and writes the result file with
 each check marked "not run" (the fast tier tests exactly this, tests/test_gpu_acceptance.py).
@@ -39,11 +40,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # check -> (seconds it may take, what it checks); the sum is the 8-minute budget on one H100
 CHECKS: dict[str, tuple[int, str]] = {
-    "precisions": (110, "tiny run at default/32/bf16-mixed/bf16-true/16-mixed vs CPU fp32"),
+    "precisions": (100, "tiny run at default/32/bf16-mixed/bf16-true/16-mixed vs CPU fp32"),
     "fsdp": (100, "strategy=fsdp train -> kill -9 -> resume=auto -> export"),
     "qlora": (60, "peft=qlora with bitsandbytes' CUDA 4-bit kernels"),
-    "attention": (70, "packed == unpacked logits (flash_attention_2, flex_attention, sdpa); mask memory table"),
-    "mfu": (80, "GPT-2 124M tokens/s and MFU: llmlab vs a plain PyTorch loop"),
+    "attention": (90, "packed == unpacked logits and packed training (flash_attention_2, flex_attention, sdpa); "
+                      "mask memory table"),
+    "mfu": (70, "GPT-2 124M tokens/s and MFU: llmlab vs a plain PyTorch loop"),
     "grpo": (60, "GRPO rollout samples/s (tiny model)"),
 }
 BUDGET_S = 480
@@ -82,9 +84,16 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+SINK: Path | None = None  # in a check's process: every row is appended here at once (a timeout keeps them)
+
+
 def row(check: str, what: str, measured: str, expected: str, passed: bool | None) -> dict:
-    return {"check": check, "what": what, "measured": measured, "expected": expected,
-            "result": {True: "ok", False: "FAILED", None: "info"}[passed]}
+    r = {"check": check, "what": what, "measured": measured, "expected": expected,
+         "result": {True: "ok", False: "FAILED", None: "info"}[passed]}
+    if SINK is not None:
+        with open(SINK, "a") as f:
+            f.write(json.dumps(r) + "\n")
+    return r
 
 
 # ---------------------------------------------------------------------------------------------------- the checks
@@ -230,12 +239,24 @@ def check_attention(tmp: Path) -> list[dict]:
                         diff <= 3e-2))
     if "flash_attention_2" not in impls:
         rows.append(row("attention", "flash_attention_2", "flash_attn not installed", "-", None))
+    for attn in impls[1:]:  # packed training through llmlab with the kernels' backward (flex has none on CPU)
+        run = tmp / f"train_{attn}"
+        proc = llmlab("model=tiny_llama", f"model.attn_implementation={attn}", "trainer.max_steps=30",
+                      "trainer.val_check_interval=30", "trainer.limit_val_batches=2", "data.n_train=1000",
+                      "data.n_val=32", "trainer.enable_progress_bar=false", "callbacks.samples=null",
+                      "callbacks.hf_export=null", "callbacks.model_checkpoint=null", f"hydra.run.dir={run}", timeout=25)
+        s = summary(run) if proc.returncode == 0 else {}
+        first, last = s.get("val_loss_first"), s.get("val_loss_last")
+        rows.append(row("attention", f"packed training, model.attn_implementation={attn}",
+                        f"val_loss {first:.3f} -> {last:.3f}" if s else f"exit {proc.returncode}: "
+                        f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}", "loss falls",
+                        bool(s) and last < first))
     table = tmp / "attention.md"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attention_mask.py"), "--device", "cuda",
                            "--in-process", "--out", str(table), "--layers", "4", "--hidden", "512", "--heads", "8",
                            "--batch", "2", "--variants",
                            ",".join(["float", "bool", "flex_attention"] + impls[2:])],
-                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=35)
     ok(proc, "bench/attention_mask.py --device cuda")
     for line in table.read_text().splitlines()[2:]:
         rows.append(row("attention", "mask memory / step (B x T, variant, docs, mask MiB, step s, peak MiB)",
@@ -370,20 +391,27 @@ def write(out: Path, lines: list[str], rows: list[dict]) -> None:
 
 
 def run_check(name: str, tmp: Path) -> list[dict]:
-    """One check in its own process, killed at its time limit."""
+    """One check in its own process (its own process group), killed at its time limit; the rows it wrote before
+    a timeout or an error are kept."""
     limit = CHECKS[name][0]
+    (tmp / name).mkdir(parents=True, exist_ok=True)
+    sink = tmp / name / "rows.jsonl"
+    sink.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--run-check", name, "--tmp", str(tmp / name)]
     t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a timeout kills the check's llmlab runs too
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=limit)
+        _, err = proc.communicate(timeout=limit)
+        outcome = None if proc.returncode == 0 else f"error: {(err.strip().splitlines() or ['?'])[-1][:300]}"
     except subprocess.TimeoutExpired:
-        return [row(name, CHECKS[name][1], f"timed out after {limit} s", f"<= {limit} s", False)]
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return [row(name, CHECKS[name][1], f"error: {tail[:300]}", "-", False)]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows.append(row(name, "time", f"{seconds:.0f} s", f"<= {limit} s", None))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        outcome = f"timed out after {limit} s"
+    rows = [json.loads(line) for line in sink.read_text().splitlines()] if sink.exists() else []
+    if outcome:
+        rows.append(row(name, CHECKS[name][1], outcome, f"<= {limit} s" if "timed out" in outcome else "-", False))
+    rows.append(row(name, "time", f"{time.perf_counter() - t0:.0f} s", f"<= {limit} s", None))
     return rows
 
 
@@ -393,9 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"llmlab: error: {err}", file=sys.stderr)
         return 2
-    if args.run_check:
+    if args.run_check:  # a check's own process: rows go to <tmp>/rows.jsonl as they are made
+        global SINK
         Path(args.tmp).mkdir(parents=True, exist_ok=True)
-        print(json.dumps(RUNNERS[args.run_check](Path(args.tmp))))
+        SINK = Path(args.tmp) / "rows.jsonl"
+        RUNNERS[args.run_check](Path(args.tmp))
         return 0
     import torch
 

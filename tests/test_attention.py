@@ -81,7 +81,7 @@ def _rows(T: int):
 def test_each_implementation_gets_the_boundary_form_it_takes():
     """The selection, for every implementation (the CUDA ones' kwargs built on CPU tensors; nothing runs them)."""
     long, short = _rows(DOCUMENT_MIN_TOKENS), _rows(64)
-    float_mask = lambda: torch.float32  # noqa: E731 - what stages.common.mask_dtype returns for an fp32 eager model
+    float_mask = lambda: torch.float32
     # FlashAttention 2/3: cumulative lengths, no mask at all, at any length
     model = _llama()
     for impl in ("flash_attention_2", "flash_attention_3"):

@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import FAST, assert_ok, run_cli
-from tests.test_config import bases_without_building, compose_resolved  # noqa: F401  (fixture)
+
 from llmlab.distributed.devices import (
     bf16_emulation_warning,
     choose_accelerator,
@@ -18,6 +17,7 @@ from llmlab.distributed.devices import (
     describe,
     matmul_ratio,
 )
+from tests.test_config import bases_without_building, compose_resolved  # the first: a fixture
 
 # /proc/cpuinfo lines of the machines seen (../shared/ENVIRONMENT.md): AMD EPYC with avx512_bf16; AMD EPYC with no
 # AVX-512 at all (bf16 emulated: 0.9 vs 120 GFLOP/s fp32)

@@ -20,12 +20,14 @@ name (`register_document_sdpa`); without the cumulative lengths (generation, unp
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llmlab.checks.model import ATTN_IMPLEMENTATIONS  # noqa: F401  (model.attn_implementation's values, re-exported)
+from llmlab.checks.model import ATTN_IMPLEMENTATIONS
 from llmlab.data.packing import block_causal_mask
 
 CUDA_ONLY = ("flash_attention_2", "flash_attention_3")
@@ -68,16 +70,15 @@ def document_sdpa_forward(module, query, key, value, attention_mask, dropout: fl
     if cu is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    B, Hq, T, D = query.shape
+    B, Hq, T, _ = query.shape
     groups = Hq // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     # (B, H, T, D) -> (1, H, B*T, D): the rows end to end, as FlashAttention's varlen layout
     q, k, v = (x.transpose(0, 1).reshape(1, Hq, B * T, -1) for x in (query, key, value))
     p = dropout if module.training else 0.0
-    bounds = cu.tolist()
     outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=p, is_causal=True,
-                                           scale=scaling) for s, e in zip(bounds[:-1], bounds[1:])]
+                                           scale=scaling) for s, e in pairwise(cu.tolist())]
     out = torch.cat(outs, dim=2)  # (1, H, B*T, Dv)
     return out.reshape(Hq, B, T, -1).permute(1, 2, 0, 3).contiguous(), None  # (B, T, H, Dv)
 
@@ -95,7 +96,9 @@ def register_document_sdpa() -> None:
     """Make `DOCUMENT_SDPA` a name transformers' models dispatch on (idempotent). Called where a model is switched
     to it, not at import: transformers.modeling_utils imports torchao, which warns as it loads, and this module is
     imported by train.py before `console.quiet_libraries()` runs."""
-    from transformers.modeling_utils import AttentionInterface  # lazy: an order that matters (see above)
+    from transformers.modeling_utils import (
+        AttentionInterface,  # lazy: an order that matters (see above)
+    )
 
     AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_forward)
     AttentionMaskInterface.register(DOCUMENT_SDPA, document_sdpa_mask)
@@ -105,7 +108,9 @@ def flex_block_mask(segment_ids: torch.Tensor):
     """segment_ids (B, T) -> a flex attention `BlockMask` (B, 1, T, T): causal within a document, nothing across
     (padding, id -1, sees only padding before it). Only its 128 x 128 blocks that hold an allowed pair are computed;
     the mask itself is O(B x (T/128)^2) block indices."""
-    from torch.nn.attention.flex_attention import create_block_mask  # lazy: only flex_attention runs need it
+    from torch.nn.attention.flex_attention import (
+        create_block_mask,  # lazy: only flex_attention runs need it
+    )
 
     def document_causal(b, h, q, kv):
         return (segment_ids[b, q] == segment_ids[b, kv]) & (q >= kv)

@@ -5,7 +5,11 @@ import torch
 
 from llmlab.checks.model import HEAD_APART_MODEL_TYPES
 from llmlab.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum
-from llmlab.models.attention import DOCUMENT_SDPA, attn_implementation, packed_attention_kwargs
+from llmlab.models.attention import (
+    DOCUMENT_SDPA,
+    attn_implementation,
+    packed_attention_kwargs,
+)
 from llmlab.models.peft import transformers_model, uses_virtual_tokens
 from llmlab.optim import guard_optimizer, param_groups
 
