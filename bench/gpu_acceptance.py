@@ -17,7 +17,8 @@ Checks (seconds allowed; all models are built from configs, random weights: noth
   4,096 / 8,192;
 - mfu (70): GPT-2 124M tokens/s and MFU, llmlab vs a plain PyTorch loop on the same GPU (bf16 autocast);
 - grpo (60): GRPO rollout samples/s on the tiny model.
-`--dry-run` runs nothing on a GPU: it checks the arguments, plans every check and writes the result file with
+torch, transformers and llmlab are imported inside the check functions (lazy: the driver, `--dry-run` and argument
+errors answer without them; each check imports them in its own process). `--dry-run` runs nothing on a GPU: it checks the arguments, plans every check and writes the result file with
 each check marked "not run" (the fast tier tests exactly this, tests/test_gpu_acceptance.py).
 """
 from __future__ import annotations
@@ -368,14 +369,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def header(device: str, dry: bool) -> list[str]:
     import platform
 
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = []
-    for name in ("torch", "transformers", "lightning"):
+    for name in ("torch", "transformers", "lightning"):  # from the installed metadata: no import (dry runs stay fast)
         try:
-            versions.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
+            versions.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
             versions.append(f"{name} absent")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = (f"## gpu_acceptance: DRY RUN on {socket.gethostname()} ({device}): nothing ran on a GPU ({when})" if dry
+    title = (f"## gpu_acceptance: DRY RUN on {socket.gethostname()}: nothing ran on a GPU ({when})" if dry
              else f"## gpu_acceptance on {device} ({when})")
     return [title, "", f"    bash bench/gpu_acceptance.sh --out {{file}}   # {', '.join(versions)}, "
             f"Python {platform.python_version()}", "", "| check | what | measured | expected | result |",
@@ -427,22 +430,21 @@ def main(argv: list[str] | None = None) -> int:
         SINK = Path(args.tmp) / "rows.jsonl"
         RUNNERS[args.run_check](Path(args.tmp))
         return 0
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run:
-        print("llmlab: error: no CUDA GPU is visible here: run this on a GPU machine, or add --dry-run to check the "
-              "arguments and the result file", file=sys.stderr)
-        return 2
-    device = torch.cuda.get_device_name(0) if cuda else "no CUDA GPU"
     out = Path(args.out)
-    lines = header(device, args.dry_run)
-    if args.dry_run:
+    if args.dry_run:  # nothing imported that a GPU would need: torch is not asked
+        lines = header("", dry=True)
         rows = [row(n, CHECKS[n][1], "not run (dry run)", f"<= {CHECKS[n][0]} s", None) for n in args.checks]
         write(out, lines, rows)
         total = sum(CHECKS[n][0] for n in args.checks)
         print(f"dry run: {len(rows)} checks planned, {total} s at most (budget {BUDGET_S} s); wrote {out}")
         return 0
+    import torch  # lazy: --dry-run and argument errors answer without it
+
+    if not torch.cuda.is_available():
+        print("llmlab: error: no CUDA GPU is visible here: run this on a GPU machine, or add --dry-run to check the "
+              "arguments and the result file", file=sys.stderr)
+        return 2
+    lines = header(torch.cuda.get_device_name(0), dry=False)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(args.keep or scratch)

@@ -39,7 +39,7 @@ def test_dry_run_plans_every_check_and_writes_lines_for_results_md(tmp_path):
 def test_only_picks_checks_in_the_given_order(tmp_path):
     out = tmp_path / "some.md"
     assert sh("--dry-run", "--only", "mfu,attention", "--out", str(out)).returncode == 0
-    assert [ln.split(" | ")[0].lstrip("| ") for ln in out.read_text().splitlines() if "dry run)" in ln] == \
+    assert [ln.split(" | ")[0].lstrip("| ") for ln in out.read_text().splitlines() if "not run (dry run)" in ln] == \
         ["mfu", "attention"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import open_dict
 
 from llmlab.distributed.precision import half_dtype
@@ -57,8 +58,6 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 def matmul_ratio(n: int = 512, repeats: int = 3) -> float:
     """bf16 / fp32 speed of an n x n matmul on this CPU (>1: bf16 faster). ~0.1 s where bf16 is native; where it is
     emulated the bf16 matmul is ~100x slower, so n stays small (512: ~0.3 s emulated)."""
-    import torch
-
     def best(dtype) -> float:
         a = torch.randn(n, n).to(dtype)
         a @ a  # warm-up: oneDNN picks its kernel at the first call
@@ -89,8 +88,6 @@ def bf16_emulation_warning(ratio: float) -> str:
 
 def cuda_facts() -> dict:
     """What torch sees: CUDA available, GPU count, bf16 support, the first GPU's name."""
-    import torch
-
     cuda = torch.cuda.is_available()
     return {"available": cuda, "count": torch.cuda.device_count() if cuda else 0,
             "bf16": bool(cuda and torch.cuda.is_bf16_supported()), "name": torch.cuda.get_device_name(0) if cuda else None}

@@ -96,9 +96,7 @@ def register_document_sdpa() -> None:
     """Make `DOCUMENT_SDPA` a name transformers' models dispatch on (idempotent). Called where a model is switched
     to it, not at import: transformers.modeling_utils imports torchao, which warns as it loads, and this module is
     imported by train.py before `console.quiet_libraries()` runs."""
-    from transformers.modeling_utils import (
-        AttentionInterface,  # lazy: an order that matters (see above)
-    )
+    from transformers.modeling_utils import AttentionInterface  # lazy: an order that matters (see above)
 
     AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_forward)
     AttentionMaskInterface.register(DOCUMENT_SDPA, document_sdpa_mask)
@@ -108,9 +106,7 @@ def flex_block_mask(segment_ids: torch.Tensor):
     """segment_ids (B, T) -> a flex attention `BlockMask` (B, 1, T, T): causal within a document, nothing across
     (padding, id -1, sees only padding before it). Only its 128 x 128 blocks that hold an allowed pair are computed;
     the mask itself is O(B x (T/128)^2) block indices."""
-    from torch.nn.attention.flex_attention import (
-        create_block_mask,  # lazy: only flex_attention runs need it
-    )
+    from torch.nn.attention.flex_attention import create_block_mask  # lazy: only flex_attention runs need it
 
     def document_causal(b, h, q, kv):
         return (segment_ids[b, q] == segment_ids[b, kv]) & (q >= kv)
