@@ -44,17 +44,26 @@ ARCHS = {
                     num_experts_per_tok=2, sliding_window=None),
 }
 # model.attn_implementation -> the packed path it takes on the CPU (llmlab.models.attention's table): sdpa becomes
-# per-document SDPA calls; eager gets an additive float mask; flex_attention a BlockMask (forward only on CPU:
-# torch 2.13 has no CPU backward for it)
+# per-document SDPA calls on long rows (a boolean mask on short ones); eager gets an additive float mask;
+# flex_attention a BlockMask (forward only on CPU: torch 2.13 has no CPU backward for it)
 ATTN = ("sdpa", "eager", "flex_attention")
+SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("rows,attn", [
-    ("short", "sdpa"), ("short", "eager"), ("short", "flex_attention"), ("long", "sdpa"),
-    # long rows with a dense float mask / a BlockMask: the same code paths as short ones, 5-8 s each here
-    pytest.param("long", "eager", marks=pytest.mark.slow), pytest.param("long", "flex_attention", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow, id="compiled")])
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+def _cases():
+    """(arch, compiled, attn, rows), the fast tier's share: every arch x sdpa (short and long rows) and eager; flex
+    attention on Llama (the others in the slow tier: flex compiles its kernel per shape, 5-18 s each here); the
+    dense float mask and the BlockMask on long rows (the code paths of short ones) and compiled models, slow."""
+    for arch in sorted(ARCHS):
+        for attn in ATTN:
+            for rows in ("short", "long"):
+                slow = (rows == "long" and attn != "sdpa") or (attn == "flex_attention" and arch != "llama")
+                yield pytest.param(arch, False, attn, rows, marks=[SLOW] if slow else [],
+                                   id=f"{arch}-{attn}-{rows}")
+        yield pytest.param(arch, True, "sdpa", "short", marks=[SLOW], id=f"{arch}-sdpa-short-compiled")
+
+
+@pytest.mark.parametrize("arch,compiled,attn,rows", list(_cases()))
 def test_document_logits_do_not_depend_on_block_neighbours(arch, compiled, attn, rows):
     """compiled: the packed forward through `compile=true`'s compiled model (models.compile_forward; one
     inductor graph per architecture: 6-19 s cold on this CPU, 1-4 s from inductor's disk cache; sdpa then keeps
@@ -65,8 +74,6 @@ def test_document_logits_do_not_depend_on_block_neighbours(arch, compiled, attn,
     from llmlab.models.attention import DOCUMENT_SDPA, attn_implementation
     from llmlab.models.build import compile_forward
 
-    if compiled and (attn != "sdpa" or rows == "long"):
-        pytest.skip("compiled: the default implementation, short rows only")
     config = AutoConfig.for_model(arch, **ARCHS[arch])
     if attn == "flex_attention" and not AutoModelForCausalLM._model_mapping[type(config)]._supports_flex_attn:
         pytest.skip(f"transformers has no flex attention for {arch}")
