@@ -10,8 +10,10 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from llmlab.callbacks.nonfinite import NonFiniteGuard
@@ -24,9 +26,11 @@ from llmlab.checkpointing.atomic import atomic_write_text
 from llmlab.checkpointing.resume import check_resume, resolve_ckpt_path
 from llmlab.checkpointing.run_dir import commit as commit_run_dir
 from llmlab.checks import entry as checks
+from llmlab.checks.data import fill_block_size
 from llmlab.console import print_summary, quiet_libraries
 from llmlab.data.datamodule import LLMDataModule
 from llmlab.distributed.detect import is_deepspeed
+from llmlab.distributed.devices import describe, resolve_devices
 from llmlab.distributed.memory import (
     dry_run_report,
     hidden_size,
@@ -48,6 +52,11 @@ log = logging.getLogger("llmlab")
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
+
+
+def precision_choice() -> str | None:
+    """The precision group's choice (`default` when the user named none), or None outside a Hydra run."""
+    return HydraConfig.get().runtime.choices.get("precision") if HydraConfig.initialized() else None
 
 
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
@@ -106,7 +115,15 @@ def train(cfg: DictConfig) -> float | None:
     # first: the libraries' noise filtered before anything is built (peft, torchao and DeepSpeed, which speak
     # as they import, load later, lazily); Lightning's own console handler off
     quiet_libraries()
+    fill_block_size(cfg)  # data.block_size=null: the model's positions (before the checks and the saved config)
+    # trainer.accelerator=auto -> gpu/cpu, precision=default -> bf16-mixed on a GPU / 32-true on the CPU: the checks
+    # below judge what will run (e.g. fp16 on a machine without a GPU)
+    devices = resolve_devices(cfg, precision_choice(), cfg.strategy.get("name"))
     checks.check_config(cfg)  # every cross-group rule, before any weights load
+    if rank_zero_only.rank == 0:  # the console's first lines: where and in what precision this run trains
+        log.info(describe(devices))
+        if devices.get("warning"):  # bf16 emulated on this CPU: correct but ~100x slower, said before training
+            log.warning(devices["warning"])
     if cfg.get("release_freed_memory"):  # before the model's allocations; in every process (DDP re-runs this)
         release_freed_memory()
         log.info("release_freed_memory: blocks >= 128 KiB are returned to the OS when freed (glibc mallopt)")

@@ -23,7 +23,8 @@ def test_grpo_qwen_gsm8k_experiment_validates_offline(monkeypatch):
     assert cfg.stage.name == "grpo" and cfg.model.pretrained == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cfg.model.config.model_type == "qwen2" and cfg.model.dtype == "bfloat16"
     assert cfg.peft.method == "lora" and "down_proj" in cfg.peft.target_modules
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    # no accelerator named: auto takes the GPU where there is one (llmlab.distributed.devices)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "auto"
     assert (cfg.data.name, cfg.data.config_name, cfg.data.prompt_field) == ("openai/gsm8k", "main", "question")
     assert sorted(cfg.reward) == ["format", "math"] and cfg.stage.module.beta == 0.0
     # the prompt renders in Qwen's chat format with a literal \boxed{}

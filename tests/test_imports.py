@@ -31,7 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("llmlab", "tests", "bench", "experiments", "hydra_plugins")
-ENTRY_POINTS = {f"llmlab.{name}" for name in ("run", "pipeline", "report", "eval", "generate", "export")}
+ENTRY_POINTS = {f"llmlab.{name}" for name in ("run", "pipeline", "report", "eval", "generate", "export", "prepare")}
 
 # (importer, owner, private name): none may be added; a name two modules need is public
 PRIVATE_NAME_EXCEPTIONS: set[tuple[str, str, str]] = set()

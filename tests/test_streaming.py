@@ -81,3 +81,67 @@ def test_streamed_local_corpus_trains_and_resumes_at_its_data_position(cli, tmp_
     assert len(rows) == 8 * BATCH
     assert rows == expected_blocks(corpus, 8 * BATCH)
 
+
+
+def _doc_ids(blocks) -> set[int]:
+    """The document numbers whose start ('document NNNNNN') is inside the blocks."""
+    import re
+
+    from llmlab.data.tokenizer import builtin_tokenizer
+
+    tok = builtin_tokenizer()
+    return {int(m) for b in blocks for m in re.findall(r"document (\d{6})", tok.decode(b["input_ids"].tolist()))}
+
+
+def _stream(files: list[Path]):
+    from datasets import load_dataset
+
+    from llmlab.data.formats import LMFormat, _PackedStream
+    from llmlab.data.tokenizer import builtin_tokenizer
+
+    ds = load_dataset("json", data_files=[str(f) for f in files], split="train", streaming=True)
+    return _PackedStream(ds, LMFormat(builtin_tokenizer(), BLOCK))
+
+
+def test_each_rank_tokenizes_only_its_share_of_the_stream(tmp_path):
+    """Two ranks: disjoint documents that together cover the stream (whole files per rank when the files divide
+    by the ranks, every other record otherwise); each rank tokenized only its share."""
+    lines = write_corpus(tmp_path / "all.jsonl", 400).read_text().splitlines(keepends=True)
+    files = [tmp_path / "part0.jsonl", tmp_path / "part1.jsonl"]
+    files[0].write_text("".join(lines[:200]))
+    files[1].write_text("".join(lines[200:]))
+    for corpus in (files, files[:1]):  # 2 files (a file per rank), 1 file (every other record)
+        shares, blocks = [], []
+        for rank in (0, 1):
+            stream = _stream(corpus)
+            stream.rank, stream.world_size = rank, 2
+            shares.append([r["text"] for r in stream._share()[0]])  # the records this rank reads and tokenizes
+            blocks.append(list(stream))
+        n = 200 * len(corpus)
+        assert len(shares[0]) == len(shares[1]) == n // 2 and not set(shares[0]) & set(shares[1])
+        assert len(set(shares[0]) | set(shares[1])) == n
+        # the blocks a rank trains on are its share's records, packed (documents numbered in the text)
+        assert _doc_ids(blocks[0]) <= {int(t[9:15]) for t in shares[0]}
+
+
+def test_dataloader_workers_split_files_and_resume_at_the_exact_block(tmp_path):
+    """Two DataLoader workers on a 4-file stream: each reads its own files; skipping k consumed batches (a resume)
+    gives exactly the uninterrupted order from batch k on."""
+    from torch.utils.data import DataLoader
+
+    lines = write_corpus(tmp_path / "all.jsonl", 240).read_text().splitlines(keepends=True)
+    files = [tmp_path / f"part{i}.jsonl" for i in range(4)]
+    for i, f in enumerate(files):
+        f.write_text("".join(lines[i * 60:(i + 1) * 60]))
+
+    def batches(skip_batches: int) -> list[list[list[int]]]:
+        stream = _stream(files)
+        stream.batch_size, stream.skip = BATCH, skip_batches * BATCH
+        loader = DataLoader(stream, batch_size=BATCH, num_workers=2, collate_fn=stream.fmt.collate)
+        return [b["input_ids"].tolist() for b in loader]
+
+    full = batches(0)
+    rows = [r for b in full for r in b]
+    assert len(full) > 6 and len({tuple(r) for r in rows}) == len(rows)  # no block twice: workers read apart
+    for k in (1, 3, 4):
+        assert batches(k) == full[k:], k

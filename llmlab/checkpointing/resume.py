@@ -38,7 +38,8 @@ RESUME_KEY = "llmlab_resume"  # checkpoint dict key holding the run config snaps
 RESUME_GROUPS = ("model", "data", "peft")
 RESUME_KEYS = ("stage.name", "trainer.accumulate_grad_batches")
 # never compared: they do not change what the checkpoint's state means
-IGNORED = ("data.sample_prompts", "data.val_batch_size", "data.n_val", "data.num_workers")
+IGNORED = ("data.sample_prompts", "data.val_batch_size", "data.n_val", "data.num_workers", "data.num_proc",
+           "data.cache_dir")
 # never accepted, even with resume_allow: the checkpoint's weights would not fit, or mean something else
 NEVER_ALLOWED = ("model", "peft", "stage.name")
 _UNSET = "<unset>"

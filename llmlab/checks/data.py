@@ -4,12 +4,16 @@ model's positions.
 """
 from __future__ import annotations
 
+from omegaconf import open_dict
+
 from llmlab.checks.model import local_config, model_positions
 from llmlab.checks.settings import in_range, integer, one_of, switch
-from llmlab.data.sources import check_files
+from llmlab.data.sources import SAMPLE_BY, check_files
 from llmlab.errors import ConfigError
 
 SOURCES = ("builtin", "text", "hub")
+DEFAULT_BLOCK = 1024  # data.block_size=null: the model's positions, at most this (an 8k-position model would pack
+# 8k-token rows on a first try: a cost a user should choose); and this when the positions are unknown offline
 RECORD_FORMATS = ("auto", "prompt_response", "alpaca", "chat")
 
 # (key of conf/data/*.yaml, check of its value, when the key is there)
@@ -25,7 +29,19 @@ DATA = (
     ("streaming", lambda v: switch(v, "data.streaming", "read the dataset as a stream")),
     ("pack_examples", lambda v: switch(v, "data.pack_examples", "several examples per row")),
     ("record_format", lambda v: one_of(v, "data.record_format", RECORD_FORMATS)),
+    ("sample_by", lambda v: one_of(v, "data.sample_by", SAMPLE_BY)),
+    ("holdout", lambda v: v is None or one_of(v, "data.holdout", ("random", "tail"))),
+    ("num_proc", lambda v: integer(v, "data.num_proc", "4", 1, null=True)),
 )
+
+
+def fill_block_size(cfg) -> None:
+    """data.block_size=null -> the model's positions (at most DEFAULT_BLOCK), so `data=text` works with any
+    model as it is. Called before the checks and before the run config is saved (resume compares the number)."""
+    if "data" in cfg and "block_size" in cfg.data and cfg.data.block_size is None:
+        positions = model_positions(cfg.model) if "model" in cfg else None
+        with open_dict(cfg):
+            cfg.data.block_size = min(positions or DEFAULT_BLOCK, DEFAULT_BLOCK)
 
 
 def _val_fraction_used(d) -> bool:
@@ -63,6 +79,9 @@ def check_data_settings(cfg) -> None:
         check_files(d.get("train_files"), "data.train_files")
         if d.get("val_files"):
             check_files(d.val_files, "data.val_files")
+    if d.get("holdout") == "tail" and (stage != "pretrain" or d.get("source") != "text"):
+        raise ConfigError(f"data.holdout=tail (the last tokens of local text) is for stage=pretrain on data=text "
+                          f"(here stage={stage}, data.source={d.get('source')}); use data.holdout=random")
     if d.get("packing") not in (None, "document", "concat"):
         raise ConfigError(f"data.packing={d.packing!r}: use document or concat")
     for key in FIELD_KEYS:

@@ -24,6 +24,7 @@ from llmlab.checks.callbacks import check_eval_callbacks
 from llmlab.checks.data import check_data_settings
 from llmlab.checks.hub import check_hub
 from llmlab.checks.model import (
+    check_attention_device,
     check_loss_chunking,
     check_model,
     check_peft,
@@ -71,6 +72,7 @@ def check_config(cfg) -> None:
     check_settings(cfg)  # launcher, precision, model among them
     check_devices(cfg)  # the accelerator exists; fp16 x accelerator=auto on a CPU machine
     check_compile(cfg)  # inductor's C++ compiler, before data and weights
+    check_attention_device(cfg)  # flash_attention_2 / flex_attention x the device the run trains on
     check_run(cfg)  # strategy x trainer x precision x PEFT (llmlab/checks/strategy.py)
     check_peft(cfg)  # target modules on the meta model
     check_preference(cfg)

@@ -1,7 +1,8 @@
 """The model and peft groups' rules, before any weights load.
 
-model (`check_model`, config alone): model.init / pretrained / config / tokenizer / dtype / trust_remote_code,
-and a local model directory's own config.json (no custom code); `check_loss_chunking`:
+model (`check_model`, config alone): model.init / pretrained / config / tokenizer / dtype / trust_remote_code /
+attn_implementation, and a local model directory's own config.json (no custom code); `check_attention_device`:
+attn_implementation x the device (flash_attention_2: CUDA + flash_attn; flex_attention trains on CUDA); `check_loss_chunking`:
 stage.module.loss_chunk_tokens against the model type, compile and virtual tokens.
 
 peft (`check_peft_settings`, config alone): the method name, r / alpha / dropout, a quantized base (qlora,
@@ -16,6 +17,7 @@ import json
 from pathlib import Path
 
 from llmlab.checks.settings import number
+from llmlab.distributed.detect import uses_cpu
 from llmlab.distributed.precision import half_dtype, weights_dtype
 from llmlab.errors import ConfigError
 from llmlab.models.peft import METHODS, PROMPT_LEARNING, missing_targets, target_modules
@@ -95,6 +97,9 @@ def _check_quantized_base(cfg, method: str, kind: str, alternative: str) -> None
 
 
 DTYPES = (None, "auto", "float32", "bfloat16", "float16")
+# model.attn_implementation, as transformers names them (null: transformers' default, sdpa where the architecture
+# has it); how each takes a packed batch's document boundaries: llmlab/models/attention.py
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 INITS = ("scratch", "pretrained")
 
 
@@ -115,6 +120,10 @@ def check_model(cfg) -> None:
     if m.init == "scratch" and m.get("tokenizer") is None and not m.get("pretrained"):
         raise ConfigError("model.tokenizer is null and there is no model.pretrained to take it from: "
                           "set model.tokenizer=builtin or a tokenizer name/path")
+    attn = m.get("attn_implementation")
+    if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={attn!r}: use one of {', '.join(ATTN_IMPLEMENTATIONS)} or null "
+                          f"(transformers' default), e.g. model.attn_implementation=sdpa")
     if m.get("dtype") not in DTYPES:
         raise ConfigError(f"model.dtype={m.get('dtype')!r}: use one of float32, bfloat16, float16, auto or null")
     if m.get("trust_remote_code"):
@@ -130,6 +139,31 @@ def check_model(cfg) -> None:
                           f"(trust_remote_code stays off); use a model of a built-in transformers architecture")
     if not config.get("model_type"):
         raise ConfigError(f"{where}: config.json has no model_type; re-export the model with save_pretrained")
+
+
+def check_attention_device(cfg, cuda_available: bool | None = None, flash_attn_installed: bool | None = None) -> None:
+    """model.attn_implementation x the device the run trains on (trainer.accelerator resolved): FlashAttention 2 is
+    CUDA kernels from the flash_attn package; flex attention trains on CUDA only (torch 2.13 has no CPU backward:
+    `NotImplementedError: FlexAttention does not support backward on CPU`, after data and model are built)."""
+    attn = cfg.model.get("attn_implementation")
+    if attn not in ("flash_attention_2", "flex_attention"):
+        return
+    on_cpu = uses_cpu(cfg.trainer.get("accelerator"), cuda_available)
+    if attn == "flash_attention_2":
+        if on_cpu:
+            raise ConfigError(f"model.attn_implementation=flash_attention_2 runs on CUDA GPUs only, and this run is on "
+                              f"the CPU (trainer.accelerator={cfg.trainer.get('accelerator')}): use "
+                              f"model.attn_implementation=sdpa (llmlab runs packed rows per document there)")
+        if flash_attn_installed is None:
+            flash_attn_installed = importlib.util.find_spec("flash_attn") is not None
+        if not flash_attn_installed:
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash_attn package, not installed "
+                              "here: pip install flash-attn --no-build-isolation, or use "
+                              "model.attn_implementation=sdpa (or flex_attention)")
+    elif on_cpu and not cfg.get("dry_run"):  # a dry run builds the model, never a backward
+        raise ConfigError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no CPU backward "
+                          "for it: 'FlexAttention does not support backward on CPU'): use "
+                          "model.attn_implementation=sdpa, or train on a CUDA GPU")
 
 
 # Model types whose causal-LM forward is exactly `lm_head(backbone(...).last_hidden_state)`: nothing between

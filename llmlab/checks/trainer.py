@@ -15,7 +15,7 @@ from llmlab.checks.settings import (
     one_of,
     switch,
 )
-from llmlab.distributed.detect import uses_cpu
+from llmlab.distributed.detect import surely_no_cuda, uses_cpu
 from llmlab.distributed.memory import glibc
 from llmlab.distributed.precision import PRECISIONS, half_dtype
 from llmlab.errors import ConfigError
@@ -108,9 +108,12 @@ def check_precision(cfg, cuda_available: bool | None = None) -> None:
     """fp16 (16-mixed, 16-true) needs a GPU, whatever the strategy: on a CPU Lightning would swap 16-mixed for
     bf16-mixed with a warning, and DeepSpeed's CPU accelerator needs oneDNN fp16 kernels.
 
-    With the config alone (`cuda_available=None`, in `check_settings`) trainer.accelerator=cpu is refused;
-    `check_devices` asks again for trainer.accelerator=auto once torch says whether a CUDA GPU is visible."""
+    With the config alone (`cuda_available=None`, in `check_settings`) trainer.accelerator=cpu is refused, and
+    auto where no NVIDIA device exists (`surely_no_cuda`); `check_devices` asks again for trainer.accelerator=auto
+    once torch says whether a CUDA GPU is visible."""
     precision, accelerator = str(cfg.trainer.precision), str(cfg.trainer.get("accelerator", "auto"))
+    if cuda_available is None and accelerator == "auto" and surely_no_cuda():  # no torch needed to know
+        cuda_available = False
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and cuda_available is False)
     if half_dtype(precision) == "float16" and on_cpu:
         where = "on CPU" if accelerator == "cpu" else "here (trainer.accelerator=auto and no CUDA GPU is visible)"

@@ -9,10 +9,47 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from llmlab.data.corpus import cached_examples, lm_splits
 from llmlab.data.formats import FORMATS, TARGET_COUNTS
 from llmlab.data.sources import load_split
 from llmlab.errors import DataError
 from llmlab.stages.interface import Stage
+
+
+PERMUTATION_IN_MEMORY = 1 << 22  # up to 4M samples an epoch's order is a tensor (32 MB); beyond, computed per index
+
+
+class FeistelPermutation:
+    """A seeded pseudo-random permutation of range(n) computed one index at a time in O(1) memory: a 4-round
+    Feistel network on the smallest even power of two >= n, cycle-walking indices that land outside range(n)
+    (each step is a bijection, so the walk returns inside). Used instead of `torch.randperm(n)` when an epoch's
+    order as a tensor would cost more memory than the rest of the data pipeline (8 bytes x n: 256 MB for a 2 GB
+    corpus in 64-token blocks)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)  # bits per half: 2 * half bits cover n
+        self.mask = (1 << self.half) - 1
+        g = torch.Generator().manual_seed(seed)
+        self.keys = [int(k) for k in torch.randint(0, 1 << 31, (4,), generator=g)]
+
+    def _round(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            # a multiply-xorshift mix of (right, key) as the round function
+            f = ((right * 0x9E3779B1) ^ k) & 0xFFFFFFFF
+            f = ((f ^ (f >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+            left, right = right, left ^ (f & self.mask)
+        return (left << self.half) | right
+
+    def __getitem__(self, i: int) -> int:
+        x = self._round(int(i))
+        while x >= self.n:
+            x = self._round(x)
+        return x
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class ResumableSampler(Sampler[int]):
@@ -41,9 +78,11 @@ class ResumableSampler(Sampler[int]):
         """Lightning calls this each epoch; the position does not depend on it (see the class docstring)."""
         self.epoch = epoch
 
-    def _order(self, epoch: int) -> torch.Tensor:
+    def _order(self, epoch: int):
         if not self.shuffle:
-            return torch.arange(self.n)
+            return range(self.n)
+        if self.n > PERMUTATION_IN_MEMORY:  # a prepared corpus of millions of blocks: no n-sized tensor
+            return FeistelPermutation(self.n, self.seed * 100003 + epoch)
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
 
     def __iter__(self):
@@ -117,10 +156,22 @@ class LLMDataModule(L.LightningDataModule):
         keys = ("block_size", "prompt_template", "record_format", "pack_examples", "train_on")
         fmt_args = {k: v for k, v in data_cfg.items() if k.endswith("_field") or k in keys}
         fmt_args.update(format_kwargs or {})
+        self.fmt_args = fmt_args
         self.format = FORMATS[data_format](tokenizer=tokenizer, **fmt_args)
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None):
+        if self.train_set is None and self.data_format == "lm" and self.cfg.source in ("text", "hub") \
+                and not self.cfg.get("streaming"):
+            # pretraining on files or a hub dataset: tokenized once into a prepared corpus (data/corpus.py) that
+            # this and every later run, and every rank, read by offset: memory flat in the corpus size
+            self.train_set, self.val_set = lm_splits(self.cfg, self.tokenizer, self.format.block_size, self.seed)
+        if self.train_set is None and self.cfg.source in ("text", "hub") and not self.cfg.get("streaming"):
+            # the other stages' examples: tokenized once too (data/corpus.py cached_examples)
+            self.train_set, self.val_set = (
+                cached_examples(self.cfg, self.data_format, self.fmt_args, self.tokenizer, split, self.seed,
+                                lambda records, s=split: self.format.build(records, s))
+                for split in ("train", "validation"))
         if self.train_set is None:
             self.train_set = self.format.build(load_split(self.cfg, self.data_format, "train", self.seed), "train")
             self.val_set = self.format.build(load_split(self.cfg, self.data_format, "validation", self.seed),
@@ -156,6 +207,7 @@ class LLMDataModule(L.LightningDataModule):
         if isinstance(self.train_set, IterableDataset):
             self.train_set.rank, self.train_set.world_size = rank, world
             self.train_set.skip = self.consumed_samples() // world
+            self.train_set.batch_size = self.cfg.batch_size
             return DataLoader(self.train_set, batch_size=self.cfg.batch_size, collate_fn=self.format.collate,
                               num_workers=self.cfg.num_workers)
         trainer = self.trainer
@@ -175,6 +227,6 @@ class LLMDataModule(L.LightningDataModule):
             self.val_set.rank, self.val_set.world_size = rank, world
             return DataLoader(self.val_set, batch_size=self.cfg.val_batch_size, collate_fn=self.format.collate)
         # each rank takes a disjoint strided shard; metrics are reduced across ranks (no duplicates)
-        shard = list(range(rank, len(self.val_set), world))
+        shard = range(rank, len(self.val_set), world)  # a range, not a list: 8 bytes per block add up
         return DataLoader(torch.utils.data.Subset(self.val_set, shard), batch_size=self.cfg.val_batch_size,
                           collate_fn=self.format.collate, num_workers=self.cfg.num_workers)

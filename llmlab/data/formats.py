@@ -34,16 +34,62 @@ def _texts(records: Iterable[dict], field: str) -> Iterator[str]:
 
 
 class _PackedStream(IterableDataset):
-    """Streaming corpora: tokenize and pack on the fly; each rank keeps every world_size-th block."""
+    """Streaming corpora: tokenize and pack on the fly, each rank and each DataLoader worker only its own records.
+
+    With A DataLoader workers (A = 1 without workers), rank r's worker w reads part r * A + v of world_size * A
+    (`datasets.distributed.split_dataset_by_node`: whole files when their number divides, else every
+    (world_size * A)-th record), so each process tokenizes only its share of the stream. The DataLoader takes
+    batches from workers 0, 1, ... in turn; batch k of a rank comes from part k % A. `skip` (blocks this rank
+    consumed before a resume) is turned into each part's own count and worker w plays part v = (w + done) % A,
+    so the resumed loader's first batch is the next one of the uninterrupted run.
+    """
 
     def __init__(self, records, fmt: "LMFormat"):
         self.records, self.fmt = records, fmt
-        self.rank, self.world_size, self.skip = 0, 1, 0
+        self.rank, self.world_size, self.skip, self.batch_size = 0, 1, 0, 1
+
+    def _share(self, part: int = 0, parts: int = 1):
+        records, n = self.records, self.world_size * parts
+        if n > 1 and hasattr(records, "n_shards"):  # a datasets IterableDataset
+            from datasets.distributed import split_dataset_by_node
+
+            return split_dataset_by_node(records, rank=self.rank * parts + part, world_size=n), True
+        return records, False
 
     def __iter__(self):
-        for i, block in enumerate(self.fmt._blocks(self.records)):
-            if i % self.world_size == self.rank and i // self.world_size >= self.skip:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        done = self.skip // self.batch_size  # batches this rank consumed
+        part = (worker + done) % workers
+        records, split = self._share(part, workers)
+        skip = (max(done - part, 0) + workers - 1) // workers * self.batch_size  # of part's own blocks
+        blocks = self.fmt._blocks(_unsplit(records) if info is not None else records)
+        for i, block in enumerate(blocks):
+            if split or self.world_size == 1:
+                if i >= skip:
+                    yield block
+            elif i % self.world_size == self.rank and i // self.world_size >= skip:
                 yield block
+
+
+def _unsplit(records):
+    """Iterate a `datasets` IterableDataset inside a DataLoader worker without its own split among workers
+    (`_PackedStream` already gave this worker its part: a second split would leave it 1/A of that). `datasets`
+    decides at the first `next()` by `torch.utils.data.get_worker_info()`; it is hidden for that call only."""
+    from torch.utils.data._utils import worker as torch_worker
+
+    it = iter(records)
+    saved, torch_worker._worker_info = torch_worker._worker_info, None
+    try:
+        first = next(it, _END)
+    finally:
+        torch_worker._worker_info = saved
+    if first is not _END:
+        yield first
+        yield from it
+
+
+_END = object()
 
 
 class LMFormat:

@@ -5,6 +5,8 @@ The config-only checks (`checks.entry.check_settings`, before torch loads) ask t
 """
 from __future__ import annotations
 
+import glob
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -81,6 +83,15 @@ def strategy_name(strategy_cfg: Any) -> str:
             return str(name)
         return str(strategy_cfg.get("_target_", "")).rsplit(".", 1)[-1]
     raise TypeError(f"expected a strategy config node or name, got {type(strategy_cfg).__name__}")
+
+
+def surely_no_cuda() -> bool:
+    """True when this machine certainly has no usable CUDA GPU, known without importing torch: no NVIDIA device
+    node (/dev/nvidia0, ...) and no GPU under /proc/driver/nvidia, or CUDA_VISIBLE_DEVICES hides them all. False
+    means "maybe": torch decides later (`uses_cpu`)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return True
+    return not (glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
 def uses_cpu(accelerator: Any, cuda_available: bool | None = None) -> bool:

@@ -18,6 +18,7 @@ from transformers import (
 
 from llmlab.checks.hub import hub_error
 from llmlab.data.tokenizer import builtin_tokenizer
+from llmlab.errors import ConfigError
 from llmlab.models.peft import transformers_model
 from llmlab.nodes import to_plain
 
@@ -63,13 +64,20 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
     assert head in HEADS, head
     auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
     dtype = torch_dtype(model_cfg.get("dtype"))
+    # model.attn_implementation: null leaves transformers' default (sdpa where the architecture has it)
+    attn = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.get("attn_implementation") else {}
     if model_cfg.init == "scratch":
         config = architecture_config(model_cfg, tokenizer, head)
         if quantization_config is not None:
             raise ValueError("quantization needs init=pretrained weights to quantize")
-        model = auto.from_config(config, dtype=dtype) if dtype else auto.from_config(config)
+        try:
+            model = auto.from_config(config, **({"dtype": dtype} if dtype else {}), **attn)
+        except (ValueError, ImportError) as err:  # the architecture lacks that implementation; flash_attn absent
+            if not attn:
+                raise
+            raise attn_error(model_cfg, err) from None
     else:
-        extra = {"num_labels": 1} if head == "sequence_classification" else {}
+        extra = {"num_labels": 1, **attn} if head == "sequence_classification" else dict(attn)
         try:
             model = auto.from_pretrained(
                 model_cfg.pretrained,
@@ -81,9 +89,21 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
             )
         except OSError as err:  # a typo'd hub name, missing weights: one line naming the setting
             raise hub_error("model.pretrained", str(model_cfg.pretrained), err) from None
+        except (ValueError, ImportError) as err:
+            if not attn or not any(w in str(err).lower() for w in ("attention", "flash")):
+                raise
+            raise attn_error(model_cfg, err) from None
     if head == "sequence_classification" and tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # needed to find each row's last token
     return model
+
+
+def attn_error(model_cfg, err: Exception) -> ConfigError:
+    """transformers' refusal of `model.attn_implementation` for this architecture (GPT-2 has no flex attention) or
+    this machine, as one line naming the setting."""
+    first = str(err).strip().splitlines()[0].split(". Please")[0]
+    return ConfigError(f"model.attn_implementation={model_cfg.attn_implementation}: {first}; use "
+                       f"model.attn_implementation=sdpa (or null: transformers' default)")
 
 
 def _weights_in(p: torch.nn.Parameter) -> int:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import torch
 
 from llmlab.checks.model import HEAD_APART_MODEL_TYPES
-from llmlab.data.packing import block_causal_mask
 from llmlab.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum
+from llmlab.models.attention import (
+    DOCUMENT_SDPA,
+    attn_implementation,
+    packed_attention_kwargs,
+)
 from llmlab.models.peft import transformers_model, uses_virtual_tokens
 from llmlab.optim import guard_optimizer, param_groups
 
@@ -36,15 +40,16 @@ def mask_dtype(model) -> torch.dtype:
     Eager attention adds the mask to its fp32-promoted scores, so any float dtype works there: the autocast
     dtype under autocast, else the embedding's.
     """
-    if getattr(getattr(transformers_model(model), "config", None), "_attn_implementation", None) == "sdpa":
+    if attn_implementation(transformers_model(model)) in ("sdpa", DOCUMENT_SDPA):
         return torch.bool
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else embedding_dtype(model)
 
 
 def _mask_kwargs(model, batch: dict, packing: str) -> dict:
     """attention_mask (and position_ids for document-masked packed rows) for a batch from the collators."""
-    if "segment_ids" in batch and packing == "document":
-        return {"attention_mask": block_causal_mask(batch["segment_ids"], mask_dtype(model)), "position_ids": batch["position_ids"]}
+    if "segment_ids" in batch and packing == "document":  # the cheapest form the model's attention takes
+        return packed_attention_kwargs(transformers_model(model), batch["segment_ids"], batch["position_ids"],
+                                       lambda: mask_dtype(model))
     if "attention_mask" in batch:
         return {"attention_mask": batch["attention_mask"]}
     return {}
