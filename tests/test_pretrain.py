@@ -153,3 +153,21 @@ def test_tensorboard_and_wandb_offline_loggers(cli):
     run = cli(*FAST, "logger=tensorboard")
     assert_ok(run)
     assert list((run.dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_nanogpt_shakespeare_recipe_runs(cli, tmp_path):
+    """conf/experiment/nanogpt_shakespeare_char.yaml (bench/nanogpt_shakespeare.py's llmlab side) for a few
+    steps on a small text split as the bench splits tinyshakespeare: two .jsonl files of one record each."""
+    text = "".join(f"Citizen {i}:\nWe are accounted poor citizens, the patricians good.\n\n" for i in range(60))
+    cut = int(len(text) * 0.9)
+    for name, part in (("train", text[:cut]), ("val", text[cut:])):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": part}) + "\n")
+    run = cli("experiment=nanogpt_shakespeare_char", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+              f"data.val_files=[{tmp_path / 'val.jsonl'}]", "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "trainer.enable_progress_bar=false")
+    assert_ok(run)
+    s = run.summary
+    assert s["status"] == "finished" and s["global_step"] == 4 and s["val_loss_last"] < s["val_loss_first"]
+    cfg = json.loads((run.dir / "hf" / "config.json").read_text())
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_positions"]) == (4, 128, 4, 64)
+    assert cfg["activation_function"] == "gelu"  # nanoGPT's nn.GELU()
