@@ -117,13 +117,14 @@ def step_stats(wall: list[float], cpu: list[float]) -> dict:
             "cpu_ms_per_step": 1e3 * statistics.mean(cpu), "timed_steps": len(wall)}
 
 
-def nanogpt_command(steps: int) -> list[str]:
-    return ["python", "train.py", *(a.format(steps=steps) for a in NANOGPT_ARGS)]
+def nanogpt_command(steps: int, extra: list[str] = ()) -> list[str]:
+    return ["python", "train.py", *(a.format(steps=steps) for a in NANOGPT_ARGS), *extra]
 
 
-def run_nanogpt(nanogpt: Path, steps: int, threads: int | None, work: Path, profile=(-1, -1)) -> dict:
+def run_nanogpt(nanogpt: Path, steps: int, threads: int | None, work: Path, profile=(-1, -1),
+                extra: list[str] = ()) -> dict:
     out = work / f"nanogpt_events_{time.time_ns()}.json"
-    args = [a.format(steps=steps) for a in NANOGPT_ARGS] + [f"--out_dir={work / 'nanogpt_out'}"]
+    args = [a.format(steps=steps) for a in NANOGPT_ARGS] + [f"--out_dir={work / 'nanogpt_out'}", *extra]
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, str(out), str(profile[0]), str(profile[1]), *args],
                           cwd=nanogpt, env=env(threads), capture_output=True, text=True)
@@ -199,6 +200,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS (default: torch's, one per core)")
     ap.add_argument("--llmlab-extra", default="", help="more llmlab overrides, one string")
+    ap.add_argument("--nanogpt-extra", default="", help="more nanoGPT arguments, one string (e.g. --n_layer=1)")
     ap.add_argument("--skip-nanogpt", action="store_true", help="llmlab only (no ratio)")
     ap.add_argument("--profile", default=None, metavar="FROM,TO",
                     help="then one shorter run of each (TO + 10 steps) under cProfile between steps FROM and TO")
@@ -208,15 +210,16 @@ def main():
     if not (nanogpt / "train.py").exists() or not (nanogpt / "config" / "train_shakespeare_char.py").exists():
         sys.exit(f"--nanogpt {nanogpt}: not a nanoGPT checkout (no train.py / config/train_shakespeare_char.py)")
     train, val = prepare(nanogpt, args.text, args.work)
-    extra = shlex.split(args.llmlab_extra)
-    ng_cmd = " ".join(nanogpt_command(args.steps))
+    extra, ng_extra = shlex.split(args.llmlab_extra), shlex.split(args.nanogpt_extra)
+    ng_cmd = " ".join(nanogpt_command(args.steps, ng_extra))
     ll_cmd = " ".join(llmlab_command(args.steps, train, val, extra))
     head = (f"load {os.getloadavg()}; threads {args.threads or 'default'}; {os.cpu_count()} CPUs; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(head, flush=True)
     rows = []
     for r in range(args.repeats):
-        ng = None if args.skip_nanogpt else run_nanogpt(nanogpt, args.steps, args.threads, args.work)
+        ng = None if args.skip_nanogpt else run_nanogpt(nanogpt, args.steps, args.threads, args.work,
+                                                              extra=ng_extra)
         ll = run_llmlab(args.steps, train, val, extra, args.threads, args.work)
         rows.append((ng, ll))
         for name, res in (("nanoGPT", ng), ("llmlab", ll)):
@@ -257,7 +260,8 @@ def main():
             f.write(table + "\n")
     if args.profile:
         window = tuple(int(x) for x in args.profile.split(","))
-        ng = None if args.skip_nanogpt else run_nanogpt(nanogpt, window[1] + 10, args.threads, args.work, window)
+        ng = None if args.skip_nanogpt else run_nanogpt(nanogpt, window[1] + 10, args.threads, args.work, window,
+                                                              ng_extra)
         ll = run_llmlab(window[1] + 10, train, val, extra, args.threads, args.work, window)
         if ng:
             print_profile("nanoGPT", ng["profile"], window[1] - window[0])
