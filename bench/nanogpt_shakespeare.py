@@ -26,8 +26,10 @@ Validation loss: nanoGPT's own estimate at step 2,000 (mean of `eval_iters` rand
 text, 200 here as the issue measured); llmlab's is exact (every 64-token block of the validation text once).
 
     PYTHONPATH=. python bench/nanogpt_shakespeare.py --nanogpt /path/to/nanoGPT [--repeats 2]
-        [--steps 2000] [--llmlab-extra "k=v k=v"] [--profile 100,240] [--append bench/out/nanogpt_shakespeare.md]
+        [--steps 2000] [--llmlab-extra "k=v k=v"] [--profile 100,240] [--components 200] [--append bench/out/nanogpt_shakespeare.md]
 
+--components REPS: the parts of one step (forward+loss, backward, clipping, AdamW) on both models in this
+process, interleaved, without either framework: what the models cost apart from the loops around them.
 --profile FROM,TO: one more pair of shorter runs under cProfile (steps FROM to TO of each), printing where each side's
 Python time goes.
 """
@@ -103,8 +105,8 @@ def prepare(nanogpt: Path, text: Path, work: Path) -> tuple[Path, Path]:
     return paths
 
 
-def env(threads: int | None) -> dict:
-    path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
+def env(threads: int | None, root: Path = ROOT) -> dict:
+    path = os.pathsep.join([str(root), str(ROOT / "bench")])  # llmlab from `root`; this bench's cputime.py
     e = {**os.environ, "PYTHONPATH": path}
     if threads:
         e.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -154,7 +156,7 @@ def llmlab_command(steps: int, train: Path, val: Path, extra: list[str]) -> list
 
 
 def run_llmlab(steps: int, train: Path, val: Path, extra: list[str], threads: int | None, work: Path,
-               profile=(-1, -1)) -> dict:
+               profile=(-1, -1), root: Path = ROOT) -> dict:
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix="llmlab_"))
     times = run_dir / "steptimes.json"
     cmd = [sys.executable, *llmlab_command(steps, train, val, extra)[1:], f"hydra.run.dir={run_dir}",
@@ -162,7 +164,7 @@ def run_llmlab(steps: int, train: Path, val: Path, extra: list[str], threads: in
     if profile[0] >= 0:
         cmd += [f"+callbacks.steptimes.profile_from={profile[0]}", f"+callbacks.steptimes.profile_to={profile[1]}"]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(threads), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, env=env(threads, root), capture_output=True, text=True)
     total = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"llmlab failed:\n{proc.stderr[-3000:]}")
@@ -174,6 +176,91 @@ def run_llmlab(steps: int, train: Path, val: Path, extra: list[str], threads: in
     if profile[0] < 0:
         shutil.rmtree(run_dir, ignore_errors=True)
     return out
+
+
+def ratio(res: dict, ng: dict, key: str) -> float:
+    """res's speed relative to nanoGPT's (> 1: faster): tokens/s up, milliseconds down."""
+    return res[key] / ng[key] if key == "tokens_per_sec" else ng[key] / res[key]
+
+
+def ratios(res: dict, ng: dict | None) -> str:
+    if ng is None or res is ng:
+        return "| | |"
+    return " | ".join(f"{ratio(res, ng, k):.3f}x" for k in ("tokens_per_sec", "median_step_ms", "cpu_ms_per_step")) + " |"
+
+
+def report(r: int, name: str, res: dict, ng: dict | None) -> None:
+    print(f"repeat {r} {name:16s} val {res['val_loss']:.4f}  {res['tokens_per_sec']:7,.0f} tok/s  "
+          f"median step {res['median_step_ms']:.1f} ms  CPU {res['cpu_ms_per_step']:.1f} ms/step  "
+          f"run {res['process_wall_s']:.0f} s  {'vs nanoGPT ' + ratios(res, ng) if ng else ''} "
+          f"(load {os.getloadavg()[0]:.2f})", flush=True)
+
+
+def components(nanogpt: Path, threads: int | None, reps: int) -> str:
+    """One process, interleaved: the parts of a step on llmlab's model (the recipe's HF GPT-2) and on nanoGPT's
+    GPT (imported from the checkout), without either framework around them: forward + loss, backward,
+    clipping (+ llmlab's non-finite check on llmlab's side), AdamW step + zero_grad (for-loop as both use on
+    CPU, and fused). CPU milliseconds, median over `reps` steps after 10 warm-up steps."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from llmlab.losses import causal_lm_loss_sum
+    from llmlab.models.build import build_model, build_tokenizer
+    from llmlab.optim import grads_finite, param_groups
+
+    if threads:
+        torch.set_num_threads(threads)
+    sys.path.insert(0, str(nanogpt))
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=nanogpt_shakespeare_char", "data.train_files=[x]",
+                                          "data.val_files=[x]"])
+    torch.manual_seed(0)
+    models = {"llmlab (HF GPT-2, vocab 259)": build_model(cfg.model, build_tokenizer(cfg.model)),
+              "nanoGPT (GPT, vocab 65)": GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4,
+                                                       n_embd=128, dropout=0.0, bias=False))}
+    x = torch.randint(0, 65, (12, 65))
+    xi, yi = x[:, :64].contiguous(), x[:, 1:].contiguous()
+
+    def loss_of(name, model):
+        if name.startswith("llmlab"):
+            loss_sum, n = causal_lm_loss_sum(model(input_ids=xi, use_cache=False).logits, xi)
+            return loss_sum / n
+        return model(xi, yi)[1]
+
+    def step(name, model, opt):
+        t = [time.process_time()]
+        loss = loss_of(name, model)
+        t.append(time.process_time())
+        loss.backward()
+        t.append(time.process_time())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if name.startswith("llmlab"):
+            grads_finite(opt)
+        t.append(time.process_time())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.process_time())
+        return [b - a for a, b in zip(t, t[1:])]
+
+    runs = {(name, kind): torch.optim.AdamW(param_groups(m, 0.1), lr=1e-3, betas=(0.9, 0.99),
+                                            **({"fused": True} if kind == "fused" else {"foreach": False}))
+            for name, m in models.items() for kind in ("for-loop", "fused")}
+    times = {k: [] for k in runs}
+    for _ in range(reps + 10):
+        for (name, kind), opt in runs.items():
+            times[(name, kind)].append(step(name, models[name], opt))
+    lines = [f"\nstep parts without a framework, one process, interleaved, {threads or torch.get_num_threads()} "
+             f"thread(s), CPU ms (median of {reps}); load {os.getloadavg()}", "",
+             "| model | params (tensors) | AdamW | forward+loss | backward | clip (+ guard) | AdamW step + zero_grad | "
+             "total |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for (name, kind), ts in times.items():
+        med = [1e3 * statistics.median(t[i] for t in ts[10:]) for i in range(4)]
+        ps = list(models[name].parameters())
+        lines.append(f"| {name} | {sum(p.numel() for p in ps):,} ({len(ps)}) | {kind} | "
+                     + " | ".join(f"{m:.2f}" for m in med) + f" | {sum(med):.2f} |")
+    return "\n".join(lines)
 
 
 def print_profile(name: str, path: str, steps: int, top: int = 25) -> None:
@@ -201,9 +288,15 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS (default: torch's, one per core)")
     ap.add_argument("--llmlab-extra", default="", help="more llmlab overrides, one string")
     ap.add_argument("--nanogpt-extra", default="", help="more nanoGPT arguments, one string (e.g. --n_layer=1)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=OVERRIDES",
+                    help="another llmlab run in each repeat, with these overrides on top (repeatable)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another llmlab checkout (e.g. `git archive` of an older commit) run in each repeat")
     ap.add_argument("--skip-nanogpt", action="store_true", help="llmlab only (no ratio)")
     ap.add_argument("--profile", default=None, metavar="FROM,TO",
                     help="then one shorter run of each (TO + 10 steps) under cProfile between steps FROM and TO")
+    ap.add_argument("--components", type=int, default=0, metavar="REPS",
+                    help="then time a step's parts on both models in this process (no framework), REPS steps each")
     ap.add_argument("--append", type=Path, default=None, help="append the table (markdown) to this file")
     args = ap.parse_args()
     nanogpt = args.nanogpt.resolve()
@@ -211,53 +304,60 @@ def main():
         sys.exit(f"--nanogpt {nanogpt}: not a nanoGPT checkout (no train.py / config/train_shakespeare_char.py)")
     train, val = prepare(nanogpt, args.text, args.work)
     extra, ng_extra = shlex.split(args.llmlab_extra), shlex.split(args.nanogpt_extra)
+    # llmlab variants: label -> (overrides, checkout); "llmlab" is this checkout with --llmlab-extra
+    variants = {"llmlab": (extra, ROOT)}
+    for item in filter(None, args.variant):
+        label, _, overrides = item.partition("=")
+        variants[label] = ([*extra, *shlex.split(overrides)], ROOT)
+    if args.baseline:
+        variants["llmlab@baseline"] = (extra, args.baseline.resolve())
     ng_cmd = " ".join(nanogpt_command(args.steps, ng_extra))
-    ll_cmd = " ".join(llmlab_command(args.steps, train, val, extra))
     head = (f"load {os.getloadavg()}; threads {args.threads or 'default'}; {os.cpu_count()} CPUs; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(head, flush=True)
-    rows = []
+    rows = []  # per repeat: {name: result}
     for r in range(args.repeats):
-        ng = None if args.skip_nanogpt else run_nanogpt(nanogpt, args.steps, args.threads, args.work,
-                                                              extra=ng_extra)
-        ll = run_llmlab(args.steps, train, val, extra, args.threads, args.work)
-        rows.append((ng, ll))
-        for name, res in (("nanoGPT", ng), ("llmlab", ll)):
-            if res:
-                print(f"repeat {r} {name:8s} val {res['val_loss']:.4f}  {res['tokens_per_sec']:7,.0f} tok/s  "
-                      f"median step {res['median_step_ms']:.1f} ms  CPU {res['cpu_ms_per_step']:.1f} ms/step  "
-                      f"run {res['process_wall_s']:.0f} s  (load {os.getloadavg()[0]:.2f})", flush=True)
-        if ng:
-            print(f"repeat {r} llmlab / nanoGPT: tokens/s {ll['tokens_per_sec'] / ng['tokens_per_sec']:.3f}x, "
-                  f"median step {ng['median_step_ms'] / ll['median_step_ms']:.3f}x, "
-                  f"CPU/step {ng['cpu_ms_per_step'] / ll['cpu_ms_per_step']:.3f}x", flush=True)
-    lines = [f"\n{head}; {args.steps} steps, {args.repeats} repeats (nanoGPT then llmlab in each)", "",
-             f"    cd {nanogpt} && {ng_cmd}", f"    {ll_cmd}", "",
-             "| repeat | run | val loss | tokens/s | median step ms | CPU ms/step | whole run s | "
-             "llmlab/nanoGPT tokens/s | by median step | by CPU/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r, (ng, ll) in enumerate(rows):
-        for name, res in (("nanoGPT", ng), ("llmlab", ll)):
-            if res is None:
-                continue
-            ratios = "| | |"
-            if name == "llmlab" and ng is not None:
-                ratios = (f"{ll['tokens_per_sec'] / ng['tokens_per_sec']:.3f}x | "
-                          f"{ng['median_step_ms'] / ll['median_step_ms']:.3f}x | "
-                          f"{ng['cpu_ms_per_step'] / ll['cpu_ms_per_step']:.3f}x |")
+        row = {}
+        if not args.skip_nanogpt:
+            row["nanoGPT"] = run_nanogpt(nanogpt, args.steps, args.threads, args.work, extra=ng_extra)
+            report(r, "nanoGPT", row["nanoGPT"], None)
+        for label, (overrides, root) in variants.items():
+            row[label] = run_llmlab(args.steps, train, val, overrides, args.threads, args.work, root=root)
+            report(r, label, row[label], row.get("nanoGPT"))
+        rows.append(row)
+    lines = [f"\n{head}; {args.steps} steps, {args.repeats} repeats (in each: "
+             f"{', '.join(['nanoGPT'] * (not args.skip_nanogpt) + list(variants))})", "",
+             f"    cd {nanogpt} && {ng_cmd}"]
+    for label, (overrides, root) in variants.items():
+        lines.append(f"    {label}: {'cd ' + str(root) + ' && ' if root != ROOT else ''}"
+                     f"{' '.join(llmlab_command(args.steps, train, val, overrides))}")
+    lines += ["", "| repeat | run | val loss | tokens/s | median step ms | CPU ms/step | whole run s | "
+              "vs nanoGPT: tokens/s | by median step | by CPU/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r, row in enumerate(rows):
+        ng = row.get("nanoGPT")
+        for name, res in row.items():
             lines.append(f"| {r} | {name} | {res['val_loss']:.4f} | {res['tokens_per_sec']:,.0f} | "
                          f"{res['median_step_ms']:.1f} | {res['cpu_ms_per_step']:.1f} | "
-                         f"{res['process_wall_s']:.0f} | {ratios}")
+                         f"{res['process_wall_s']:.0f} | {ratios(res, ng)}")
     if rows and not args.skip_nanogpt:
-        for key, label, inv in (("tokens_per_sec", "tokens/s", False), ("median_step_ms", "median step", True),
-                                ("cpu_ms_per_step", "CPU/step", True)):
-            ratios = [(ng[key] / ll[key]) if inv else (ll[key] / ng[key]) for ng, ll in rows]
-            lines.append(f"\nllmlab / nanoGPT by {label}: median {statistics.median(ratios):.3f}x "
-                         f"(each repeat: {', '.join(f'{x:.3f}' for x in ratios)})")
+        lines.append("")
+        for label in variants:
+            for key, what in (("tokens_per_sec", "tokens/s"), ("median_step_ms", "median step"),
+                              ("cpu_ms_per_step", "CPU/step")):
+                xs = [ratio(row[label], row["nanoGPT"], key) for row in rows]
+                lines.append(f"{label} / nanoGPT by {what}: median {statistics.median(xs):.3f}x "
+                             f"(each repeat: {', '.join(f'{x:.3f}' for x in xs)})  ")
     table = "\n".join(lines)
     print(table)
     if args.append:
         with open(args.append, "a") as f:
             f.write(table + "\n")
+    if args.components:
+        text = components(nanogpt, args.threads, args.components)
+        print(text)
+        if args.append:
+            with open(args.append, "a") as f:
+                f.write(text + "\n")
     if args.profile:
         window = tuple(int(x) for x in args.profile.split(","))
         ng = None if args.skip_nanogpt else run_nanogpt(nanogpt, window[1] + 10, args.threads, args.work, window,
