@@ -25,8 +25,13 @@ within one repeat (llmlab / the nanoGPT run just before it).
 Validation loss: nanoGPT's own estimate at step 2,000 (mean of `eval_iters` random batches of the validation
 text, 200 here as the issue measured); llmlab's is exact (every 64-token block of the validation text once).
 
-    PYTHONPATH=. python bench/nanogpt_shakespeare.py --nanogpt /path/to/nanoGPT [--repeats 2]
-        [--steps 2000] [--llmlab-extra "k=v k=v"] [--profile 100,240] [--components 200] [--append bench/out/nanogpt_shakespeare.md]
+    PYTHONPATH=. python bench/nanogpt_shakespeare.py --nanogpt /path/to/nanoGPT [--repeats 2] [--threads 1]
+        [--steps 2000] [--llmlab-extra "k=v k=v"] [--nanogpt-extra "--n_layer=1"] [--variant LABEL="k=v ..."]
+        [--baseline OTHER_CHECKOUT] [--profile 100,240] [--components 200] [--append bench/out/nanogpt_shakespeare.md]
+
+--threads N sets OMP_NUM_THREADS for both (default: torch's, one per core; on a loaded 2-core machine two
+threads spin-wait, see bench/RESULTS.md). --variant adds another llmlab run to each repeat (the recipe plus
+those overrides); --baseline another llmlab checkout run the same way (before/after a change).
 
 --components REPS: the parts of one step (forward+loss, backward, clipping, AdamW) on both models in this
 process, interleaved, without either framework: what the models cost apart from the loops around them.
@@ -201,6 +206,7 @@ def components(nanogpt: Path, threads: int | None, reps: int) -> str:
     GPT (imported from the checkout), without either framework around them: forward + loss, backward,
     clipping (+ llmlab's non-finite check on llmlab's side), AdamW step + zero_grad (for-loop as both use on
     CPU, and fused). CPU milliseconds, median over `reps` steps after 10 warm-up steps."""
+    # lazy: --components only; the default mode runs both trainers in child processes and needs none of these
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -211,7 +217,7 @@ def components(nanogpt: Path, threads: int | None, reps: int) -> str:
     if threads:
         torch.set_num_threads(threads)
     sys.path.insert(0, str(nanogpt))
-    from model import GPT, GPTConfig  # nanoGPT's model.py
+    from model import GPT, GPTConfig  # lazy: nanoGPT's model.py, from the --nanogpt checkout put on sys.path above
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=nanogpt_shakespeare_char", "data.train_files=[x]",
