@@ -28,3 +28,42 @@ class StepCPUTime(L.Callback):
     def on_train_end(self, trainer, pl_module):
         with open(self.path, "w") as f:
             json.dump({"cpu_seconds": self.cpu, "wall_seconds": self.wall, "timed_steps": self.steps}, f)
+
+
+class StepTimes(L.Callback):
+    """Each training step's wall and CPU seconds (time between consecutive train batch ends), validation
+    and the first step excluded, as bench/nanogpt_shakespeare.py times nanoGPT's steps. With
+    `profile_from`/`profile_to` (steps), cProfile runs over that window and its stats go to `path`.prof."""
+
+    def __init__(self, path: str, profile_from: int | None = None, profile_to: int | None = None):
+        self.path, self.last, self.wall, self.cpu = path, None, [], []
+        self.window, self.profiler = (profile_from, profile_to), None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = (time.perf_counter(), time.process_time())
+        if self.last is not None:
+            self.wall.append(now[0] - self.last[0])
+            self.cpu.append(now[1] - self.last[1])
+        self.last = now
+        step = trainer.global_step
+        if self.window[0] is not None and step == self.window[0]:
+            import cProfile  # lazy: only when profiling
+
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
+        elif self.profiler is not None and step == self.window[1]:
+            self.profiler.disable()
+            self.profiler.dump_stats(self.path + ".prof")
+            self.profiler = None
+
+    def on_validation_start(self, trainer, pl_module):
+        self._t_val = (time.perf_counter(), time.process_time())
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.last is not None:  # validation is not a step's time
+            self.last = (self.last[0] + time.perf_counter() - self._t_val[0],
+                         self.last[1] + time.process_time() - self._t_val[1])
+
+    def on_train_end(self, trainer, pl_module):
+        with open(self.path, "w") as f:
+            json.dump({"wall": self.wall, "cpu": self.cpu}, f)

@@ -136,7 +136,8 @@ def test_conf_tree_is_what_help_readme_and_entry_points_say():
 # data files with required values (`???`) the user gives on the command line
 REQUIRED = {("data", "text"): ["data.train_files=/data/train.jsonl"], ("data", "hub"): ["data.name=some/dataset"],
             ("reward", "model"): ["reward.model.path=/runs/rm"], ("reward", "user"): ["reward.user.fn=my_rewards:score"],
-            ("model", "hf"): ["model.pretrained=Qwen/Qwen2.5-0.5B-Instruct"]}
+            ("model", "hf"): ["model.pretrained=Qwen/Qwen2.5-0.5B-Instruct"],
+            ("experiment", "nanogpt_shakespeare_char"): ["data.train_files=/data/tinyshakespeare.txt"]}
 
 
 # pipeline and eval choices belong to their own roots (pipeline.yaml, eval.yaml): tests/test_pipeline.py and
@@ -182,6 +183,8 @@ def stand_ins(tmp_path_factory):
                          architectures=["GPT2ForSequenceClassification"]).save_pretrained(root / "rm")
     AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259,
                          architectures=["GPT2LMHeadModel"]).save_pretrained(root / "lm")
+    (root / "text.jsonl").write_text('{"text": "' + "To be, or not to be. " * 50 + '"}\n')  # one document
+    (root / "text.txt").write_text("To be, or not to be.\n" * 50)  # a play in one .txt file
     return root
 
 
@@ -190,7 +193,9 @@ def experiment_names():
 
 
 # what an experiment leaves to the caller (the pipeline passes {rm} to the PPO recipe)
-EXPERIMENT_NEEDS = {"rlhf_opt1.3b": lambda d: [f"stage.reward_model={d / 'rm'}"]}
+EXPERIMENT_NEEDS = {"rlhf_opt1.3b": lambda d: [f"stage.reward_model={d / 'rm'}"],
+                    # the caller's copy of tinyshakespeare
+                    "nanogpt_shakespeare_char": lambda d: [f"data.train_files=[{d / 'text.txt'}]"]}
 
 
 @pytest.mark.parametrize("name", experiment_names())

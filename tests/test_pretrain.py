@@ -153,3 +153,19 @@ def test_tensorboard_and_wandb_offline_loggers(cli):
     run = cli(*FAST, "logger=tensorboard")
     assert_ok(run)
     assert list((run.dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_nanogpt_shakespeare_recipe_runs(cli, tmp_path):
+    """conf/experiment/nanogpt_shakespeare_char.yaml (bench/nanogpt_shakespeare.py's llmlab side) for a few
+    steps on a small play in one .txt file: one document, its last 10% of tokens for validation."""
+    text = "".join(f"Citizen {i}:\nWe are accounted poor citizens, the patricians good.\n\n" for i in range(60))
+    (tmp_path / "play.txt").write_text(text)
+    run = cli("experiment=nanogpt_shakespeare_char", f"data.train_files=[{tmp_path / 'play.txt'}]",
+              "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+              env={"LLMLAB_CACHE": str(tmp_path / "cache")})
+    assert_ok(run)
+    s = run.summary
+    assert s["status"] == "finished" and s["global_step"] == 4 and s["val_loss_last"] < s["val_loss_first"]
+    cfg = json.loads((run.dir / "hf" / "config.json").read_text())
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_positions"]) == (4, 128, 4, 64)
+    assert cfg["activation_function"] == "gelu"  # nanoGPT's nn.GELU()
