@@ -46,6 +46,15 @@ def run(root: Path, name: str, *overrides: str, launcher: str = "lightning") -> 
     return result
 
 
+def built_once(base: str) -> None:
+    """Build a cached tiny base (llmlab/models/bases.py) here, without a time limit, before a run starts from it:
+    after a code change the first run to need one builds it (several minutes at one thread: tiny-pretrained, then
+    the SFT run on it), which a run's RUN_TIMEOUT_S (there to catch hangs) must not have to cover."""
+    from llmlab.models.bases import ensure_base
+
+    ensure_base(base)
+
+
 def losses(result: Result, key: str = "train/loss") -> list[float]:
     points = result.losses(key)
     assert [s for s, _ in points] == list(range(1, len(points) + 1)), points  # one value per optimizer step
@@ -295,6 +304,7 @@ SFT = ["stage=sft", "model=tiny_sft", *QUIET, "trainer.max_steps=2", "trainer.va
 def test_sft_validation_generation_under_zero3_equals_ddp(runs_root):
     """stage=sft validates with greedy generation (exact match) before step 0 and at step 2; under
     ZeRO-3 (synchronised generation across ranks) it finishes and gives DDP's numbers."""
+    built_once("tiny-sft")
     ddp = run(runs_root, "sft_ddp", *SFT, "strategy=ddp", "trainer.devices=2")
     zero3 = run(runs_root, "sft_zero3", *SFT, "strategy=zero3", "trainer.devices=2")
     for key in ("val/exact_match", "val/loss"):
@@ -316,6 +326,7 @@ def test_ppo_steps_under_zero3_equal_ddp(runs_root):
 
     if "ppo" not in available_stages():
         pytest.skip("stage=ppo not available yet")
+    built_once("tiny-sft-early")
     common = ["stage=ppo", "trainer.devices=2", *QUIET, "trainer.max_steps=4", "trainer.val_check_interval=2",
               "trainer.limit_val_batches=1", "data.n_train=64", "data.n_val=8", "data.batch_size=4",
               "data.val_batch_size=4", "stage.module.mini_batch_size=4", "stage.module.ppo_epochs=2",
@@ -379,6 +390,7 @@ def test_grpo_under_deepspeed_equals_ddp(runs_root, strategy):
               "data.val_batch_size=4", "stage.module.num_generations=4", "stage.module.mini_batch_size=4",
               "stage.module.max_completion_length=6", "stage.module.beta=0.04", "stage.module.loss_type=bnpo",
               *NO_EXTRAS, *NO_CKPT]
+    built_once("tiny-sft-early")
     ddp = run(runs_root, "grpo_ddp", *common, "strategy=ddp")
     ds = run(runs_root, f"grpo_{strategy}", *common, f"strategy={strategy}")
     assert ds.summary["global_step"] == ddp.summary["global_step"] == 4 and ds.summary["world_size"] == 2
