@@ -360,6 +360,16 @@ stop_munge() {
   fi
 }
 
+# node_namespace <command>: the network namespace of $NODE_ARG (root, a named node, a running two-node cluster)
+node_namespace() {
+  need_root
+  [ -n "$NODE_ARG" ] || { echo "usage: $0 $1 node1|node2" >&2; exit 2; }
+  local ns
+  ns="$(ns_of "$NODE_ARG")"
+  ip netns list | grep -qw "^$ns" || die "no network namespace $ns: start the cluster with --nodes 2"
+  echo "$ns"
+}
+
 case "$CMD" in
   start)
     need_root
@@ -388,10 +398,7 @@ case "$CMD" in
     rm -rf "$BASE"
     ;;
   kill-node)
-    need_root
-    [ -n "$NODE_ARG" ] || { echo "usage: $0 kill-node node1|node2" >&2; exit 2; }
-    ns="$(ns_of "$NODE_ARG")"
-    ip netns list | grep -qw "^$ns" || die "no network namespace $ns: start the cluster with --nodes 2"
+    ns="$(node_namespace kill-node)"
     # link first: a dead machine sends no FIN/RST, so its peers are not told (they wait, as on a cluster)
     ip -n "$ns" link set eth0 down
     pids="$(ip netns pids "$ns")"
@@ -400,10 +407,7 @@ case "$CMD" in
     log "node $NODE_ARG killed (link down; SIGKILL to pids:" $pids ")"
     ;;
   revive-node)
-    need_root
-    [ -n "$NODE_ARG" ] || { echo "usage: $0 revive-node node1|node2" >&2; exit 2; }
-    ns="$(ns_of "$NODE_ARG")"
-    ip netns list | grep -qw "^$ns" || die "no network namespace $ns: start the cluster with --nodes 2"
+    ns="$(node_namespace revive-node)"
     ip -n "$ns" link set eth0 up
     if ! pid_alive "$BASE/run/slurmd-$NODE_ARG.pid"; then
       log "starting slurmd ($NODE_ARG, network namespace $ns)"

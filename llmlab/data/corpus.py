@@ -89,6 +89,18 @@ def cache_root(data_cfg) -> Path:
     return Path(os.environ.get("LLMLAB_CACHE", Path.home() / ".cache" / "llmlab")) / "corpora"
 
 
+def writable(root: Path) -> None:
+    """Create the cache directory and check that it can be written, or say which setting to change (one line)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise DataError(f"data.cache_dir={root} cannot be written ({type(err).__name__}: {err.strerror or err}); "
+                        f"set data.cache_dir (or LLMLAB_CACHE) to a writable directory") from None
+
+
 def _key_changes(old: dict, new: dict) -> str:
     names = {"files": "the files (path, size or mtime)", "tokenizer": "the tokenizer",
              "text_field": "data.text_field", "sample_by": "data.sample_by", "records": "the records selected "
@@ -285,14 +297,7 @@ def prepared(root: Path, name: str, key: dict, records, tokenizer, text_field: s
              n_bytes: int = 0) -> Path:
     """The directory of the corpus for `key`, tokenized now if no intact one exists. `records()` gives the
     records (called only when tokenizing: a cache hit reads no data file)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise DataError(f"data.cache_dir={root} cannot be written ({type(err).__name__}: {err.strerror or err}); "
-                        f"set data.cache_dir (or LLMLAB_CACHE) to a writable directory") from None
+    writable(root)
     path = root / f"{name}-{key_digest(key)}"
     with _locked(root / f"{path.name}.lock"):
         if path.is_dir():
@@ -488,11 +493,7 @@ def cached_examples(data_cfg, data_format: str, format_args: dict, tokenizer, sp
            "format_args": to_plain(format_args), "sample_by": d.get("sample_by"),
            "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None)}
     root = cache_root(d)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"data.cache_dir={root} cannot be written ({type(err).__name__}: {err.strerror or err}); "
-                        f"set data.cache_dir (or LLMLAB_CACHE) to a writable directory") from None
+    writable(root)
     path = root / f"{name}-{data_format}-{key_digest(key)}"
     with _locked(root / f"{path.name}.lock"):
         meta_file = path / "meta.json"
