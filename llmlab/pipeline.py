@@ -35,6 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from llmlab.checks.settings import override_list
+from llmlab.checkpointing.run_dir import open_logs
 from llmlab.errors import PipelineError, fail, guard_hydra
 from llmlab.evaluation.compare import run_eval_step
 from llmlab.redact import redact, redact_logs, redact_text
@@ -216,6 +217,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
         raise PipelineError(f"stage_overrides.{unknown[0]}: no such stage in pipeline={cfg.pipeline.name}; "
                             f"stages: {', '.join(names)}")
 
+    open_logs()  # the chain's checks passed: pipeline.log from here (a refused chain leaves none)
     outputs: dict[str, str] = {}
     entries: list[dict] = []
     upstream_ran = False

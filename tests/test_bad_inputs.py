@@ -405,6 +405,20 @@ def test_refused_command_killed_midway_leaves_run_dir_untouched(catalog, tmp_pat
     assert seen == [] and _changes(before, _tree_state(run)) == []
 
 
+def test_refused_chain_leaves_no_pipeline_log(catalog):
+    """A chain refused by its own checks (before any stage runs) writes nothing into its out dir: its
+    pipeline.log is held in memory and opened only once the checks pass (Hydra's default job logging
+    created an empty one at start). A chain whose stage refuses a setting got that far: it has its log."""
+    runs = Path(catalog["places"]["tmp"]) / "runs"
+    refused = [c.id for c in CASES if c.module == "llmlab.pipeline" and c.id != "pipeline-stage-refuses-setting"]
+    assert len(refused) == 6
+    for case_id in refused:
+        out = runs / case_id
+        assert not out.exists() or list(out.iterdir()) == [], (case_id, list(out.iterdir()))
+    log = runs / "pipeline-stage-refuses-setting" / "pipeline.log"
+    assert "[1/4] pretrain" in log.read_text()
+
+
 def test_successful_run_has_its_hydra_files(catalog):
     """A run that passed its checks has .hydra/config.yaml, hydra.yaml and overrides.yaml as Hydra wrote
     them (llmlab writes them, atomically, once the checks pass): the job config unresolved, the hydra

@@ -17,8 +17,9 @@ byte-identical, even when two such commands run at once or one is killed mid-way
   untouched: the held records are dropped (they were on the console).
 
 A refused command writes nothing into an existing run dir, so concurrent refused commands cannot undo
-one another and a SIGKILL at any moment leaves nothing half-done. Used by `python -m llmlab.run` only:
-`llmlab.pipeline` and `llmlab.eval` already set `hydra.output_subdir: null`.
+one another and a SIGKILL at any moment leaves nothing half-done. Used by `python -m llmlab.run`;
+`llmlab.pipeline` (no `.hydra/`: `hydra.output_subdir: null`) defers only its `pipeline.log` (`open_logs()`
+once its checks pass) and `llmlab.eval` writes no job log.
 """
 from __future__ import annotations
 
@@ -136,6 +137,12 @@ def commit() -> None:
         out.mkdir(parents=True, exist_ok=True)
         for name, text in _job["files"].items():
             atomic_write_text(out / name, text)
+    open_logs()
+
+
+def open_logs() -> None:
+    """Open every deferred job log (write the held records, then every later one). `llmlab.pipeline` calls it
+    alone once its checks pass: it writes no `.hydra/`; a refused chain leaves no `pipeline.log` behind."""
     for handler in list(_handlers):
         handler.open_log()
 
