@@ -19,6 +19,7 @@ export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 # one thread: the tiny models leave a second thread idle (the serial suite used one core of two), and
 # two workers x two threads would oversubscribe the cores. conftest.py hands the workers whole modules.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# every tier (plain `pytest` runs only the fast one: pyproject.toml addopts); a -m of yours replaces this one
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${LLMLAB_TEST_WORKERS:-auto}" \
+# every tier (plain `pytest` runs only the fast one: pyproject.toml addopts); a -m of yours replaces this one;
+# the 40 slowest tests are listed at the end (where the suite's time goes, in CI's output too)
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${LLMLAB_TEST_WORKERS:-auto}" --durations=40 \
   -m "slow or not slow" "$@"

@@ -319,6 +319,7 @@ def test_catalog_has_40_cases_across_all_entry_points():
                        "llmlab.eval"}
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line(catalog, case):
     r = catalog["results"][case.id]
@@ -334,6 +335,7 @@ def test_bad_input_is_one_line(catalog, case):
         assert r["seconds"] < case.max_seconds, f"took {r['seconds']:.1f} s\n{shown}"
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_existing_run_dir_is_left_byte_identical(catalog):
     """The export/generate/report/resume cases pointed at a finished run (two resume cases run into it,
     concurrently with others): nothing was written there, not even rewritten with the same bytes: no file
@@ -405,6 +407,7 @@ def test_refused_command_killed_midway_leaves_run_dir_untouched(catalog, tmp_pat
     assert seen == [] and _changes(before, _tree_state(run)) == []
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_refused_chain_leaves_no_pipeline_log(catalog):
     """A chain refused by its own checks (before any stage runs) writes nothing into its out dir: its
     pipeline.log is held in memory and opened only once the checks pass (Hydra's default job logging
@@ -419,6 +422,7 @@ def test_refused_chain_leaves_no_pipeline_log(catalog):
     assert "[1/4] pretrain" in log.read_text()
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_successful_run_has_its_hydra_files(catalog):
     """A run that passed its checks has .hydra/config.yaml, hydra.yaml and overrides.yaml as Hydra wrote
     them (llmlab writes them, atomically, once the checks pass): the job config unresolved, the hydra
@@ -483,6 +487,7 @@ def test_hub_load_errors_are_rephrased():
                         "and weights, or check the hub name")
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_load_full_weights_is_accepted_where_it_works(catalog):
     """The resume check suggests strategy.load_full_weights=true for a single-file checkpoint: it must
     then accept it with ZeRO-3 (the only stage where Lightning loads full weights), and refuse ZeRO-2."""

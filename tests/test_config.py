@@ -296,6 +296,7 @@ WAS_LEFT_OUT = ["llmlab/stages/common.py", "llmlab/losses/__init__.py", "llmlab/
                 "conf/model/tiny.yaml", "conf/trainer/default.yaml", "conf/data/builtin.yaml", "conf/train.yaml"]
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_base_fingerprint_changes_with_any_source_or_config(project_copy):
     digest = bases.sources_digest.__wrapped__  # uncached: files change under it here
     assert digest(project_copy) == digest(ROOT)  # by content, not location

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import re
 
+import pytest
+
 from conftest import FAST, assert_ok
 from llmlab.console import NOISE, ConsoleFormatter, is_noise
 
@@ -11,6 +13,7 @@ from llmlab.console import NOISE, ConsoleFormatter, is_noise
 ALLOWED_WARNINGS: tuple[str, ...] = ()
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_default_job_console_is_quiet_and_says_each_thing_once(cli):
     overrides = [o for o in FAST if not o.startswith("trainer.enable_progress_bar")]
     run = cli(*overrides)

@@ -113,6 +113,7 @@ def default_run(tmp_path_factory):
     return run_cli(tmp_path_factory.mktemp("devices") / "run", *FAST)
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_cpu_path_for_real_first_line_and_resolved_config(default_run):
     assert_ok(default_run)
     lines = [ln for ln in default_run.stdout.splitlines() if ln.strip()]

@@ -94,6 +94,7 @@ def test_export_cli_quantize_int8_from_a_run(lora_run, tmp_path):
     assert (q - m).abs().max() < 0.05 * m.abs().max()
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_export_cli_merges_an_adapter_directory(lora_run, tiny_gpt2_dir, tmp_path):
     proc = run_module("llmlab.export", str(lora_run.dir / "hf_adapter"), "--out", str(tmp_path / "m"), "--base", str(tiny_gpt2_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]

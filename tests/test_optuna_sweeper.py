@@ -97,6 +97,7 @@ def test_search_completes_planned_trials(tmp_path):
     assert len(_study(tmp_path).trials) == 6
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_killed_search_resumes_to_planned_total(tmp_path):
     events = tmp_path / "events.jsonl"
     args = ("hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2", "sleep=0.7", f"events={events}")

@@ -116,6 +116,7 @@ def test_rlhf_pipeline_runs_end_to_end(rlhf_run):
     assert (out / "eval_comparison.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_restarting_skips_finished_stages(rlhf_run):
     out, args, first = rlhf_run
     assert first.returncode == 0

@@ -222,12 +222,14 @@ def test_ppo_with_a_trained_reward_model(cli):
         assert isinstance(s.get(key), float) and math.isfinite(s[key]), (key, s.get(key))
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_ppo_without_reward_is_refused(cli):
     run = cli(*TINY, "stage.rule_reward=null")
     assert run.returncode == 2
     assert "no reward source" in run.stderr and "stage.reward_model" in run.stderr
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_reward_model_must_be_a_sequence_classifier(cli, tmp_path):
     model, tok = tiny_lm()
     model.save_pretrained(tmp_path / "lm")

@@ -155,6 +155,7 @@ def test_tensorboard_and_wandb_offline_loggers(cli):
     assert list((run.dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_nanogpt_shakespeare_recipe_runs(cli, tmp_path):
     """conf/experiment/nanogpt_shakespeare_char.yaml (bench/nanogpt_shakespeare.py's llmlab side) for a few
     steps on a small play in one .txt file: one document, its last 10% of tokens for validation."""

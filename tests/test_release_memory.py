@@ -45,6 +45,7 @@ def test_freed_heap_blocks_are_returned_only_with_the_option(mode):
         assert returned < 10  # glibc keeps them for reuse (measured: 0)
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_run_with_the_option_trains_the_same(cli, tmp_path):
     histories = {}
     for value in ("false", "true"):

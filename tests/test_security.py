@@ -117,6 +117,7 @@ def test_every_torch_load_is_weights_only():
     assert [c for c in calls if "weights_only=True" not in c[1]] == []
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_export_refuses_a_pickled_payload(secret_run, tmp_path):
     """A crafted checkpoint whose unpickling would run a command: llmlab.export refuses it (exit 2)
     without running it."""
@@ -137,6 +138,7 @@ def test_export_refuses_a_pickled_payload(secret_run, tmp_path):
     assert "Traceback" not in proc.stderr and not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_export_refuses_a_deepspeed_dir_with_a_payload(secret_run, tmp_path):
     """DeepSpeed unpickles its shards with weights_only=False: llmlab.export lists their globals first
     and refuses a shard that would run a command."""

@@ -75,6 +75,7 @@ def test_rm_encoder_base(cli, tmp_path):
     assert type(model).__name__ == "DebertaV2ForSequenceClassification"
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_rm_refuses_data_without_pairs(cli, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text('{"prompt": "reverse abc", "response": "cba"}\n' * 20)

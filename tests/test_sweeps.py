@@ -36,6 +36,7 @@ def job_dirs(sweep: Path) -> list[Path]:
     return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_multirun_records_failed_job_and_report_lists_every_job(tmp_path):
     """3 jobs, one with a value refused by the job's checks (lr=-1): the sweep completes,
     the failure is recorded, and the report ranks the two others."""
@@ -154,6 +155,7 @@ def _results(sweep: Path) -> dict:
         return {}
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_optuna_search_killed_and_restarted_completes_the_plan(tmp_path):
     """hparams_search=pretrain_lr with 3 planned trials: SIGKILL while the 2nd trial trains, start the
     same command again: 3 COMPLETE trials, the finished one not run again, the killed one retried."""
@@ -203,6 +205,7 @@ def test_optuna_search_killed_and_restarted_completes_the_plan(tmp_path):
     assert "Optuna study `pretrain_lr`: 3/3 trials complete" in rep["markdown"]
 
 
+@pytest.mark.slow  # over ~7 s of CPU: the fast tier (plain pytest) stays under 5 min serially (2026-12-07)
 def test_search_with_locally_spawned_ddp_jobs_is_refused_with_the_reason(tmp_path):
     """Lightning starts extra local processes by re-running the command line: in an Optuna search that
     would start a second sweeper and hang the job; the job fails at once and the sweep says why."""
