@@ -1,6 +1,6 @@
 """Real model families: PEFT defaults without module names, QLoRA on a Llama, `model=hf`, and sft + LoRA through
 the CLI on tiny random llama and qwen3_moe dirs (tests/families.py). The slow tier runs every family x
-(full, lora, qlora): tests/test_family_matrix.py.
+(full, lora, qlora), dpo (lora), grpo and rm (`test_family_matrix`, `test_family_stage_matrix`).
 """
 from __future__ import annotations
 
@@ -147,33 +147,47 @@ def chat_file(tmp_path_factory):
     return path
 
 
-def sft_cell(model_dir, peft: str, chat_file, tmp_path, steps: int = 2):
-    """`steps` optimizer steps of stage=sft model=hf on the chat file, through a plain Lightning Trainer:
-    the first and last training losses."""
+def train_cell(model_dir, stage: str, peft: str, data_file, tmp_path, steps: int = 2, overrides=(), export=None):
+    """`steps` optimizer steps of `stage` model=hf on `data_file`, through a plain Lightning Trainer (the run's own
+    checks, tokenizer, datamodule and stage; `export`: a dir the run's `hf/` callback writes at the end):
+    (training losses, the weights at the start by name, the trained stage module)."""
     import lightning as L
 
+    from llmlab.callbacks.export import HFExport
     from llmlab.checks import entry as checks
     from llmlab.data.datamodule import LLMDataModule
     from llmlab.models.build import build_tokenizer
     from llmlab.stages.build import build_stage, stage_class
 
-    cfg = compose("stage=sft", "model=hf", f"model.pretrained={model_dir}", f"peft={peft}", "data=text",
-                  f"data.train_files={chat_file}", "data.batch_size=4", "data.block_size=128", tmp_path=tmp_path)
+    cfg = compose(f"stage={stage}", "model=hf", f"model.pretrained={model_dir}", f"peft={peft}", "data=text",
+                  f"data.train_files={data_file}", "data.batch_size=4", "data.block_size=128", *overrides,
+                  tmp_path=tmp_path)
     checks.check_config(cfg)
     tok = build_tokenizer(cfg.model)
     dm = LLMDataModule(cfg.data, stage_class(cfg.stage).data_format, tok, seed=0)
     module = build_stage(cfg, tok)
-    losses = []
+    losses, start = [], {}
 
     class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
+        def on_fit_start(self, trainer, pl_module):
+            start.update((n, p.detach().clone()) for n, p in pl_module.model.named_parameters())
 
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # grpo optimizes by hand and returns no loss: its logged mean loss of the rollout
+            loss = (outputs or {}).get("loss")
+            losses.append(float(loss if loss is not None else trainer.callback_metrics["train/loss"]))
+
+    callbacks = [Record()] + ([HFExport(str(export))] if export is not None else [])
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[Record()], default_root_dir=tmp_path)
+                        limit_val_batches=0, callbacks=callbacks, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
-    return losses
+    return losses, start, module
+
+
+def sft_cell(model_dir, peft: str, chat_file, tmp_path, steps: int = 2):
+    """The training losses of `steps` sft steps on the chat file."""
+    return train_cell(model_dir, "sft", peft, chat_file, tmp_path, steps)[0]
 
 
 def check_cell(family_dir, model_type, peft, chat_file, tmp_path):
@@ -214,3 +228,82 @@ def test_support_matrix_lists_every_family():
     from tests.support_matrix import DOC, family_section
 
     assert "\n".join(family_section()) in DOC.read_text(), "run: python -m tests.support_matrix --rejudge"
+
+
+# ---------------------------------------------------------------------------------------------------
+# dpo (lora), grpo (full) and rm (full, a sequence-classification head) per family; the run's hf/ export
+# reloaded by transformers; llmlab.generate and llmlab.eval on each family's dir
+# ---------------------------------------------------------------------------------------------------
+# stage -> the peft it runs with: LoRA where the reference is the adapter-off model (dpo: no second copy);
+# grpo and rm fully (64-wide models: full fine-tuning costs no more than LoRA, and it trains every weight)
+STAGE_CELLS = {"dpo": "lora", "grpo": "none", "rm": "none"}
+# (model_type, stage) -> the reason it is refused (ConfigError before weights load)
+STAGE_REFUSED: dict[tuple[str, str], str] = {}
+LINES = ["hear me speak", "Speak, speak.", "You are all resolved rather to die than to famish?",
+         "Resolved. resolved.", "First, you know Caius Marcius is chief enemy to the people."]
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory):
+    """prompt/chosen/rejected string records (dpo, rm)."""
+    import json
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": LINES[i % 5], "chosen": LINES[(i + 1) % 5],
+                                        "rejected": LINES[(i + 3) % 5][::-1]}) + "\n" for i in range(40)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    """prompt records (grpo)."""
+    import json
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": LINES[i % 5]}) + "\n" for i in range(40)))
+    return path
+
+
+# grpo: 2 rollouts of 2 prompts x 4 completions, 6 tokens each; the format reward (1 when a completion holds an
+# "e") varies inside a group of a random model's completions, so advantages are not all zero and weights move
+GRPO = ("data.batch_size=2", "stage.module.num_generations=4", "stage.module.max_completion_length=6",
+        "reward=[format]", "reward.format.pattern=e", "reward.format.search=true", "seed=1")
+
+
+def stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
+    """2 steps of `stage` on the family; asserts what must change did and what must not did not."""
+    peft = STAGE_CELLS[stage]
+    data, extra = (prompt_file, GRPO) if stage == "grpo" else (pair_file, ())
+    if (model_type, stage) in STAGE_REFUSED:
+        with pytest.raises(ConfigError, match=STAGE_REFUSED[model_type, stage]):
+            train_cell(family_dir(model_type), stage, peft, data, tmp_path, overrides=extra)
+        return
+    losses, start, module = train_cell(family_dir(model_type), stage, peft, data, tmp_path, overrides=extra)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    trained = dict(module.model.named_parameters())
+    moved = {n for n, p in start.items() if not torch.equal(trained[n], p)}
+    if stage == "dpo":
+        from transformers import AutoModelForCausalLM
+
+        assert moved and all("lora_" in n for n in moved), sorted(moved)[:5]  # only the adapter trains
+        # the reference is the model with its adapter off: its weights are the dir's, bit for bit
+        base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trained.items()}
+        assert all(torch.equal(base[n], p) for n, p in AutoModelForCausalLM.from_pretrained(
+            family_dir(model_type)).named_parameters()), "the frozen reference moved"
+    else:
+        assert moved, f"{stage}: no weight changed"
+    if stage == "rm":
+        assert type(module.model).__name__.endswith("ForSequenceClassification")
+        assert {n for n in moved if n.startswith("score.")} and len(moved) > 1, sorted(moved)  # head and body
+
+
+@pytest.mark.parametrize("model_type,stage", [("llama", "dpo"), ("qwen3_moe", "grpo")])
+def test_stage_cells_on_a_dense_and_a_moe_family(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
+    stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(STAGE_CELLS))
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_stage_matrix(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
+    stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path)
