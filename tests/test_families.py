@@ -307,3 +307,65 @@ def test_stage_cells_on_a_dense_and_a_moe_family(family_dir, model_type, stage, 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_family_stage_matrix(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
     stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path)
+
+
+def export_cell(family_dir, model_type, peft, chat_file, tmp_path):
+    """2 sft steps, then the run's hf/ export (models/export.py; LoRA merged) reloaded by plain transformers gives
+    the trained module's logits, and not the starting dir's (an export that dropped the training would)."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, module = train_cell(family_dir(model_type), "sft", peft, chat_file, tmp_path, export=tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    start = AutoModelForCausalLM.from_pretrained(family_dir(model_type), dtype=torch.float32).eval()
+    ids = torch.randint(0, exported.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = module.model.eval()(input_ids=ids).logits  # (B, T, V)
+        got, before = exported(input_ids=ids).logits, start(input_ids=ids).logits
+    torch.testing.assert_close(got, trained, atol=1e-5, rtol=0)
+    assert (before - trained).abs().max() > 1e-3, "training left the logits where they started"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_export_logits(family_dir, model_type, peft, chat_file, tmp_path):
+    export_cell(family_dir, model_type, peft, chat_file, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_generate_and_eval_on_every_family(family_dir, model_type, tmp_path):
+    """`llmlab.generate` (its main, in this process: ten interpreter starts would cost ~1 min) greedy on plain
+    prompts == transformers' own greedy `generate` (its tokenizer's BOS included); `llmlab.eval eval=builtin`
+    (the CLI's function on the CLI's config) writes eval.json with both tasks' metrics."""
+    import json
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab.eval import evaluate_cli
+    from llmlab.generate import main as generate
+    from tests.conftest import CONF
+
+    model_dir, prompts = family_dir(model_type), ["hear me speak", "Speak, speak. First Citizen:"]
+    out = tmp_path / "generated.jsonl"
+    assert generate([str(model_dir), *(f"prompt={p}" for p in prompts), "template=none", "max_new_tokens=8",
+                     f"out={out}"]) == 0
+    generated = [json.loads(line)["generated"] for line in out.read_text().splitlines()]
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    expected = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt")
+        new = model.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        expected.append(tok.decode(new, skip_special_tokens=True))
+    assert generated == expected
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("eval", overrides=[f"path={model_dir}", "eval=builtin", "limit=4",
+                                               f"out={tmp_path / 'eval.json'}"])
+    evaluate_cli(cfg)
+    tasks = json.loads((tmp_path / "eval.json").read_text())["tasks"]
+    assert {t: sorted(v["metrics"]) for t, v in tasks.items()} == {
+        "llmlab_builtin_mc": ["acc", "acc_norm"], "llmlab_builtin_em": ["exact_match"]}
+    assert all(0.0 <= x <= 1.0 and v["n_samples"] == 4 for v in tasks.values() for x in v["metrics"].values())
