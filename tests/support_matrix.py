@@ -428,21 +428,21 @@ def family_section() -> list[str]:
              "each cell 2 optimizer steps in one CPU process (precision 32) by `tests/test_families.py` (slow tier; "
              "the fast tier runs sft lora on llama and qwen3_moe, dpo on llama, grpo on qwen3_moe). "
              "sft: multi-turn chat data, both steps with finite losses (`test_family_matrix`). "
-             "dpo, rm: prompt/chosen/rejected pairs; grpo: prompts, 2 rollouts of 2 x 4 sampled completions, a format "
+             "dpo, rm: prompt/chosen/rejected string pairs; grpo: prompts, 2 rollouts of 2 x 4 sampled completions, a format "
              "reward (`test_family_stage_matrix`). ✅ there: finite losses and the weights that should train changed "
              "(dpo: only the adapter, the reference = the dir's weights bit for bit; rm: the new score head and the "
-             "body). export: after 2 sft steps, the run's `hf/` (LoRA merged) reloaded by "
+             "body, with LoRA only the adapters in it). export: after 2 sft steps, the run's `hf/` (LoRA merged) reloaded by "
              "`AutoModelForCausalLM.from_pretrained` gives the trained module's logits (atol 1e-5, fp32) "
              "(`test_family_export_logits`). generate + eval: `llmlab.generate` greedy on plain prompts equals "
              "transformers' own greedy `generate`, `llmlab.eval eval=builtin` writes eval.json "
              "(`test_generate_and_eval_on_every_family`). LoRA targets are PEFT's per-architecture defaults, "
              "`all-linear` (every Linear but the head) for families PEFT has none for (phi3, qwen3_moe).", "",
              "| family | " + " | ".join(f"sft {peft_name.get(c, c)}" for c in CELLS) + " | "
-             + " | ".join(f"{stage} ({peft_name.get(peft, peft)})" for stage, peft in STAGE_CELLS.items())
+             + " | ".join(f"{stage} ({peft_name.get(peft, peft)})" for stage, peft in STAGE_CELLS)
              + " | export logits (full, lora) | generate + eval |",
              "|---|" + "---|" * (len(CELLS) + len(STAGE_CELLS) + 2)]
     for family in sorted(FAMILIES):
-        cells = [mark(REFUSED, (family, c)) for c in CELLS] + [mark(STAGE_REFUSED, (family, s)) for s in STAGE_CELLS]
+        cells = [mark(REFUSED, (family, c)) for c in CELLS] + [mark(STAGE_REFUSED, (family, *c)) for c in STAGE_CELLS]
         lines.append(f"| {family} | " + " | ".join(cells + ["✅", "✅"]) + " |")
     return lines + [""]
 

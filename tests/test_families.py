@@ -234,11 +234,12 @@ def test_support_matrix_lists_every_family():
 # dpo (lora), grpo (full) and rm (full, a sequence-classification head) per family; the run's hf/ export
 # reloaded by transformers; llmlab.generate and llmlab.eval on each family's dir
 # ---------------------------------------------------------------------------------------------------
-# stage -> the peft it runs with: LoRA where the reference is the adapter-off model (dpo: no second copy);
-# grpo and rm fully (64-wide models: full fine-tuning costs no more than LoRA, and it trains every weight)
-STAGE_CELLS = {"dpo": "lora", "grpo": "none", "rm": "none"}
-# (model_type, stage) -> the reason it is refused (ConfigError before weights load)
-STAGE_REFUSED: dict[tuple[str, str], str] = {}
+# (stage, peft): dpo with LoRA (the reference is the adapter-off model: no second copy); grpo fully (64-wide models:
+# full fine-tuning costs no more than LoRA and trains every weight); rm fully and with LoRA (PEFT's SEQ_CLS task
+# must keep each family's new score head trainable)
+STAGE_CELLS = [("dpo", "lora"), ("grpo", "none"), ("rm", "none"), ("rm", "lora")]
+# (model_type, stage, peft) -> the reason it is refused (ConfigError before weights load); none today
+STAGE_REFUSED: dict[tuple[str, str, str], str] = {}
 LINES = ["hear me speak", "Speak, speak.", "You are all resolved rather to die than to famish?",
          "Resolved. resolved.", "First, you know Caius Marcius is chief enemy to the people."]
 
@@ -270,12 +271,11 @@ GRPO = ("data.batch_size=2", "stage.module.num_generations=4", "stage.module.max
         "reward=[format]", "reward.format.pattern=e", "reward.format.search=true", "seed=1")
 
 
-def stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
+def stage_cell(family_dir, model_type, stage, peft, pair_file, prompt_file, tmp_path):
     """2 steps of `stage` on the family; asserts what must change did and what must not did not."""
-    peft = STAGE_CELLS[stage]
     data, extra = (prompt_file, GRPO) if stage == "grpo" else (pair_file, ())
-    if (model_type, stage) in STAGE_REFUSED:
-        with pytest.raises(ConfigError, match=STAGE_REFUSED[model_type, stage]):
+    if (model_type, stage, peft) in STAGE_REFUSED:
+        with pytest.raises(ConfigError, match=STAGE_REFUSED[model_type, stage, peft]):
             train_cell(family_dir(model_type), stage, peft, data, tmp_path, overrides=extra)
         return
     losses, start, module = train_cell(family_dir(model_type), stage, peft, data, tmp_path, overrides=extra)
@@ -294,19 +294,22 @@ def stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
         assert moved, f"{stage}: no weight changed"
     if stage == "rm":
         assert type(module.model).__name__.endswith("ForSequenceClassification")
-        assert {n for n in moved if n.startswith("score.")} and len(moved) > 1, sorted(moved)  # head and body
+        head = {n for n in moved if ".score." in f".{n}"}  # PEFT keeps it as score.modules_to_save.default
+        assert head and moved - head, sorted(moved)  # the new head and the body (LoRA: its adapters) trained
+        assert peft == "none" or all("lora_" in n for n in moved - head), sorted(moved - head)[:5]
 
 
-@pytest.mark.parametrize("model_type,stage", [("llama", "dpo"), ("qwen3_moe", "grpo")])
-def test_stage_cells_on_a_dense_and_a_moe_family(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
-    stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path)
+@pytest.mark.parametrize("model_type,stage,peft", [("llama", "dpo", "lora"), ("qwen3_moe", "grpo", "none")])
+def test_stage_cells_on_a_dense_and_a_moe_family(family_dir, model_type, stage, peft, pair_file, prompt_file,
+                                                 tmp_path):
+    stage_cell(family_dir, model_type, stage, peft, pair_file, prompt_file, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", sorted(STAGE_CELLS))
+@pytest.mark.parametrize("stage,peft", STAGE_CELLS)
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_family_stage_matrix(family_dir, model_type, stage, pair_file, prompt_file, tmp_path):
-    stage_cell(family_dir, model_type, stage, pair_file, prompt_file, tmp_path)
+def test_family_stage_matrix(family_dir, model_type, stage, peft, pair_file, prompt_file, tmp_path):
+    stage_cell(family_dir, model_type, stage, peft, pair_file, prompt_file, tmp_path)
 
 
 def export_cell(family_dir, model_type, peft, chat_file, tmp_path):
