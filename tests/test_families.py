@@ -328,6 +328,23 @@ def export_cell(family_dir, model_type, peft, chat_file, tmp_path):
     assert (before - trained).abs().max() > 1e-3, "training left the logits where they started"
 
 
+def test_generation_prompts_get_bos_once():
+    """generate_text encodes a plain prompt as training does (data/rows.py): Llama 3's and Gemma's BOS first (it
+    was left out, so every plain prompt to those families differed from training and from transformers'
+    `generate`); a prompt a chat template rendered, which starts with BOS, gets none added."""
+    from llmlab.evaluation.generation import prompt_ids
+    from tests.families import family_tokenizer
+
+    for template in ("llama3", "gemma3", "qwen2_5"):
+        tok = family_tokenizer(template)
+        plain = tok("hear me speak", add_special_tokens=False)["input_ids"]
+        bos = [tok.bos_token_id] if template != "qwen2_5" else []  # Qwen adds none
+        assert prompt_ids(tok, "hear me speak") == bos + plain
+        rendered = tok.apply_chat_template([{"role": "user", "content": "hear me speak"}], tokenize=False,
+                                           add_generation_prompt=True)
+        assert prompt_ids(tok, rendered) == tok(rendered, add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", ["none", "lora"])
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
