@@ -272,13 +272,16 @@ GRPO = ("data.batch_size=2", "stage.module.num_generations=4", "stage.module.max
 
 
 def stage_cell(family_dir, model_type, stage, peft, pair_file, prompt_file, tmp_path):
-    """2 steps of `stage` on the family; asserts what must change did and what must not did not."""
+    """2 steps of `stage` on the family; asserts what must change did and what must not did not (rm: and that its
+    hf/ export, LoRA and score head merged, scores as the trained module under AutoModelForSequenceClassification)."""
     data, extra = (prompt_file, GRPO) if stage == "grpo" else (pair_file, ())
+    export = tmp_path / "hf" if stage == "rm" else None
     if (model_type, stage, peft) in STAGE_REFUSED:
         with pytest.raises(ConfigError, match=STAGE_REFUSED[model_type, stage, peft]):
             train_cell(family_dir(model_type), stage, peft, data, tmp_path, overrides=extra)
         return
-    losses, start, module = train_cell(family_dir(model_type), stage, peft, data, tmp_path, overrides=extra)
+    losses, start, module = train_cell(family_dir(model_type), stage, peft, data, tmp_path, overrides=extra,
+                                       export=export)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
     trained = dict(module.model.named_parameters())
     moved = {n for n, p in start.items() if not torch.equal(trained[n], p)}
@@ -297,6 +300,15 @@ def stage_cell(family_dir, model_type, stage, peft, pair_file, prompt_file, tmp_
         head = {n for n in moved if ".score." in f".{n}"}  # PEFT keeps it as score.modules_to_save.default
         assert head and moved - head, sorted(moved)  # the new head and the body (LoRA: its adapters) trained
         assert peft == "none" or all("lora_" in n for n in moved - head), sorted(moved - head)[:5]
+        from transformers import AutoModelForSequenceClassification
+
+        exported = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32).eval()
+        # a right-padded batch: the score is read at each row's last token (config.pad_token_id must survive)
+        enc = module.tokenizer(["hear me speak", "Speak, speak. First Citizen: you know"], padding=True,
+                               return_tensors="pt")
+        with torch.no_grad():
+            want, got = module.model.eval()(**enc).logits, exported(**enc).logits  # (B, 1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("model_type,stage,peft", [("llama", "dpo", "lora"), ("qwen3_moe", "grpo", "none")])
