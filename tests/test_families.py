@@ -401,3 +401,24 @@ def test_generate_and_eval_on_every_family(family_dir, model_type, tmp_path):
     assert {t: sorted(v["metrics"]) for t, v in tasks.items()} == {
         "llmlab_builtin_mc": ["acc", "acc_norm"], "llmlab_builtin_em": ["exact_match"]}
     assert all(0.0 <= x <= 1.0 and v["n_samples"] == 4 for v in tasks.values() for x in v["metrics"].values())
+
+
+@pytest.mark.slow
+def test_generate_and_eval_cli_on_a_family_dir(family_dir, tmp_path):
+    """The two commands as a user types them, on a Gemma 3 dir (its tokenizer adds BOS): the same answers as
+    the in-process check above, and eval.json where out= says."""
+    import json
+
+    from llmlab.generate import main as generate
+    from tests.conftest import run_module
+
+    model_dir = family_dir("gemma3_text")
+    proc = run_module("llmlab.generate", str(model_dir), "prompt=hear me speak", "template=none", "max_new_tokens=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = [json.loads(line)["generated"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    out = tmp_path / "generated.jsonl"
+    assert generate([str(model_dir), "prompt=hear me speak", "template=none", "max_new_tokens=8", f"out={out}"]) == 0
+    assert cli == [json.loads(line)["generated"] for line in out.read_text().splitlines()]
+    proc = run_module("llmlab.eval", str(model_dir), "eval=builtin", "limit=2", f"out={tmp_path / 'eval.json'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(json.loads((tmp_path / "eval.json").read_text())["tasks"]) == {"llmlab_builtin_mc", "llmlab_builtin_em"}
