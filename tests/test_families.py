@@ -1,6 +1,8 @@
 """Real model families: PEFT defaults without module names, QLoRA on a Llama, `model=hf`, and sft + LoRA through
-the CLI on tiny random llama and qwen3_moe dirs (tests/families.py). The slow tier runs every family x
-(full, lora, qlora), dpo (lora), grpo and rm (`test_family_matrix`, `test_family_stage_matrix`).
+the CLI on tiny random llama and qwen3_moe dirs (tests/families.py), dpo on llama and grpo on qwen3_moe. The slow
+tier runs every family through sft x (full, lora, qlora) (`test_family_matrix`), dpo (lora), grpo (full), rm (full,
+lora) (`test_family_stage_matrix`), the hf/ export's logits (`test_family_export_logits`) and generate + eval
+(`test_generate_and_eval_on_every_family`); docs/support-matrix.md's family table is built from the tables here.
 """
 from __future__ import annotations
 
@@ -131,18 +133,21 @@ CELLS = ["none", "lora", "qlora"]
 REFUSED: dict[tuple[str, str], str] = {}
 
 
+# the text of every data file below (chat, pairs, prompts)
+LINES = ["hear me speak", "Speak, speak.", "You are all resolved rather to die than to famish?",
+         "Resolved. resolved.", "First, you know Caius Marcius is chief enemy to the people."]
+
+
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
     import json
 
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    lines = ["hear me speak", "Speak, speak.", "You are all resolved rather to die than to famish?",
-             "Resolved. resolved.", "First, you know Caius Marcius is chief enemy to the people."]
     with path.open("w") as f:
         for i in range(40):
-            msgs = [{"role": "user", "content": lines[i % 5]}, {"role": "assistant", "content": lines[(i + 1) % 5]}]
+            msgs = [{"role": "user", "content": LINES[i % 5]}, {"role": "assistant", "content": LINES[(i + 1) % 5]}]
             if i % 2:
-                msgs += [{"role": "user", "content": lines[(i + 2) % 5]}, {"role": "assistant", "content": lines[(i + 3) % 5]}]
+                msgs += [{"role": "user", "content": LINES[(i + 2) % 5]}, {"role": "assistant", "content": LINES[(i + 3) % 5]}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
@@ -231,7 +236,7 @@ def test_support_matrix_lists_every_family():
 
 
 # ---------------------------------------------------------------------------------------------------
-# dpo (lora), grpo (full) and rm (full, a sequence-classification head) per family; the run's hf/ export
+# dpo (lora), grpo (full) and rm (full, lora: a sequence-classification head) per family; the run's hf/ export
 # reloaded by transformers; llmlab.generate and llmlab.eval on each family's dir
 # ---------------------------------------------------------------------------------------------------
 # (stage, peft): dpo with LoRA (the reference is the adapter-off model: no second copy); grpo fully (64-wide models:
@@ -240,8 +245,6 @@ def test_support_matrix_lists_every_family():
 STAGE_CELLS = [("dpo", "lora"), ("grpo", "none"), ("rm", "none"), ("rm", "lora")]
 # (model_type, stage, peft) -> the reason it is refused (ConfigError before weights load); none today
 STAGE_REFUSED: dict[tuple[str, str, str], str] = {}
-LINES = ["hear me speak", "Speak, speak.", "You are all resolved rather to die than to famish?",
-         "Resolved. resolved.", "First, you know Caius Marcius is chief enemy to the people."]
 
 
 @pytest.fixture(scope="module")
