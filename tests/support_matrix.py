@@ -411,23 +411,40 @@ def render(outcomes: list[Outcome], command: str, seconds: float, updated: str =
 
 
 def family_section() -> list[str]:
-    """The model-family dimension: stage=sft x family x (full, lora, qlora), as tests/test_families.py's slow
-    `test_family_matrix` runs it (in-process, 2 steps) and its `REFUSED` table declares."""
+    """The model-family dimension, as tests/test_families.py's slow tier runs it (in-process, 2 steps a cell) and
+    its `REFUSED` / `STAGE_REFUSED` tables declare: sft x (full, lora, qlora) (`test_family_matrix`), dpo, grpo, rm
+    (`test_family_stage_matrix`), the hf/ export's logits (`test_family_export_logits`), generate + eval
+    (`test_generate_and_eval_on_every_family`)."""
     from tests.families import FAMILIES
-    from tests.test_families import CELLS, REFUSED
+    from tests.test_families import CELLS, REFUSED, STAGE_CELLS, STAGE_REFUSED
 
-    lines = ["## Model families (stage=sft, model=hf)", "",
+    def mark(refused: dict, key) -> str:
+        return f"refused: {refused[key]}" if key in refused else "✅"
+
+    peft_name = {"none": "full"}
+    lines = ["## Model families (model=hf)", "",
              "Tiny random models of each family (tests/families.py: 2 layers, 64 wide, 2 KV heads, a byte-level BPE "
              "tokenizer with the family's real chat template from TRL) loaded as `model=hf model.pretrained=<dir>`, "
-             "trained 2 optimizer steps of sft on multi-turn chat data (precision 32, one CPU process) by "
-             "`tests/test_families.py::test_family_matrix` (slow tier; llama and qwen3_moe with LoRA also in the fast "
-             "tier). ✅: both steps ran with finite losses. LoRA targets are PEFT's per-architecture defaults, "
+             "each cell 2 optimizer steps in one CPU process (precision 32) by `tests/test_families.py` (slow tier; "
+             "the fast tier runs sft lora on llama and qwen3_moe, dpo on llama, grpo on qwen3_moe). "
+             "sft: multi-turn chat data, both steps with finite losses (`test_family_matrix`). "
+             "dpo, rm: prompt/chosen/rejected string pairs; grpo: prompts, 2 rollouts of 2 x 4 sampled completions, a format "
+             "reward (`test_family_stage_matrix`). ✅ there: finite losses and the weights that should train changed "
+             "(dpo: only the adapter, the reference = the dir's weights bit for bit; rm: the new score head and the "
+             "body, with LoRA only the adapters in it; its `hf/` export scores as the trained module under "
+             "`AutoModelForSequenceClassification`). export: after 2 sft steps, the run's `hf/` (LoRA merged) reloaded by "
+             "`AutoModelForCausalLM.from_pretrained` gives the trained module's logits (atol 1e-5, fp32) "
+             "(`test_family_export_logits`). generate + eval: `llmlab.generate` greedy on plain prompts equals "
+             "transformers' own greedy `generate`, `llmlab.eval eval=builtin` writes eval.json "
+             "(`test_generate_and_eval_on_every_family`). LoRA targets are PEFT's per-architecture defaults, "
              "`all-linear` (every Linear but the head) for families PEFT has none for (phi3, qwen3_moe).", "",
-             "| family | " + " | ".join("full" if c == "none" else c for c in CELLS) + " |",
-             "|---|" + "---|" * len(CELLS)]
+             "| family | " + " | ".join(f"sft {peft_name.get(c, c)}" for c in CELLS) + " | "
+             + " | ".join(f"{stage} ({peft_name.get(peft, peft)})" for stage, peft in STAGE_CELLS)
+             + " | export logits (full, lora) | generate + eval |",
+             "|---|" + "---|" * (len(CELLS) + len(STAGE_CELLS) + 2)]
     for family in sorted(FAMILIES):
-        cells = [f"refused: {REFUSED[family, c]}" if (family, c) in REFUSED else "✅" for c in CELLS]
-        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        cells = [mark(REFUSED, (family, c)) for c in CELLS] + [mark(STAGE_REFUSED, (family, *c)) for c in STAGE_CELLS]
+        lines.append(f"| {family} | " + " | ".join(cells + ["✅", "✅"]) + " |")
     return lines + [""]
 
 

@@ -103,13 +103,18 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, *, 
         generate_kwargs.update(stop_strings=stop)
     size = max(1, int(batch_size)) if batch_size else max(1, len(prompts))
     texts: list[str] = []
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for i in range(0, len(prompts), size):
-            enc = tokenizer(prompts[i:i + size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-            texts += decode_new(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                **generate_kwargs)
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(prompts), size):
+        enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, p) for p in prompts[i:i + size]]}, padding=True,
+                            padding_side="left", return_tensors="pt").to(model.device)
+        texts += decode_new(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                            **generate_kwargs)
     return [cut_at_stop(t, stop) for t in texts]
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's tokens as training encodes a prompt (data/rows.py): with the tokenizer's own special tokens
+    (Llama's, Gemma's BOS: without it a Llama or Gemma model continues text it never saw), except where the
+    text already starts with BOS (a chat template wrote it; added again it would be doubled; lm-eval's HFLM
+    decides the same way)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
