@@ -44,9 +44,114 @@ def local_config(model_cfg) -> dict | None:
                           f"the model with save_pretrained") from None
 
 
+def config_overrides(model_cfg) -> dict:
+    """`model.config_overrides`: config values set over the architecture's own (a pretrained model's config.json,
+    or `config:`), e.g. `+model.config_overrides.output_router_logits=true` (conf/model/hf.yaml)."""
+    from llmlab.nodes import to_plain
+
+    overrides = to_plain(model_cfg.get("config_overrides")) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model.config_overrides={overrides!r}: give config keys and values, e.g. "
+                          f"+model.config_overrides.output_router_logits=true")
+    return overrides
+
+
 def architecture_values(model_cfg) -> dict:
-    """The architecture that will be built: a local directory's config.json, else the model file's `config:`."""
-    return local_config(model_cfg) or dict(model_cfg.get("config") or {})
+    """The architecture that will be built: a local directory's config.json, else the model file's `config:`,
+    with `model.config_overrides` over it."""
+    return {**(local_config(model_cfg) or dict(model_cfg.get("config") or {})), **config_overrides(model_cfg)}
+
+
+def _architecture_source(model_cfg, key: str) -> str:
+    """Where an architecture value comes from, as the user would change it."""
+    if key in config_overrides(model_cfg):
+        return f"model.config_overrides.{key}"
+    if local_config(model_cfg) is not None:
+        return f"model.pretrained={model_cfg.pretrained}: config.json's {key}"
+    return f"model.config.{key}"
+
+
+# sizes every architecture that has them needs >= 1 (transformers builds some zero/negative ones on the meta device
+# and fails later in a forward or at load; measured on transformers 5.25: llama builds hidden_size=0 and
+# num_hidden_layers=-1, qwen2 divides by zero in its rotary setup)
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "head_dim", "n_embd", "n_layer", "n_head", "ffn_dim", "moe_intermediate_size",
+                  "num_local_experts", "num_experts", "num_experts_per_tok")
+
+
+def check_architecture_values(model_cfg) -> None:
+    """The architecture's sizes, with the config alone: positive, heads that divide the width (unless head_dim
+    is given), key/value heads that divide the query heads (grouped-query attention), top-k <= experts."""
+    arch = architecture_values(model_cfg)
+    for key in POSITIVE_SIZES:
+        value = arch.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{_architecture_source(model_cfg, key)}={value!r}: must be a positive integer")
+    hidden, heads = arch.get("hidden_size", arch.get("n_embd")), arch.get("num_attention_heads", arch.get("n_head"))
+    if hidden and heads and arch.get("head_dim") is None and hidden % heads:
+        fits = [h for h in range(heads, 0, -1) if hidden % h == 0][0]
+        raise ConfigError(f"{_architecture_source(model_cfg, 'num_attention_heads')}={heads} does not divide "
+                          f"hidden_size={hidden} (each head gets hidden_size / num_attention_heads features): use "
+                          f"num_attention_heads={fits} or a hidden_size that is a multiple of {heads}")
+    kv = arch.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        fits = [h for h in range(kv, 0, -1) if heads % h == 0][0]
+        raise ConfigError(f"{_architecture_source(model_cfg, 'num_key_value_heads')}={kv} does not divide "
+                          f"num_attention_heads={heads} (each key/value head serves num_attention_heads / "
+                          f"num_key_value_heads query heads): use num_key_value_heads={fits}")
+    experts, top_k = arch.get("num_local_experts", arch.get("num_experts")), arch.get("num_experts_per_tok")
+    if experts and top_k and top_k > experts:
+        raise ConfigError(f"{_architecture_source(model_cfg, 'num_experts_per_tok')}={top_k}: each token cannot be "
+                          f"routed to more experts than the {experts} there are; use num_experts_per_tok<={experts}")
+
+
+def check_weights(model_cfg) -> None:
+    """A local model directory's weight files, before anything loads them: present (safetensors or
+    pytorch_model*.bin, or the shards its index names), and each safetensors file whole (its 8-byte header
+    length, a JSON header, and the data the header places inside the file)."""
+    import zipfile
+
+    path = local_model_dir(model_cfg)
+    if path is None or not (path / "config.json").is_file():
+        return
+    where = f"model.pretrained={path}"
+    fix = "copy the model again or re-export it with save_pretrained"
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    for index in sorted(path.glob("*.index.json")):
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{where}: {index.name} is not a weight index (JSON with a weight_map): {err}; "
+                              f"{fix}") from None
+        missing = sorted(n for n in named if not (path / n).is_file())
+        if missing:
+            raise ConfigError(f"{where}: {index.name} names {len(missing)} weight file(s) not in the directory "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); {fix}")
+    if not files:
+        raise ConfigError(f"{where}: config.json but no weights (model.safetensors or pytorch_model.bin); {fix}, "
+                          f"or use model.init=scratch to train this architecture from random weights")
+    for f in files:
+        size = f.stat().st_size
+        if f.suffix == ".bin":  # torch.save's zip: a truncated file has lost its central directory, at the end
+            if not zipfile.is_zipfile(f):
+                raise ConfigError(f"{where}: {f.name} is not a whole torch checkpoint (truncated or not a zip "
+                                  f"archive, {size} bytes); {fix}")
+            continue
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else None
+            if length is None or 8 + length > size:
+                raise ConfigError(f"{where}: {f.name} is truncated ({size} bytes, shorter than its header "
+                                  f"length says); {fix}")
+            try:
+                header = json.loads(fh.read(length))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                raise ConfigError(f"{where}: {f.name} is corrupt (its header is not safetensors JSON); "
+                                  f"{fix}") from None
+        if 8 + length + end > size:
+            raise ConfigError(f"{where}: {f.name} is truncated: {size} bytes, its header places tensors up to "
+                              f"byte {8 + length + end}; {fix}")
 
 
 def model_positions(model_cfg) -> int | None:
@@ -71,19 +176,33 @@ def _architecture_on_meta(cfg):
 
     m, head = cfg.model, cfg.stage.get("head", "causal_lm")
     local = local_model_dir(m)
-    if local is not None:  # what from_pretrained will load, whatever the yaml `config:` says
-        from transformers import AutoConfig
+    where = f"model.pretrained={m.pretrained}" if local is not None else f"model={m.name}"
+    try:
+        if local is not None:  # what from_pretrained will load, whatever the yaml `config:` says
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(local), trust_remote_code=False)
-    elif m.get("config"):
-        config = architecture_config(m, None, head)
-    else:
-        return None
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+            config, unused = AutoConfig.from_pretrained(str(local), trust_remote_code=False, return_unused_kwargs=True,
+                                                        **config_overrides(m))
+            if unused:  # from_pretrained would pass them on to the model's constructor: a TypeError there
+                raise ConfigError(f"model.config_overrides: {sorted(unused)} are not settings of a "
+                                  f"{config.model_type} config; drop them")
+        elif m.get("config"):
+            config = architecture_config(m, None, head)
+        else:
+            return None
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
-    with torch.device("meta"):
-        return auto.from_config(config)
+        auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except (ValueError, TypeError, ZeroDivisionError) as err:  # transformers' own validation (ValueError), or a
+        # size it does arithmetic with before validating it (TypeError/ZeroDivisionError); check_architecture_values
+        # names the common ones first
+        first = str(err).strip().splitlines()
+        reason = " ".join(line.strip() for line in first[:3]) if first else type(err).__name__
+        raise ConfigError(f"{where}: transformers cannot build this architecture ({reason}); fix the value in "
+                          f"{'its config.json or model.config_overrides' if local is not None else 'model.config'}"
+                          ) from None
 
 
 def _check_quantized_base(cfg, method: str, kind: str, alternative: str) -> None:
@@ -131,14 +250,48 @@ def check_model(cfg) -> None:
                           "does not allow it: use a model transformers supports natively "
                           "(model.trust_remote_code=false)")
     config = local_config(m)
-    if config is None:
+    if config is not None:
+        where = f"model.pretrained={m.pretrained}"
+        if config.get("auto_map"):
+            raise ConfigError(f"{where}: its config.json maps to custom code (auto_map), which llmlab does not run "
+                              f"(trust_remote_code stays off); use a model of a built-in transformers architecture")
+        if not config.get("model_type"):
+            raise ConfigError(f"{where}: config.json has no model_type; re-export the model with save_pretrained")
+        check_weights(m)
+    check_architecture_values(m)
+
+
+def check_architecture(cfg):
+    """The architecture built on the meta device (no memory, no weights), or None when it cannot be known
+    offline; transformers' refusal as one line. Its router settings (`check_router_aux`)."""
+    model = _architecture_on_meta(cfg)
+    if model is not None:
+        check_router_aux(cfg, model)
+    return model
+
+
+# stages whose policy forwards add an MoE model's router load-balancing loss (stages.common.add_router_aux)
+ROUTER_AUX_STAGES = ("pretrain", "sft", "dpo", "orpo", "simpo", "kto")
+
+
+def check_router_aux(cfg, model) -> None:
+    """An MoE config that asks for the router's load-balancing loss (output_router_logits with
+    router_aux_loss_coef > 0): the stage adds it, and the model's head can be run apart from the backbone
+    (stages.common._backbone); prefix/prompt tuning run PEFT's own forward, which would not give the loss."""
+    config = model.config
+    if not getattr(config, "output_router_logits", False) or not getattr(config, "router_aux_loss_coef", 0):
         return
-    where = f"model.pretrained={m.pretrained}"
-    if config.get("auto_map"):
-        raise ConfigError(f"{where}: its config.json maps to custom code (auto_map), which llmlab does not run "
-                          f"(trust_remote_code stays off); use a model of a built-in transformers architecture")
-    if not config.get("model_type"):
-        raise ConfigError(f"{where}: config.json has no model_type; re-export the model with save_pretrained")
+    setting = "output_router_logits=true (the router's load-balancing loss)"
+    if config.model_type not in HEAD_APART_MODEL_TYPES:
+        raise ConfigError(f"{setting}: llmlab computes it for {', '.join(HEAD_APART_MODEL_TYPES)}, not model type "
+                          f"{config.model_type!r}; set +model.config_overrides.output_router_logits=false")
+    method = (cfg.get("peft") or {}).get("method")
+    if method in PROMPT_LEARNING:
+        raise ConfigError(f"{setting} with peft={method}: PEFT's virtual-token forward does not give the router "
+                          f"logits; use peft=lora or +model.config_overrides.output_router_logits=false")
+    if cfg.stage.name not in ROUTER_AUX_STAGES:
+        raise ConfigError(f"{setting}: stage={cfg.stage.name} does not add it to its loss (only "
+                          f"{', '.join(ROUTER_AUX_STAGES)} do); set +model.config_overrides.output_router_logits=false")
 
 
 def check_attention_device(cfg, cuda_available: bool | None = None, flash_attn_installed: bool | None = None) -> None:
@@ -168,8 +321,10 @@ def check_attention_device(cfg, cuda_available: bool | None = None, flash_attn_i
 
 # Model types whose causal-LM forward is exactly `lm_head(backbone(...).last_hidden_state)`: nothing between
 # (no logit soft-capping as Gemma 2, no logit scaling as Cohere/Granite), so the head can be applied apart
-# (`stage.module.loss_chunk_tokens`, llmlab.stages.common.forward_hidden).
-HEAD_APART_MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3")
+# (`stage.module.loss_chunk_tokens`, llmlab.stages.common.forward_hidden; an MoE model's router load-balancing loss,
+# which needs the backbone's router logits without transformers' own aux computation: stages.common._backbone).
+HEAD_APART_MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "mixtral",
+                          "qwen3_moe")
 
 
 def check_loss_chunking(cfg) -> None:
@@ -241,13 +396,13 @@ def check_peft_settings(cfg) -> None:
                               f"take: set data.pack_examples=false")
 
 
-def check_peft(cfg) -> None:
+def check_peft(cfg, model=None) -> None:
     """The peft group against the architecture that will be built (on the meta device: no memory, no
-    weights): the modules it targets exist (`check_peft_targets`)."""
+    weights; `check_architecture`'s when given): the modules it targets exist (`check_peft_targets`)."""
     method = cfg.peft.method
     if method == "none" or method in PROMPT_LEARNING:
         return
-    model = _architecture_on_meta(cfg)
+    model = model if model is not None else _architecture_on_meta(cfg)
     if model is not None:
         check_peft_targets(cfg.peft, model, cfg.model.name)
 
