@@ -101,3 +101,59 @@ def test_published_default_keeps_the_router_loss_off(family_dir):
     logged = one_step(sft_module(model_dir), batch)
     assert "train/router_aux_loss" not in logged
     assert logged["train/loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def trained(module, batch, steps: int) -> tuple[dict, dict]:
+    """(parameters before, after) `steps` optimizer steps on `batch`, by name, as plain tensors."""
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
+    return before, {n: p.detach() for n, p in module.model.named_parameters()}
+
+
+def adapted(names) -> set[str]:
+    """Layer 0's adapted tensors without the PEFT prefix and adapter name: {'self_attn.q_proj.lora_A', ...}."""
+    return {n.split(".layers.0.", 1)[1].replace(".default.weight", "") for n in names if ".layers.0." in n}
+
+
+ATTENTION = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+# PEFT wraps the fused experts module once per targeted parameter: the outer wrapper adapts experts.down_proj
+# (lora_A (r, F), lora_B (H, r) per expert block), the inner (`base_layer`) experts.gate_up_proj
+EXPERTS = {"mlp.experts", "mlp.experts.base_layer"}
+
+
+@pytest.mark.parametrize("model_type, experts, modules", [
+    ("mixtral", False, {"self_attn.q_proj", "self_attn.v_proj"}),  # PEFT's table entry
+    ("mixtral", True, {"self_attn.q_proj", "self_attn.v_proj"} | EXPERTS),
+    ("qwen3_moe", False, ATTENTION),  # no table entry: llmlab's every-nn.Linear fallback, which is attention here
+    ("qwen3_moe", True, ATTENTION | EXPERTS),  # opt-in: peft.target_parameters, dropout 0
+])
+def test_lora_adapts_exactly_the_stated_tensors_and_training_changes_only_those(family_dir, model_type, experts,
+                                                                               modules):
+    """conf/peft/lora.yaml's choice for MoE: attention by default, the experts' fused tensors when asked, the
+    router never. After 3 steps the changed tensors are exactly the trainable ones (A changes from step 2, once
+    B is non-zero), and the router's and experts' base weights are untouched."""
+    extra = ["peft.target_parameters=[experts.gate_up_proj,experts.down_proj]", "peft.dropout=0"] if experts else []
+    module = sft_module(family_dir(model_type), "peft=lora", *extra)
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert adapted(trainable) == {f"{m}.lora_{ab}" for m in modules for ab in "AB"}
+    assert not any("gate" in n and "gate_up" not in n for n in trainable)  # the router is never adapted
+    before, after = trained(module, padded_batch(module.model.config.vocab_size), steps=3)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == trainable
+    n_trainable = sum(p.numel() for n, p in module.model.named_parameters() if p.requires_grad)
+    assert n_trainable == {("mixtral", False): 7_168, ("mixtral", True): 72_704, ("qwen3_moe", False): 14_336,
+                           ("qwen3_moe", True): 43_008}[model_type, experts]  # the numbers lora.yaml quotes
+
+
+def test_expert_adapters_need_dropout_zero(family_dir):
+    """PEFT refuses dropout on fused parameters deep inside get_peft_model; llmlab says so before weights load."""
+    from llmlab.checks.model import check_peft_settings
+    from llmlab.errors import ConfigError
+
+    cfg, _ = compose_resolved(["stage=sft", "model=hf", f"model.pretrained={family_dir('qwen3_moe')}", "peft=lora",
+                               "peft.target_parameters=[experts.gate_up_proj,experts.down_proj]"])
+    with pytest.raises(ConfigError, match=r"peft.target_parameters=.*peft.dropout=0.05.*set peft.dropout=0"):
+        check_peft_settings(cfg)

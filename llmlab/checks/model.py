@@ -387,6 +387,14 @@ def check_peft_settings(cfg) -> None:
                               f"or {true_dtype}")
     if method == "lora_int8":
         _check_quantized_base(cfg, "lora_int8", "LLM.int8", "or peft=lora")
+    if p.get("target_parameters"):
+        setting = f"peft.target_parameters={list(p.target_parameters)}"
+        if method != "lora":
+            raise ConfigError(f"{setting}: adapters on fused parameters (MoE experts) are supported with peft=lora "
+                              f"only; use peft=lora or peft.target_parameters=null")
+        if number(p.get("dropout", 0), "peft.dropout", "0") != 0:
+            raise ConfigError(f"{setting} with peft.dropout={p.dropout}: PEFT adapts fused parameters without "
+                              f"dropout only; set peft.dropout=0")
     if method in PROMPT_LEARNING:
         if cfg.stage.name == "pretrain" and cfg.data.get("packing", "document") == "document":
             raise ConfigError(f"peft={method} prepends virtual tokens, which the block-diagonal masks of "
@@ -425,3 +433,12 @@ def check_peft_targets(peft_cfg, model, model_name: str) -> None:
             raise ConfigError(f"peft.{key}={targets}: {missing} match no linear layer of model={model_name} "
                               f"({model_type}); its layers are named "
                               f"{sorted({n.rsplit('.', 1)[-1] for n in linear_names})}")
+    wanted = list(peft_cfg.get("target_parameters") or [])
+    if wanted:
+        names = [n for n, _ in model.named_parameters()]
+        missing = missing_targets(names, wanted)
+        if missing:
+            fused = sorted({n.split(".layers.0.", 1)[-1] for n, p in model.named_parameters()
+                            if ".layers.0." in n and p.dim() == 3})
+            raise ConfigError(f"peft.target_parameters={wanted}: {missing} match no parameter of model={model_name} "
+                              f"({model_type}); its fused (3-D) parameters are {fused or 'none'}")
