@@ -171,6 +171,7 @@ def _architecture_on_meta(cfg):
     """The configured model built on the meta device (module names only: no memory, no weights), or
     None when its architecture cannot be known offline (a hub model without `config:` values)."""
     import torch
+    from huggingface_hub.errors import StrictDataclassError
 
     from llmlab.models.build import architecture_config
 
@@ -195,11 +196,12 @@ def _architecture_on_meta(cfg):
         auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
         with torch.device("meta"):
             return auto.from_config(config)
-    except (ValueError, TypeError, ZeroDivisionError) as err:  # transformers' own validation (ValueError), or a
-        # size it does arithmetic with before validating it (TypeError/ZeroDivisionError); check_architecture_values
-        # names the common ones first
-        first = str(err).strip().splitlines()
-        reason = " ".join(line.strip() for line in first[:3]) if first else type(err).__name__
+    except (ValueError, TypeError, ZeroDivisionError, StrictDataclassError) as err:
+        # transformers' own validation (ValueError; a config class's validators raise huggingface_hub's
+        # StrictDataclassError, not a ValueError), or a size it does arithmetic with before validating it
+        # (TypeError/ZeroDivisionError); check_architecture_values names the common ones first
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(err).__name__  # the validator's own sentence comes last
         raise ConfigError(f"{where}: transformers cannot build this architecture ({reason}); fix the value in "
                           f"{'its config.json or model.config_overrides' if local is not None else 'model.config'}"
                           ) from None
@@ -421,7 +423,8 @@ def check_peft_targets(peft_cfg, model, model_name: str) -> None:
     config are read."""
     method = peft_cfg.method
     model_type = model.config.model_type
-    linear_names = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    head = model.get_output_embeddings()  # not a target to suggest: PEFT's all-linear leaves it out too
+    linear_names = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D") and m is not head]
     for key in ("target_modules", "feedforward_modules") if method == "ia3" else ("target_modules",):
         targets = target_modules(peft_cfg, model_type, key)
         if targets is None:
