@@ -157,3 +157,35 @@ def test_expert_adapters_need_dropout_zero(family_dir):
                                "peft.target_parameters=[experts.gate_up_proj,experts.down_proj]"])
     with pytest.raises(ConfigError, match=r"peft.target_parameters=.*peft.dropout=0.05.*set peft.dropout=0"):
         check_peft_settings(cfg)
+
+
+@pytest.mark.parametrize("split_pairs", [False, True])
+def test_dpo_adds_the_router_loss_of_the_policy_rows(family_dir, split_pairs):
+    """stage=dpo on Mixtral with the router loss on: at step 0 the policy equals its frozen reference, so the DPO
+    loss is log 2 exactly and the step's loss is log 2 + coef x aux, where aux is transformers' aux_loss over the
+    pairs' real tokens (split_pairs: the mean of the chosen half's and the rejected half's). share_prompt is
+    asked for and skipped: the router loss needs the full rows' forward."""
+    import math
+    from functools import partial
+
+    from transformers import AutoTokenizer
+
+    from llmlab.stages.dpo import DPOModule
+    from tests.test_dpo import pref_batch
+
+    model_dir = family_dir("mixtral")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, output_router_logits=True).eval()
+    _, _, batch = pref_batch(tok, n=4)
+    assert int(batch["segment_ids"].max()) == 0  # one sequence per row: transformers sees the same rows
+    ids, mask, B = batch["input_ids"], (batch["segment_ids"] >= 0).long(), batch["input_ids"].shape[0] // 2
+    with torch.no_grad():
+        halves = (slice(0, B), slice(B, 2 * B)) if split_pairs else (slice(0, 2 * B),)
+        aux = sum(float(reference(input_ids=ids[h], attention_mask=mask[h]).aux_loss) for h in halves) / len(halves)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, output_router_logits=True)
+    module = DPOModule(policy, tok, optimizer=partial(torch.optim.AdamW, lr=1e-3), eval_generation=False,
+                       share_prompt=True, split_pairs=split_pairs)
+    logged = one_step(module, batch)
+    assert logged["train/router_aux_loss"] == pytest.approx(aux, rel=1e-5)
+    coef = reference.config.router_aux_loss_coef
+    assert logged["train/loss"] == pytest.approx(math.log(2) + coef * aux, rel=1e-5)

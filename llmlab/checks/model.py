@@ -16,7 +16,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from llmlab.checks.settings import number
+from llmlab.checks.settings import config_overrides, number
 from llmlab.distributed.detect import uses_cpu
 from llmlab.distributed.precision import half_dtype, weights_dtype
 from llmlab.errors import ConfigError
@@ -42,18 +42,6 @@ def local_config(model_cfg) -> dict | None:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.pretrained={path}: config.json is not readable JSON ({err}); re-export "
                           f"the model with save_pretrained") from None
-
-
-def config_overrides(model_cfg) -> dict:
-    """`model.config_overrides`: config values set over the architecture's own (a pretrained model's config.json,
-    or `config:`), e.g. `+model.config_overrides.output_router_logits=true` (conf/model/hf.yaml)."""
-    from llmlab.nodes import to_plain
-
-    overrides = to_plain(model_cfg.get("config_overrides")) or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"model.config_overrides={overrides!r}: give config keys and values, e.g. "
-                          f"+model.config_overrides.output_router_logits=true")
-    return overrides
 
 
 def architecture_values(model_cfg) -> dict:

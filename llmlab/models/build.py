@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from llmlab.checks.hub import hub_error
-from llmlab.checks.model import config_overrides
+from llmlab.checks.settings import config_overrides
 from llmlab.data.tokenizer import builtin_tokenizer
 from llmlab.errors import ConfigError
 from llmlab.models.peft import transformers_model
