@@ -10,6 +10,7 @@ from llmlab.models.attention import (
     attn_implementation,
     packed_attention_kwargs,
 )
+from llmlab.models.moe import router_aux_coef, router_balance_loss, router_logits_off
 from llmlab.models.peft import transformers_model, uses_virtual_tokens
 from llmlab.optim import guard_optimizer, param_groups
 
@@ -34,27 +35,8 @@ def forward_logits(model, batch: dict, packing: str = "document", router_aux: li
         hidden, head = _backbone(model, batch, packing, "the router's load-balancing loss",
                                  "set +model.config_overrides.output_router_logits=false", router_aux)
         return head(hidden)  # (B, T, V)
-    return model(input_ids=batch["input_ids"], use_cache=False, **_no_router_logits(model),
+    return model(input_ids=batch["input_ids"], use_cache=False, **router_logits_off(model),
                  **_mask_kwargs(model, batch, packing)).logits
-
-
-def router_aux_coef(model) -> float:
-    """The weight of the router's load-balancing loss (Switch Transformer eqs. 4-6) in the training loss: the
-    model config's `router_aux_loss_coef` when the config asks for the loss (`output_router_logits`: Mixtral,
-    Qwen3-MoE, ... add coef x aux to their own `labels=` loss then), else 0."""
-    config = transformers_model(model).config
-    if not getattr(config, "output_router_logits", False):
-        return 0.0
-    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
-
-
-def _no_router_logits(model) -> dict:
-    """`output_router_logits=False` for an MoE model whose config turns it on: its own forward would compute the
-    aux loss from whatever `attention_mask` it is given, and a packed batch's is a (B, 1, T, T) mask (flattened
-    as if it were (B, T): wrong counts, B x T x T floats) or none (padding counted). The policy's training
-    forwards compute the loss themselves (`router_balance_loss`); others (reference, validation) do not need it."""
-    return {"output_router_logits": False} if getattr(transformers_model(model).config, "output_router_logits",
-                                                      False) else {}
 
 
 def real_tokens(batch: dict) -> torch.Tensor | None:
@@ -64,16 +46,6 @@ def real_tokens(batch: dict) -> torch.Tensor | None:
     if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
         return batch["attention_mask"]
     return None
-
-
-def router_balance_loss(inner, router_logits: tuple, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """The load-balancing loss of the model's routers over the real tokens: the model family's own
-    `load_balancing_loss_func` (transformers, e.g. modeling_mixtral), given a (B, T) padding mask as its
-    `labels=` path is given `attention_mask`; `router_logits`: one (B * T, n_experts) tensor per MoE layer."""
-    import sys
-
-    func = sys.modules[type(inner).__module__].load_balancing_loss_func
-    return func(router_logits, inner.num_experts, inner.num_experts_per_tok, token_mask)
 
 
 def add_router_aux(module, loss: torch.Tensor, router_aux: list | None) -> torch.Tensor:
@@ -132,7 +104,7 @@ def _backbone(model, batch: dict, packing: str, what: str, fix: str, router_aux:
     if model_type not in HEAD_APART_MODEL_TYPES or inner.base_model is inner:
         raise ValueError(f"{what}: model type {model_type!r} is not one whose head can be applied apart "
                          f"({', '.join(HEAD_APART_MODEL_TYPES)}); {fix}")
-    extra = {"output_router_logits": True} if router_aux is not None else _no_router_logits(model)
+    extra = {"output_router_logits": True} if router_aux is not None else router_logits_off(model)
     out = inner.base_model(input_ids=batch["input_ids"], use_cache=False, **extra,
                            **_mask_kwargs(model, batch, packing))
     if router_aux is not None:

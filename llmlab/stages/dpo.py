@@ -33,6 +33,7 @@ from torchmetrics import MeanMetric
 from llmlab.evaluation.generation import greedy_answers
 from llmlab.evaluation.metrics import ExactMatch
 from llmlab.losses import DPOLoss, causal_lm_loss_sum, sequence_logprobs
+from llmlab.models.moe import router_aux_coef
 from llmlab.optim import any_rank
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
@@ -42,7 +43,6 @@ from llmlab.stages.common import (
     for_backward,
     forward_logits,
     log_train,
-    router_aux_coef,
     step_mean,
 )
 from llmlab.stages.interface import Stage
