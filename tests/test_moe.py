@@ -189,3 +189,18 @@ def test_dpo_adds_the_router_loss_of_the_policy_rows(family_dir, split_pairs):
     assert logged["train/router_aux_loss"] == pytest.approx(aux, rel=1e-5)
     coef = reference.config.router_aux_loss_coef
     assert logged["train/loss"] == pytest.approx(math.log(2) + coef * aux, rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stage=grpo"], r"stage=grpo does not add it to its loss.*output_router_logits=false"),
+    (["peft=prefix", "data.pack_examples=false"], r"with peft=prefix: PEFT's virtual-token forward"),
+])
+def test_router_loss_where_no_stage_adds_it_is_refused_before_weights_load(family_dir, overrides, message):
+    """Silently training without the loss the config asks for would be worse than one line with the fix."""
+    from llmlab.checks.model import check_architecture
+    from llmlab.errors import ConfigError
+
+    cfg, _ = compose_resolved(["model=hf", f"model.pretrained={family_dir('qwen3_moe')}", *AUX_ON,
+                               *(overrides if overrides[0].startswith("stage=") else ["stage=sft", *overrides])])
+    with pytest.raises(ConfigError, match=message):
+        check_architecture(cfg)
