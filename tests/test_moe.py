@@ -130,8 +130,8 @@ EXPERTS = {"mlp.experts", "mlp.experts.base_layer"}
     ("qwen3_moe", False, ATTENTION),  # no table entry: llmlab's every-nn.Linear fallback, which is attention here
     ("qwen3_moe", True, ATTENTION | EXPERTS),  # opt-in: peft.target_parameters, dropout 0
 ])
-def test_lora_adapts_exactly_the_stated_tensors_and_training_changes_only_those(family_dir, model_type, experts,
-                                                                               modules):
+def test_lora_adapts_exactly_the_stated_tensors_and_training_changes_only_those(family_dir, tmp_path, model_type,
+                                                                               experts, modules):
     """conf/peft/lora.yaml's choice for MoE: attention by default, the experts' fused tensors when asked, the
     router never. After 3 steps the changed tensors are exactly the trainable ones (A changes from step 2, once
     B is non-zero), and the router's and experts' base weights are untouched."""
@@ -146,6 +146,17 @@ def test_lora_adapts_exactly_the_stated_tensors_and_training_changes_only_those(
     n_trainable = sum(p.numel() for n, p in module.model.named_parameters() if p.requires_grad)
     assert n_trainable == {("mixtral", False): 7_168, ("mixtral", True): 72_704, ("qwen3_moe", False): 14_336,
                            ("qwen3_moe", True): 43_008}[model_type, experts]  # the numbers lora.yaml quotes
+    if experts:  # the hf/ export merges the expert adapters too: the same logits as the trained module
+        from llmlab.models.export import merged_model, save_adapter
+
+        save_adapter(module.model, None, tmp_path / "adapter")
+        batch = padded_batch(module.model.config.vocab_size)
+        module.model.eval()
+        with torch.no_grad():
+            trained_logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            merged = merged_model(module.model, tmp_path / "adapter")
+            merged_logits = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(merged_logits, trained_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_expert_adapters_need_dropout_zero(family_dir):
