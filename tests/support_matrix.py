@@ -405,7 +405,7 @@ def render(outcomes: list[Outcome], command: str, seconds: float, updated: str =
         lines += [f"| `{o.cell.key}` | {MARK[o.status]} {o.status} | {o.detail.replace('|', chr(92) + '|')} |"
                   for o in refused]
         lines.append("")
-    lines += family_section()
+    lines += family_section() + moe_section()
     lines += ["## Raw outcomes", "", "```json", json.dumps([o.as_dict() for o in outcomes], indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -446,6 +446,21 @@ def family_section() -> list[str]:
         cells = [mark(REFUSED, (family, c)) for c in CELLS] + [mark(STAGE_REFUSED, (family, *c)) for c in STAGE_CELLS]
         lines.append(f"| {family} | " + " | ".join(cells + ["✅", "✅"]) + " |")
     return lines + [""]
+
+
+def moe_section() -> list[str]:
+    """Mixture-of-experts families: the router's load-balancing loss and where LoRA goes (tests/test_moe.py)."""
+    return ["### Mixture-of-experts (mixtral, qwen3_moe)", "",
+            "| what | default | opt-in | checked by |", "|---|---|---|---|",
+            "| router load-balancing loss | the model's config (off in Mixtral's and Qwen3-MoE's published configs) "
+            "| `+model.config_overrides.output_router_logits=true`: loss + router_aux_loss_coef x aux over the real "
+            "tokens, logged as train/router_aux_loss; pretrain, sft, dpo, orpo, simpo, kto (rm, ppo, grpo refuse it) "
+            "| `tests/test_moe.py`: sft step loss = transformers' `labels=` loss (unpacked and packed), dpo step-0 "
+            "loss = log 2 + coef x aux |",
+            "| LoRA | attention only (mixtral: q_proj, v_proj; qwen3_moe: q/k/v/o_proj), dropout 0.05 "
+            "| `peft.target_parameters=[experts.gate_up_proj,experts.down_proj] peft.dropout=0` (peft=lora; "
+            "the router never) | `tests/test_moe.py`: the adapted tensors, their counts, training changes exactly "
+            "those |", ""]
 
 
 def parse_doc(text: str) -> dict[str, dict]:

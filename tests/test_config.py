@@ -174,15 +174,15 @@ def no_hub_probe(monkeypatch):
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
-    """Directories standing in for earlier runs' outputs: a causal LM and a reward model config.json
-    (configs only, no weights: the checks read configs)."""
-    from transformers import AutoConfig
+    """Directories standing in for earlier runs' outputs: a causal LM and a reward model (tiny random GPT-2s with
+    their weights: the checks read configs and check that the weight files are whole)."""
+    from transformers import AutoConfig, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("stand_ins")
-    AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259, num_labels=1,
-                         architectures=["GPT2ForSequenceClassification"]).save_pretrained(root / "rm")
-    AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259,
-                         architectures=["GPT2LMHeadModel"]).save_pretrained(root / "lm")
+    GPT2ForSequenceClassification(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259,
+                                                       num_labels=1)).save_pretrained(root / "rm")
+    GPT2LMHeadModel(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=259)).save_pretrained(
+        root / "lm")
     (root / "text.jsonl").write_text('{"text": "' + "To be, or not to be. " * 50 + '"}\n')  # one document
     (root / "text.txt").write_text("To be, or not to be.\n" * 50)  # a play in one .txt file
     return root

@@ -13,7 +13,8 @@ Each rule lives once, in the file of the config group it concerns (find a rule f
 - data (sizes, fractions, workers, names, files, template, block size x model positions): data.py;
 - stage (name, optimizer and schedule, PPO, GRPO, reward): stage.py; the preference stages' losses, data,
   reward and reference models: preference.py;
-- model and peft (method, numbers, PEFT x precision, target modules, loss chunking x model): model.py;
+- model and peft (method, numbers, architecture sizes, weight files, the meta-device build, MoE router loss,
+  PEFT x precision, target modules, loss chunking x model): model.py;
 - strategy (x trainer x precision, x PEFT, load_full_weights, checkpoint kinds): strategy.py;
 - callbacks (the lm-eval callback's task set and interval): callbacks.py;
 - hub names while offline: hub.py.
@@ -24,6 +25,7 @@ from llmlab.checks.callbacks import check_eval_callbacks
 from llmlab.checks.data import check_data_settings
 from llmlab.checks.hub import check_hub
 from llmlab.checks.model import (
+    check_architecture,
     check_attention_device,
     check_loss_chunking,
     check_model,
@@ -74,5 +76,6 @@ def check_config(cfg) -> None:
     check_compile(cfg)  # inductor's C++ compiler, before data and weights
     check_attention_device(cfg)  # flash_attention_2 / flex_attention x the device the run trains on
     check_run(cfg)  # strategy x trainer x precision x PEFT (llmlab/checks/strategy.py)
-    check_peft(cfg)  # target modules on the meta model
+    model = check_architecture(cfg)  # transformers builds it on the meta device; router settings
+    check_peft(cfg, model)  # target modules on the meta model
     check_preference(cfg)

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from llmlab.errors import ConfigError, PipelineError
+from llmlab.nodes import to_plain
 
 
 def number(value, setting: str, example: str) -> float:
@@ -174,3 +175,12 @@ def check_run_dir_arguments(argv: list[str]) -> None:
                 raise ConfigError(f"{key}={value}: cannot create the run directory there ({reason}); "
                                   f"give a writable location, e.g. {key}=outputs/my-run")
 
+
+def config_overrides(model_cfg) -> dict:
+    """`model.config_overrides`: config values set over the architecture's own (a pretrained model's config.json,
+    or `config:`), e.g. `+model.config_overrides.output_router_logits=true` (conf/model/hf.yaml)."""
+    overrides = to_plain(model_cfg.get("config_overrides")) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model.config_overrides={overrides!r}: give config keys and values, e.g. "
+                          f"+model.config_overrides.output_router_logits=true")
+    return overrides

@@ -22,6 +22,7 @@ import torch
 
 from llmlab.distributed.detect import is_zero3
 from llmlab.distributed.zero3 import gathered_without_hooks, world_size
+from llmlab.models.moe import router_logits_off
 
 
 def eager_generation():
@@ -69,7 +70,7 @@ def decode_new(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.
     with eager_generation():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             **generate_kwargs)  # (B, Tp + new)
+                             **router_logits_off(model), **generate_kwargs)  # (B, Tp + new)
     model.train(was_training)
     return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 

@@ -2,7 +2,9 @@
 
 One builder for every size: the tiny test model and OPT-1.3B differ only in their config numbers
 (`conf/model/*.yaml`). `init: scratch` builds random weights from `config:` (architecture as data);
-`init: pretrained` calls `from_pretrained` on `pretrained:` (a hub name or a local directory).
+`init: pretrained` calls `from_pretrained` on `pretrained:` (a hub name or a local directory). Either way
+`config_overrides:` (optional) sets config values over the architecture's own, e.g.
+`+model.config_overrides.output_router_logits=true` (an MoE model's router load-balancing loss in training).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from transformers import (
 )
 
 from llmlab.checks.hub import hub_error
+from llmlab.checks.settings import config_overrides
 from llmlab.data.tokenizer import builtin_tokenizer
 from llmlab.errors import ConfigError
 from llmlab.models.peft import transformers_model
@@ -43,7 +46,7 @@ def build_tokenizer(model_cfg):
 
 def architecture_config(model_cfg, tokenizer=None, head: str = "causal_lm"):
     """The transformers config for `init: scratch` (vocab from the tokenizer unless given)."""
-    kwargs = dict(to_plain(model_cfg.config) or {})
+    kwargs = {**(to_plain(model_cfg.config) or {}), **config_overrides(model_cfg)}
     model_type = kwargs.pop("model_type")
     if "vocab_size" not in kwargs and tokenizer is not None:
         kwargs["vocab_size"] = len(tokenizer)
@@ -85,6 +88,7 @@ def build_model(model_cfg, tokenizer=None, head: str = "causal_lm", quantization
                 trust_remote_code=False,  # whatever the config says: code shipped with a model never runs
                 dtype=dtype,
                 quantization_config=quantization_config,
+                **config_overrides(model_cfg),  # set on the loaded config.json (transformers' kwargs rule)
                 **extra,
             )
         except OSError as err:  # a typo'd hub name, missing weights: one line naming the setting

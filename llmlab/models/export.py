@@ -60,7 +60,10 @@ def plain_base_model(peft_model, dtype=None):
     state = {}
     for key, meta in list(plain.state_dict(keep_vars=True).items()):
         head, _, leaf = key.rpartition(".")
-        candidates = (key, f"{head}.base_layer.{leaf}", f"{head}.original_module.{leaf}")
+        # PEFT's wrappers: a LoRA layer's `base_layer`, a saved module's `original_module`; fused MoE expert tensors
+        # adapted as target_parameters get one wrapper per parameter, nested (experts.base_layer.base_layer.*)
+        candidates = (key, f"{head}.base_layer.{leaf}", f"{head}.base_layer.base_layer.{leaf}",
+                      f"{head}.original_module.{leaf}")
         found = next((c for c in candidates if c in source), None)
         if found is None:
             raise KeyError(f"export: no base tensor for {key!r}")

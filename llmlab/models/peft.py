@@ -162,6 +162,8 @@ def peft_config(peft_cfg, model_type: str, head: str = "causal_lm"):
             bias=peft_cfg.bias,
             target_modules=target_modules(peft_cfg, model_type),
             modules_to_save=modules_to_save,
+            # fused 3-D parameters (an MoE layer's experts): opt-in, conf/peft/lora.yaml says why
+            target_parameters=list(peft_cfg.target_parameters) if peft_cfg.get("target_parameters") else None,
             use_dora=method == "dora" or bool(peft_cfg.get("use_dora", False)),
             fan_in_fan_out=model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
             task_type=task_type,

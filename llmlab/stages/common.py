@@ -10,6 +10,7 @@ from llmlab.models.attention import (
     attn_implementation,
     packed_attention_kwargs,
 )
+from llmlab.models.moe import router_aux_coef, router_balance_loss, router_logits_off
 from llmlab.models.peft import transformers_model, uses_virtual_tokens
 from llmlab.optim import guard_optimizer, param_groups
 
@@ -19,15 +20,43 @@ def embedding_dtype(model) -> torch.dtype:
     return emb.weight.dtype if emb is not None and emb.weight.dtype.is_floating_point else torch.float32
 
 
-def forward_logits(model, batch: dict, packing: str = "document") -> torch.Tensor:
+def forward_logits(model, batch: dict, packing: str = "document", router_aux: list | None = None) -> torch.Tensor:
     """Logits (B, T, V) for a batch from the collators.
 
     Batches with `segment_ids` (packed blocks, packed SFT, padded rows where padding has id -1) get a
     block-diagonal causal mask and per-document positions, unless packing is "concat".
+    `router_aux`: a list the policy's training forwards pass; when the model asks for the router's
+    load-balancing loss (`router_aux_coef`), that loss over the batch's real tokens is appended to it
+    (`add_router_aux` adds it to the stage's loss).
     """
     if uses_virtual_tokens(model):  # prefix/prompt tuning: PEFT prepends virtual tokens to 2-D masks only
         return _virtual_token_logits(model, batch, packing)
-    return model(input_ids=batch["input_ids"], use_cache=False, **_mask_kwargs(model, batch, packing)).logits
+    if router_aux is not None and router_aux_coef(model):
+        hidden, head = _backbone(model, batch, packing, "the router's load-balancing loss",
+                                 "set +model.config_overrides.output_router_logits=false", router_aux)
+        return head(hidden)  # (B, T, V)
+    return model(input_ids=batch["input_ids"], use_cache=False, **router_logits_off(model),
+                 **_mask_kwargs(model, batch, packing)).logits
+
+
+def real_tokens(batch: dict) -> torch.Tensor | None:
+    """(B, T) 1 at real tokens, 0 at padding; None when every position is real."""
+    if "segment_ids" in batch:
+        return (batch["segment_ids"] >= 0).long()
+    if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
+        return batch["attention_mask"]
+    return None
+
+
+def add_router_aux(module, loss: torch.Tensor, router_aux: list | None) -> torch.Tensor:
+    """`loss` + coef x the router load-balancing loss of this micro-batch's policy forwards (their mean when a
+    stage runs several, e.g. dpo's split halves), logged on its own as `train/router_aux_loss`; `loss` as is
+    when the model does not ask for it (nothing in `router_aux`)."""
+    if not router_aux:
+        return loss
+    aux = torch.stack([a.float() for a in router_aux]).mean()
+    log_train(module, "train/router_aux_loss", aux)
+    return loss + router_aux_coef(module.model) * aux.to(loss.dtype)
 
 
 def mask_dtype(model) -> torch.dtype:
@@ -55,23 +84,31 @@ def _mask_kwargs(model, batch: dict, packing: str) -> dict:
     return {}
 
 
-def forward_hidden(model, batch: dict, packing: str = "document"):
+def forward_hidden(model, batch: dict, packing: str = "document", router_aux: list | None = None):
     """The final hidden states (B, T, H) and the output layer (hidden -> logits), for a loss that applies the
-    head itself (`chunked_causal_lm_loss_sum`); the same masking as `forward_logits`.
-
-    The transformers model's backbone (`base_model`: GPT-2's `transformer`, OPT's/Llama's `model`) runs
-    with PEFT's adapters in it; its output is what the causal-LM class feeds its head.
-    """
+    head itself (`chunked_causal_lm_loss_sum`); the same masking (and `router_aux`) as `forward_logits`."""
     if uses_virtual_tokens(model):
         raise ValueError("stage.module.loss_chunk_tokens does not apply to prefix/prompt tuning (PEFT runs their "
                          "virtual tokens inside its own forward): set stage.module.loss_chunk_tokens=null")
+    return _backbone(model, batch, packing, "stage.module.loss_chunk_tokens", "set stage.module.loss_chunk_tokens=null",
+                     router_aux if router_aux_coef(model) else None)
+
+
+def _backbone(model, batch: dict, packing: str, what: str, fix: str, router_aux: list | None):
+    """(hidden (B, T, H), output layer): the transformers model's backbone (`base_model`: GPT-2's
+    `transformer`, OPT's/Llama's/Mixtral's `model`) with PEFT's adapters in it, whose output is what the
+    causal-LM class feeds its head. With `router_aux` (a list) it also returns each MoE layer's router logits,
+    whose load-balancing loss over the real tokens is appended to the list."""
     inner = transformers_model(model)
     model_type = getattr(inner.config, "model_type", None)
     if model_type not in HEAD_APART_MODEL_TYPES or inner.base_model is inner:
-        raise ValueError(f"stage.module.loss_chunk_tokens: model type {model_type!r} is not one whose head can "
-                         f"be applied apart ({', '.join(HEAD_APART_MODEL_TYPES)}); "
-                         f"set stage.module.loss_chunk_tokens=null")
-    out = inner.base_model(input_ids=batch["input_ids"], use_cache=False, **_mask_kwargs(model, batch, packing))
+        raise ValueError(f"{what}: model type {model_type!r} is not one whose head can be applied apart "
+                         f"({', '.join(HEAD_APART_MODEL_TYPES)}); {fix}")
+    extra = {"output_router_logits": True} if router_aux is not None else router_logits_off(model)
+    out = inner.base_model(input_ids=batch["input_ids"], use_cache=False, **extra,
+                           **_mask_kwargs(model, batch, packing))
+    if router_aux is not None:
+        router_aux.append(router_balance_loss(inner, out.router_logits, real_tokens(batch)))
     return out.last_hidden_state, inner.get_output_embeddings()
 
 
@@ -175,24 +212,23 @@ def log_train(module, name: str, value, prog_bar: bool = False) -> None:
 
 def count_tokens(batch: dict) -> int:
     """Real (non-padding) tokens in a batch: what tokens/s counts."""
-    if "segment_ids" in batch:
-        return int((batch["segment_ids"] >= 0).sum())
-    if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+    mask = real_tokens(batch)
+    return int(batch["input_ids"].numel() if mask is None else mask.sum())
 
 
 def lm_training_step(module, batch: dict) -> torch.Tensor:
-    """The causal-LM step of pretrain and sft: token-weighted over the whole optimizer step (see step_mean)."""
+    """The causal-LM step of pretrain and sft: token-weighted over the whole optimizer step (see step_mean),
+    plus coef x the router's load-balancing loss when an MoE model's config asks for it."""
     chunk = getattr(module, "loss_chunk_tokens", None)
+    router_aux = []
     if chunk:  # the head applied chunk by chunk: the (B, T, V) logits are never held at once
-        hidden, head = forward_hidden(module.model, batch, module.packing)  # (B, T, H)
+        hidden, head = forward_hidden(module.model, batch, module.packing, router_aux)  # (B, T, H)
         loss_sum, n_tokens = chunked_causal_lm_loss_sum(hidden, head, batch["labels"], chunk)
     else:
-        logits = forward_logits(module.model, batch, module.packing)  # (B, T, V)
+        logits = forward_logits(module.model, batch, module.packing, router_aux)  # (B, T, V)
         loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
-    loss = step_mean(module, loss_sum, batch, "tokens", n_tokens)
-    log_train(module, "train/loss", loss, prog_bar=True)  # = the step's token-weighted mean
+    loss = add_router_aux(module, step_mean(module, loss_sum, batch, "tokens", n_tokens), router_aux)
+    log_train(module, "train/loss", loss, prog_bar=True)  # = the step's token-weighted mean (+ coef x aux)
     return for_backward(module, loss)
 
 

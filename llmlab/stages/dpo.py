@@ -33,10 +33,12 @@ from torchmetrics import MeanMetric
 from llmlab.evaluation.generation import greedy_answers
 from llmlab.evaluation.metrics import ExactMatch
 from llmlab.losses import DPOLoss, causal_lm_loss_sum, sequence_logprobs
+from llmlab.models.moe import router_aux_coef
 from llmlab.optim import any_rank
 from llmlab.stages import alignment
 from llmlab.stages.alignment import FrozenReference, load_reference
 from llmlab.stages.common import (
+    add_router_aux,
     configure_optimizers,
     for_backward,
     forward_logits,
@@ -109,8 +111,8 @@ class DPOModule(Stage):
 
     def _shared(self, model, batch):
         """The batch as prompts + completions when `share_prompt` applies to it and to `model`, else None."""
-        if not self.share_prompt or not can_share_prompt(model):
-            return None
+        if not self.share_prompt or not can_share_prompt(model) or router_aux_coef(model):
+            return None  # (an MoE model's router loss: computed on the policy's full rows, forward_logits)
         shared = pair_completions(batch)
         # every rank takes the same path (collective): under ZeRO-3 the ranks' module calls gather parameters
         # together, so one rank's full rows beside another's prompt + completions passes would deadlock
@@ -125,39 +127,44 @@ class DPOModule(Stage):
         B = counts.shape[0] // 2
         return logps, ((-token_logps[:B].sum(), counts[:B].sum()) if with_nll else None)
 
-    def policy_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(response log-probs (2B,): sums, or means if the loss asks, and logits (2B, T, V)) under the policy."""
-        logits = forward_logits(self.model, batch, self.packing)
+    def policy_logps(self, batch, router_aux: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(response log-probs (2B,): sums, or means if the loss asks, and logits (2B, T, V)) under the policy;
+        an MoE model's router load-balancing loss appended to `router_aux` (stages.common.forward_logits)."""
+        logits = forward_logits(self.model, batch, self.packing, router_aux)
         return self._sequence_logps(logits, batch["labels"]), logits
 
-    def policy_terms(self, batch) -> tuple[torch.Tensor, tuple | None]:
+    def policy_terms(self, batch, router_aux: list | None = None) -> tuple[torch.Tensor, tuple | None]:
         """(response log-probs (2B,) under the policy, (NLL sum, target tokens) of the chosen rows when
-        the loss adds an NLL term (`sft_weight`), else None)."""
+        the loss adds an NLL term (`sft_weight`), else None); router losses appended to `router_aux`."""
         B = batch["input_ids"].shape[0] // 2
         if self.split_pairs and torch.is_grad_enabled():  # the halves apart (share_prompt: the reference only)
-            chosen, nll = self._checkpointed_half(batch, slice(0, B), with_nll=bool(self.sft_weight))
-            rejected, _ = self._checkpointed_half(batch, slice(B, 2 * B), with_nll=False)
+            chosen, nll = self._checkpointed_half(batch, slice(0, B), bool(self.sft_weight), router_aux)
+            rejected, _ = self._checkpointed_half(batch, slice(B, 2 * B), False, router_aux)
             return torch.cat([chosen, rejected]), nll
         shared = self._shared(self.model, batch)
         if shared is not None:
             return self._shared_terms(self.model, shared, with_nll=bool(self.sft_weight))
-        policy, logits = self.policy_logps(batch)
+        policy, logits = self.policy_logps(batch, router_aux)
         nll = causal_lm_loss_sum(logits[:B], batch["labels"][:B]) if self.sft_weight else None
         return policy, nll
 
-    def _checkpointed_half(self, batch, rows: slice, with_nll: bool):
+    def _checkpointed_half(self, batch, rows: slice, with_nll: bool, router_aux: list | None = None):
         """(log-probs of `rows` (B,), their (NLL sum, tokens) or None) under non-reentrant activation
         checkpointing: the forward keeps only its inputs and these small outputs; backward recomputes the
         half's activations, and autograd finishes one half's graph (its nodes are newer) before the other's."""
         half = rows_of(batch, rows)  # input_ids, labels, segment_ids, position_ids, ... (B, T)
 
         def run(*tensors):
-            rows_batch = dict(zip(half, tensors))
-            logits = forward_logits(self.model, rows_batch, self.packing)  # (B, T, V), freed after this call
+            rows_batch, aux = dict(zip(half, tensors)), ([] if router_aux is not None else None)
+            logits = forward_logits(self.model, rows_batch, self.packing, aux)  # (B, T, V), freed after this call
             logps = self._sequence_logps(logits, rows_batch["labels"])
-            return logps, (causal_lm_loss_sum(logits, rows_batch["labels"]) if with_nll else None)
+            return logps, (causal_lm_loss_sum(logits, rows_batch["labels"]) if with_nll else None), \
+                (aux[0] if aux else None)  # returned, not appended: backward re-runs `run`
 
-        return checkpoint(run, *half.values(), use_reentrant=False)
+        logps, nll, aux = checkpoint(run, *half.values(), use_reentrant=False)
+        if aux is not None:
+            router_aux.append(aux)
+        return logps, nll
 
     def reference_logps(self, batch) -> torch.Tensor:
         """(2B,) under the reference: from the precomputed cache, else a no-grad forward."""
@@ -199,7 +206,8 @@ class DPOModule(Stage):
 
     # ------------------------------------------------------------------ steps
     def _losses(self, batch):
-        policy, nll = self.policy_terms(batch)  # (2B,), chosen rows' (NLL sum, tokens) or None
+        router_aux = [] if self.training else None  # an MoE model's router losses of the policy's forwards
+        policy, nll = self.policy_terms(batch, router_aux)  # (2B,), chosen rows' (NLL sum, tokens) or None
         B = policy.shape[0] // 2
         if self.reference is None:  # reference-free: the loss's rewards come from the policy alone
             out = self.loss_fn(policy[:B], policy[B:])
@@ -210,7 +218,7 @@ class DPOModule(Stage):
         loss = step_mean(self, out.loss * B, batch, "pairs", B)  # out.loss is a mean over the B pairs
         if nll is not None:  # RPO-style NLL on the chosen answers keeps them likely (sft_weight > 0)
             loss = loss + self.sft_weight * step_mean(self, nll[0], batch, "tokens", nll[1])
-        return loss, out, policy[:B].detach()
+        return add_router_aux(self, loss, router_aux), out, policy[:B].detach()
 
     def training_step(self, batch, batch_idx):
         loss, out, _ = self._losses(batch)

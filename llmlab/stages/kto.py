@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from llmlab.evaluation.generation import greedy_answers, needs_synced_gpus
 from llmlab.losses import KTOLoss
-from llmlab.stages.common import for_backward, forward_logits, log_train, step_mean
+from llmlab.stages.common import add_router_aux, for_backward, forward_logits, log_train, step_mean
 from llmlab.stages.dpo import DPOModule, rows_of
 
 
@@ -35,14 +35,16 @@ class KTOModule(DPOModule):
     def _losses(self, batch):
         B = batch["desirable"].shape[0]
         examples, mismatched = rows_of(batch, slice(0, B)), rows_of(batch, slice(B, 2 * B))
-        policy = self._sequence_logps(forward_logits(self.model, examples, self.packing), examples["labels"])  # (B,)
+        router_aux = [] if self.training else None  # an MoE model's router loss of the policy's forward
+        policy = self._sequence_logps(forward_logits(self.model, examples, self.packing, router_aux),
+                                      examples["labels"])  # (B,)
         with torch.no_grad():  # the KL reference point is detached: no graph for these rows
             policy_kl = self._sequence_logps(forward_logits(self.model, mismatched, self.packing),
                                              mismatched["labels"])  # (B,)
         reference = self.reference_logps(batch)  # (2B,): examples, then mismatched pairs
         out = self.loss_fn(policy, reference[:B], batch["desirable"], policy_kl, reference[B:])
         # the step's mean over its examples, however it is split into micro-batches and ranks
-        loss = step_mean(self, out.losses.sum(), batch, "examples", B)
+        loss = add_router_aux(self, step_mean(self, out.losses.sum(), batch, "examples", B), router_aux)
         return loss, out
 
     @staticmethod
