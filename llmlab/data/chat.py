@@ -21,8 +21,17 @@ the turn's targets, equal F's (what the model saw and generated at that turn). O
 as the last turn of its own prefix: one more row, F with that turn's targets. So every target is trained in
 exactly the context the model has when it generates it (Phi-3.5's trailing <|end|> lies after every target,
 so its conversations stay one row; Qwen 3's earlier turns become rows of their own).
+
+Preference and KTO data as conversations (TRL's conversational formats: `{prompt: [...], chosen: [...],
+rejected: [...]}`, the implicit-prompt `{chosen: [whole], rejected: [whole]}`, KTO's `{prompt, completion,
+label}`): `ChatEncoder.completion` gives the prompt with the generation prompt and each completion through its
+end-of-turn token, the same targets as above. At use time (generate, eval, rollouts) a conversational prompt is
+`render_prompt` (generation prompt added) and generation stops at `stop_ids` (generation_config's EOS list, the
+tokenizer's EOS, the template's end of turn).
 """
 from __future__ import annotations
+
+import json
 
 from llmlab.errors import DataError
 from llmlab.losses import IGNORE_INDEX
@@ -31,24 +40,19 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "tool": "tool", "observation": "tool", "function_response": "tool"}
 TRAIN_ON = ("all_assistant", "last_assistant")
+PROMPT_ENDS = ("user", "tool")  # what a generation prompt follows (TRL's rule)
 # a message key -> the word a template that supports it contains
 FEATURES = {"tool_calls": "tool_calls", "reasoning_content": "reasoning_content"}
 
 
-def conversation(record: dict, messages_field: str = "messages") -> tuple[list[dict], list | None]:
-    """(messages, tools) of a record, validated; ShareGPT `conversations` records converted."""
-    if messages_field in record:
-        messages, field = record[messages_field], f"data.messages_field={messages_field!r}"
-        sharegpt = False
-    elif "conversations" in record:
-        messages, field, sharegpt = record["conversations"], "'conversations' (ShareGPT)", True
-    else:
-        raise DataError(f"a chat record needs data.messages_field={messages_field!r} (or ShareGPT 'conversations'); "
-                        f"fields: {sorted(record)}")
+def messages_list(messages, field: str, sharegpt: bool = False, last: tuple[str, ...] | None = ("assistant",),
+                  what: str = "conversation") -> list[dict]:
+    """A list of {role, content} messages, validated (ShareGPT {from, value} converted); `last`: the roles the
+    final message may have (None: any)."""
     keys = ("from", "value") if sharegpt else ("role", "content")
     if not isinstance(messages, (list, tuple)) or not messages or \
             not all(isinstance(m, dict) and keys[0] in m for m in messages):
-        raise DataError(f"{field}: a conversation must be a non-empty list of {{{keys[0]}, {keys[1]}}} messages "
+        raise DataError(f"{field}: a {what} must be a non-empty list of {{{keys[0]}, {keys[1]}}} messages "
                         f"(got {str(messages)[:80]!r})")
     out = []
     for m in messages:
@@ -66,15 +70,108 @@ def conversation(record: dict, messages_field: str = "messages") -> tuple[list[d
         if m.get("content") is None:
             m["content"] = ""
         out.append(m)
-    if out[-1]["role"] != "assistant":
-        raise DataError(f"{field}: each conversation must end with an assistant message (the response to learn); "
+    if last is not None and out[-1]["role"] not in last:
+        ends = " or ".join(last)
+        why = " (the response to learn)" if last == ("assistant",) else " (what the answer follows)"
+        raise DataError(f"{field}: each {what} must end with {'an' if ends.startswith('assistant') else 'a'} {ends} message{why}; "
                         f"this one ends with {out[-1]['role']!r}")
+    return out
+
+
+def record_tools(record: dict) -> list | None:
     tools = record.get("tools") or None
     if isinstance(tools, str):  # datasets often store tool schemas as a JSON string
-        import json
+        return json.loads(tools)
+    return tools
 
-        tools = json.loads(tools)
-    return out, tools
+
+def conversation(record: dict, messages_field: str = "messages") -> tuple[list[dict], list | None]:
+    """(messages, tools) of a record, validated; ShareGPT `conversations` records converted."""
+    if messages_field in record:
+        messages, field, sharegpt = record[messages_field], f"data.messages_field={messages_field!r}", False
+    elif "conversations" in record:
+        messages, field, sharegpt = record["conversations"], "'conversations' (ShareGPT)", True
+    else:
+        raise DataError(f"a chat record needs data.messages_field={messages_field!r} (or ShareGPT 'conversations'); "
+                        f"fields: {sorted(record)}")
+    return messages_list(messages, field, sharegpt), record_tools(record)
+
+
+def is_conversation(value) -> bool:
+    """A message list (TRL's conversational records: prompt/chosen/rejected/completion as lists of messages)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def chat_fields(record: dict, *fields: str) -> bool:
+    """Whether a record's prompt/completion fields are conversations; all of them or none (one-line error)."""
+    present = [f for f in fields if f in record]
+    kinds = [is_conversation(record[f]) for f in present]
+    if any(kinds) and not all(kinds):
+        lists = [f for f, k in zip(present, kinds) if k]
+        raise DataError(f"fields {lists} are message lists but {[f for f in present if f not in lists]} are not: give "
+                        f"the prompt and completions all as message lists (conversational) or all as text")
+    return any(kinds)
+
+
+def preference_conversation(record: dict, chosen_field: str, rejected_field: str, prompt_field: str = "prompt"):
+    """(prompt messages, chosen messages, rejected messages, tools) of TRL's conversational preference records:
+    explicit prompt `{prompt: [...], chosen: [assistant...], rejected: [...]}` or implicit
+    `{chosen: [whole conversation], rejected: [whole conversation]}`, whose longest common message prefix is
+    the prompt (TRL's `extract_prompt`). The prompt ends with a user or tool message (what the generation
+    prompt follows); each completion is assistant messages only."""
+    chosen = messages_list(record[chosen_field], f"data.chosen_field={chosen_field!r}")
+    rejected = messages_list(record[rejected_field], f"data.rejected_field={rejected_field!r}")
+    if prompt_field in record:
+        prompt = messages_list(record[prompt_field], f"data.prompt_field={prompt_field!r}", last=PROMPT_ENDS,
+                               what="prompt")
+    else:
+        n = next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        if n == 0 or n == min(len(chosen), len(rejected)):
+            raise DataError(f"data.chosen_field={chosen_field!r} / data.rejected_field={rejected_field!r}: without a "
+                            f"prompt field, chosen and rejected must be whole conversations sharing their first "
+                            f"messages (the prompt) and differing after them; these share {n} of "
+                            f"{len(chosen)}/{len(rejected)} messages: give data.prompt_field the prompt messages")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        messages_list(prompt, f"data.chosen_field={chosen_field!r} (its shared prefix, the prompt)",
+                      last=PROMPT_ENDS, what="prompt")
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if any(m["role"] != "assistant" for m in messages):
+            roles = [m["role"] for m in messages]
+            raise DataError(f"data.{name}_field: after the prompt a {name} completion must be assistant messages "
+                            f"only (got roles {roles}); put the conversation before it in the prompt")
+    return prompt, chosen, rejected, record_tools(record)
+
+
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token id generation stops at: `generation_config.eos_token_id` (an int or a list: Llama 3 Instruct
+    lists <|eot_id|> and <|end_of_text|>), the tokenizer's EOS and, with a chat template, its end-of-turn token
+    (what ends an assistant turn there: a base model's tokenizer EOS may be another token)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    if getattr(tokenizer, "chat_template", None):
+        ids += end_of_turn_ids(tokenizer)
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The template's end-of-turn token, found as chat.py finds targets: the last token of a probe assistant
+    turn (none when the template cannot render the probe)."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    encoder = ChatEncoder(tokenizer, 1 << 30)
+    try:
+        full, _start, end = encoder.turn(probe, None, 1)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe (e.g. needs a system turn): none known
+        return []
+    return [full[end - 1]] if full[end - 1] in encoder.end_ids else []
+
+
+def render_prompt(tokenizer, messages: list[dict], tools=None, tokenize: bool = False, **template_kwargs):
+    """A conversation's prompt as the model sees it before its answer: the chat template with the generation
+    prompt (text, or token ids: the template writes BOS itself, so nothing is added on top)."""
+    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=tokenize, add_generation_prompt=True,
+                                        **({"return_dict": False} if tokenize else {}), **template_kwargs)
+    return list(out) if tokenize else out
 
 
 class ChatEncoder:
@@ -117,6 +214,20 @@ class ChatEncoder:
         if end == len(prompt):
             raise DataError(f"assistant turn {i} renders to no token after the generation prompt")
         return full, len(prompt), end
+
+    def completion(self, prompt: list[dict], completion: list[dict], tools) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) of a prompt conversation and its completion (assistant messages): the
+        prompt rendered with the generation prompt (P), and what the model generates after P through the last
+        completion turn's end-of-turn token, as `turn` defines targets. What the template writes after that token
+        (Qwen's newline) is not generated, so it is not part of the completion."""
+        messages = prompt + completion
+        self._check_features(messages, tools)
+        full, _start, end = self.turn(messages, tools, len(messages) - 1)
+        P = self.ids(prompt, tools, generation_prompt=True)
+        if full[: len(P)] != P:
+            raise DataError("the chat template renders the prompt with its generation prompt differently from the "
+                            "prompt followed by the completion: this template cannot mark what the model generates")
+        return P, full[len(P): end]
 
     def examples(self, record: dict) -> list[dict]:
         """Rows {input_ids, labels, prompt_length, answer} of one record; prompt_length/answer: the last turn."""
