@@ -10,7 +10,8 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import IterableDataset
 
-from llmlab.data.chat import ChatEncoder, chat_fields, preference_conversation
+from llmlab.data.chat import ChatEncoder
+from llmlab.data.messages import chat_fields, preference_conversation
 from llmlab.data.packing import pack
 from llmlab.data.rows import (
     left_pad,

@@ -16,14 +16,13 @@ course's "Question: {prompt}\n\nAnswer: ").
 """
 from __future__ import annotations
 
-from llmlab.data.chat import (
+from llmlab.data.chat import ChatEncoder, render_prompt
+from llmlab.data.messages import (
     PROMPT_ENDS,
-    ChatEncoder,
     conversation,
     is_conversation,
     messages_list,
     record_tools,
-    render_prompt,
 )
 from llmlab.errors import DataError
 

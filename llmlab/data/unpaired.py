@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.data.chat import chat_fields, messages_list, preference_conversation
+from llmlab.data.messages import chat_fields, messages_list, preference_conversation
 from llmlab.data.rows import left_pad, pad_rows, records_list
 from llmlab.data.templates import PromptRenderer
 from llmlab.errors import DataError
