@@ -40,8 +40,9 @@ def messages_list(messages, field: str, sharegpt: bool = False, last: tuple[str,
         out.append(m)
     if last is not None and out[-1]["role"] not in last:
         ends = " or ".join(last)
-        why = " (the response to learn)" if last == ("assistant",) else " (what the answer follows)"
-        raise DataError(f"{field}: each {what} must end with {'an' if ends.startswith('assistant') else 'a'} {ends} message{why}; "
+        ends = f"an {ends} message (the response to learn)" if last == ("assistant",) else \
+            f"a {ends} message (what the answer follows)"
+        raise DataError(f"{field}: each {what} must end with {ends}; "
                         f"this one ends with {out[-1]['role']!r}")
     return out
 
@@ -102,9 +103,14 @@ def preference_conversation(record: dict, chosen_field: str, rejected_field: str
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         messages_list(prompt, f"data.chosen_field={chosen_field!r} (its shared prefix, the prompt)",
                       last=PROMPT_ENDS, what="prompt")
-    for name, messages in (("chosen", chosen), ("rejected", rejected)):
-        if any(m["role"] != "assistant" for m in messages):
-            roles = [m["role"] for m in messages]
-            raise DataError(f"data.{name}_field: after the prompt a {name} completion must be assistant messages "
-                            f"only (got roles {roles}); put the conversation before it in the prompt")
+    assistant_only(chosen, f"data.chosen_field={chosen_field!r}")
+    assistant_only(rejected, f"data.rejected_field={rejected_field!r}")
     return prompt, chosen, rejected, record_tools(record)
+
+
+def assistant_only(completion: list[dict], field: str) -> list[dict]:
+    """A completion (what follows the prompt) is the assistant's messages only."""
+    if any(m["role"] != "assistant" for m in completion):
+        raise DataError(f"{field}: after the prompt a completion must be assistant messages only (got roles "
+                        f"{[m['role'] for m in completion]}); put the conversation before it in the prompt")
+    return completion

@@ -41,6 +41,7 @@ class PromptRenderer:
         if record_format not in ("auto", "prompt_response", "alpaca", "chat"):
             raise DataError(f"data.record_format={record_format!r}: use auto, prompt_response, alpaca or chat")
         self.tokenizer, self.template, self.record_format = tokenizer, prompt_template, record_format
+        self._encoder = None  # the ChatEncoder of conversational preference/KTO records, made on first use
         self.f = dict(prompt=prompt_field, response=response_field, instruction=instruction_field,
                       input=input_field, output=output_field, messages=messages_field)
 
@@ -89,7 +90,9 @@ class PromptRenderer:
         if not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"{what} records given as conversations (message lists) need a tokenizer with a chat "
                             f"template, and this model's has none: use a model that has one, or give text fields")
-        return ChatEncoder(self.tokenizer, block_size, messages_field=self.f["messages"])
+        if self._encoder is None or self._encoder.block_size != block_size:
+            self._encoder = ChatEncoder(self.tokenizer, block_size, messages_field=self.f["messages"])
+        return self._encoder
 
     def conversation_prompt(self, record: dict) -> tuple[list[dict], list | None]:
         """(prompt messages, tools): a conversation without its last (assistant) message, a prompt field of

@@ -3,9 +3,9 @@
 Records: `{prompt, completion, label}` with a boolean label (data.completion_field, data.label_field;
 the prompt as every prompt/response format renders it); as conversations (TRL's conversational unpaired
 format: prompt and completion message lists) through the tokenizer's chat template (`ChatEncoder.completion`:
-the prompt with its generation prompt, the completion through its end-of-turn token). Preference pairs `{prompt, chosen, rejected}`
-are unpaired as TRL does: chosen -> label true, rejected -> label false (the built-in data is made
-that way from the built-in pairs: `builtin.unpaired_examples`).
+the prompt with its generation prompt, the completion through its end-of-turn token). Preference pairs
+`{prompt, chosen, rejected}` (text or conversations) are unpaired as TRL does: chosen -> label true, rejected
+-> label false (the built-in data is made that way from the built-in pairs: `builtin.unpaired_examples`).
 
 A batch of B examples is one (2B, T) tensor: rows [0, B) are the examples, rows [B, 2B) the
 mismatched pairs KTO estimates its KL reference point on: prompt i with the completion of example
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.data.messages import chat_fields, messages_list, preference_conversation
+from llmlab.data.messages import assistant_only, chat_fields, messages_list, preference_conversation
 from llmlab.data.rows import left_pad, pad_rows, records_list
 from llmlab.data.templates import PromptRenderer
 from llmlab.errors import DataError
@@ -82,11 +82,8 @@ class UnpairedFormat:
             label = _label(r[self.label_field], self.label_field, i)
             if chat_fields(r, prompt_field, self.completion_field):
                 prompt, tools = self.renderer.conversation_prompt(r)
-                completion = messages_list(r[self.completion_field], f"data.completion_field={self.completion_field!r}",
-                                           what="completion")
-                if any(m["role"] != "assistant" for m in completion):
-                    raise DataError(f"data.completion_field={self.completion_field!r}: a KTO completion must be "
-                                    f"assistant messages only (got roles {[m['role'] for m in completion]})")
+                field = f"data.completion_field={self.completion_field!r}"
+                completion = assistant_only(messages_list(r[self.completion_field], field, what="completion"), field)
                 yield self._chat(prompt, completion, tools, label)
             else:
                 yield self._text(self.renderer.prompt(r), str(r[self.completion_field]), label, r)
