@@ -309,3 +309,12 @@ def test_conversational_preference_needs_a_chat_template():
     tok.chat_template = None
     with pytest.raises(DataError, match="need a tokenizer with a chat template"):
         PreferenceFormat(tok, 512).build([EXPLICIT], "train")
+
+
+def test_implicit_prompt_with_a_none_prompt_column(tokenizers):
+    """A .jsonl mixing explicit and implicit records: `datasets` gives the implicit ones prompt=None, which is no
+    prompt (the shared prefix is), not a text prompt mixed with message lists."""
+    from llmlab.data.formats import PreferenceFormat
+
+    fmt = PreferenceFormat(tokenizers["llama3"], 512)
+    assert fmt.build([{**IMPLICIT, "prompt": None}], "train") == fmt.build([IMPLICIT], "train")

@@ -73,7 +73,7 @@ def is_conversation(value) -> bool:
 
 def chat_fields(record: dict, *fields: str) -> bool:
     """Whether a record's prompt/completion fields are conversations; all of them or none (one-line error)."""
-    present = [f for f in fields if f in record]
+    present = [f for f in fields if record.get(f) is not None]  # datasets fills a column a record lacks with None
     kinds = [is_conversation(record[f]) for f in present]
     if any(kinds) and not all(kinds):
         lists = [f for f, k in zip(present, kinds) if k]
@@ -90,7 +90,7 @@ def preference_conversation(record: dict, chosen_field: str, rejected_field: str
     prompt follows); each completion is assistant messages only."""
     chosen = messages_list(record[chosen_field], f"data.chosen_field={chosen_field!r}")
     rejected = messages_list(record[rejected_field], f"data.rejected_field={rejected_field!r}")
-    if prompt_field in record:
+    if record.get(prompt_field) is not None:
         prompt = messages_list(record[prompt_field], f"data.prompt_field={prompt_field!r}", last=PROMPT_ENDS,
                                what="prompt")
     else:
