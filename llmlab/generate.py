@@ -7,9 +7,12 @@ template), a local HF directory (a full model, or a PEFT adapter with adapter_co
 name. Settings, Hydra-style `key=value` (lists as `stop='[".", "\\n"]'`):
 
     prompt=TEXT              one prompt (repeat the option for several: prompt=a prompt=b)
-    prompts_file=PATH        more prompts: a .txt (one per line) or .jsonl (field `prompt`)
+    prompts_file=PATH        more prompts: a .txt (one per line) or .jsonl (field `prompt`: a string, or a
+                             conversation [{role, content}, ...]; or field `messages`: a conversation)
     template=auto            auto: the run's data.prompt_template for a run directory, else none;
-                             none; or a string with {prompt}, e.g. template='Question: {prompt}\\n\\nAnswer: '
+                             none; chat: each prompt as one user message through the model's chat template;
+                             or a string with {prompt}, e.g. template='Question: {prompt}\\n\\nAnswer: '
+                             (conversations always go through the chat template, generation prompt added)
     max_new_tokens=64
     num_beams=1              >1: beam search
     do_sample=false          true: sample with temperature / top_k / top_p
@@ -18,8 +21,9 @@ name. Settings, Hydra-style `key=value` (lists as `stop='[".", "\\n"]'`):
     seed=0                   sampling seed
     batch_size=8  dtype=null (float32 | bfloat16)  out=null (write JSONL here as well)
 
-Greedy decoding is the default (do_sample=false, num_beams=1). Each result prints as one JSON line
-{"prompt", "generated"}.
+Greedy decoding is the default (do_sample=false, num_beams=1). Generation stops at the model's end-of-turn
+/ EOS ids (generation_config's list, the tokenizer's EOS, the chat template's end of turn). Each result prints
+as one JSON line {"prompt", "generated"}.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import sys
 from pathlib import Path
 
 from llmlab.checks.data import check_template_text
-from llmlab.errors import ConfigError, fail
+from llmlab.data.messages import PROMPT_ENDS, messages_list
+from llmlab.errors import ConfigError, DataError, fail
 from llmlab.models.gguf import generate_gguf, is_gguf
 from llmlab.models.load import load, resolve_model
 
@@ -120,12 +125,13 @@ def check_settings(settings: dict) -> None:
     if out is not None and (not isinstance(out, str) or Path(out).is_dir()):
         raise ConfigError(f"out={out!r}: give a file path for the JSONL results (not a directory)")
     template = settings["template"]
-    if template not in ("auto", "none", "null", ""):
+    if template not in ("auto", "none", "null", "", "chat"):
         check_template_text(template, "template")
 
 
-def read_prompts(settings: dict) -> list[str]:
-    """The prompts of prompt= and prompts_file= (.txt: one per line; .jsonl: field `prompt`)."""
+def read_prompts(settings: dict) -> list:
+    """The prompts of prompt= and prompts_file= (.txt: one per line; .jsonl: field `prompt`, a string or a
+    conversation, or field `messages`); a conversation is a list of messages, validated here."""
     prompts = list(settings["prompt"])
     path = settings.get("prompts_file")
     if path:
@@ -144,7 +150,14 @@ def read_prompts(settings: dict) -> list[str]:
                 except ValueError:
                     raise ConfigError(f"prompts_file={path}: line {i} is not JSON; a .jsonl file has one object "
                                       f"per line, e.g. {{\"prompt\": \"the reverse of abc is\"}}") from None
-                prompt = record.get("prompt") if isinstance(record, dict) else None
+                prompt = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
+                if isinstance(prompt, list):
+                    try:
+                        prompts.append(messages_list(prompt, f"prompts_file={path}: line {i}", last=PROMPT_ENDS,
+                                                     what="prompt"))
+                    except DataError as err:
+                        raise ConfigError(str(err)) from None
+                    continue
                 if not isinstance(prompt, str) or not prompt.strip():
                     raise ConfigError(f"prompts_file={path}: line {i} has no non-empty string field `prompt`; "
                                       f"e.g. {{\"prompt\": \"the reverse of abc is\"}}")
@@ -175,21 +188,24 @@ def run(argv: list[str]) -> int:
     model_path, run_template = resolve_model(path)
     template = settings["template"]
     template = run_template if template == "auto" else (None if template in ("none", "null", "") else template)
-    if template is not None:
+    if template is not None and template != "chat":
         setting = "template" if settings["template"] != "auto" else "the run's data.prompt_template"
         check_template_text(template, setting)
     if is_gguf(model_path):  # llama.cpp decodes; no torch
+        if template == "chat" or any(isinstance(p, list) for p in prompts):
+            raise ConfigError(f"{path}: a GGUF model renders no chat template here; give text prompts with "
+                              f"template=none or a '{{prompt}}' template, or the model's HF directory")
         rendered = [template.format(prompt=p) if template else p for p in prompts]
         texts = generate_gguf(model_path, rendered, settings)
         return _print_results(prompts, texts, settings)
     # lazy: everything above is checked before torch loads
     import torch
 
-    from llmlab.evaluation.generation import generate_text
+    from llmlab.evaluation.generation import generate_text, render_prompts
 
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
     model, tokenizer = load(model_path, dtype)
-    rendered = [template.format(prompt=p) if template else p for p in prompts]
+    rendered = render_prompts(tokenizer, prompts, template)
     torch.manual_seed(int(settings["seed"]))
     texts = generate_text(model, tokenizer, rendered, int(settings["max_new_tokens"]),
                           batch_size=max(1, int(settings["batch_size"])), stop=list(settings["stop"]),

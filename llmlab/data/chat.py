@@ -21,60 +21,55 @@ the turn's targets, equal F's (what the model saw and generated at that turn). O
 as the last turn of its own prefix: one more row, F with that turn's targets. So every target is trained in
 exactly the context the model has when it generates it (Phi-3.5's trailing <|end|> lies after every target,
 so its conversations stay one row; Qwen 3's earlier turns become rows of their own).
+
+Preference and KTO data as conversations (TRL's conversational formats: `{prompt: [...], chosen: [...],
+rejected: [...]}`, the implicit-prompt `{chosen: [whole], rejected: [whole]}`, KTO's `{prompt, completion,
+label}`): `ChatEncoder.completion` gives the prompt with the generation prompt and each completion through its
+end-of-turn token, the same targets as above. At use time (generate, eval, rollouts) a conversational prompt is
+`render_prompt` (generation prompt added) and generation stops at `stop_ids` (generation_config's EOS list, the
+tokenizer's EOS, the template's end of turn).
 """
 from __future__ import annotations
 
+from llmlab.data.messages import conversation
 from llmlab.errors import DataError
 from llmlab.losses import IGNORE_INDEX
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "tool": "tool", "observation": "tool", "function_response": "tool"}
 TRAIN_ON = ("all_assistant", "last_assistant")
 # a message key -> the word a template that supports it contains
 FEATURES = {"tool_calls": "tool_calls", "reasoning_content": "reasoning_content"}
 
 
-def conversation(record: dict, messages_field: str = "messages") -> tuple[list[dict], list | None]:
-    """(messages, tools) of a record, validated; ShareGPT `conversations` records converted."""
-    if messages_field in record:
-        messages, field = record[messages_field], f"data.messages_field={messages_field!r}"
-        sharegpt = False
-    elif "conversations" in record:
-        messages, field, sharegpt = record["conversations"], "'conversations' (ShareGPT)", True
-    else:
-        raise DataError(f"a chat record needs data.messages_field={messages_field!r} (or ShareGPT 'conversations'); "
-                        f"fields: {sorted(record)}")
-    keys = ("from", "value") if sharegpt else ("role", "content")
-    if not isinstance(messages, (list, tuple)) or not messages or \
-            not all(isinstance(m, dict) and keys[0] in m for m in messages):
-        raise DataError(f"{field}: a conversation must be a non-empty list of {{{keys[0]}, {keys[1]}}} messages "
-                        f"(got {str(messages)[:80]!r})")
-    out = []
-    for m in messages:
-        m = dict(m)
-        if sharegpt:
-            speaker = m.pop("from")
-            role = SHAREGPT_ROLES.get(str(speaker))
-            if role is None:
-                raise DataError(f"{field}: unknown 'from' {speaker!r}: use one of {sorted(SHAREGPT_ROLES)}")
-            m = {"role": role, "content": m.pop("value", ""), **m}
-        if m["role"] not in ROLES:
-            raise DataError(f"{field}: unknown role {m['role']!r}: use one of {', '.join(ROLES)}")
-        if m.get("content") is None and not m.get("tool_calls"):
-            raise DataError(f"{field}: a {m['role']} message has no content: give each message a 'content' string")
-        if m.get("content") is None:
-            m["content"] = ""
-        out.append(m)
-    if out[-1]["role"] != "assistant":
-        raise DataError(f"{field}: each conversation must end with an assistant message (the response to learn); "
-                        f"this one ends with {out[-1]['role']!r}")
-    tools = record.get("tools") or None
-    if isinstance(tools, str):  # datasets often store tool schemas as a JSON string
-        import json
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token id generation stops at: `generation_config.eos_token_id` (an int or a list: Llama 3 Instruct
+    lists <|eot_id|> and <|end_of_text|>), the tokenizer's EOS and, with a chat template, its end-of-turn token
+    (what ends an assistant turn there: a base model's tokenizer EOS may be another token)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    if getattr(tokenizer, "chat_template", None):
+        ids += end_of_turn_ids(tokenizer)
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
 
-        tools = json.loads(tools)
-    return out, tools
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The template's end-of-turn token, found as chat.py finds targets: the last token of a probe assistant
+    turn (none when the template cannot render the probe)."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    encoder = ChatEncoder(tokenizer, 1 << 30)
+    try:
+        full, _start, end = encoder.turn(probe, None, 1)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe (e.g. needs a system turn): none known
+        return []
+    return [full[end - 1]] if full[end - 1] in encoder.end_ids else []
+
+
+def render_prompt(tokenizer, messages: list[dict], tools=None, tokenize: bool = False, **template_kwargs):
+    """A conversation's prompt as the model sees it before its answer: the chat template with the generation
+    prompt (text, or token ids: the template writes BOS itself, so nothing is added on top)."""
+    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=tokenize, add_generation_prompt=True,
+                                        **({"return_dict": False} if tokenize else {}), **template_kwargs)
+    return list(out) if tokenize else out
 
 
 class ChatEncoder:
@@ -117,6 +112,20 @@ class ChatEncoder:
         if end == len(prompt):
             raise DataError(f"assistant turn {i} renders to no token after the generation prompt")
         return full, len(prompt), end
+
+    def completion(self, prompt: list[dict], completion: list[dict], tools) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) of a prompt conversation and its completion (assistant messages): the
+        prompt rendered with the generation prompt (P), and what the model generates after P through the last
+        completion turn's end-of-turn token, as `turn` defines targets. What the template writes after that token
+        (Qwen's newline) is not generated, so it is not part of the completion."""
+        messages = prompt + completion
+        self._check_features(messages, tools)
+        full, _start, end = self.turn(messages, tools, len(messages) - 1)
+        P = self.ids(prompt, tools, generation_prompt=True)
+        if full[: len(P)] != P:
+            raise DataError("the chat template renders the prompt with its generation prompt differently from the "
+                            "prompt followed by the completion: this template cannot mark what the model generates")
+        return P, full[len(P): end]
 
     def examples(self, record: dict) -> list[dict]:
         """Rows {input_ids, labels, prompt_length, answer} of one record; prompt_length/answer: the last turn."""

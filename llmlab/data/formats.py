@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from llmlab.data.chat import ChatEncoder
+from llmlab.data.messages import chat_fields, preference_conversation
 from llmlab.data.packing import pack
 from llmlab.data.rows import (
     left_pad,
@@ -20,7 +21,7 @@ from llmlab.data.rows import (
     tokenize_example,
 )
 from llmlab.data.templates import PromptRenderer
-from llmlab.data.unpaired import UnpairedFormat, unpaired_targets
+from llmlab.data.unpaired import UnpairedFormat, join, unpaired_targets
 from llmlab.errors import DataError
 from llmlab.losses import IGNORE_INDEX
 
@@ -181,6 +182,8 @@ class PreferenceFormat:
     A batch of B pairs is one (2B, T) tensor: rows [0, B) are the chosen answers, rows [B, 2B) the
     rejected ones, so a single forward scores both. Records without a prompt field (e.g. hh-rlhf,
     whose chosen/rejected are whole conversations) use their longest common prefix as the prompt.
+    Conversational records (chosen/rejected as message lists, TRL's formats) go through the tokenizer's chat
+    template (`chat.preference_conversation`, `ChatEncoder.completion`).
     """
 
     def __init__(self, tokenizer, block_size: int, chosen_field: str = "chosen",
@@ -190,10 +193,6 @@ class PreferenceFormat:
         self.renderer = PromptRenderer(tokenizer, **{k: v for k, v in fields.items() if v is not None})
 
     def _split_prompt(self, r: dict) -> tuple[str, str, str]:
-        for key, field in (("chosen", self.chosen_field), ("rejected", self.rejected_field)):
-            if field not in r:
-                raise DataError(f"preference data needs data.{key}_field={field!r} in every record (fields: "
-                                f"{sorted(r)}); set data.chosen_field / data.rejected_field")
         chosen, rejected = str(r[self.chosen_field]), str(r[self.rejected_field])
         if self.renderer.f["prompt"] in r:
             return self.renderer.prompt(r), chosen, rejected
@@ -202,16 +201,32 @@ class PreferenceFormat:
             n += 1
         return chosen[:n], chosen[n:], rejected[n:]
 
-    def build(self, records, split: str):
-        pairs = []
-        for r in records_list(records):
-            prompt, chosen, rejected = self._split_prompt(r)
+    def pair(self, r: dict) -> dict | None:
+        """{chosen, rejected: token rows, answer} of one record (None: nothing of a completion fits)."""
+        for key, field in (("chosen", self.chosen_field), ("rejected", self.rejected_field)):
+            if field not in r:
+                raise DataError(f"preference data needs data.{key}_field={field!r} in every record (fields: "
+                                f"{sorted(r)}); set data.chosen_field / data.rejected_field")
+        if chat_fields(r, self.renderer.f["prompt"], self.chosen_field, self.rejected_field):
+            prompt, chosen, rejected, tools = preference_conversation(r, self.chosen_field, self.rejected_field,
+                                                                      self.renderer.f["prompt"])
+            encoder = self.renderer.chat_encoder(self.block_size, "preference")
+            prompt_ids, chosen_ids = encoder.completion(prompt, chosen, tools)
+            _, rejected_ids = encoder.completion(prompt, rejected, tools)
+            c, j = join(prompt_ids, chosen_ids, self.block_size), join(prompt_ids, rejected_ids, self.block_size)
+            answer = chosen[-1]["content"]
+        else:
+            prompt, answer, rejected_text = self._split_prompt(r)
             # a prompt the chat template rendered carries its own BOS
             specials = not (self.renderer.f["prompt"] in r and self.renderer.templated(r))
-            c = tokenize_example(self.tokenizer, prompt, chosen, self.block_size, specials)
-            j = tokenize_example(self.tokenizer, prompt, rejected, self.block_size, specials)
-            if c is not None and j is not None:
-                pairs.append({"chosen": c, "rejected": j, "answer": chosen})
+            c = tokenize_example(self.tokenizer, prompt, answer, self.block_size, specials)
+            j = tokenize_example(self.tokenizer, prompt, rejected_text, self.block_size, specials)
+        if c is None or j is None:
+            return None
+        return {"chosen": c, "rejected": j, "answer": answer}
+
+    def build(self, records, split: str):
+        pairs = [p for p in map(self.pair, records_list(records)) if p is not None]
         if not pairs:
             raise DataError(f"the {split} split has no usable preference pair")
         return pairs

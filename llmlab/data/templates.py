@@ -7,13 +7,23 @@ Record shapes, picked by `data.record_format` (auto detects from the fields pres
   tokenizer that has a chat template trains whole conversations through it (llmlab/data/chat.py); here
   (preference/PPO prompts, or no template) the last assistant message is the response and the rest is
   rendered with the chat template (generation prompt added) when there is one, else flattened as
-  "role: content" lines.
+  "role: content" lines. A prompt field holding messages (TRL's conversational prompt-only and
+  prompt/completion records, `{prompt: [{role: user, ...}]}`) is a chat prompt too, and with
+  `data.record_format=chat` a prompt string is rendered as one user message: grpo/ppo rollouts and preference
+  prompts then see exactly what the model sees at use time (`chat.render_prompt`).
 Non-chat prompts go through `data.prompt_template`, which must contain "{prompt}" (e.g. the
 course's "Question: {prompt}\n\nAnswer: ").
 """
 from __future__ import annotations
 
-from llmlab.data.chat import conversation
+from llmlab.data.chat import ChatEncoder, render_prompt
+from llmlab.data.messages import (
+    PROMPT_ENDS,
+    conversation,
+    is_conversation,
+    messages_list,
+    record_tools,
+)
 from llmlab.errors import DataError
 
 FIELD_KEYS = ("prompt_field", "response_field", "instruction_field", "input_field", "output_field",
@@ -31,6 +41,7 @@ class PromptRenderer:
         if record_format not in ("auto", "prompt_response", "alpaca", "chat"):
             raise DataError(f"data.record_format={record_format!r}: use auto, prompt_response, alpaca or chat")
         self.tokenizer, self.template, self.record_format = tokenizer, prompt_template, record_format
+        self._encoder = None  # the ChatEncoder of conversational preference/KTO records, made on first use
         self.f = dict(prompt=prompt_field, response=response_field, instruction=instruction_field,
                       input=input_field, output=output_field, messages=messages_field)
 
@@ -38,6 +49,8 @@ class PromptRenderer:
         if self.record_format != "auto":
             return self.record_format
         if self.f["messages"] in record or "conversations" in record:  # ShareGPT: conversations [{from, value}]
+            return "chat"
+        if is_conversation(record.get(self.f["prompt"])):  # TRL's conversational prompt
             return "chat"
         if self.f["instruction"] in record:
             return "alpaca"
@@ -72,11 +85,35 @@ class PromptRenderer:
         tokens itself (BOS included): encode it with add_special_tokens=False."""
         return self.detect(record) == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
 
+    def chat_encoder(self, block_size: int, what: str) -> ChatEncoder:
+        """The ChatEncoder of conversational `what` records (one-line error without a chat template)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"{what} records given as conversations (message lists) need a tokenizer with a chat "
+                            f"template, and this model's has none: use a model that has one, or give text fields")
+        if self._encoder is None or self._encoder.block_size != block_size:
+            self._encoder = ChatEncoder(self.tokenizer, block_size, messages_field=self.f["messages"])
+        return self._encoder
+
+    def conversation_prompt(self, record: dict) -> tuple[list[dict], list | None]:
+        """(prompt messages, tools): a conversation without its last (assistant) message, a prompt field of
+        messages (ending with a user or tool message, as TRL requires), or a prompt string as one user message."""
+        if self.f["messages"] in record or "conversations" in record:
+            messages, tools = conversation(record, self.f["messages"])
+            return messages[:-1], tools
+        value = record.get(self.f["prompt"])
+        if is_conversation(value):
+            return messages_list(value, f"data.prompt_field={self.f['prompt']!r}", last=PROMPT_ENDS,
+                                 what="prompt"), record_tools(record)
+        return [{"role": "user", "content": self._get(record, "prompt")}], record_tools(record)
+
     def _chat(self, record: dict) -> tuple[str, str]:
-        messages, tools = conversation(record, self.f["messages"])
-        history, answer = messages[:-1], messages[-1]["content"]
+        history, tools = self.conversation_prompt(record)
+        if self.f["messages"] in record or "conversations" in record:
+            answer = conversation(record, self.f["messages"])[0][-1]["content"]
+        else:
+            value = record.get(self.f["response"], "")
+            answer = value[-1].get("content", "") if is_conversation(value) else str(value or "")
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(history, tools=tools, tokenize=False, add_generation_prompt=True)
-            return text, answer
+            return render_prompt(self.tokenizer, history, tools), answer
         flat = "".join(f"{m['role']}: {m['content']}\n\n" for m in history)
         return self.template.format(prompt=flat.strip()), answer

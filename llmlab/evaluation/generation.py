@@ -8,6 +8,12 @@ Under ZeRO-3 a rank holds shards and every forward all-gathers each layer, so a 
 - `synced_gpus=True` (`needs_synced_gpus`): HF keeps every rank stepping until all are done; memory-light,
   slower. Validation's greedy answers use it (the weights stay partitioned between validation batches).
 
+Prompts and stops are the model's own: a conversation (or any prompt under `template=chat`) is rendered with
+the tokenizer's chat template and its generation prompt (`render_prompts`), and generation stops at every id of
+`data.chat.stop_ids` (generation_config's EOS, which may be a list, the tokenizer's EOS, the chat template's
+end-of-turn token), not only at the tokenizer's EOS: passing `eos_token_id=tokenizer.eos_token_id` to
+`generate` overrode a Llama 3 Instruct generation_config's [<|eot_id|>, <|end_of_text|>].
+
 Generation runs eager under `compile: true` (`eager_generation`): every decode step changes the input
 length and the KV cache's state, so a compiled forward recompiled on each and, past dynamo's limit of 8
 graphs (reached in one tiny PPO run), ran eager anyway; that run took 26 s, 16 s with eager generation.
@@ -20,8 +26,10 @@ from typing import Any
 
 import torch
 
+from llmlab.data.chat import render_prompt, stop_ids
 from llmlab.distributed.detect import is_zero3
 from llmlab.distributed.zero3 import gathered_without_hooks, world_size
+from llmlab.errors import ConfigError
 from llmlab.models.moe import router_logits_off
 
 
@@ -58,18 +66,42 @@ def generation_context(model, strategy: Any = None, *, gather: bool = True) -> I
                 yield {}
 
 
+def model_stop_ids(model, tokenizer) -> list[int]:
+    """The ids generation of `model` stops at (`data.chat.stop_ids` of its generation_config and tokenizer)."""
+    return stop_ids(tokenizer, getattr(model, "generation_config", None))
+
+
+CHAT = "chat"  # the `template` value (generate, eval) that renders plain prompts with the chat template
+
+
+def render_prompts(tokenizer, prompts: list, template: str | None = None) -> list[str]:
+    """Prompt texts as the model sees them. A conversation (a list of {role, content}) -> the chat template with
+    its generation prompt; a string -> under template=chat one user message rendered the same way, else
+    `template` with {prompt} (None: the string as is)."""
+    texts = []
+    for p in prompts:
+        if isinstance(p, str) and template != CHAT:
+            texts.append(template.format(prompt=p) if template else p)
+            continue
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("template=chat and conversational prompts need a tokenizer with a chat template, "
+                              "and this model's has none: use template=none or a '{prompt}' template")
+        texts.append(render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p))
+    return texts
+
+
 @torch.no_grad()
 def decode_new(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                **generate_kwargs) -> list[str]:
-    """`model.generate` on left-padded prompts (B, Tp) in eval mode (the mode is restored), pad/EOS
-    from the tokenizer; returns only the new text of each prompt, without special tokens."""
+    """`model.generate` on left-padded prompts (B, Tp) in eval mode (the mode is restored), pad from the
+    tokenizer, stopping at `model_stop_ids`; returns only the new text of each prompt, without special tokens."""
     if generate_kwargs.get("stop_strings"):
         generate_kwargs["tokenizer"] = tokenizer  # HF matches stop strings on decoded tokens
     was_training = model.training
     model.eval()
     with eager_generation():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=model_stop_ids(model, tokenizer),
                              **router_logits_off(model), **generate_kwargs)  # (B, Tp + new)
     model.train(was_training)
     return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)

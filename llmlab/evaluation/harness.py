@@ -9,6 +9,16 @@ hub task set while offline, a missing text file (for the training callback: llml
 
 The model is handed to lm-eval as an object (`lm_eval.models.huggingface.HFLM(pretrained=<model>)`),
 so a run's model is evaluated exactly as llmlab loaded it (a PEFT adapter on a 4-bit base included).
+
+Chat models: `template=chat` hands the rendering to lm-eval's own `apply_chat_template` route (what its CLI's
+`--apply_chat_template` sets): every task's context, stock tasks included, becomes a user message rendered with
+the tokenizer's chat template and its generation prompt (`HFLM.apply_chat_template`, the same
+`tokenizer.apply_chat_template(..., add_generation_prompt=True)` as llmlab's generate and rollouts), encoded
+without a second BOS (lm-eval 0.4.13 drops add_special_tokens when the text starts with BOS); llmlab's built-in
+contexts are then the bare prompts (no "Question: ... Answer:" frame). Rendering the built-in contexts here
+instead would leave the stock tasks (ARC, MMLU, ...) unrendered, and lm-eval's route also handles few-shot
+examples (as one user turn, or `fewshot_as_multiturn`). Generation stops at the model's generation_config EOS
+ids (lm-eval passes no eos_token_id, so HF uses that list) and at the tokenizer's EOS text (lm-eval's `until`).
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ from llmlab.evaluation.tasks.utils import read_documents
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TASK_DIR = Path(__file__).resolve().parent / "tasks"  # llmlab's own task YAMLs (shipped in the package)
 DEFAULT_TEMPLATE = "Question: {prompt}\n\nAnswer: "  # conf/data/builtin.yaml's prompt_template
+CHAT = "chat"  # template=chat: contexts through the model's chat template (lm-eval's apply_chat_template)
 
 
 @functools.lru_cache(maxsize=1)
@@ -215,7 +226,8 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
              seed: int = 0, log_samples: bool = False) -> dict:
     """Run the task set on an in-memory model; returns {"tasks": tidy results, "lm_eval_version", ...}.
 
-    `template` renders llmlab's built-in prompts (default: the built-in data's "Question: ...").
+    `template` renders llmlab's built-in prompts (default: the built-in data's "Question: ..."); `chat`: every
+    task's context through the model's chat template (module docstring).
     `autocast_dtype` (e.g. torch.bfloat16) evaluates under autocast, as a bf16-mixed run validated.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -235,8 +247,12 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmlab_eval_") as data_dir:
         data = task_set.get("data") or {}
+        chat = template == CHAT
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("template=chat: this model's tokenizer has no chat template; use template=auto, none "
+                              "or a '{prompt}' template")
         write_builtin_data(Path(data_dir), int(data.get("n", 200)), int(data.get("seed", 0)),
-                           template or DEFAULT_TEMPLATE, tokenizer.eos_token or "")
+                           "{prompt}" if chat else template or DEFAULT_TEMPLATE, tokenizer.eos_token or "")
         metadata = {"data_dir": data_dir}
         if task_set.get("text_file"):
             metadata["text_file"] = str(Path(str(task_set.text_file)).expanduser().resolve())
@@ -246,6 +262,7 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
                   device=str(next(model.parameters()).device))
         res = _keeping_rng_state(
             lm_eval.simple_evaluate, model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+            apply_chat_template=chat,
             gen_kwargs=dict(gen_kwargs) if gen_kwargs else None, log_samples=log_samples, random_seed=seed,
             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
     model.train(was_training)

@@ -38,7 +38,11 @@ import torch
 from torchmetrics import MeanMetric
 
 from llmlab.checks.stage import check_grpo_args
-from llmlab.evaluation.generation import generation_context, greedy_answers
+from llmlab.evaluation.generation import (
+    generation_context,
+    greedy_answers,
+    model_stop_ids,
+)
 from llmlab.evaluation.metrics import ExactMatch
 from llmlab.losses.grpo import (
     StepCounts,
@@ -175,7 +179,8 @@ class GRPOModule(RolloutStage):
     @torch.no_grad()
     def sample_groups(self, batch) -> dict:
         """G completions per prompt of `batch`, decoded and scored (no log-probs yet)."""
-        G, eos, pad = self.G, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        G, pad = self.G, self.tokenizer.pad_token_id
+        eos = model_stop_ids(self.model, self.tokenizer)  # every end-of-turn / EOS id
         base_ids, base_mask = batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device)  # (B, P)
         prompt_ids, prompt_mask = base_ids.repeat_interleave(G, 0), base_mask.repeat_interleave(G, 0)  # (N, P)
         was_training = self.model.training
@@ -191,10 +196,10 @@ class GRPOModule(RolloutStage):
         completions = out[:, prompt_ids.shape[1]:]  # (N, R)
         N = completions.shape[0]
         budget = torch.full((N,), self.max_completion_length)
-        mask = response_mask(completions, budget, eos)  # (N, R): up to and including the first EOS
+        mask = response_mask(completions, budget, eos)  # (N, R): up to and including the first stop id
         completions = torch.where(mask, completions, pad)
         lengths = mask.sum(1)  # (N,)
-        has_eos = ((completions == eos) & mask).any(1)
+        has_eos = (torch.isin(completions, torch.tensor(eos, device=completions.device)) & mask).any(1)  # (N,)
         truncated = ~has_eos
         texts = self.tokenizer.batch_decode([c[m] for c, m in zip(completions, mask)], skip_special_tokens=True)
         prompts = [p for p in batch["prompts"] for _ in range(G)]

@@ -43,7 +43,11 @@ from torchmetrics import MeanMetric
 
 from llmlab.checks.stage import response_length_bounds
 from llmlab.errors import ConfigError
-from llmlab.evaluation.generation import generation_context, greedy_answers
+from llmlab.evaluation.generation import (
+    generation_context,
+    greedy_answers,
+    model_stop_ids,
+)
 from llmlab.evaluation.metrics import ExactMatch
 from llmlab.losses import (
     AdaptiveKLController,
@@ -99,13 +103,14 @@ def last_hidden_size(model) -> int:
     return model.config.hidden_size
 
 
-def response_mask(responses: torch.Tensor, budgets: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """(B, R) bool: the first budgets[b] tokens of each response, cut after its first EOS (kept)."""
+def response_mask(responses: torch.Tensor, budgets: torch.Tensor, eos_id: int | list[int] | None) -> torch.Tensor:
+    """(B, R) bool: the first budgets[b] tokens of each response, cut after its first stop token (kept); `eos_id`
+    one id or several (`generation.model_stop_ids`: e.g. Llama 3's <|eot_id|> and <|end_of_text|>)."""
     B, R = responses.shape
     positions = torch.arange(R, device=responses.device).expand(B, R)
     end = budgets.to(responses.device).clamp(max=R)  # (B,)
     if eos_id is not None:
-        is_eos = responses == eos_id
+        is_eos = torch.isin(responses, torch.tensor(eos_id, device=responses.device).reshape(-1))  # (B, R)
         first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), R)  # (B,)
         end = torch.minimum(end, first_eos + 1)
     return positions < end.unsqueeze(1)
@@ -214,7 +219,7 @@ class PPOModule(RolloutStage):
         B, P = prompt_ids.shape
         lo, hi = self.response_length
         budgets = torch.randint(lo, hi + 1, (B,), generator=self.generator)  # (B,) tokens per response
-        eos = self.tokenizer.eos_token_id
+        eos = model_stop_ids(self.model, self.tokenizer)  # every end-of-turn / EOS id
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
