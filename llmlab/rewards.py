@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from llmlab.data.rows import pad_rows, tokenize_example
 from llmlab.errors import ConfigError
+from llmlab.evaluation.metrics import final_answer, normalize_answer
 from llmlab.stages import alignment
 from llmlab.stages.reward import sequence_scores
 
@@ -44,7 +45,10 @@ def _import(path: str, setting: str, example: str):
 class TaskReward:
     """The built-in tasks' checkable reward `fn(completion, answer) -> float` per completion (default:
     llmlab.data.builtin.rule_reward: 1 for an exact answer, else 0.9 x the share of matching positions).
-    `exact=true`: 1/0 exact match only. Needs the data's reference answers (`data.answer_field`)."""
+    `exact=true`: 1/0 exact match only (validation's exact match: `normalize_answer`). Needs the data's reference
+    answers (`data.answer_field`). Both judge the final answer: a thinking model's leading <think> block is
+    removed first (`evaluation.metrics`), as validation's exact match does, so grpo on Qwen 3 rewards answers,
+    not reasoning that happens to end like one."""
 
     def __init__(self, fn: str = "llmlab.data.builtin.rule_reward", exact: bool = False,
                  setting: str = "reward.task.fn"):
@@ -58,8 +62,8 @@ class TaskReward:
             raise ConfigError(f"{self.setting}={self.name} needs a reference answer per prompt "
                               f"(data.answer_field); use a reward model for data without answers")
         if self.exact:
-            return [float(c.strip() == a.strip()) for c, a in zip(completions, answer)]
-        return [float(self.fn(c, a)) for c, a in zip(completions, answer)]
+            return [float(normalize_answer(c) == a.strip()) for c, a in zip(completions, answer)]
+        return [float(self.fn(final_answer(c), a)) for c, a in zip(completions, answer)]
 
 
 class FormatReward:

@@ -22,6 +22,17 @@ def test_task_reward_partial_and_exact():
         TaskReward()(PROMPTS, completions, answer=[None] * 4)
 
 
+def test_task_reward_judges_the_answer_after_a_thinking_block():
+    """A thinking model (Qwen 3) writes <think>...</think> before its answer: the task reward judges the answer,
+    as validation's exact match does (evaluation.metrics.normalize_answer); reasoning that never closes
+    answered nothing."""
+    answers = ["cba", "cba", "cba"]
+    completions = ["<think>\nreverse: c b a\n</think>\n\ncba", "<think>\nmaybe cba</think>abc", "<think>\ncba"]
+    assert TaskReward(exact=True)(PROMPTS[:3], completions, answer=answers) == [1.0, 0.0, 0.0]
+    partial = TaskReward()(PROMPTS[:3], completions, answer=answers)
+    assert partial[0] == 1.0 and partial[1] < 1.0 and partial[2] == 0.0
+
+
 def test_format_and_length_rewards():
     fmt = FormatReward("[a-h]+")
     assert fmt(PROMPTS, ["abc", " abc\n", "ab1", "Abc"]) == [1.0, 1.0, 0.0, 0.0]
