@@ -412,14 +412,15 @@ def render(outcomes: list[Outcome], command: str, seconds: float, updated: str =
 
 def family_section() -> list[str]:
     """The model-family dimension, as tests/test_families.py's slow tier runs it (in-process, 2 steps a cell) and
-    its `REFUSED` / `STAGE_REFUSED` tables declare: sft x (full, lora, qlora) (`test_family_matrix`), dpo, grpo, rm
+    its `REFUSED` / `STAGE_REFUSED` tables declare: sft x (full, lora, qlora, dora, lora_int8, ia3) (`test_family_matrix`), dpo, grpo, rm
     (`test_family_stage_matrix`), the hf/ export's logits (`test_family_export_logits`), generate + eval
     (`test_generate_and_eval_on_every_family`)."""
     from tests.families import FAMILIES
     from tests.test_families import CELLS, REFUSED, STAGE_CELLS, STAGE_REFUSED
 
     def mark(refused: dict, key) -> str:
-        return f"refused: {refused[key]}" if key in refused else "✅"
+        reason = refused.get(key)
+        return "✅" if reason is None else f"refused: {reason[1] if isinstance(reason, tuple) else reason}"
 
     peft_name = {"none": "full"}
     lines = ["## Model families (model=hf)", "",
@@ -437,7 +438,10 @@ def family_section() -> list[str]:
              "(`test_family_export_logits`). generate + eval: `llmlab.generate` greedy on plain prompts equals "
              "transformers' own greedy `generate`, `llmlab.eval eval=builtin` writes eval.json "
              "(`test_generate_and_eval_on_every_family`). LoRA targets are PEFT's per-architecture defaults, "
-             "`all-linear` (every Linear but the head) for families PEFT has none for (phi3, qwen3_moe).", "",
+             "`all-linear` (every Linear but the head) for families PEFT has none for (phi3, qwen3_moe); dora and lora_int8 "
+             "take LoRA's; ia3 takes PEFT's own IA3 table, and where it has no entry (phi3, qwen3_moe) or names a layer "
+             "the family lacks (mixtral's `w2`, fused into one expert tensor in transformers 5) the run is refused "
+             "before weights load, listing the family's linear layers to choose from.", "",
              "| family | " + " | ".join(f"sft {peft_name.get(c, c)}" for c in CELLS) + " | "
              + " | ".join(f"{stage} ({peft_name.get(peft, peft)})" for stage, peft in STAGE_CELLS)
              + " | export logits (full, lora) | generate + eval |",
