@@ -9,13 +9,14 @@ the values), vocabulary 32,000 (as Llama 2) over a byte-level BPE trained here (
 Every variant is the exported artifact loaded back. PyTorch: transformers' generate with min_new_tokens=N;
 llama.cpp: its own decode loop, one token at a time, argmax of its logits (tests/test_gguf.py checks that this
 greedy equals transformers'). Variants are interleaved within each repeat (the machine is shared); the median is
-reported, with the process's CPU seconds beside the wall seconds (on an oversubscribed machine the CPU time of
+reported, with the process's CPU seconds (per token) and the 1-minute load average beside the wall seconds (on an oversubscribed machine the CPU time of
 a one-thread run is the steadier measure; at 2 threads it is the sum over both).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cpu_deploy import cpu_info  # noqa: E402
 
-TORCH = ("fp32", "bf16", "int8")
+TORCH = ("fp32", "bf16", "int8", "ao_int8wo", "ao_int8dyn")
+# torchao 0.18 through transformers' TorchAoConfig, saved with save_pretrained and loaded back by a plain
+# from_pretrained(dir) (the standard-loader candidate of issue 24, point 3)
+TORCHAO = {"ao_int8wo": "Int8WeightOnlyConfig", "ao_int8dyn": "Int8DynamicActivationInt8WeightConfig"}
 GGUF = ("f16", "q8_0", "q4_k_m")
 
 
@@ -90,6 +94,14 @@ def main() -> None:
                 save_quantized(model, info, None, tmp / "int8")
                 sizes[n] = (tmp / "int8" / "model.safetensors").stat().st_size
                 loaders[n] = lambda: load_quantized(tmp / "int8")
+            elif n in TORCHAO:
+                import torchao.quantization
+                from transformers import TorchAoConfig
+
+                config = TorchAoConfig(getattr(torchao.quantization, TORCHAO[n])())
+                AutoModelForCausalLM.from_pretrained(src, quantization_config=config).save_pretrained(tmp / n)
+                sizes[n] = dir_size(tmp / n)
+                loaders[n] = lambda n=n: AutoModelForCausalLM.from_pretrained(tmp / n).eval()
             else:
                 start = time.perf_counter()
                 convert(src, tmp / f"gguf-{n}", n)
@@ -101,17 +113,22 @@ def main() -> None:
                   ", ".join(f"{n} {sizes[n] / 2**20:.1f} MiB" for n in names))
             return
 
-        def run(n: str, t: int, new: int) -> tuple[float, float]:
+        tokens = {}  # variant -> its greedy tokens (the last run's)
+
+        def run(n: str, t: int, new: int) -> tuple[float, float, float]:
+            load = os.getloadavg()[0]  # the machine is shared: the 1-minute load beside each number
             wall, cpu = time.perf_counter(), time.process_time()
             if n in GGUF:
-                assert len(greedy(models[n, t], ids, new)) == new
+                tokens[n] = greedy(models[n, t], ids, new)
+                assert len(tokens[n]) == new
             else:
                 torch.set_num_threads(t)
                 with torch.no_grad():
                     out = models[n, t].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
                 assert out.shape[1] == prompt.shape[1] + new
-            return time.perf_counter() - wall, time.process_time() - cpu
+                tokens[n] = out[0, prompt.shape[1]:].tolist()
+            return time.perf_counter() - wall, time.process_time() - cpu, load
 
         models = {}
         for t in threads:
@@ -123,28 +140,34 @@ def main() -> None:
             for t in threads:
                 for n in names:
                     times[n, t].append(run(n, t, args.new_tokens))
-                    wall, cpu = times[n, t][-1]
-                    print(f"repeat {r} threads {t} {n:7s} wall {wall:7.2f} s  cpu {cpu:7.2f} s  "
-                          f"{args.new_tokens / wall:6.1f} tok/s", flush=True)
+                    wall, cpu, load = times[n, t][-1]
+                    same = next((i for i, (a, b) in enumerate(zip(tokens[n], tokens.get("fp32", []))) if a != b),
+                                len(tokens[n]))
+                    print(f"repeat {r} threads {t} {n:10s} wall {wall:7.2f} s  cpu {cpu:7.2f} s  "
+                          f"{args.new_tokens / wall:6.1f} tok/s  {1000 * cpu / args.new_tokens:6.1f} CPU ms/tok  "
+                          f"load {load:.1f}  greedy = fp32 for {same} tokens", flush=True)
     result = {"cpu": cpu_info(), "torch": torch.__version__, "params": n_params, "args": vars(args), "rows": []}
     print(f"\nLlama {args.layers} x {args.width} (ffn {args.ffn}, {args.heads} heads / {args.kv_heads} kv, vocab "
           f"{args.vocab}): {n_params / 1e6:.1f}M parameters; {args.new_tokens} new tokens greedy after a "
           f"{args.prompt_tokens}-token prompt, median of {args.repeats}; CPU {result['cpu']['model']} "
           f"{result['cpu']['bf16_flags']}")
-    print("| variant | size on disk | " + " | ".join(f"{t} thr tok/s (wall) | {t} thr CPU s | {t} thr vs fp32 (wall)"
-                                                     for t in threads) + " |")
-    print("|---|---|" + "---|---|---|" * len(threads))
+    print("| variant | size on disk | greedy = fp32 (tokens) | " + " | ".join(
+        f"{t} thr tok/s (wall) | {t} thr CPU ms/tok | {t} thr load | {t} thr vs fp32 (CPU)" for t in threads) + " |")
+    print("|---|---|---|" + "---|---|---|---|" * len(threads))
     for n in names:
-        cells, row = [], {"variant": n, "size_mib": round(sizes[n] / 2**20, 1)}
+        same = next((i for i, (a, b) in enumerate(zip(tokens[n], tokens.get("fp32", []))) if a != b), len(tokens[n]))
+        cells, row = [], {"variant": n, "size_mib": round(sizes[n] / 2**20, 1), "greedy_equal_fp32": same}
         for t in threads:
             wall = statistics.median(x[0] for x in times[n, t])
             cpu = statistics.median(x[1] for x in times[n, t])
-            ref = statistics.median(x[0] for x in times["fp32", t]) if ("fp32", t) in times else float("nan")
-            row[f"threads_{t}"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            load = statistics.median(x[2] for x in times[n, t])
+            ref = statistics.median(x[1] for x in times["fp32", t]) if ("fp32", t) in times else float("nan")
+            row[f"threads_{t}"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "load": round(load, 1),
                                    "tok_per_s": round(args.new_tokens / wall, 1), "all": times[n, t]}
-            cells.append(f"{args.new_tokens / wall:.1f} | {cpu:.1f} | {ref / wall:.2f}x")
+            cells.append(f"{args.new_tokens / wall:.1f} | {1000 * cpu / args.new_tokens:.1f} | {load:.1f} | "
+                         f"{ref / cpu:.2f}x")
         result["rows"].append(row)
-        print(f"| {n} | {row['size_mib']} MiB | " + " | ".join(cells) + " |")
+        print(f"| {n} | {row['size_mib']} MiB | {same}/{args.new_tokens} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

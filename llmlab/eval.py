@@ -1,7 +1,8 @@
 """`python -m llmlab.eval MODEL [eval=builtin|course|perplexity] [key=value ...]`: benchmark a model with
 EleutherAI's lm-evaluation-harness (conf/eval.yaml lists the settings; `--help` answers without torch).
 
-MODEL is a run dir, an HF model dir, a PEFT adapter dir or a hub name. A run dir is evaluated as the
+MODEL is a run dir, an HF model dir, a PEFT adapter dir, an export (hf/, llmlab's int8, a GGUF file or its
+gguf-<quant>/ directory: llama.cpp scores it, llmlab/evaluation/llamacpp_lm.py) or a hub name. A run dir is evaluated as the
 stage exported it: `hf/` (the merged model), or with `load=adapter` the run's base rebuilt as it was
 trained (4-bit for QLoRA, `llmlab.models.peft.apply_peft`) with `hf_adapter/`'s weights; `load=auto` picks
 the adapter for QLoRA and prefix/prompt runs (the merged QLoRA model is de-quantized: close to, not
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmlab.distributed.precision import autocast_dtype
 from llmlab.errors import ConfigError, fail, guard_hydra, is_user_error
 from llmlab.evaluation.harness import check_task_set, evaluate, flat_metrics, table_rows
+from llmlab.models.gguf import INSTALL, is_gguf, llama_cpp_version
 from llmlab.models.load import load, resolve_model
 from llmlab.models.peft import apply_peft, import_peft, quantization_config
 from llmlab.redact import redact_logs
@@ -67,6 +69,23 @@ def check_eval_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"load=adapter is for a run dir; {path} is not one (a PEFT adapter dir loads with "
                               f"its base by itself)")
         resolve_model(str(cfg.path))  # no such dir / hub unreachable: one line, before torch
+        if is_gguf(path):
+            check_gguf_settings(cfg, path)
+
+
+def check_gguf_settings(cfg: DictConfig, path: Path) -> None:
+    """A GGUF export is scored by llama.cpp with the weights' types chosen at export: nothing of torch's applies."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(f"MODEL={path} is a GGUF export, which llama.cpp evaluates: llama-cpp-python is not "
+                          f"installed; {INSTALL}")
+    if cfg.get("dtype"):
+        raise ConfigError(f"dtype={cfg.dtype}: {path} is a GGUF export, whose weights' type was chosen at export "
+                          f"(quantize=); leave dtype unset")
+    if cfg.autocast not in ("auto", "none", None):
+        raise ConfigError(f"autocast={cfg.autocast}: {path} is a GGUF export, which llama.cpp computes in its own "
+                          f"types; leave autocast unset")
 
 
 def _uses_adapter(cfg, run_cfg, path: Path) -> bool:
@@ -119,6 +138,10 @@ def load_model(cfg):
         model, tokenizer = load_run_adapter(path, run_cfg)
         return model, tokenizer, run_cfg, f"{path} (base {run_cfg.model.pretrained} + hf_adapter/, as trained)"
     where = str(path / "hf") if run_cfg is not None else resolve_model(str(cfg.path))[0]
+    if is_gguf(where):  # lm-eval's model interface over llama.cpp in this process (no tokenizer of transformers)
+        from llmlab.evaluation.llamacpp_lm import LlamaCppLM
+
+        return LlamaCppLM(where), None, None, f"{where} (llama.cpp {llama_cpp_version()})"
     model, tokenizer = load(where, dtype)
     return model, tokenizer, run_cfg, where
 
@@ -221,7 +244,8 @@ if __name__ == "__main__":
     sys.argv = model_argument(sys.argv)
     if not any(a.startswith(("path=", "--help", "-h", "--hydra-help", "--cfg", "--info")) for a in sys.argv[1:]):
         fail("give the model first: python -m llmlab.eval MODEL [eval=builtin|course|perplexity] (MODEL: a run "
-             "dir, an HF model dir, a PEFT adapter dir or a hub name; --help lists the settings)")
+             "dir, an HF model dir, a PEFT adapter dir, an export (int8, GGUF) or a hub name; --help lists the "
+             "settings)")
     guard_hydra("eval")
     redact_logs()
     main()

@@ -235,6 +235,7 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     # lazy: lm-eval is heavy and optional, and datasets (which it imports) reads HF_DATASETS_OFFLINE once
     import lm_eval
+    from lm_eval.api.model import LM
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -242,8 +243,11 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
         logging.getLogger(name).setLevel(logging.ERROR)
     tasks = list(task_set.tasks)
     stock = any(t not in own_tasks() for t in tasks)
-    was_training = model.training
-    model.eval()
+    # `model` may be an lm-eval model already: a GGUF export evaluated by llama.cpp (evaluation/llamacpp_lm.py)
+    ready = isinstance(model, LM)
+    was_training = not ready and model.training
+    if not ready:
+        model.eval()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmlab_eval_") as data_dir:
         data = task_set.get("data") or {}
@@ -252,20 +256,22 @@ def evaluate(model, tokenizer, task_set, *, limit=None, num_fewshot=None, batch_
             raise ConfigError("template=chat: this model's tokenizer has no chat template; use template=auto, none "
                               "or a '{prompt}' template")
         write_builtin_data(Path(data_dir), int(data.get("n", 200)), int(data.get("seed", 0)),
-                           "{prompt}" if chat else template or DEFAULT_TEMPLATE, tokenizer.eos_token or "")
+                           "{prompt}" if chat else template or DEFAULT_TEMPLATE,
+                           (model if ready else tokenizer).eos_token or "")
         metadata = {"data_dir": data_dir}
         if task_set.get("text_file"):
             metadata["text_file"] = str(Path(str(task_set.text_file)).expanduser().resolve())
         manager = TaskManager(include_path=str(TASK_DIR), include_defaults=stock, metadata=metadata)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size),
-                  prefix_token_id=prefix_token(tokenizer), mixed_precision_dtype=autocast_dtype,
-                  device=str(next(model.parameters()).device))
+        lm = model if ready else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size),
+                                      prefix_token_id=prefix_token(tokenizer), mixed_precision_dtype=autocast_dtype,
+                                      device=str(next(model.parameters()).device))
         res = _keeping_rng_state(
             lm_eval.simple_evaluate, model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
             apply_chat_template=chat,
             gen_kwargs=dict(gen_kwargs) if gen_kwargs else None, log_samples=log_samples, random_seed=seed,
             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
-    model.train(was_training)
+    if not ready:
+        model.train(was_training)
     out = {"task_set": task_set.get("name"), "tasks": tidy_results(res), "lm_eval_version": lm_eval.__version__,
            "num_fewshot": num_fewshot, "limit": limit, "seconds": round(time.perf_counter() - t0, 2)}
     if log_samples:

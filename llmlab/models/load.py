@@ -1,7 +1,7 @@
 """Load what a user points a command at (`llmlab.generate`, `llmlab.eval`): a run directory (its `hf/`, or
 `hf_adapter/` for prefix/prompt tuning, and its prompt template), a local HF directory (a full model, a PEFT
-adapter with adapter_config.json, or llmlab's int8 export), or a hub name. Code shipped with a model never
-runs (trust_remote_code=False)."""
+adapter with adapter_config.json, or an export of one of EXPORT_KINDS), or a hub name. Code shipped with a
+model never runs (trust_remote_code=False)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,33 @@ from pathlib import Path
 
 from llmlab.checks.hub import hub_error, hub_fixes, hub_reachable, in_hub_cache
 from llmlab.errors import ConfigError
-from llmlab.models.gguf import is_gguf
+from llmlab.models.gguf import GGUF_FILE, is_gguf
 from llmlab.models.peft import import_peft
-from llmlab.models.quantize import is_quantized_dir, load_quantized
+from llmlab.models.quantize import MARKER, METHODS, is_quantized_dir, load_quantized
+
+# what `python -m llmlab.export` writes, as generate and eval read it: hf/ (transformers; a torchao-quantized
+# HF checkpoint is one too: its config.json says how to load it), quantized-int8/ (llmlab.models.quantize),
+# gguf-<quant>/ (llama.cpp)
+EXPORT_KINDS = ("hf", "int8", "gguf")
+
+
+def check_export_kind(p: Path) -> None:
+    """A directory that looks like an export of a kind this llmlab does not read: refused in one line before
+    torch (else it would fail later as 'no config.json', or inside a loader)."""
+    if (p / MARKER).is_file():
+        try:
+            method = json.loads((p / MARKER).read_text()).get("method")
+        except (OSError, ValueError, AttributeError):
+            method = None
+        if method not in METHODS:
+            raise ConfigError(f"MODEL={p}: an export of unknown kind ({MARKER} says method {method!r}); this llmlab "
+                              f"reads exports of kinds {', '.join(EXPORT_KINDS)} (int8 methods: "
+                              f"{', '.join(METHODS)}); re-export it with python -m llmlab.export")
+    elif p.is_dir() and not (p / GGUF_FILE).is_file() and not (p / "config.json").is_file():
+        others = sorted(f.name for f in p.glob("*.gguf"))
+        if others:
+            raise ConfigError(f"MODEL={p}: a directory with GGUF file(s) {', '.join(others[:3])} but no {GGUF_FILE}; "
+                              f"give the file itself: MODEL={p / others[0]}")
 
 
 def resolve_model(path: str) -> tuple[str, str | None]:
@@ -31,6 +55,7 @@ def resolve_model(path: str) -> tuple[str, str | None]:
                 return str(p / sub), template
         raise ConfigError(f"{p} is a run dir without hf/ or hf_adapter/ (did training finish?); export it first: "
                           f"python -m llmlab.export {p}")
+    check_export_kind(p)
     if is_gguf(p):  # python -m llmlab.export ... format=gguf: model.gguf (or its gguf-<quant>/ directory)
         return str(p), template
     if p.is_dir():
