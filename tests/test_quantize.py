@@ -159,3 +159,36 @@ def test_lora_int8_trains_on_an_int8_base(tmp_path, tiny_gpt2_dir):
     with torch.no_grad():
         a, m = trained(**enc).logits, merged(**enc).logits
     assert (a - m).abs().max() < 0.05 * a.abs().max()
+
+
+@pytest.mark.slow
+def test_torchao_int8_checkpoint_loads_with_plain_from_pretrained(tmp_path):
+    """The standard-loader route measured for issue 24 (llmlab.models.quantize's docstring: kept as the
+    migration target, not the default, for its speed here): torchao int8 through TorchAoConfig saves with
+    save_pretrained, a plain from_pretrained(dir) loads it still quantized and computing what was saved, and
+    llmlab's loader (what generate and eval use) reads it as the HF directory it is."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.utils import TorchAOBaseTensor
+    from transformers import AutoModelForCausalLM, LlamaConfig, TorchAoConfig
+
+    from llmlab.data.tokenizer import builtin_tokenizer
+    from llmlab.models.load import load
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "fp32")
+    builtin_tokenizer().save_pretrained(tmp_path / "fp32")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp32", quantization_config=TorchAoConfig(Int8DynamicActivationInt8WeightConfig())).eval()
+    quantized.save_pretrained(tmp_path / "ao")
+    builtin_tokenizer().save_pretrained(tmp_path / "ao")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ao").eval()
+    ours, _ = load(str(tmp_path / "ao"))
+    weight = plain.model.layers[0].mlp.up_proj.weight
+    assert isinstance(weight, TorchAOBaseTensor), type(weight)
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = quantized(ids).logits
+        torch.testing.assert_close(plain(ids).logits, want, atol=0, rtol=0)
+        torch.testing.assert_close(ours(ids).logits, want, atol=0, rtol=0)

@@ -26,7 +26,31 @@ layers, sizes, the load call). Loads back with ONE call:
 
     from llmlab.models.quantize import load_quantized
 
-(`python -m llmlab.generate DIR` does this when it finds quantization.json).
+(`python -m llmlab.generate DIR` and `python -m llmlab.eval DIR` do this when they find quantization.json).
+
+Standard loaders (issue 24, point 3), measured 2026-12-07 (bench/gguf_deploy.py, bench/RESULTS.md, Llama
+12 x 768, 125M, one thread, 64 new tokens greedy, CPU seconds per token vs fp32): torchao 0.18 through
+`transformers.TorchAoConfig` does write a checkpoint that plain `AutoModelForCausalLM.from_pretrained(dir)`
+loads as is (safetensors or not; tests/test_quantize.py checks it), but it decodes *slower* than fp32 here:
+Int8WeightOnlyConfig 0.82x, Int8DynamicActivationInt8WeightConfig 0.50x, against 2.51x for this format; on
+disk 260 MiB vs this format's 190 MiB (fp32 476 MiB). Its numbers are closer to fp32 (teacher-forced top-1
+agreement with fp32 on the tiny trained Llama: weight-only 0.991, dynamic 0.985, this format 0.931; held-out
+loss equal to 0.002 for all three). A deployment format that is slower than the model it replaces defeats
+the purpose, so `quantize=int8` keeps this format; the export a standard loader reads *and* that is fast on
+a CPU is GGUF (`format=gguf quantize=q8_0`: llama.cpp, Ollama, LM Studio; 6x fp32 per CPU second, 127 MiB).
+
+Deprecation plan (this format rests on `torch.ao.quantization`'s dynamic quantized Linear and quantized
+tensor constructors, deprecated in torch 2.13):
+1. Now: `quantize=int8` writes this format; GGUF q8_0/q4_k_m is the recommended CPU deployment (README).
+2. Re-measure with each torchao release (`python bench/gguf_deploy.py --variants
+   fp32,int8,ao_int8wo,ao_int8dyn --threads 1`). When a TorchAoConfig int8 decodes faster than fp32 in eager
+   mode on x86, or when torch drops `torch.ao.nn.quantized.dynamic.Linear`, whichever comes first,
+   `quantize=int8` becomes `from_pretrained(..., quantization_config=TorchAoConfig(<that config>))` +
+   `save_pretrained` (an HF directory: `llmlab.models.load` already reads it as one).
+3. From then on `load_quantized` (and `is_quantized_dir` in load.py) stays for one more release so older
+   exports still load in generate/eval, printing how to re-export; then it is removed with this file's
+   FBGEMM code. If torch has removed the kernels before that, old exports must be re-exported from their
+   run (`python -m llmlab.export RUN quantize=int8`): the fp32 hf/ beside them is kept for that reason.
 """
 from __future__ import annotations
 
