@@ -98,7 +98,7 @@ class LlamaCppLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         out = []
-        for _, context_enc, continuation_enc in requests:
+        for strings, context_enc, continuation_enc in requests:
             # as HFLM: the last max_length + 1 tokens; the last one is only a target
             whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
             n = len(continuation_enc)
@@ -106,7 +106,7 @@ class LlamaCppLM(TemplateLM):
             targets = whole[-n:]
             out.append((float(sum(logp[i, t] for i, t in enumerate(targets))),
                         all(int(logp[i].argmax()) == t for i, t in enumerate(targets))))
-            self.cache_hook.add_partial("loglikelihood", _, out[-1])
+            self.cache_hook.add_partial("loglikelihood", strings, out[-1])
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -136,7 +136,8 @@ class LlamaCppLM(TemplateLM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
+            # as HFLM: the context's last tokens, leaving room for the new ones
+            ids = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
             new = greedy(self.llm, ids, max_new, stop_at_eos=True)
             text = cut_at_stop(self.detokenize(new), [self.eos_token, *until])
             out.append(text)
