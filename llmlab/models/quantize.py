@@ -29,11 +29,11 @@ layers, sizes, the load call). Loads back with ONE call:
 (`python -m llmlab.generate DIR` and `python -m llmlab.eval DIR` do this when they find quantization.json).
 
 Standard loaders (issue 24, point 3), measured 2026-12-07 (bench/gguf_deploy.py, bench/RESULTS.md, Llama
-12 x 768, 125M, one thread, 64 new tokens greedy, CPU seconds per token vs fp32): torchao 0.18 through
+12 x 768, 125M, one thread, 64 and 128 new tokens greedy, CPU seconds per token vs fp32): torchao 0.18 through
 `transformers.TorchAoConfig` does write a checkpoint that plain `AutoModelForCausalLM.from_pretrained(dir)`
 loads as is (safetensors or not; tests/test_quantize.py checks it), but it decodes *slower* than fp32 here:
-Int8WeightOnlyConfig 0.82x, Int8DynamicActivationInt8WeightConfig 0.50x, against 2.51x for this format; on
-disk 260 MiB vs this format's 190 MiB (fp32 476 MiB). Its numbers are closer to fp32 (teacher-forced top-1
+Int8WeightOnlyConfig 0.82-0.94x, Int8DynamicActivationInt8WeightConfig 0.49-0.50x, against 2.0-2.5x for this
+format; on disk 260 MiB vs this format's 190 MiB (fp32 476 MiB). Its numbers are closer to fp32 (teacher-forced top-1
 agreement with fp32 on the tiny trained Llama: weight-only 0.991, dynamic 0.985, this format 0.931; held-out
 loss equal to 0.002 for all three). A deployment format that is slower than the model it replaces defeats
 the purpose, so `quantize=int8` keeps this format; the export a standard loader reads *and* that is fast on
