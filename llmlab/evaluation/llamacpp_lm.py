@@ -13,7 +13,8 @@ BOS added, special tokens in the text parsed (the built-in choices end with the 
 the same requests reach llama.cpp as reach transformers; scoring follows HFLM's `_loglikelihood_tokens`
 (the last `max_length + 1` tokens, logits at the continuation's positions) and rolling windows of
 `max_length` tokens (lm-eval's `get_rolling_token_windows`). `max_length` is the file's training context
-(`n_ctx_train`) capped at MAX_CTX, the KV cache llama.cpp allocates.
+(`n_ctx_train`) capped at MAX_CTX, the KV cache llama.cpp allocates. Requests are scored one sequence at a
+time (`batch_size` does not apply); consecutive requests sharing a context reuse its KV cache (`_logprobs`).
 
 Registered with lm-eval as `llmlab_llamacpp` (`lm_eval --model llmlab_llamacpp --model_args
 path=DIR` once llmlab is imported); llmlab.eval hands lm-eval an instance.
