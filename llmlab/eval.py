@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmlab.distributed.precision import autocast_dtype
 from llmlab.errors import ConfigError, fail, guard_hydra, is_user_error
-from llmlab.evaluation.harness import check_task_set, evaluate, flat_metrics, table_rows
+from llmlab.evaluation.harness import CHAT, check_task_set, evaluate, flat_metrics, table_rows
 from llmlab.models.gguf import INSTALL, is_gguf, llama_cpp_version
 from llmlab.models.load import load, resolve_model
 from llmlab.models.peft import apply_peft, import_peft, quantization_config
@@ -86,6 +86,9 @@ def check_gguf_settings(cfg: DictConfig, path: Path) -> None:
     if cfg.autocast not in ("auto", "none", None):
         raise ConfigError(f"autocast={cfg.autocast}: {path} is a GGUF export, which llama.cpp computes in its own "
                           f"types; leave autocast unset")
+    if cfg.template == CHAT:  # lm-eval's chat route needs the transformers tokenizer's apply_chat_template
+        raise ConfigError(f"template=chat: {path} is a GGUF export, scored by llama.cpp without lm-eval's chat "
+                          f"route here; use template=auto, none or a '{{prompt}}' template (or evaluate the hf/ export)")
 
 
 def _uses_adapter(cfg, run_cfg, path: Path) -> bool:

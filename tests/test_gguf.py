@@ -426,6 +426,15 @@ def test_eval_gguf_without_llama_cpp_says_how_to_install(tmp_path):
     assert not (tmp_path / "eval.json").exists()
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("setting", ["dtype=bfloat16", "autocast=bf16", "template=chat"])
+def test_eval_gguf_refuses_torch_settings(setting, tmp_path):
+    """Settings that mean something only to transformers are refused for a GGUF in one line, before loading."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # not a model: the checks must not read it
+    line = fail_line(run_module("llmlab.eval", str(tmp_path / "m.gguf"), setting))
+    assert f"{setting.split('=')[0]}=" in line and "is a GGUF export" in line, line
+
+
 @pytest.mark.parametrize("module", ["llmlab.eval", "llmlab.generate"])
 def test_unknown_export_kind(module, tmp_path):
     """An int8-looking export of a method this llmlab does not read, and a directory of GGUF files without
