@@ -455,6 +455,17 @@ def test_unknown_export_kind(module, tmp_path):
         in line, line
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("module", ["llmlab.eval", "llmlab.generate"])
+def test_damaged_gguf_is_one_line(module, tmp_path):
+    """A truncated or damaged .gguf (here: the magic and nothing else) is llama.cpp's refusal in one line naming
+    the file and the fix, not llama-cpp-python's traceback."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(12))
+    line = fail_line(run_module(module, str(tmp_path / "m.gguf"), *(["eval=builtin"] if module == "llmlab.eval"
+                                                                     else ["prompt=x"])))
+    assert "llama.cpp cannot load this GGUF file" in line and "m.gguf" in line and "format=gguf" in line, line
+
+
 # llama.cpp f16 vs transformers fp32 on the tiny trained Llama (measured 2026-12-07, 30 documents each): the
 # largest |log-likelihood difference| of a multiple-choice request (~5-15 tokens) was 0.0032, of a whole
 # rolling-window document (~100 tokens) 0.015 (relative 7e-5); every greedy answer equal

@@ -432,8 +432,12 @@ def load_gguf(path, n_ctx: int = 512, threads: int | None = None):
         raise ConfigError(f"a GGUF model needs llama-cpp-python, which is not installed; {INSTALL}") from None
     path = Path(path)
     path = path / GGUF_FILE if path.is_dir() else path
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                           logits_all=False)
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                               logits_all=False)
+    except ValueError as err:  # llama-cpp-python: "Failed to load model from file" (truncated, damaged, not GGUF)
+        raise ConfigError(f"{path}: llama.cpp cannot load this GGUF file ({err}); it is truncated, damaged or not "
+                          f"a GGUF model: export it again (python -m llmlab.export RUN format=gguf)") from None
 
 
 def greedy(llm, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
