@@ -318,3 +318,21 @@ def test_implicit_prompt_with_a_none_prompt_column(tokenizers):
 
     fmt = PreferenceFormat(tokenizers["llama3"], 512)
     assert fmt.build([{**IMPLICIT, "prompt": None}], "train") == fmt.build([IMPLICIT], "train")
+
+
+@pytest.mark.parametrize("template", ["llama3", "qwen3"])
+def test_trl_prompt_completion_record_trains_only_the_completion(tokenizers, template):
+    """TRL's conversational prompt/completion record for SFT: the tokens are the template's rendering of prompt +
+    completion, and only the completion is a target (TRL's completion_only_loss); an assistant turn inside the
+    prompt is context. The same record as `messages` would train both assistant turns."""
+    tok = tokenizers[template]
+    prompt, completion = MULTI["messages"][:4], MULTI["messages"][4:]
+    rows = SFTFormat(tok, 512).build([{"prompt": prompt, "completion": completion}], "train")
+    assert len(rows) == 1 and rows[0]["input_ids"] == template_ids(tok, prompt + completion)
+    assert target_runs(rows[0], tok) == [expected_target(template, "All: Speak, speak.")]
+    assert rows[0]["answer"] == "All: Speak, speak."
+    whole = SFTFormat(tok, 512).build([{"messages": prompt + completion}], "train")
+    assert sum(len(target_runs(r, tok)) for r in whole) == 2
+    with pytest.raises(DataError, match="'completion': after the prompt a completion must be assistant messages"):
+        SFTFormat(tok, 512).build([{"prompt": prompt[:2], "completion": [prompt[2], {"role": "user", "content": "x"},
+                                                                         completion[0]]}], "train")

@@ -1,7 +1,8 @@
 """Conversations trained as the model will be used: the tokenizer's own chat template decides every token.
 
-A record `{messages: [{role, content}, ...]}` (or ShareGPT's `{conversations: [{from, value}, ...]}`, optional
-`tools`) becomes token rows whose
+A record `{messages: [{role, content}, ...]}` (or ShareGPT's `{conversations: [{from, value}, ...]}`, or TRL's
+conversational `{prompt: [...], completion: [...]}` whose completion alone is a target; optional `tools`) becomes
+token rows whose
 - input_ids are exactly `tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)`: the template
   writes BOS where the model expects it, nothing is added on top (encoding the rendered text with
   add_special_tokens=True doubled BOS for Llama 3 / Gemma tokenizers, whose post-processor adds it too);
@@ -31,7 +32,7 @@ tokenizer's EOS, the template's end of turn).
 """
 from __future__ import annotations
 
-from llmlab.data.messages import conversation
+from llmlab.data.messages import PROMPT_ENDS, assistant_only, conversation, is_conversation, messages_list, record_tools
 from llmlab.errors import DataError
 from llmlab.losses import IGNORE_INDEX
 
@@ -127,11 +128,24 @@ class ChatEncoder:
                             "prompt followed by the completion: this template cannot mark what the model generates")
         return P, full[len(P): end]
 
+    def record_messages(self, record: dict) -> tuple[list[dict], list | None, int]:
+        """(messages, tools, index of the first message that may be a target) of a chat record, or of TRL's
+        conversational prompt/completion record `{prompt: [messages], completion: [assistant messages]}`: the two
+        joined, only the completion a target (TRL's completion_only_loss, its SFT default for these records:
+        assistant turns inside the prompt are context, as a preference record's prompt is)."""
+        if self.field not in record and "conversations" not in record and is_conversation(record.get("prompt")) \
+                and is_conversation(record.get("completion")):
+            prompt = messages_list(record["prompt"], "'prompt'", last=PROMPT_ENDS, what="prompt")
+            completion = assistant_only(messages_list(record["completion"], "'completion'"), "'completion'")
+            return prompt + completion, record_tools(record), len(prompt)
+        messages, tools = conversation(record, self.field)
+        return messages, tools, 0
+
     def examples(self, record: dict) -> list[dict]:
         """Rows {input_ids, labels, prompt_length, answer} of one record; prompt_length/answer: the last turn."""
-        messages, tools = conversation(record, self.field)
+        messages, tools, first = self.record_messages(record)
         self._check_features(messages, tools)
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
         if self.train_on == "last_assistant":
             turns = turns[-1:]
         whole = self.ids(messages, tools)
