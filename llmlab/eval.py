@@ -152,6 +152,8 @@ def load_model(cfg):
 def run_template(cfg, run_cfg) -> str | None:
     if cfg.template != "auto":
         return None if cfg.template in (None, "none", "null", "") else str(cfg.template)
+    if run_cfg is not None and run_cfg.stage.name != "pretrain" and run_cfg.data.get("record_format") == CHAT:
+        return CHAT  # a run whose prompts went through its chat template is scored as it was trained
     if run_cfg is not None and run_cfg.stage.name != "pretrain" and run_cfg.data.get("prompt_template"):
         return str(run_cfg.data.prompt_template)
     return None

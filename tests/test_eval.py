@@ -210,3 +210,17 @@ def test_callback_under_zero3_logs_what_the_exported_model_scores(cli):
     model, tokenizer = load(str(run.dir / "hf"))
     after = evaluate(model, tokenizer, OmegaConf.load(CONF / "eval" / "builtin.yaml"), limit=16)
     assert after["tasks"]["llmlab_builtin_mc"]["metrics"]["acc"] == run.summary["val_llmlab_builtin_mc_acc_last"]
+
+
+def test_template_auto_follows_how_the_run_was_trained():
+    """template=auto: a run trained with data.record_format=chat is scored through its chat template; a run with
+    a prompt_template by that template; a pretraining run and a plain model by the built-in one (None)."""
+    from llmlab.eval import run_template
+
+    auto = OmegaConf.create({"template": "auto"})
+    run = lambda stage, **data: OmegaConf.create({"stage": {"name": stage}, "data": data})  # noqa: E731
+    assert run_template(auto, run("sft", record_format="chat", prompt_template="Q: {prompt}")) == "chat"
+    assert run_template(auto, run("sft", record_format="auto", prompt_template="Q: {prompt}")) == "Q: {prompt}"
+    assert run_template(auto, run("pretrain", record_format="chat")) is None
+    assert run_template(auto, None) is None
+    assert run_template(OmegaConf.create({"template": "none"}), run("sft", record_format="chat")) is None
