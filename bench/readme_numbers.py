@@ -2,6 +2,7 @@
 over seeds and OpenMP thread counts, judged against the target the README and the stage's test state.
 
     python bench/readme_numbers.py --stages rm dpo --seeds 1234 0 2 3 4 --threads 1 [--out bench/readme_numbers.jsonl]
+    python bench/readme_numbers.py --table          # the results so far as a markdown table
 
 One run at a time (the numbers are what is learned, not speed; wall and CPU seconds are recorded beside them
 with the load). A run already in --out (same stage, seed and threads; its commit is recorded) is skipped, so an interrupted
@@ -84,6 +85,21 @@ def run_one(stage: str, seed: int, threads: int, run_root: Path) -> dict:
     return row
 
 
+def table(out: Path) -> str:
+    """The results file as a markdown table, one row per run (the README's rows are ranges over these)."""
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    lines = ["| stage | seed | threads | numbers (first -> last) | meets the test's target | CPU s | wall s (load) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        firsts = sorted(k[: -len("_first")] for k in r if k.endswith("_first"))
+        nums = ", ".join(f"{k} {r[k + '_first']} -> {r.get(k + '_last')}" for k in firsts)
+        nums += "".join(f", {k} {r[k]}" for k in r if k.startswith(KEYS) and not k.endswith("_first")
+                        and not (k.endswith("_last") and k[: -len("_last")] in firsts))
+        lines.append(f"| {r['stage']} | {r['seed']} | {r['threads']} | {nums or r.get('stderr_tail', '')[-120:]} | "
+                     f"{r.get('meets_target', r['status'])} | {r['cpu_s']} | {r['wall_s']} ({r['load_start']}) |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", nargs="+", default=list(TARGETS), choices=list(TARGETS))
@@ -91,7 +107,11 @@ def main() -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "readme_numbers.jsonl")
     p.add_argument("--run-root", type=Path, default=Path("/tmp/llmlab-readme-numbers"))
+    p.add_argument("--table", action="store_true", help="print --out as a markdown table and stop")
     args = p.parse_args()
+    if args.table:
+        print(table(args.out))
+        return 0
     for threads in args.threads:
         for stage in args.stages:
             for seed in args.seeds:
