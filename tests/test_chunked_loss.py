@@ -87,10 +87,13 @@ def test_same_loss_and_gradients_as_full_logits(arch, peft, precision):
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)  # bf16 too: the same logits, summed in fp32
     assert sorted(grads) == sorted(ref_grads) and len(grads) > 0
     for name, ref in ref_grads.items():
-        assert ref.abs().max() > 0, name  # every trainable tensor is reached (embeddings, head, adapters)
+        # every trainable tensor is reached (embeddings, head, adapters), but a key projection's bias: it adds
+        # q . b to every score of a query alike, which softmax ignores, so its gradient is 0 in exact arithmetic
+        # and float rounding leaves it 0 or ~1e-10 by thread count (OPT, serial run: exactly 0)
+        assert ref.abs().max() > 0 or name.endswith("k_proj.bias"), name
         # bf16: the head's weight gradient is summed over chunks in bf16 (measured <= 0.8% of its largest entry)
         tol = 1e-4 if precision == "32" else 2e-2
-        torch.testing.assert_close(grads[name], ref, rtol=tol, atol=tol * float(ref.abs().max()), msg=name)
+        torch.testing.assert_close(grads[name], ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-8, msg=name)
 
 
 def test_a_head_it_does_not_know_is_refused_with_the_fix():
