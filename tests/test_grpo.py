@@ -210,8 +210,9 @@ def test_default_grpo_learns(cli):
     run = cli("stage=grpo", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"}, timeout=1500)
     assert_ok(run)
     s = run.summary
-    assert s["reward_mean_last"] - s["reward_mean_first"] >= 0.10, s
-    assert s["val_exact_match_last"] - s["val_exact_match_first"] >= 0.10, s
+    # rounded: 0.5 - 0.4 is 0.0999... in floats, and 20 more of 200 prompts right is a gain of +0.10
+    assert round(s["reward_mean_last"] - s["reward_mean_first"], 6) >= 0.10, s
+    assert round(s["val_exact_match_last"] - s["val_exact_match_first"], 6) >= 0.10, s
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
