@@ -50,11 +50,9 @@ class LlamaCppLM(TemplateLM):
         probe = load_gguf(path, n_ctx=8, threads=threads)  # n_ctx_train is the file's, not the context's
         n_ctx = min(int(max_length or probe._model.n_ctx_train()), MAX_CTX)
         probe.close()
-        path = Path(path)
-        self.path = path
-        self.llm = llama_cpp.Llama(str(path / "model.gguf" if path.is_dir() else path), n_ctx=n_ctx,
-                                   n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
-                                   logits_all=True, verbose=False)
+        self.path = Path(path)
+        # the same loader as generate (file or gguf-<quant>/ dir, a damaged file as one line), every position's logits
+        self.llm = load_gguf(path, n_ctx=n_ctx, threads=threads, logits_all=True, n_batch=min(n_ctx, 512))
         self.max_length = n_ctx
         vocab = self.llm._model.vocab
         self._eos = int(self.llm.token_eos())

@@ -424,8 +424,9 @@ def is_gguf(path) -> bool:
     return path.suffix == ".gguf" and path.is_file() or (path / GGUF_FILE).is_file()
 
 
-def load_gguf(path, n_ctx: int = 512, threads: int | None = None):
-    """llama.cpp's model (llama_cpp.Llama) for a .gguf file or a gguf-<quant>/ directory."""
+def load_gguf(path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False, **llama_kwargs):
+    """llama.cpp's model (llama_cpp.Llama) for a .gguf file or a gguf-<quant>/ directory; `logits_all`: keep every
+    position's logits (scoring), `llama_kwargs`: other llama_cpp.Llama settings (n_batch, ...)."""
     try:
         import llama_cpp
     except ImportError:
@@ -434,7 +435,7 @@ def load_gguf(path, n_ctx: int = 512, threads: int | None = None):
     path = path / GGUF_FILE if path.is_dir() else path
     try:
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                               logits_all=False)
+                               logits_all=logits_all, **llama_kwargs)
     except ValueError as err:  # llama-cpp-python: "Failed to load model from file" (truncated, damaged, not GGUF)
         raise ConfigError(f"{path}: llama.cpp cannot load this GGUF file ({err}); it is truncated, damaged or not "
                           f"a GGUF model: export it again (python -m llmlab.export RUN format=gguf)") from None
