@@ -86,7 +86,9 @@ def test_sft_loss_with_router_aux_equals_transformers(family_dir, model_type):
     # the aux term is really in it: without it the loss is transformers' plain LM loss
     with torch.no_grad():
         lm_only = reference(**batch, output_router_logits=False).loss
-    assert float(expected.loss) - float(lm_only) == pytest.approx(coef * float(expected.aux_loss), rel=1e-4)
+    # the difference of two float32 losses of ~6 carries their rounding (~5e-7 each): an absolute tolerance, not 1e-4
+    # of the ~2e-3 difference (a tokenizer trained on other text gave 2.0423e-3 vs 2.0421e-3)
+    assert float(expected.loss) - float(lm_only) == pytest.approx(coef * float(expected.aux_loss), abs=2e-6)
 
 
 def test_published_default_keeps_the_router_loss_off(family_dir):
