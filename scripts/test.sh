@@ -19,7 +19,14 @@ export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 # one thread: the tiny models leave a second thread idle (the serial suite used one core of two), and
 # two workers x two threads would oversubscribe the cores. conftest.py hands the workers whole modules.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# With the local Slurm cluster up, one worker more than cores: the Slurm modules (one unit, ~15 min) mostly
+# wait on the cluster (sbatch, node-failure and collective timeouts: ~900 s of wall for ~35 s of the test
+# process's CPU on the 2-core AMD EPYC, 2026-12-06), so a core-per-worker suite left a core idle that long.
+workers=${LLMLAB_TEST_WORKERS:-auto}
+if [ "$workers" = auto ] && command -v sinfo >/dev/null && timeout 20 sinfo -h >/dev/null 2>&1; then
+  workers=$(( $(nproc) + 1 ))
+fi
 # every tier (plain `pytest` runs only the fast one: pyproject.toml addopts); a -m of yours replaces this one;
 # the 40 slowest tests are listed at the end (where the suite's time goes, in CI's output too)
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${LLMLAB_TEST_WORKERS:-auto}" --durations=40 \
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --durations=40 \
   -m "slow or not slow" "$@"

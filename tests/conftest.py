@@ -109,15 +109,16 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules with multi-process or slow tests first (in file order within a module), so a parallel run
-    does not end with one worker busy on a long module while the other idles."""
+    """The Slurm modules first (one unit that mostly waits on the cluster: it takes its own worker from the
+    start, scripts/test.sh adds one), then modules with multi-process or slow tests (in file order within a
+    module), so a parallel run does not end with one worker busy on a long module while the other idles."""
     def weight(item) -> int:
         names = {m.name for m in item.iter_markers()}
-        return 0 if names & {"distributed", "slurm"} else 1 if "slow" in names else 2
+        return 0 if "slurm" in names else 1 if "distributed" in names else 2 if "slow" in names else 3
 
     first = {}
     for item in items:
-        first[_module(item.nodeid)] = min(first.get(_module(item.nodeid), 2), weight(item))
+        first[_module(item.nodeid)] = min(first.get(_module(item.nodeid), 3), weight(item))
     items.sort(key=lambda item: first[_module(item.nodeid)])  # stable
 
 
