@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # process's CPU on the 2-core AMD EPYC, 2026-12-06), so a core-per-worker suite left a core idle that long.
 workers=${LLMLAB_TEST_WORKERS:-auto}
 if [ "$workers" = auto ] && command -v sinfo >/dev/null && timeout 20 sinfo -h >/dev/null 2>&1; then
-  workers=$(( $(nproc) + 1 ))
+  workers=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) + 1 ))  # nproc honours OMP_NUM_THREADS
 fi
 # every tier (plain `pytest` runs only the fast one: pyproject.toml addopts); a -m of yours replaces this one;
 # the 40 slowest tests are listed at the end (where the suite's time goes, in CI's output too)
