@@ -3,6 +3,7 @@ over seeds and OpenMP thread counts, judged against the target the README and th
 
     python bench/readme_numbers.py --stages rm dpo --seeds 1234 0 2 3 4 --threads 1 [--out bench/readme_numbers.jsonl]
     python bench/readme_numbers.py --table          # the results so far as a markdown table
+    python bench/readme_numbers.py --stages rm --overrides data.batch_size=32   # a candidate recipe, measured alike
 
 One run at a time (the numbers are what is learned, not speed; wall and CPU seconds are recorded beside them
 with the load). A run already in --out (same stage, seed and threads; its commit is recorded) is skipped, so an interrupted
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -56,15 +58,16 @@ def done(out: Path) -> set[tuple]:
     if not out.exists():
         return set()
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    return {(r["stage"], r["seed"], r["threads"]) for r in rows if r.get("status") == "finished"}
+    return {(r["stage"], r["seed"], r["threads"], tuple(r.get("overrides", ()))) for r in rows
+            if r.get("status") == "finished"}
 
 
-def run_one(stage: str, seed: int, threads: int, run_root: Path) -> dict:
-    run_dir = run_root / f"{stage}-seed{seed}-t{threads}"
+def run_one(stage: str, seed: int, threads: int, run_root: Path, overrides: tuple = ()) -> dict:
+    run_dir = run_root / re.sub(r"[^A-Za-z0-9._-]", "_", "-".join([stage, f"seed{seed}", f"t{threads}", *overrides]))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if threads > 1:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    cmd = [sys.executable, "-m", "llmlab.run", f"stage={stage}", f"seed={seed}",
+    cmd = [sys.executable, "-m", "llmlab.run", f"stage={stage}", f"seed={seed}", *overrides,
            "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
     before, load, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0], time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -73,7 +76,10 @@ def run_one(stage: str, seed: int, threads: int, run_root: Path) -> dict:
            "wall_s": round(time.time() - t0, 1), "cpu_s": round(after.ru_utime + after.ru_stime
                                                                  - before.ru_utime - before.ru_stime, 1),
            "load_start": round(load, 1), "load_end": round(os.getloadavg()[0], 1),
-           "command": f"OMP_NUM_THREADS={threads} python -m llmlab.run stage={stage} seed={seed}"}
+           "command": " ".join([f"OMP_NUM_THREADS={threads} python -m llmlab.run stage={stage} seed={seed}",
+                                *overrides])}
+    if overrides:  # a candidate recipe: the default command with these on top
+        row["overrides"] = list(overrides)
     summary = run_dir / "summary.json"
     if proc.returncode or not summary.exists():
         row.update(status="failed", stderr_tail=proc.stderr[-600:])
@@ -99,7 +105,8 @@ def table(out: Path) -> str:
             meets = bool(TARGETS[r["stage"]][1](r))
         except (KeyError, TypeError):
             meets = r.get("meets_target", r["status"])
-        lines.append(f"| {r['stage']} | {r['seed']} | {r['threads']} | {nums or r.get('stderr_tail', '')[-120:]} | "
+        stage = " ".join([r["stage"], *r.get("overrides", ())])
+        lines.append(f"| {stage} | {r['seed']} | {r['threads']} | {nums or r.get('stderr_tail', '')[-120:]} | "
                      f"{meets} | {r['cpu_s']} | {r['wall_s']} ({r['load_start']}) |")
     return "\n".join(lines)
 
@@ -111,6 +118,8 @@ def main() -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "readme_numbers.jsonl")
     p.add_argument("--run-root", type=Path, default=Path("/tmp/llmlab-readme-numbers"))
+    p.add_argument("--overrides", nargs="*", default=[],
+                   help="a candidate recipe: overrides added to each default command (recorded in its row)")
     p.add_argument("--table", action="store_true", help="print --out as a markdown table and stop")
     args = p.parse_args()
     if args.table:
@@ -119,9 +128,9 @@ def main() -> int:
     for threads in args.threads:
         for stage in args.stages:
             for seed in args.seeds:
-                if (stage, seed, threads) in done(args.out):
+                if (stage, seed, threads, tuple(args.overrides)) in done(args.out):
                     continue
-                row = run_one(stage, seed, threads, args.run_root)
+                row = run_one(stage, seed, threads, args.run_root, tuple(args.overrides))
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
