@@ -203,15 +203,16 @@ def test_grpo_kill9_then_resume_equals_uninterrupted(tmp_path):
 def test_default_grpo_learns(cli):
     """Issue 10 point 5 with the defaults (start model=tiny_sft_early, held-out greedy EM ~0.4; binary task
     reward), one thread: the mean reward of the last tenth of the rollouts above the first tenth, and greedy
-    held-out exact match above its start, by the issue's +0.15 / +0.10. Measured (conf/stage/grpo.yaml) over
-    3 seeds: reward +0.166 to +0.239, EM +0.185 to +0.265; asserted with a margin below the worst seed (a
-    tenth's mean reward has a standard error of ~0.02, a 200-prompt EM ~0.035), as other machines differ."""
+    held-out exact match above its start, by the issue's +0.15 / +0.10. Measured (conf/stage/grpo.yaml, the
+    cosine schedule since 2026-12-07) over 5 seeds at one thread and the default seed at two: reward +0.189 to
+    +0.208, EM +0.155 to +0.205; asserted with a margin below the worst seed (a tenth's mean reward has a
+    standard error of ~0.02, a 200-prompt EM ~0.035), as other machines differ."""
     # timeout: the first test to need tiny-sft-early builds it (and tiny-pretrained) inside this subprocess
     run = cli("stage=grpo", "trainer.enable_progress_bar=false", env={"OMP_NUM_THREADS": "1"}, timeout=1500)
     assert_ok(run)
     s = run.summary
     # rounded: 0.5 - 0.4 is 0.0999... in floats, and 20 more of 200 prompts right is a gain of +0.10
-    assert round(s["reward_mean_last"] - s["reward_mean_first"], 6) >= 0.10, s
+    assert round(s["reward_mean_last"] - s["reward_mean_first"], 6) >= 0.15, s
     assert round(s["val_exact_match_last"] - s["val_exact_match_first"], 6) >= 0.10, s
 
 
