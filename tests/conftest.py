@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # the smallest settings that still exercise the whole pipeline
@@ -38,9 +40,14 @@ class Run:
 def run_python(*argv: str, timeout: float = 600, env: dict | None = None, base_env: dict | None = None,
                cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`python *argv` (this interpreter) from the repo root, stdout/stderr captured as text. The child's
-    environment is `base_env` (default: this process's) with `env` on top."""
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**(os.environ if base_env is None else base_env), **(env or {})})
+    environment is `base_env` (default: this process's) with `env` on top. A `-m llmlab.*` command runs as a
+    fork of a warm interpreter where it can (tests/forkserver.py: why, and what is kept out)."""
+    env = {**(os.environ if base_env is None else base_env), **(env or {})}
+    if forkserver.usable(list(argv), env, cwd):
+        done = forkserver.try_run(list(argv), env, Path(cwd), timeout)
+        if done is not None:
+            return done
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def run_module(module: str, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -83,7 +90,8 @@ def assert_ok(run: Run) -> None:
 
 def _cpu_seconds() -> float:
     self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
+    return (self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
+            + forkserver.child_cpu_seconds())
 
 
 def _module(nodeid: str) -> str:
