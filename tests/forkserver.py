@@ -13,8 +13,8 @@ What a fork cannot share with a fresh interpreter, and how each is kept out:
 - llmlab itself is never imported here: its import-time code and the order of its checks (before any weights
   load, most refusals before torch is imported) run in every command as they do for a user.
 - The preloaded libraries read some environment variables when imported (HF_*, TORCH_*, OMP_NUM_THREADS for
-  the thread pool): a command whose environment differs from the server's in anything but LLMLAB_* and WANDB_*
-  (read by llmlab and by wandb when a run starts) runs as a fresh interpreter (`usable`).
+  the thread pool): a command whose environment differs from the server's in anything but LLMLAB_*, WANDB_*
+  (read by llmlab and by wandb when a run starts) and PYTEST_* runs as a fresh interpreter (`usable`).
 - numpy's global generator is reseeded from the OS in each child (Python's `random` reseeds itself at fork).
 - No tensor op runs in the server (an OpenMP pool used before a fork hangs the child).
 - Warnings the preloaded imports print (torchao, bitsandbytes) go to the server's stderr once, not to every
@@ -36,8 +36,9 @@ from pathlib import Path
 
 # the libraries every training/eval command imports; llmlab's own modules are left to each command
 PRELOAD = ("torch", "lightning.pytorch", "transformers", "peft", "hydra", "omegaconf")
-# environment variables read when a command runs, not when the preloaded libraries are imported
-LATE_READ_PREFIXES = ("LLMLAB_", "WANDB_")
+# environment variables read when a command runs, not when the preloaded libraries are imported (and pytest's
+# own, PYTEST_CURRENT_TEST changing every test)
+LATE_READ_PREFIXES = ("LLMLAB_", "WANDB_", "PYTEST_")
 
 
 def usable(argv: list[str], env: dict[str, str], cwd: Path) -> bool:
@@ -60,10 +61,15 @@ class _Client:
     lock = threading.Lock()
     outputs: Path | None = None  # where a command's stdout and stderr are written, then read back
     child_cpu_seconds = 0.0  # the forked commands' CPU, for conftest's per-test CPU record
+    forked = 0  # commands run as forks
 
 
 def child_cpu_seconds() -> float:
     return _Client.child_cpu_seconds
+
+
+def forked_commands() -> int:
+    return _Client.forked
 
 
 def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess | None:
@@ -97,6 +103,7 @@ def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> 
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if timed_out.is_set():  # as subprocess.run(timeout=...) does
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
+        _Client.forked += 1
         return subprocess.CompletedProcess([sys.executable, *argv], ended["returncode"], stdout, stderr)
     finally:
         _Client.lock.release()

@@ -1,0 +1,84 @@
+"""tests/forkserver.py, the warm interpreter the tests fork their `python -m llmlab.*` commands from: a forked
+command must be indistinguishable from `python -m` started fresh (same exit code, same output, same numbers),
+a time limit must kill it as subprocess.run's does, and a command it cannot run faithfully must go fresh."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import forkserver
+from tests.conftest import FAST, ROOT, run_module
+
+
+def fresh(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ))
+
+
+def forked(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = forkserver.try_run(list(argv), dict(os.environ), ROOT, timeout)
+    assert done is not None, "the server was busy"
+    return done
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"],  # Hydra's app help: the job name comes from sys.argv[0] / __main__, as -m sets them
+    ["--cfg", "job", "stage=dpo", "peft=lora"],
+    ["trainer.gradient_clip_val=-1"],  # a refusal: exit 2, one error line
+    ["stage=nope"],  # Hydra's own error for an unknown choice
+], ids=["help", "cfg", "refusal", "unknown-choice"])
+def test_a_forked_command_prints_and_exits_as_a_fresh_one(tmp_path, args):
+    argv = ["-m", "llmlab.run", *args, f"hydra.run.dir={tmp_path}/run"]
+    a, b = forked(*argv), fresh(*argv)
+    assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
+    assert a.args == b.args
+
+
+def test_a_time_limit_kills_the_command_and_the_server_goes_on(tmp_path):
+    with pytest.raises(subprocess.TimeoutExpired):
+        forked("-m", "llmlab.run", "stage=sft", "trainer.max_steps=100000", f"hydra.run.dir={tmp_path}/a", timeout=1)
+    again = forked("-m", "llmlab.run", "trainer.gradient_clip_val=-1", f"hydra.run.dir={tmp_path}/b")
+    assert again.returncode == 2 and again.stderr.startswith("llmlab: error:"), again.stderr
+
+
+def test_only_commands_it_can_run_faithfully():
+    env = dict(os.environ)
+    assert forkserver.usable(["-m", "llmlab.run", "x=1"], env, ROOT)
+    assert forkserver.usable(["-m", "llmlab.eval"], {**env, "LLMLAB_CACHE": "/elsewhere", "WANDB_MODE": "x",
+                                                     "PYTEST_CURRENT_TEST": "another"}, ROOT)
+    # read by the preloaded libraries when imported: the server's values would win
+    for key, value in [("HF_HUB_OFFLINE", "0"), ("OMP_NUM_THREADS", "7"), ("TORCH_LOGS", "+dynamo")]:
+        assert not forkserver.usable(["-m", "llmlab.run"], {**env, key: value}, ROOT), key
+    assert not forkserver.usable(["-m", "llmlab.run"], {k: v for k, v in env.items() if k != "PATH"}, ROOT)
+    assert not forkserver.usable(["-c", "print(1)"], env, ROOT)  # not an llmlab entry point
+    assert not forkserver.usable(["-m", "pytest"], env, ROOT)
+    assert not forkserver.usable(["bench/readme_numbers.py"], env, ROOT)
+
+
+def test_run_python_forks_across_tests(monkeypatch):
+    """conftest's run_python sends an llmlab command to the server, also once pytest's own variables changed."""
+    before = forkserver.forked_commands()
+    assert run_module("llmlab.run", "--help").returncode == 0
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/test_other.py::test_next (call)")
+    assert run_module("llmlab.run", "--help").returncode == 0
+    assert forkserver.forked_commands() == before + 2
+    # read by huggingface_hub when imported: a value other than the server's runs fresh
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1")
+    assert run_module("llmlab.run", "--help").returncode == 0
+    assert forkserver.forked_commands() == before + 2
+
+
+@pytest.mark.slow
+def test_a_forked_training_run_gives_the_fresh_runs_numbers(tmp_path):
+    """The whole stack in a fork (threads, seeds, data, checkpoints) gives bit-equal losses."""
+    runs = {}
+    for how, run in [("forked", forked), ("fresh", fresh)]:
+        done = run("-m", "llmlab.run", "stage=sft", *FAST, f"hydra.run.dir={tmp_path}/{how}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[how] = json.loads((tmp_path / how / "summary.json").read_text())
+    for key in ("train_loss_first", "train_loss_last", "val_loss_first", "val_loss_last", "global_step"):
+        assert runs["forked"][key] == runs["fresh"][key], key
