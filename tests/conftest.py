@@ -43,10 +43,9 @@ def run_python(*argv: str, timeout: float = 600, env: dict | None = None, base_e
     environment is `base_env` (default: this process's) with `env` on top. A `-m llmlab.*` command runs as a
     fork of a warm interpreter where it can (tests/forkserver.py: why, and what is kept out)."""
     env = {**(os.environ if base_env is None else base_env), **(env or {})}
-    if forkserver.usable(list(argv), env, cwd):
-        done = forkserver.try_run(list(argv), env, Path(cwd), timeout)
-        if done is not None:
-            return done
+    done = forkserver.try_run(list(argv), env, Path(cwd), timeout)
+    if done is not None:
+        return done
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -132,15 +131,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """LLMLAB_TEST_TIMES=<file>: append each test's wall and CPU seconds (its own and its subprocesses')
-    as a JSON line. CPU seconds barely depend on the machine's load, so they decide a test's tier."""
+    """LLMLAB_TEST_TIMES=<file>: append each test's wall and CPU seconds (its own and its subprocesses') and
+    how many of its commands ran as forks (tests/forkserver.py) as a JSON line. CPU seconds barely depend on the machine's load, so they decide a test's tier."""
     path = os.environ.get("LLMLAB_TEST_TIMES")
-    wall, cpu = time.perf_counter(), _cpu_seconds()
+    wall, cpu, forked = time.perf_counter(), _cpu_seconds(), forkserver.forked_commands()
     yield
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"test": item.nodeid, "wall": round(time.perf_counter() - wall, 2),
-                                "cpu": round(_cpu_seconds() - cpu, 2)}) + "\n")
+                                "cpu": round(_cpu_seconds() - cpu, 2),
+                                "forked": forkserver.forked_commands() - forked}) + "\n")
 
 
 @pytest.fixture(scope="session")

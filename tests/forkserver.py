@@ -41,16 +41,18 @@ PRELOAD = ("torch", "lightning.pytorch", "transformers", "peft", "hydra", "omega
 LATE_READ_PREFIXES = ("LLMLAB_", "WANDB_", "PYTEST_")
 
 
-def usable(argv: list[str], env: dict[str, str], cwd: Path) -> bool:
-    """A command the server can run: `-m llmlab.*`, an environment equal to the server's but for
-    LATE_READ_PREFIXES, and the switch not off."""
+def usable(argv: list[str], env: dict[str, str], server_env: dict[str, str]) -> bool:
+    """A command a server started in `server_env` can run: `-m llmlab.*`, its environment equal to the server's
+    but for LATE_READ_PREFIXES, and the switch not off."""
     if os.environ.get("LLMLAB_TEST_FORKSERVER", "1") == "0" or len(argv) < 2 or argv[0] != "-m":
         return False
     if not (argv[1] == "llmlab" or argv[1].startswith("llmlab.")):
         return False
-    server_env = _Client.env_at_start or dict(os.environ)
-    strip = lambda e: {k: v for k, v in e.items() if not k.startswith(LATE_READ_PREFIXES)}  # noqa: E731
-    return strip(env) == strip(server_env)
+    return _import_time(env) == _import_time(server_env)
+
+
+def _import_time(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(LATE_READ_PREFIXES)}
 
 
 class _Client:
@@ -62,6 +64,14 @@ class _Client:
     outputs: Path | None = None  # where a command's stdout and stderr are written, then read back
     child_cpu_seconds = 0.0  # the forked commands' CPU, for conftest's per-test CPU record
     forked = 0  # commands run as forks
+    started = 0  # servers started (a new one each time this process's environment drifted)
+
+
+def _stop() -> None:
+    if _Client.proc is not None:
+        _Client.proc.stdin.close()  # the server reads to the end of its input, then exits
+        _Client.proc.wait()
+        _Client.proc = None
 
 
 def child_cpu_seconds() -> float:
@@ -72,25 +82,37 @@ def forked_commands() -> int:
     return _Client.forked
 
 
+def servers_started() -> int:
+    return _Client.started
+
+
 def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess | None:
-    """Run `python *argv` as a fork of the server; None when the server is busy (run it fresh instead)."""
-    if not _Client.lock.acquire(blocking=False):
-        return None
+    """Run `python *argv` (from `cwd`, in `env`) as a fork of the server; None where it cannot (`usable`) or the
+    server is busy: then run it fresh."""
+    if not usable(argv, env, dict(os.environ)) or not _Client.lock.acquire(blocking=False):
+        return None  # a command's own variables differ from this process's, or the server is busy: fresh
     try:
-        if _Client.proc is None or _Client.proc.poll() is not None:
+        running = _Client.proc is not None and _Client.proc.poll() is None
+        # This process's own environment drifts as tests run code in-process (Lightning's seed_everything sets
+        # PL_GLOBAL_SEED, torch._inductor TORCHINDUCTOR_CACHE_DIR, ...), and commands inherit it: a server started
+        # before the drift is replaced by one started in the environment as it is now.
+        if not running or _import_time(dict(os.environ)) != _import_time(_Client.env_at_start):
+            _stop()
             _Client.env_at_start = dict(os.environ)
-            _Client.outputs = Path(tempfile.mkdtemp(prefix="llmlab-forkserver-"))
+            _Client.outputs = _Client.outputs or Path(tempfile.mkdtemp(prefix="llmlab-forkserver-"))
             _Client.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent))
+                                            stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent),
+                                            env=_Client.env_at_start)
+            _Client.started += 1
         out, err = _Client.outputs / "stdout", _Client.outputs / "stderr"
         request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
         _Client.proc.stdin.write((json.dumps(request) + "\n").encode())
         _Client.proc.stdin.flush()
-        started = json.loads(_Client.proc.stdout.readline() or '{"pid": null}')
-        if started["pid"] is None:
+        child = json.loads(_Client.proc.stdout.readline() or '{"pid": null}')
+        if child["pid"] is None:
             raise RuntimeError("tests/forkserver.py: the server exited; LLMLAB_TEST_FORKSERVER=0 runs without it")
         timed_out = threading.Event()
-        timer = threading.Timer(timeout, lambda: (timed_out.set(), os.kill(started["pid"], signal.SIGKILL)))
+        timer = threading.Timer(timeout, lambda: (timed_out.set(), os.kill(child["pid"], signal.SIGKILL)))
         timer.start()
         try:
             line = _Client.proc.stdout.readline()

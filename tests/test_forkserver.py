@@ -47,29 +47,34 @@ def test_a_time_limit_kills_the_command_and_the_server_goes_on(tmp_path):
 
 def test_only_commands_it_can_run_faithfully():
     env = dict(os.environ)
-    assert forkserver.usable(["-m", "llmlab.run", "x=1"], env, ROOT)
+    assert forkserver.usable(["-m", "llmlab.run", "x=1"], env, env)
     assert forkserver.usable(["-m", "llmlab.eval"], {**env, "LLMLAB_CACHE": "/elsewhere", "WANDB_MODE": "x",
-                                                     "PYTEST_CURRENT_TEST": "another"}, ROOT)
+                                                     "PYTEST_CURRENT_TEST": "another"}, env)
     # read by the preloaded libraries when imported: the server's values would win
     for key, value in [("HF_HUB_OFFLINE", "0"), ("OMP_NUM_THREADS", "7"), ("TORCH_LOGS", "+dynamo")]:
-        assert not forkserver.usable(["-m", "llmlab.run"], {**env, key: value}, ROOT), key
-    assert not forkserver.usable(["-m", "llmlab.run"], {k: v for k, v in env.items() if k != "PATH"}, ROOT)
-    assert not forkserver.usable(["-c", "print(1)"], env, ROOT)  # not an llmlab entry point
-    assert not forkserver.usable(["-m", "pytest"], env, ROOT)
-    assert not forkserver.usable(["bench/readme_numbers.py"], env, ROOT)
+        assert not forkserver.usable(["-m", "llmlab.run"], {**env, key: value}, env), key
+    assert not forkserver.usable(["-m", "llmlab.run"], {k: v for k, v in env.items() if k != "PATH"}, env)
+    assert not forkserver.usable(["-c", "print(1)"], env, env)  # not an llmlab entry point
+    assert not forkserver.usable(["-m", "pytest"], env, env)
+    assert not forkserver.usable(["bench/readme_numbers.py"], env, env)
 
 
 def test_run_python_forks_across_tests(monkeypatch):
-    """conftest's run_python sends an llmlab command to the server, also once pytest's own variables changed."""
+    """conftest's run_python sends an llmlab command to the server, also after pytest's own variables changed;
+    a command given other import-time variables runs fresh; when this process's own environment changed (as
+    in-process Lightning code changes it), a new server starts in it."""
     before = forkserver.forked_commands()
     assert run_module("llmlab.run", "--help").returncode == 0
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/test_other.py::test_next (call)")
     assert run_module("llmlab.run", "--help").returncode == 0
     assert forkserver.forked_commands() == before + 2
-    # read by huggingface_hub when imported: a value other than the server's runs fresh
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1")
-    assert run_module("llmlab.run", "--help").returncode == 0
+    offline = {"HF_HUB_OFFLINE": "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"}  # read at import
+    assert run_module("llmlab.run", "--help", env=offline).returncode == 0
     assert forkserver.forked_commands() == before + 2
+    servers = forkserver.servers_started()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "987654")
+    assert run_module("llmlab.run", "--help").returncode == 0
+    assert (forkserver.forked_commands(), forkserver.servers_started()) == (before + 3, servers + 1)
 
 
 @pytest.mark.slow
