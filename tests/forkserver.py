@@ -13,8 +13,9 @@ What a fork cannot share with a fresh interpreter, and how each is kept out:
 - llmlab itself is never imported here: its import-time code and the order of its checks (before any weights
   load, most refusals before torch is imported) run in every command as they do for a user.
 - The preloaded libraries read some environment variables when imported (HF_*, TORCH_*, OMP_NUM_THREADS for
-  the thread pool): a command whose environment differs from the server's in anything but LLMLAB_*, WANDB_*
-  (read by llmlab and by wandb when a run starts) and PYTEST_* runs as a fresh interpreter (`usable`).
+  the thread pool, PYTHONWARNINGS, PYTHONPATH): a command is forked from a server started in its own
+  environment (one server per environment, `_key`: all of it but LLMLAB_*, WANDB_*, read by llmlab and by
+  wandb when a run starts, and pytest's PYTEST_*).
 - numpy's global generator is reseeded from the OS in each child (Python's `random` reseeds itself at fork).
 - No tensor op runs in the server (an OpenMP pool used before a fork hangs the child).
 - Warnings the preloaded imports print (torchao, bitsandbytes) go to the server's stderr once, not to every
@@ -25,8 +26,10 @@ LLMLAB_TEST_FORKSERVER=0 runs every command as a fresh interpreter (the behaviou
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,94 +44,119 @@ PRELOAD = ("torch", "lightning.pytorch", "transformers", "peft", "hydra", "omega
 LATE_READ_PREFIXES = ("LLMLAB_", "WANDB_", "PYTEST_")
 
 
-def usable(argv: list[str], env: dict[str, str], server_env: dict[str, str]) -> bool:
-    """A command a server started in `server_env` can run: `-m llmlab.*`, its environment equal to the server's
-    but for LATE_READ_PREFIXES, and the switch not off."""
+def usable(argv: list[str]) -> bool:
+    """A command a server can run: `-m llmlab.*`, and the switch not off."""
     if os.environ.get("LLMLAB_TEST_FORKSERVER", "1") == "0" or len(argv) < 2 or argv[0] != "-m":
         return False
-    if not (argv[1] == "llmlab" or argv[1].startswith("llmlab.")):
-        return False
-    return _import_time(env) == _import_time(server_env)
+    return argv[1] == "llmlab" or argv[1].startswith("llmlab.")
 
 
-def _import_time(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if not k.startswith(LATE_READ_PREFIXES)}
+def _key(env: dict[str, str]) -> tuple:
+    """What a server's imports could have read: its environment without LATE_READ_PREFIXES."""
+    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith(LATE_READ_PREFIXES)))
 
 
-class _Client:
-    """One server per test process, one command at a time (a second concurrent command, e.g. from a test's
-    thread pool, runs as a fresh interpreter)."""
-    proc: subprocess.Popen | None = None
-    env_at_start: dict[str, str] | None = None
-    lock = threading.Lock()
-    outputs: Path | None = None  # where a command's stdout and stderr are written, then read back
-    child_cpu_seconds = 0.0  # the forked commands' CPU, for conftest's per-test CPU record
-    forked = 0  # commands run as forks
-    started = 0  # servers started (a new one each time this process's environment drifted)
+class _Server:
+    """A server process started in `env` (so its imports read what a fresh interpreter in that environment would),
+    serving one command at a time."""
 
+    def __init__(self, env: dict[str, str]):
+        self.lock = threading.Lock()
+        self.outputs = Path(tempfile.mkdtemp(prefix="llmlab-forkserver-"))  # a command's stdout and stderr
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent), env=env)
 
-def _stop() -> None:
-    if _Client.proc is not None:
-        _Client.proc.stdin.close()  # the server reads to the end of its input, then exits
-        _Client.proc.wait()
-        _Client.proc = None
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
+    def stop(self) -> None:
+        self.proc.stdin.close()  # the server reads to the end of its input, then exits
+        self.proc.wait()
+        shutil.rmtree(self.outputs, ignore_errors=True)
 
-def child_cpu_seconds() -> float:
-    return _Client.child_cpu_seconds
-
-
-def forked_commands() -> int:
-    return _Client.forked
-
-
-def servers_started() -> int:
-    return _Client.started
-
-
-def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess | None:
-    """Run `python *argv` (from `cwd`, in `env`) as a fork of the server; None where it cannot (`usable`) or the
-    server is busy: then run it fresh."""
-    if not usable(argv, env, dict(os.environ)) or not _Client.lock.acquire(blocking=False):
-        return None  # a command's own variables differ from this process's, or the server is busy: fresh
-    try:
-        running = _Client.proc is not None and _Client.proc.poll() is None
-        # This process's own environment drifts as tests run code in-process (Lightning's seed_everything sets
-        # PL_GLOBAL_SEED, torch._inductor TORCHINDUCTOR_CACHE_DIR, ...), and commands inherit it: a server started
-        # before the drift is replaced by one started in the environment as it is now.
-        if not running or _import_time(dict(os.environ)) != _import_time(_Client.env_at_start):
-            _stop()
-            _Client.env_at_start = dict(os.environ)
-            _Client.outputs = _Client.outputs or Path(tempfile.mkdtemp(prefix="llmlab-forkserver-"))
-            _Client.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent),
-                                            env=_Client.env_at_start)
-            _Client.started += 1
-        out, err = _Client.outputs / "stdout", _Client.outputs / "stderr"
-        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        _Client.proc.stdin.write((json.dumps(request) + "\n").encode())
-        _Client.proc.stdin.flush()
-        child = json.loads(_Client.proc.stdout.readline() or '{"pid": null}')
-        if child["pid"] is None:
+    def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float,
+            new_session: bool) -> subprocess.CompletedProcess:
+        out, err = self.outputs / "stdout", self.outputs / "stderr"
+        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                   "new_session": new_session}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        child = json.loads(self.proc.stdout.readline() or '{"pid": null}')["pid"]
+        if child is None:
             raise RuntimeError("tests/forkserver.py: the server exited; LLMLAB_TEST_FORKSERVER=0 runs without it")
         timed_out = threading.Event()
-        timer = threading.Timer(timeout, lambda: (timed_out.set(), os.kill(child["pid"], signal.SIGKILL)))
+
+        def kill():  # as subprocess.run(timeout=...) does; a new session's whole group (its ranks) with it
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child, signal.SIGKILL) if new_session else os.kill(child, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
         timer.start()
         try:
-            line = _Client.proc.stdout.readline()
+            line = self.proc.stdout.readline()
         finally:
             timer.cancel()
         if not line:  # the server died with its child: the child's status is lost
             raise RuntimeError("tests/forkserver.py: the server exited; LLMLAB_TEST_FORKSERVER=0 runs without it")
         ended = json.loads(line)
-        _Client.child_cpu_seconds += ended["cpu"]
+        _stats["cpu"] += ended["cpu"]
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
-        if timed_out.is_set():  # as subprocess.run(timeout=...) does
+        if timed_out.is_set():
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
-        _Client.forked += 1
+        _stats["forked"] += 1
         return subprocess.CompletedProcess([sys.executable, *argv], ended["returncode"], stdout, stderr)
+
+
+# Servers of this process by _key, least recently used first. Commands mostly come in this process's own
+# environment (which drifts as tests run code in-process: Lightning's seed_everything sets PL_GLOBAL_SEED,
+# torch._inductor TORCHINDUCTOR_CACHE_DIR) or in support_matrix.clean_env's; a command in a third environment
+# replaces the least recently used idle server (~0.5 GB each, shared pages aside).
+MAX_SERVERS = 2
+_servers: dict[tuple, _Server] = {}
+_servers_lock = threading.Lock()
+_stats = {"cpu": 0.0, "forked": 0, "started": 0}
+
+
+def child_cpu_seconds() -> float:
+    """The forked commands' CPU seconds so far (their server, not this process, waits for them)."""
+    return _stats["cpu"]
+
+
+def forked_commands() -> int:
+    return _stats["forked"]
+
+
+def servers_started() -> int:
+    return _stats["started"]
+
+
+def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float,
+            new_session: bool = False) -> subprocess.CompletedProcess | None:
+    """Run `python *argv` (from `cwd`, in `env`; in a new session if `new_session`, as Popen's
+    start_new_session) as a fork of a server started in that environment; None where it cannot (`usable`), or
+    when that server is busy (a test's thread pool) and no other may start: then run it fresh."""
+    if not usable(argv):
+        return None
+    key = _key(env)
+    with _servers_lock:
+        server = _servers.pop(key, None)
+        if server is not None and not server.alive():
+            server = None
+        if server is None:
+            for old in [k for k, s in _servers.items() if not s.lock.locked()][:max(0, len(_servers) - MAX_SERVERS + 1)]:
+                _servers.pop(old).stop()
+            if len(_servers) >= MAX_SERVERS:
+                return None
+            server = _Server(env)
+            _stats["started"] += 1
+        _servers[key] = server  # now the most recently used
+        if not server.lock.acquire(blocking=False):
+            return None
+    try:
+        return server.run(argv, env, cwd, timeout, new_session)
     finally:
-        _Client.lock.release()
+        server.lock.release()
 
 
 def _serve():  # pragma: no cover - runs in the server process
@@ -168,6 +196,8 @@ def _serve():  # pragma: no cover - runs in the server process
 def _become(request: dict) -> str:  # pragma: no cover - runs in a forked child
     """Make this forked child look like `python -m <module> ...` started in request's cwd and environment;
     the module's name."""
+    if request["new_session"]:
+        os.setsid()
     for fd, (path, flags) in enumerate([(os.devnull, os.O_RDONLY),
                                         (request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                         (request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)]):

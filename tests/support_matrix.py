@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "support-matrix.md"
 PEFTS = ("none", "lora", "qlora")
@@ -207,8 +209,12 @@ def launch(run_dir: Path, overrides: list[str], launcher: str = "lightning", npr
         cmd = [sys.executable, *args]
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(threads), capture_output=True, text=True,
-                              timeout=timeout, start_new_session=True)
+        # rank 0 forked from a warm interpreter where it can (tests/forkserver.py); a time limit ends its group
+        proc = forkserver.try_run(args, clean_env(threads), ROOT, timeout, new_session=True) \
+            if launcher != "torchrun" else None
+        if proc is None:
+            proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(threads), capture_output=True, text=True,
+                                  timeout=timeout, start_new_session=True)
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
         _kill_group(exc)

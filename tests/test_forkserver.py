@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.conftest import FAST, ROOT, run_module
 
 
 def fresh(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, *argv], check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ))
 
 
@@ -45,36 +46,44 @@ def test_a_time_limit_kills_the_command_and_the_server_goes_on(tmp_path):
     assert again.returncode == 2 and again.stderr.startswith("llmlab: error:"), again.stderr
 
 
-def test_only_commands_it_can_run_faithfully():
-    env = dict(os.environ)
-    assert forkserver.usable(["-m", "llmlab.run", "x=1"], env, env)
-    assert forkserver.usable(["-m", "llmlab.eval"], {**env, "LLMLAB_CACHE": "/elsewhere", "WANDB_MODE": "x",
-                                                     "PYTEST_CURRENT_TEST": "another"}, env)
-    # read by the preloaded libraries when imported: the server's values would win
-    for key, value in [("HF_HUB_OFFLINE", "0"), ("OMP_NUM_THREADS", "7"), ("TORCH_LOGS", "+dynamo")]:
-        assert not forkserver.usable(["-m", "llmlab.run"], {**env, key: value}, env), key
-    assert not forkserver.usable(["-m", "llmlab.run"], {k: v for k, v in env.items() if k != "PATH"}, env)
-    assert not forkserver.usable(["-c", "print(1)"], env, env)  # not an llmlab entry point
-    assert not forkserver.usable(["-m", "pytest"], env, env)
-    assert not forkserver.usable(["bench/readme_numbers.py"], env, env)
+def test_only_llmlab_entry_points(monkeypatch):
+    assert forkserver.usable(["-m", "llmlab.run", "x=1"]) and forkserver.usable(["-m", "llmlab.eval"])
+    assert not forkserver.usable(["-c", "print(1)"])
+    assert not forkserver.usable(["-m", "pytest"])
+    assert not forkserver.usable(["bench/readme_numbers.py"])
+    monkeypatch.setenv("LLMLAB_TEST_FORKSERVER", "0")
+    assert not forkserver.usable(["-m", "llmlab.run"])
 
 
-def test_run_python_forks_across_tests(monkeypatch):
-    """conftest's run_python sends an llmlab command to the server, also after pytest's own variables changed;
-    a command given other import-time variables runs fresh; when this process's own environment changed (as
-    in-process Lightning code changes it), a new server starts in it."""
-    before = forkserver.forked_commands()
+def test_a_server_per_import_time_environment(monkeypatch):
+    """conftest's run_python forks llmlab commands; a command whose environment differs in what the preloaded
+    imports read (HF_HUB_OFFLINE here) gets a server started in that environment; variables read later
+    (PYTEST_CURRENT_TEST, which pytest changes every test, LLMLAB_*) share one."""
     assert run_module("llmlab.run", "--help").returncode == 0
+    forked, servers = forkserver.forked_commands(), forkserver.servers_started()
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/test_other.py::test_next (call)")
-    assert run_module("llmlab.run", "--help").returncode == 0
-    assert forkserver.forked_commands() == before + 2
-    offline = {"HF_HUB_OFFLINE": "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"}  # read at import
-    assert run_module("llmlab.run", "--help", env=offline).returncode == 0
-    assert forkserver.forked_commands() == before + 2
-    servers = forkserver.servers_started()
-    monkeypatch.setenv("PL_GLOBAL_SEED", "987654")
-    assert run_module("llmlab.run", "--help").returncode == 0
-    assert (forkserver.forked_commands(), forkserver.servers_started()) == (before + 3, servers + 1)
+    assert run_module("llmlab.run", "--help", env={"LLMLAB_CACHE": "/elsewhere"}).returncode == 0
+    assert (forkserver.forked_commands(), forkserver.servers_started()) == (forked + 1, servers)
+    offline = {"HF_HUB_OFFLINE": "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"}
+    for _ in range(2):
+        assert run_module("llmlab.run", "--help", env=offline).returncode == 0
+    assert (forkserver.forked_commands(), forkserver.servers_started()) == (forked + 3, servers + 1)
+
+
+@pytest.mark.distributed
+def test_a_time_limit_in_a_new_session_ends_every_rank(tmp_path):
+    """support_matrix.launch asks for a new session (Popen's start_new_session) so that a time limit ends the
+    ranks Lightning started, not only rank 0."""
+    run_dir = tmp_path / "ddp"
+    with pytest.raises(subprocess.TimeoutExpired):
+        forkserver.try_run(["-m", "llmlab.run", "stage=pretrain", "trainer.devices=2", "trainer.max_steps=100000",
+                            "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"],
+                           {**os.environ, "OMP_NUM_THREADS": "1"}, ROOT, 25, new_session=True)
+    assert (run_dir / ".hydra").is_dir()  # it had started
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], check=False, capture_output=True,
+                          text=True).stdout
+    assert not left.strip(), f"processes left: {left}"
 
 
 @pytest.mark.slow
