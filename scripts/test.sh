@@ -19,12 +19,14 @@ export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 # one thread: the tiny models leave a second thread idle (the serial suite used one core of two), and
 # two workers x two threads would oversubscribe the cores. conftest.py hands the workers whole modules.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# With the local Slurm cluster up, one worker more than cores: the Slurm modules (one unit, ~15 min) mostly
-# wait on the cluster (sbatch, node-failure and collective timeouts: ~900 s of wall for ~35 s of the test
-# process's CPU on the 2-core AMD EPYC, 2026-12-06), so a core-per-worker suite left a core idle that long.
+# With the local Slurm cluster up, two workers more than cores: the Slurm modules (one unit, ~13 min) mostly
+# wait on the cluster (sbatch, node-failure and collective timeouts: ~800 s of wall for ~30 s of the test
+# process's CPU on the 2-core AMD EPYC, 2026-12-06), and since the CLI tests fork from a warm interpreter
+# (tests/forkserver.py) the others wait about as much as they compute (3 workers: 44 min of CPU in a 44-min
+# run on 2 cores, 2026-12-07), waiting on two-process runs' collectives, killed runs and the tiny bases.
 workers=${LLMLAB_TEST_WORKERS:-auto}
 if [ "$workers" = auto ] && command -v sinfo >/dev/null && timeout 20 sinfo -h >/dev/null 2>&1; then
-  workers=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) + 1 ))  # nproc honours OMP_NUM_THREADS
+  workers=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) + 2 ))  # nproc honours OMP_NUM_THREADS
 fi
 # every tier (plain `pytest` runs only the fast one: pyproject.toml addopts); a -m of yours replaces this one;
 # the 40 slowest tests are listed at the end (where the suite's time goes, in CI's output too)

@@ -62,6 +62,7 @@ class _Server:
 
     def __init__(self, env: dict[str, str]):
         self.lock = threading.Lock()
+        self.children_cpu = 0.0
         self.outputs = Path(tempfile.mkdtemp(prefix="llmlab-forkserver-"))  # a command's stdout and stderr
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent), env=env)
@@ -73,6 +74,8 @@ class _Server:
         self.proc.stdin.close()  # the server reads to the end of its input, then exits
         self.proc.wait()
         shutil.rmtree(self.outputs, ignore_errors=True)
+        # this process's RUSAGE_CHILDREN now holds the server's CPU, its children's included: counted once
+        _stats["cpu"] -= self.children_cpu
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float,
             new_session: bool) -> subprocess.CompletedProcess:
@@ -101,6 +104,7 @@ class _Server:
             raise RuntimeError("tests/forkserver.py: the server exited; LLMLAB_TEST_FORKSERVER=0 runs without it")
         ended = json.loads(line)
         _stats["cpu"] += ended["cpu"]
+        self.children_cpu += ended["cpu"]
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if timed_out.is_set():
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
