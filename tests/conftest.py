@@ -43,7 +43,7 @@ def run_python(*argv: str, timeout: float = 600, env: dict | None = None, base_e
     environment is `base_env` (default: this process's) with `env` on top. A `-m llmlab.*` command runs as a
     fork of a warm interpreter where it can (tests/forkserver.py: why, and what is kept out)."""
     env = {**(os.environ if base_env is None else base_env), **(env or {})}
-    done = forkserver.try_run(list(argv), env, Path(cwd), timeout)
+    done = forkserver.try_run(list(argv), env, Path(cwd), timeout, start=forkserver.same_imports(env, os.environ))
     if done is not None:
         return done
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

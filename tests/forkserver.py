@@ -135,11 +135,19 @@ def servers_started() -> int:
     return _stats["started"]
 
 
-def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float,
-            new_session: bool = False) -> subprocess.CompletedProcess | None:
+def same_imports(env: dict[str, str], other: dict[str, str]) -> bool:
+    """Whether a server started in `other` can run a command in `env`."""
+    return _key(env) == _key(other)
+
+
+def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float, new_session: bool = False,
+            start: bool = True) -> subprocess.CompletedProcess | None:
     """Run `python *argv` (from `cwd`, in `env`; in a new session if `new_session`, as Popen's
-    start_new_session) as a fork of a server started in that environment; None where it cannot (`usable`), or
-    when that server is busy (a test's thread pool) and no other may start: then run it fresh."""
+    start_new_session) as a fork of a server started in that environment; None where it cannot (`usable`), when
+    that server is busy (a test's thread pool) and no other may start, or when none runs for that environment
+    and `start` is false: then run it fresh. (Starting a server costs what a fresh interpreter's imports do, and
+    a refusal in a fresh interpreter often ends before them: conftest starts servers only for this process's
+    own environment, not for a test's one-off variables.)"""
     if not usable(argv):
         return None
     key = _key(env)
@@ -147,6 +155,8 @@ def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float,
         server = _servers.pop(key, None)
         if server is not None and not server.alive():
             server = None
+        if server is None and not start:
+            return None
         if server is None:
             for old in [k for k, s in _servers.items() if not s.lock.locked()][:max(0, len(_servers) - MAX_SERVERS + 1)]:
                 _servers.pop(old).stop()

@@ -56,17 +56,21 @@ def test_only_llmlab_entry_points(monkeypatch):
 
 
 def test_a_server_per_import_time_environment(monkeypatch):
-    """conftest's run_python forks llmlab commands; a command whose environment differs in what the preloaded
-    imports read (HF_HUB_OFFLINE here) gets a server started in that environment; variables read later
-    (PYTEST_CURRENT_TEST, which pytest changes every test, LLMLAB_*) share one."""
+    """conftest's run_python forks llmlab commands; variables read after the imports (PYTEST_CURRENT_TEST, which
+    pytest changes every test, LLMLAB_*) share a server; a command given its own import-time variables
+    (HF_HUB_OFFLINE here) runs fresh; when this process's own environment changes (as in-process Lightning
+    code changes it), a server started in the new one serves its commands."""
     assert run_module("llmlab.run", "--help").returncode == 0
     forked, servers = forkserver.forked_commands(), forkserver.servers_started()
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/test_other.py::test_next (call)")
     assert run_module("llmlab.run", "--help", env={"LLMLAB_CACHE": "/elsewhere"}).returncode == 0
     assert (forkserver.forked_commands(), forkserver.servers_started()) == (forked + 1, servers)
-    offline = {"HF_HUB_OFFLINE": "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"}
+    offline = "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"
+    assert run_module("llmlab.run", "--help", env={"HF_HUB_OFFLINE": offline}).returncode == 0
+    assert (forkserver.forked_commands(), forkserver.servers_started()) == (forked + 1, servers)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     for _ in range(2):
-        assert run_module("llmlab.run", "--help", env=offline).returncode == 0
+        assert run_module("llmlab.run", "--help").returncode == 0
     assert (forkserver.forked_commands(), forkserver.servers_started()) == (forked + 3, servers + 1)
 
 
