@@ -132,7 +132,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """LLMLAB_TEST_TIMES=<file>: append each test's wall and CPU seconds (its own and its subprocesses') and
-    how many of its commands ran as forks (tests/forkserver.py) as a JSON line. CPU seconds barely depend on the machine's load, so they decide a test's tier."""
+    how many of its commands ran as forks (tests/forkserver.py) as a JSON line. CPU seconds barely depend on
+    the machine's load, so they decide a test's tier."""
     path = os.environ.get("LLMLAB_TEST_TIMES")
     wall, cpu, forked = time.perf_counter(), _cpu_seconds(), forkserver.forked_commands()
     yield

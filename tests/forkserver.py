@@ -15,7 +15,8 @@ What a fork cannot share with a fresh interpreter, and how each is kept out:
 - The preloaded libraries read some environment variables when imported (HF_*, TORCH_*, OMP_NUM_THREADS for
   the thread pool, PYTHONWARNINGS, PYTHONPATH): a command is forked from a server started in its own
   environment (one server per environment, `_key`: all of it but LLMLAB_*, WANDB_*, read by llmlab and by
-  wandb when a run starts, and pytest's PYTEST_*).
+  wandb when a run starts, and pytest's PYTEST_*), or runs fresh where none runs and none may start
+  (`try_run`'s `start`).
 - numpy's global generator is reseeded from the OS in each child (Python's `random` reseeds itself at fork).
 - No tensor op runs in the server (an OpenMP pool used before a fork hangs the child).
 - Warnings the preloaded imports print (torchao, bitsandbytes) go to the server's stderr once, not to every
@@ -42,6 +43,9 @@ PRELOAD = ("torch", "lightning.pytorch", "transformers", "peft", "hydra", "omega
 # environment variables read when a command runs, not when the preloaded libraries are imported (and pytest's
 # own, PYTEST_CURRENT_TEST changing every test)
 LATE_READ_PREFIXES = ("LLMLAB_", "WANDB_", "PYTEST_")
+
+
+SERVER_EXITED = "tests/forkserver.py: the server exited; LLMLAB_TEST_FORKSERVER=0 runs without it"
 
 
 def usable(argv: list[str]) -> bool:
@@ -86,7 +90,7 @@ class _Server:
         self.proc.stdin.flush()
         child = json.loads(self.proc.stdout.readline() or '{"pid": null}')["pid"]
         if child is None:
-            raise RuntimeError("tests/forkserver.py: the server exited; LLMLAB_TEST_FORKSERVER=0 runs without it")
+            raise RuntimeError(SERVER_EXITED)
         timed_out = threading.Event()
 
         def kill():  # as subprocess.run(timeout=...) does; a new session's whole group (its ranks) with it
@@ -101,7 +105,7 @@ class _Server:
         finally:
             timer.cancel()
         if not line:  # the server died with its child: the child's status is lost
-            raise RuntimeError("tests/forkserver.py: the server exited; LLMLAB_TEST_FORKSERVER=0 runs without it")
+            raise RuntimeError(SERVER_EXITED)
         ended = json.loads(line)
         _stats["cpu"] += ended["cpu"]
         self.children_cpu += ended["cpu"]
@@ -158,10 +162,11 @@ def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float, new
         if server is None and not start:
             return None
         if server is None:
-            for old in [k for k, s in _servers.items() if not s.lock.locked()][:max(0, len(_servers) - MAX_SERVERS + 1)]:
-                _servers.pop(old).stop()
-            if len(_servers) >= MAX_SERVERS:
-                return None
+            if len(_servers) >= MAX_SERVERS:  # the least recently used idle one makes room
+                idle = next((k for k, s in _servers.items() if not s.lock.locked()), None)
+                if idle is None:
+                    return None
+                _servers.pop(idle).stop()
             server = _Server(env)
             _stats["started"] += 1
         _servers[key] = server  # now the most recently used
@@ -174,11 +179,10 @@ def try_run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float, new
 
 
 def _serve():  # pragma: no cover - runs in the server process
-    """Read one JSON request per line; fork; report {"pid"}, then {"returncode", "cpu", "wall"}. Returns only
+    """Read one JSON request per line; fork; report {"pid"}, then {"returncode", "cpu"}. Returns only
     in a forked child, with its request: the caller runs the command at the top level."""
     import gc
     import importlib
-    import time
 
     requests = os.fdopen(os.dup(0), "rb")
     replies = os.fdopen(os.dup(1), "wb")
@@ -193,7 +197,6 @@ def _serve():  # pragma: no cover - runs in the server process
     for line in requests:
         request = json.loads(line)
         sys.stdout.flush(), sys.stderr.flush()
-        t0 = time.perf_counter()
         pid = os.fork()
         if pid == 0:
             requests.close(), replies.close()
@@ -201,8 +204,7 @@ def _serve():  # pragma: no cover - runs in the server process
         replies.write((json.dumps({"pid": pid}) + "\n").encode()), replies.flush()
         _, status, usage = os.wait4(pid, 0)
         replies.write((json.dumps({"returncode": os.waitstatus_to_exitcode(status),
-                                   "cpu": usage.ru_utime + usage.ru_stime,
-                                   "wall": time.perf_counter() - t0}) + "\n").encode())
+                                   "cpu": usage.ru_utime + usage.ru_stime}) + "\n").encode())
         replies.flush()
     return None
 
