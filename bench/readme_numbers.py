@@ -11,6 +11,20 @@ sweep continues where it stopped. The stages start from the cached tiny bases as
 (built on first use by the bases' own recipe). `OMP_WAIT_POLICY=PASSIVE` is set for runs with more than one
 thread: it changes only how idle OpenMP threads wait (no spinning on a shared machine), not the order of any
 float sum, so the numbers are those of a plain run with that many threads.
+
+`--kind` runs the commands with the CPU kernels another kind of machine dispatches to, on this one (the README's
+numbers must hold on each; only one kind is at hand). A float sum's order, so the numbers, follows from which
+kernels run, and three libraries pick them from the CPU: ATen (`ATEN_CPU_CAPABILITY`, torch's own switch),
+oneDNN (`ONEDNN_MAX_CPU_ISA`, its own) and MKL, which takes its Intel code paths only on an Intel CPU (a vendor
+check, `mkl_serv_intel_cpu_true`, answered "yes" by a one-line library preloaded here, the workaround known for
+MKL on AMD; `MKL_ENABLE_INSTRUCTIONS` caps the ISA). Kinds (`--kind native` is this machine as it is):
+    amd-avx2       AMD without AVX-512: ATen AVX2, oneDNN AVX2, MKL's non-Intel path (AVX2 already on AMD)
+    intel-avx512   Intel with AVX-512 (AVX512-BF16; for fp32 runs also AMX's, which only bf16/int8 use):
+                   ATen AVX512, oneDNN AVX512, MKL's Intel AVX-512 path
+    intel-avx2     Intel without AVX-512: ATen AVX2, oneDNN AVX2, MKL's Intel AVX2 path
+Not emulated: kernels chosen by CPU model or cache size (MKL's and oneDNN's blocking), and AMX itself. Each kind
+builds its own tiny bases (`$LLMLAB_CACHE` = /tmp/llmlab-cache-<kind>) with the same kernels, as a user's machine
+would.
 """
 from __future__ import annotations
 
@@ -21,10 +35,39 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+KINDS = {
+    "native": {},
+    "amd-avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "intel-avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                     "LD_PRELOAD": "<mkl-intel>"},
+    "intel-avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                   "LD_PRELOAD": "<mkl-intel>"},
+}
+
+
+def mkl_intel_shim() -> str:
+    """A library answering MKL's vendor check with "Intel" (built once with the machine's C compiler)."""
+    lib = Path(tempfile.gettempdir()) / "llmlab-mkl-intel" / "libmkl_intel_cpu.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        src = lib.with_suffix(".c")
+        src.write_text("int mkl_serv_intel_cpu_true(void) { return 1; }\n")
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    return str(lib)
+
+
+def kind_env(kind: str) -> dict[str, str]:
+    """The environment variables that make this machine's libraries dispatch as on `kind` (see the docstring)."""
+    env = {k: (mkl_intel_shim() if v == "<mkl-intel>" else v) for k, v in KINDS[kind].items()}
+    if kind != "native":
+        env["LLMLAB_CACHE"] = str(Path(tempfile.gettempdir()) / f"llmlab-cache-{kind}")
+    return env
 
 # stage -> (what the README states, a judge of one run's summary.json). The judges are the tests' asserts
 # (tests/test_<stage>.py test_default_*), so a seed that fails here would fail the suite's test too.
@@ -58,13 +101,14 @@ def done(out: Path) -> set[tuple]:
     if not out.exists():
         return set()
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    return {(r["stage"], r["seed"], r["threads"], tuple(r.get("overrides", ()))) for r in rows
-            if r.get("status") == "finished"}
+    return {(r["stage"], r["seed"], r["threads"], tuple(r.get("overrides", ())), r.get("kind", "native"))
+            for r in rows if r.get("status") == "finished"}
 
 
-def run_one(stage: str, seed: int, threads: int, run_root: Path, overrides: tuple = ()) -> dict:
-    run_dir = run_root / re.sub(r"[^A-Za-z0-9._-]", "_", "-".join([stage, f"seed{seed}", f"t{threads}", *overrides]))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def run_one(stage: str, seed: int, threads: int, run_root: Path, overrides: tuple = (), kind: str = "native") -> dict:
+    name = "-".join([stage, f"seed{seed}", f"t{threads}", *overrides] + ([kind] if kind != "native" else []))
+    run_dir = run_root / re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    env = {**os.environ, **kind_env(kind), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if threads > 1:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     cmd = [sys.executable, "-m", "llmlab.run", f"stage={stage}", f"seed={seed}", *overrides,
@@ -80,6 +124,8 @@ def run_one(stage: str, seed: int, threads: int, run_root: Path, overrides: tupl
                                 *overrides])}
     if overrides:  # a candidate recipe: the default command with these on top
         row["overrides"] = list(overrides)
+    if kind != "native":  # another machine kind's kernels (KINDS)
+        row["kind"] = kind
     summary = run_dir / "summary.json"
     if proc.returncode or not summary.exists():
         row.update(status="failed", stderr_tail=proc.stderr[-600:])
@@ -105,7 +151,7 @@ def table(out: Path) -> str:
             meets = bool(TARGETS[r["stage"]][1](r))
         except (KeyError, TypeError):
             meets = r.get("meets_target", r["status"])
-        stage = " ".join([r["stage"], *r.get("overrides", ())])
+        stage = " ".join([r["stage"], *r.get("overrides", ())] + ([f"({r['kind']})"] if "kind" in r else []))
         lines.append(f"| {stage} | {r['seed']} | {r['threads']} | {nums or r.get('stderr_tail', '')[-120:]} | "
                      f"{meets} | {r['cpu_s']} | {r['wall_s']} ({r['load_start']}) |")
     return "\n".join(lines)
@@ -120,6 +166,8 @@ def main() -> int:
     p.add_argument("--run-root", type=Path, default=Path("/tmp/llmlab-readme-numbers"))
     p.add_argument("--overrides", nargs="*", default=[],
                    help="a candidate recipe: overrides added to each default command (recorded in its row)")
+    p.add_argument("--kind", default="native", choices=list(KINDS),
+                   help="run with the CPU kernels another kind of machine dispatches to (see the docstring)")
     p.add_argument("--table", action="store_true", help="print --out as a markdown table and stop")
     args = p.parse_args()
     if args.table:
@@ -128,9 +176,9 @@ def main() -> int:
     for threads in args.threads:
         for stage in args.stages:
             for seed in args.seeds:
-                if (stage, seed, threads, tuple(args.overrides)) in done(args.out):
+                if (stage, seed, threads, tuple(args.overrides), args.kind) in done(args.out):
                     continue
-                row = run_one(stage, seed, threads, args.run_root, tuple(args.overrides))
+                row = run_one(stage, seed, threads, args.run_root, tuple(args.overrides), args.kind)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
