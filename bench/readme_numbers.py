@@ -17,7 +17,7 @@ numbers must hold on each; only one kind is at hand). A float sum's order, so th
 kernels run, and three libraries pick them from the CPU: ATen (`ATEN_CPU_CAPABILITY`, torch's own switch),
 oneDNN (`ONEDNN_MAX_CPU_ISA`, its own) and MKL, which takes its Intel code paths only on an Intel CPU (a vendor
 check, `mkl_serv_intel_cpu_true`, answered "yes" by a one-line library preloaded here, the workaround known for
-MKL on AMD; `MKL_ENABLE_INSTRUCTIONS` caps the ISA). Kinds (`--kind native` is this machine as it is):
+MKL on AMD, or "no" for an AMD kind on an Intel host; `MKL_ENABLE_INSTRUCTIONS` caps the ISA). Kinds (`--kind native` is this machine as it is):
     amd-avx2       AMD without AVX-512: ATen AVX2, oneDNN AVX2, MKL's non-Intel path (AVX2 already on AMD)
     intel-avx512   Intel with AVX-512 (AVX512-BF16; for fp32 runs also AMX's, which only bf16/int8 use):
                    ATen AVX512, oneDNN AVX512, MKL's Intel AVX-512 path
@@ -43,28 +43,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = {
     "native": {},
-    "amd-avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "amd-avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                 "LD_PRELOAD": "<mkl-vendor:0>"},
     "intel-avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
-                     "LD_PRELOAD": "<mkl-intel>"},
+                     "LD_PRELOAD": "<mkl-vendor:1>"},
     "intel-avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                   "LD_PRELOAD": "<mkl-intel>"},
+                   "LD_PRELOAD": "<mkl-vendor:1>"},
 }
 
 
-def mkl_intel_shim() -> str:
-    """A library answering MKL's vendor check with "Intel" (built once with the machine's C compiler)."""
-    lib = Path(tempfile.gettempdir()) / "llmlab-mkl-intel" / "libmkl_intel_cpu.so"
+def mkl_vendor_shim(intel: int) -> str:
+    """A library answering MKL's vendor check (`mkl_serv_intel_cpu_true`, exported by torch's libtorch_cpu.so and
+    called through the PLT, so a preloaded one wins) with Intel (1) or not (0); built once with the C compiler."""
+    lib = Path(tempfile.gettempdir()) / "llmlab-mkl-vendor" / f"libmkl_intel_cpu_{intel}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         src = lib.with_suffix(".c")
-        src.write_text("int mkl_serv_intel_cpu_true(void) { return 1; }\n")
+        src.write_text(f"int mkl_serv_intel_cpu_true(void) {{ return {intel}; }}\n")
         subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
     return str(lib)
 
 
 def kind_env(kind: str) -> dict[str, str]:
     """The environment variables that make this machine's libraries dispatch as on `kind` (see the docstring)."""
-    env = {k: (mkl_intel_shim() if v == "<mkl-intel>" else v) for k, v in KINDS[kind].items()}
+    env = {k: (mkl_vendor_shim(int(v[-2])) if v.startswith("<mkl-vendor") else v) for k, v in KINDS[kind].items()}
     if kind != "native":
         env["LLMLAB_CACHE"] = str(Path(tempfile.gettempdir()) / f"llmlab-cache-{kind}")
     return env
