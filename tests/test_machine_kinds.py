@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import readme_numbers  # noqa: E402  (bench/ is not a package)
+import readme_numbers  # after the path insert: bench/ is not a package
 
 # what one process reports: torch's ATen capability, oneDNN's ISA, and digests of an MKL sgemm (fp32 matmul) and an
 # ATen softmax and a oneDNN GELU (GPT-2's activation), whose bits depend on the kernels' vector width and blocking
