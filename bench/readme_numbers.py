@@ -3,6 +3,7 @@ over seeds and OpenMP thread counts, judged against the target the README and th
 
     python bench/readme_numbers.py --stages rm dpo --seeds 1234 0 2 3 4 --threads 1 [--out bench/readme_numbers.jsonl]
     python bench/readme_numbers.py --table          # the results so far as a markdown table
+    python bench/readme_numbers.py --summary        # per stage, kind and threads: the README number's range
     python bench/readme_numbers.py --stages rm --overrides data.batch_size=32   # a candidate recipe, measured alike
 
 One run at a time (the numbers are what is learned, not speed; wall and CPU seconds are recorded beside them
@@ -91,6 +92,26 @@ TARGETS = {
              lambda s: round(s["reward_mean_last"] - s["reward_mean_first"], 6) >= 0.15
              and round(s["val_exact_match_last"] - s["val_exact_match_first"], 6) >= 0.10),  # as tests/test_grpo.py
 }
+# stage -> (name, value) of the number its README row quotes, read from a row of --out (for --summary)
+HEADLINE = {
+    "pretrain": ("val ppl", lambda r: r["val_ppl_last"]),
+    "sft": ("held-out EM", lambda r: r["val_exact_match_last"]),
+    "rm": ("pairwise accuracy", lambda r: r["val_accuracy"]),
+    "dpo": ("reward accuracy", lambda r: r["val_reward_accuracy"]),
+    "orpo": ("EM", lambda r: r["val_exact_match_last"]),
+    "simpo": ("EM", lambda r: r["val_exact_match_last"]),
+    "kto": ("reward accuracy", lambda r: r["val_reward_accuracy"]),
+    "ppo": ("reward rise", lambda r: r["reward_mean_last"] - r["reward_mean_first"]),
+    "grpo": ("greedy EM rise", lambda r: r["val_exact_match_last"] - r["val_exact_match_first"]),
+}
+# recipes changed after rows were recorded: stage -> (the commit that changed its default, the candidate's overrides
+# whose rows were that default measured before it was adopted). --summary counts a default row only from that
+# commit on, and the candidate's rows as the default.
+RECIPES = {
+    "sft": ("621dd31", ()),
+    "rm": ("687fc7b", ("data.batch_size=32", "stage.module.optimizer.lr=6e-4", "trainer.max_steps=1000")),
+    "grpo": ("687fc7b", ("stage.module.scheduler.name=cosine",)),
+}
 KEYS = ("val_ppl", "val_exact_match", "val_accuracy", "val_reward", "reward_mean", "kl")
 
 
@@ -159,6 +180,32 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def summary(out: Path) -> str:
+    """One line per stage, kind and thread count of today's default recipe (RECIPES): the README's number over the
+    seeds run (min-max) and how many runs meet the test's target."""
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        since, adopted = RECIPES.get(r["stage"], (None, ()))
+        if r.get("overrides"):
+            today = tuple(r["overrides"]) == adopted
+        else:  # the default as it was at the row's commit
+            today = since is None or subprocess.run(["git", "merge-base", "--is-ancestor", since, r["commit"]],
+                                                    cwd=ROOT, capture_output=True, check=False).returncode == 0
+        if r.get("status") == "finished" and today:
+            groups.setdefault((r["stage"], r.get("kind", "native"), r["threads"]), []).append(r)
+    lines = ["| stage | kernels (--kind) | threads | seeds | number: min-max | meet the test's target |",
+             "|---|---|---|---|---|---|"]
+    for (stage, kind, threads), runs in sorted(groups.items(), key=lambda kv: (list(TARGETS).index(kv[0][0]),
+                                                                               kv[0][1] != "native", kv[0][1:])):
+        name, value = HEADLINE[stage]
+        values = [value(r) for r in runs]
+        meets = sum(bool(TARGETS[stage][1](r)) for r in runs)
+        lines.append(f"| {stage} | {kind} | {threads} | {', '.join(str(r['seed']) for r in runs)} | "
+                     f"{name} {min(values):.3f}-{max(values):.3f} | {meets}/{len(runs)} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", nargs="+", default=list(TARGETS), choices=list(TARGETS))
@@ -171,9 +218,11 @@ def main() -> int:
     p.add_argument("--kind", default="native", choices=list(KINDS),
                    help="run with the CPU kernels another kind of machine dispatches to (see the docstring)")
     p.add_argument("--table", action="store_true", help="print --out as a markdown table and stop")
+    p.add_argument("--summary", action="store_true",
+                   help="print each default recipe's README number over seeds per kind and thread count, and stop")
     args = p.parse_args()
-    if args.table:
-        print(table(args.out))
+    if args.table or args.summary:
+        print(table(args.out) if args.table else summary(args.out))
         return 0
     for threads in args.threads:
         for stage in args.stages:

@@ -83,3 +83,18 @@ def test_aten_and_onednn_width_change_results_so_kinds_are_distinct_numbers(kind
 def test_each_kind_builds_its_own_bases():
     caches = {readme_numbers.kind_env(kind).get("LLMLAB_CACHE") for kind in readme_numbers.KINDS}
     assert len(caches) == len(readme_numbers.KINDS)
+
+
+def test_summary_groups_kinds_and_counts_an_adopted_candidate_as_the_default(tmp_path):
+    rows = [  # kto's default on two kinds; rm's candidate that became its default, and another candidate
+        {"stage": "kto", "seed": s, "threads": 1, "status": "finished", "commit": "x", "val_reward_accuracy": acc,
+         **({"kind": "amd-avx2"} if kind else {})} for s, acc, kind in [(0, 0.52, False), (1, 0.55, False),
+                                                                         (0, 0.49, True)]
+    ] + [{"stage": "rm", "seed": 0, "threads": 1, "status": "finished", "commit": "x", "val_accuracy": acc,
+          "overrides": list(over)} for acc, over in [(0.9, readme_numbers.RECIPES["rm"][1]), (0.1, ["a=1"])]]
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = readme_numbers.summary(out).splitlines()[2:]
+    assert lines == ["| rm | native | 1 | 0 | pairwise accuracy 0.900-0.900 | 1/1 |",
+                     "| kto | native | 1 | 0, 1 | reward accuracy 0.520-0.550 | 2/2 |",
+                     "| kto | amd-avx2 | 1 | 0 | reward accuracy 0.490-0.490 | 0/1 |"]
