@@ -18,7 +18,8 @@ numbers must hold on each; only one kind is at hand). A float sum's order, so th
 kernels run, and three libraries pick them from the CPU: ATen (`ATEN_CPU_CAPABILITY`, torch's own switch),
 oneDNN (`ONEDNN_MAX_CPU_ISA`, its own) and MKL, which takes its Intel code paths only on an Intel CPU (a vendor
 check, `mkl_serv_intel_cpu_true`, answered "yes" by a one-line library preloaded here, the workaround known for
-MKL on AMD, or "no" for an AMD kind on an Intel host; `MKL_ENABLE_INSTRUCTIONS` caps the ISA). Kinds (`--kind native` is this machine as it is):
+MKL on AMD, or "no" for an AMD kind on an Intel host; `MKL_ENABLE_INSTRUCTIONS` caps the ISA).
+Kinds (`--kind native` is this machine as it is):
     amd-avx2       AMD without AVX-512: ATen AVX2, oneDNN AVX2, MKL's non-Intel path (AVX2 already on AMD)
     intel-avx512   Intel with AVX-512 (AVX512-BF16; for fp32 runs also AMX's, which only bf16/int8 use):
                    ATen AVX512, oneDNN AVX512, MKL's Intel AVX-512 path
@@ -42,14 +43,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-KINDS = {
-    "native": {},
-    "amd-avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                 "LD_PRELOAD": "<mkl-vendor:0>"},
-    "intel-avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
-                     "LD_PRELOAD": "<mkl-vendor:1>"},
-    "intel-avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                   "LD_PRELOAD": "<mkl-vendor:1>"},
+# kind -> (its libraries' dispatch variables, MKL's vendor check answered Intel (1), not Intel (0) or left alone)
+KINDS: dict[str, tuple[dict[str, str], int | None]] = {
+    "native": ({}, None),
+    "amd-avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 0),
+    "intel-avx512": ({"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, 1),
+    "intel-avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
 }
 
 
@@ -67,10 +66,14 @@ def mkl_vendor_shim(intel: int) -> str:
 
 def kind_env(kind: str) -> dict[str, str]:
     """The environment variables that make this machine's libraries dispatch as on `kind` (see the docstring)."""
-    env = {k: (mkl_vendor_shim(int(v[-2])) if v.startswith("<mkl-vendor") else v) for k, v in KINDS[kind].items()}
+    variables, mkl_intel = KINDS[kind]
+    env = dict(variables)
+    if mkl_intel is not None:
+        env["LD_PRELOAD"] = mkl_vendor_shim(mkl_intel)
     if kind != "native":
         env["LLMLAB_CACHE"] = str(Path(tempfile.gettempdir()) / f"llmlab-cache-{kind}")
     return env
+
 
 # stage -> (what the README states, a judge of one run's summary.json). The judges are the tests' asserts
 # (tests/test_<stage>.py test_default_*), so a seed that fails here would fail the suite's test too.
@@ -116,7 +119,7 @@ KEYS = ("val_ppl", "val_exact_match", "val_accuracy", "val_reward", "reward_mean
 
 
 def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False,
                           text=True).stdout.strip()
 
 
@@ -137,7 +140,7 @@ def run_one(stage: str, seed: int, threads: int, run_root: Path, overrides: tupl
     cmd = [sys.executable, "-m", "llmlab.run", f"stage={stage}", f"seed={seed}", *overrides,
            "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
     before, load, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0], time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     row = {"stage": stage, "seed": seed, "threads": threads, "commit": commit(), "rc": proc.returncode,
            "wall_s": round(time.time() - t0, 1), "cpu_s": round(after.ru_utime + after.ru_stime
