@@ -31,6 +31,7 @@ would.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -123,10 +124,19 @@ def commit() -> str:
                           text=True).stdout.strip()
 
 
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
+
+
+@functools.cache
+def is_ancestor(ancestor: str, commit: str) -> bool:
+    """git's answer once per pair (a summary asks it for every row of the same few commits)."""
+    return subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit], cwd=ROOT, capture_output=True,
+                          check=False).returncode == 0
+
+
 def done(out: Path) -> set[tuple]:
-    if not out.exists():
-        return set()
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows = read_rows(out)
     return {(r["stage"], r["seed"], r["threads"], tuple(r.get("overrides", ())), r.get("kind", "native"))
             for r in rows if r.get("status") == "finished"}
 
@@ -165,7 +175,7 @@ def run_one(stage: str, seed: int, threads: int, run_root: Path, overrides: tupl
 
 def table(out: Path) -> str:
     """The results file as a markdown table, one row per run (the README's rows are ranges over these)."""
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows = read_rows(out)
     lines = ["| stage | seed | threads | numbers (first -> last) | meets the test's target | CPU s | wall s (load) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -186,15 +196,14 @@ def table(out: Path) -> str:
 def summary(out: Path) -> str:
     """One line per stage, kind and thread count of today's default recipe (RECIPES): the README's number over the
     seeds run (min-max) and how many runs meet the test's target."""
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows = read_rows(out)
     groups: dict[tuple, list] = {}
     for r in rows:
         since, adopted = RECIPES.get(r["stage"], (None, ()))
         if r.get("overrides"):
             today = tuple(r["overrides"]) == adopted
         else:  # the default as it was at the row's commit
-            today = since is None or subprocess.run(["git", "merge-base", "--is-ancestor", since, r["commit"]],
-                                                    cwd=ROOT, capture_output=True, check=False).returncode == 0
+            today = since is None or is_ancestor(since, r["commit"])
         if r.get("status") == "finished" and today:
             groups.setdefault((r["stage"], r.get("kind", "native"), r["threads"]), []).append(r)
     lines = ["| stage | kernels (--kind) | threads | seeds | number: min-max | meet the test's target |",

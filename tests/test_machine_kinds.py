@@ -5,6 +5,7 @@ libraries themselves (torch's capability, oneDNN's verbose ISA line) and from re
 kernels differ (a float sum's order)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -31,8 +32,13 @@ print(json.dumps({"aten": torch.backends.cpu.get_cpu_capability(), "mm": digest(
 """
 
 
+@functools.cache
+def cpuinfo() -> str:
+    return Path("/proc/cpuinfo").read_text()
+
+
 def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in cpuinfo().splitlines():
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
@@ -69,7 +75,7 @@ def test_mkl_takes_its_intel_path_only_for_the_intel_kinds(kinds):
     if {"avx512f", "avx512_bf16"} <= cpu_flags():
         assert kinds["intel-avx512"]["mm"] != kinds["amd-avx2"]["mm"]
         assert kinds["intel-avx512"]["aten"] == "AVX512"
-        native_is_intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+        native_is_intel = "GenuineIntel" in cpuinfo()
         assert (kinds["native"]["mm"] == kinds["intel-avx512"]["mm"]) == native_is_intel
 
 
