@@ -113,7 +113,7 @@ HEADLINE = {
 # commit on, and the candidate's rows as the default.
 RECIPES = {
     "sft": ("621dd31", ()),
-    "rm": ("687fc7b", ("data.batch_size=32", "stage.module.optimizer.lr=6e-4", "trainer.max_steps=1000")),
+    "rm": ("545b5f4", ("stage.module.scheduler.min_lr_ratio=0.3",)),
     "grpo": ("687fc7b", ("stage.module.scheduler.name=cosine",)),
 }
 KEYS = ("val_ppl", "val_exact_match", "val_accuracy", "val_reward", "reward_mean", "kl")
