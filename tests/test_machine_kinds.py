@@ -5,7 +5,6 @@ libraries themselves (torch's capability, oneDNN's verbose ISA line) and from re
 kernels differ (a float sum's order)."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from llmlab.distributed.devices import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -32,16 +33,7 @@ print(json.dumps({"aten": torch.backends.cpu.get_cpu_capability(), "mm": digest(
 """
 
 
-@functools.cache
-def cpuinfo() -> str:
-    return Path("/proc/cpuinfo").read_text()
-
-
-def cpu_flags() -> set[str]:
-    for line in cpuinfo().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+CPUINFO = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 
 
 def probe(kind: str) -> dict:
@@ -57,7 +49,7 @@ def probe(kind: str) -> dict:
 
 @pytest.fixture(scope="module")
 def kinds() -> dict[str, dict]:
-    if "avx2" not in cpu_flags() or not shutil.which("cc"):
+    if "avx2" not in cpu_flags(CPUINFO) or not shutil.which("cc"):
         pytest.skip("the emulated kinds need a host with AVX2 and a C compiler (MKL's vendor-check shim)")
     return {kind: probe(kind) for kind in readme_numbers.KINDS}
 
@@ -72,16 +64,16 @@ def test_mkl_takes_its_intel_path_only_for_the_intel_kinds(kinds):
     # MKL's Intel and non-Intel sgemm paths are different kernels: the same matmul's bits differ between them, and
     # agree within a vendor whatever ATen and oneDNN run (an fp32 matmul goes to MKL alone)
     assert kinds["amd-avx2"]["mm"] != kinds["intel-avx2"]["mm"]
-    if {"avx512f", "avx512_bf16"} <= cpu_flags():
+    if {"avx512f", "avx512_bf16"} <= cpu_flags(CPUINFO):
         assert kinds["intel-avx512"]["mm"] != kinds["amd-avx2"]["mm"]
         assert kinds["intel-avx512"]["aten"] == "AVX512"
-        native_is_intel = "GenuineIntel" in cpuinfo()
+        native_is_intel = "GenuineIntel" in CPUINFO
         assert (kinds["native"]["mm"] == kinds["intel-avx512"]["mm"]) == native_is_intel
 
 
 def test_aten_and_onednn_width_change_results_so_kinds_are_distinct_numbers(kinds):
     # the point of the kinds: a different vector width sums in another order, so a run's numbers move with it
-    if "avx512f" in cpu_flags():
+    if "avx512f" in cpu_flags(CPUINFO):
         assert kinds["native"]["softmax"] != kinds["amd-avx2"]["softmax"]
         assert kinds["native"]["gelu"] != kinds["amd-avx2"]["gelu"]
     for op in ("softmax", "gelu"):  # ATen's and oneDNN's AVX2 kernels on both
